@@ -1,0 +1,10 @@
+"""``python -m relu_dask`` runs the command line."""
+
+from __future__ import annotations
+
+import sys
+
+from relu_dask.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Errors relu_dask raises on purpose, each mapped to a documented exit code.
+
+Exit codes (README, ``relu-dask --help``):
+
+* 0 -- done
+* 1 -- failed while processing (:class:`ProcessingError`)
+* 2 -- bad usage or input; nothing was written (:class:`InputError`)
+* 3 -- DEST is in use by another run (:class:`DestinationInUseError`)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_IN_USE",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "DestinationExistsError",
+    "DestinationInUseError",
+    "InputError",
+    "ProcessingError",
+    "ReluDaskError",
+    "UnsupportedDtypeError",
+]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_IN_USE = 3
+
+
+class ReluDaskError(Exception):
+    """Base class of every error relu_dask raises on purpose.
+
+    The message is one line that names the problem and what to do about it.
+    """
+
+    exit_code: int = EXIT_FAILED
+
+
+class InputError(ReluDaskError, ValueError):
+    """Bad usage or input, found before anything was written (exit 2)."""
+
+    exit_code = EXIT_USAGE
+
+
+class UnsupportedDtypeError(InputError, TypeError):
+    """The source holds values that have no ReLU derivative (exit 2)."""
+
+
+class DestinationExistsError(InputError):
+    """DEST exists and ``overwrite`` was not given (exit 2)."""
+
+
+class ProcessingError(ReluDaskError, RuntimeError):
+    """Failed while processing: I/O, a worker, the disk (exit 1)."""
+
+    exit_code = EXIT_FAILED
+
+
+class DestinationInUseError(ReluDaskError):
+    """Another run holds DEST (exit 3)."""
+
+    exit_code = EXIT_IN_USE

@@ -1,0 +1,115 @@
+"""Dask graphs: the only module that builds them. Nothing here computes.
+
+Two ways to the same bits:
+
+* :func:`derivative_mask` -- lazy dask array in, lazy int8 dask array out, for users who
+  hold a dask array (``map_blocks`` over :func:`relu_dask.kernel.relu_derivative`).
+* :func:`build_mask_tasks` -- what :func:`relu_dask.run` uses: one fused task per block
+  that reads the block from the source, computes the mask and writes it to DEST, and
+  returns only a few counts. No block ever crosses the scheduler, so a distributed cluster
+  moves no array data between workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import dask.array as da
+import numexpr
+import numpy as np
+from dask.base import tokenize
+
+from relu_dask.chunking import ChunkPlan
+from relu_dask.kernel import Engine, check_dtype, parse_at_zero, relu_derivative, set_numexpr_threads
+
+__all__ = ["COUNT_FIELDS", "TASK_PREFIX", "MaskJob", "build_mask_tasks", "derivative_mask", "process_block"]
+
+#: Dask key prefix of the mask tasks, as seen in the dashboard's task stream.
+TASK_PREFIX = "relu-mask"
+
+#: What each task returns about its block, in this order.
+COUNT_FIELDS: tuple[str, ...] = ("elements", "ones", "nans", "zeros")
+
+
+def derivative_mask(darr: da.Array, *, at_zero: int = 1, engine: Engine = "numpy") -> da.Array:
+    """The ReLU derivative mask of a dask array, lazily: int8, same shape and chunks.
+
+    Examples
+    --------
+    >>> x = da.from_array(np.array([-1.0, 0.0, 3.0]), chunks=2)
+    >>> derivative_mask(x).compute()
+    array([0, 1, 1], dtype=int8)
+    """
+    check_dtype(darr.dtype, where="the dask array")
+    rule = parse_at_zero(at_zero)
+    return da.map_blocks(
+        relu_derivative,
+        darr,
+        at_zero=rule,
+        engine=engine,
+        dtype=np.int8,
+        meta=np.empty((0,) * darr.ndim, dtype=np.int8),
+        name=f"{TASK_PREFIX}-{tokenize(darr.name, rule, engine)}",
+    )
+
+
+@dataclass(frozen=True)
+class MaskJob:
+    """One array's work: where to read, where to write, how to cut, which rule."""
+
+    source: Any
+    """The source zarr Array (read-only)."""
+    dest: Any
+    """The int8 mask zarr Array, created beforehand."""
+    plan: ChunkPlan
+    at_zero: int = 1
+    engine: Engine = "numpy"
+    numexpr_threads: int = 1
+    """numexpr threads for this job's tasks (set in whichever process runs them)."""
+    token: str = ""
+    """A stable identity of the job (source, dest, plan, rule) for the task names."""
+
+
+def process_block(job: MaskJob, block_id: tuple[int, ...] | None = None) -> np.ndarray:
+    """Read one block, write its mask, return its counts (see :data:`COUNT_FIELDS`).
+
+    The result has shape ``(1,) * ndim + (len(COUNT_FIELDS),)`` so that dask assembles
+    the counts of all blocks into one small array.
+    """
+    assert block_id is not None, "dask passes block_id"
+    ndim = len(job.plan.shape)
+    slices = job.plan.block_slices(block_id[:ndim])
+    block = np.asarray(job.source[slices])
+    if job.engine != "numpy" and numexpr.get_num_threads() != job.numexpr_threads:
+        set_numexpr_threads(job.numexpr_threads)
+    mask = relu_derivative(block, at_zero=job.at_zero, engine=job.engine)
+    job.dest[slices] = mask
+    counts = np.array(_count(block, mask), dtype=np.int64)
+    return counts.reshape((1,) * ndim + (len(COUNT_FIELDS),))
+
+
+def _count(block: np.ndarray, mask: np.ndarray) -> tuple[int, int, int, int]:
+    nans = int(np.count_nonzero(np.isnan(block))) if block.dtype.kind == "f" else 0
+    zeros = int(np.count_nonzero(block == 0))
+    return block.size, int(np.count_nonzero(mask)), nans, zeros
+
+
+def build_mask_tasks(job: MaskJob) -> da.Array | None:
+    """A lazy array of per-block counts whose computation writes every mask block.
+
+    Returns None for an empty array (nothing to compute).
+    """
+    plan = job.plan
+    if plan.num_tasks == 0:
+        return None
+    chunks = (*((1,) * n for n in plan.numblocks), (len(COUNT_FIELDS),))
+    name = f"{TASK_PREFIX}-{job.token or tokenize(plan, job.at_zero, job.engine)}"
+    return da.map_blocks(
+        process_block,
+        job=job,
+        chunks=chunks,
+        dtype=np.int64,
+        meta=np.empty((0,) * (len(plan.shape) + 1), dtype=np.int64),
+        name=name,
+    )

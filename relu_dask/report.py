@@ -1,0 +1,182 @@
+"""The run report: what a run did, as typed data, as JSON, and as a short summary.
+
+Use :class:`RunReport` when you need the facts of a run from Python (``relu_dask.run``
+returns one) and :func:`render_summary` for the lines ``relu-dask run`` prints at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from relu_dask.chunking import format_bytes
+
+__all__ = ["ArrayReport", "RunReport", "collect_versions", "render_summary", "write_report"]
+
+_PACKAGES = ("relu-dask", "numpy", "numexpr", "dask", "distributed", "zarr", "numcodecs", "bokeh")
+
+
+@dataclass
+class ArrayReport:
+    """One array of the run."""
+
+    path: str
+    """Path inside SOURCE and DEST ("" when SOURCE is a single array)."""
+    shape: list[int]
+    """Shape of the source and of its mask."""
+    dtype: str
+    """The source's dtype."""
+    source_chunk_shape: list[int]
+    """The source's chunk shape (its read unit)."""
+    dest_chunk_shape: list[int]
+    """The mask's chunk shape."""
+    dest_shard_shape: list[int] | None
+    """The mask's shard shape, if sharded."""
+    block_shape: list[int]
+    """The processing block: one task each."""
+    num_tasks: int
+    """Number of blocks, hence of tasks."""
+    read_aligned: bool
+    """Whether every block is a whole number of source chunks."""
+    memory_per_task_bytes: int
+    """The planner's projection of one task's peak memory."""
+    bytes_read: int = 0
+    """Uncompressed bytes read from the source."""
+    bytes_written: int = 0
+    """Bytes the mask takes on disk (compressed, as stored)."""
+    num_elements: int = 0
+    """Elements processed."""
+    num_ones: int = 0
+    """Elements whose mask is 1."""
+    num_nans: int = 0
+    """NaN elements in the source (their mask is 0)."""
+    num_zeros: int = 0
+    """Elements exactly 0 (or -0.0) in the source: where the rule at zero matters."""
+
+    @property
+    def active_fraction(self) -> float:
+        """Fraction of ones in the mask (0 for an empty array)."""
+        return self.num_ones / self.num_elements if self.num_elements else 0.0
+
+
+@dataclass
+class RunReport:
+    """What one ``relu-dask run`` did."""
+
+    source: str
+    """SOURCE as given."""
+    dest: str
+    """DEST as given."""
+    rule: str
+    """The mask rule: ``"x >= 0"`` or ``"x > 0"``; NaN always gives 0."""
+    scheduler: str
+    """The scheduler used: synchronous, threads, processes, local or an address."""
+    engine: str
+    """The kernel engine used: numpy or numexpr."""
+    num_threads: int
+    """Tasks that ran at once (dask threads, processes or worker threads in all)."""
+    numexpr_threads: int
+    """numexpr threads per task (so that tasks x numexpr threads <= cores)."""
+    chunks: str
+    """The ``chunks`` option as given (auto, a byte size or a shape)."""
+    arrays: list[ArrayReport] = field(default_factory=list)
+    """One entry per array processed."""
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    """Arrays of a SOURCE group not processed, each with its reason."""
+    warnings: list[str] = field(default_factory=list)
+    """What the user should know: plan notes, data that looks like ReLU outputs, ..."""
+    dashboard_link: str | None = None
+    """The dask dashboard's address, for distributed schedulers."""
+    wall_s: float = 0.0
+    """Wall-clock seconds from the first task submitted to the last finished."""
+    outcome: str = "done"
+    """``done``, ``planned`` (dry run) or ``failed``."""
+    versions: dict[str, str] = field(default_factory=dict)
+    """Versions of Python, relu_dask and the libraries it ran on."""
+
+    @property
+    def num_tasks(self) -> int:
+        return sum(a.num_tasks for a in self.arrays)
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(a.bytes_read for a in self.arrays)
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(a.bytes_written for a in self.arrays)
+
+    @property
+    def throughput_bytes_per_s(self) -> float:
+        """Source bytes processed per wall second."""
+        return self.bytes_read / self.wall_s if self.wall_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data, totals included."""
+        data = asdict(self)
+        for entry, array in zip(data["arrays"], self.arrays):
+            entry["active_fraction"] = array.active_fraction
+        data.update(
+            num_tasks=self.num_tasks,
+            bytes_read=self.bytes_read,
+            bytes_written=self.bytes_written,
+            throughput_bytes_per_s=self.throughput_bytes_per_s,
+        )
+        return data
+
+
+def write_report(report: RunReport, path: str | os.PathLike[str]) -> None:
+    """Write ``report`` as indented JSON to ``path`` (atomically: temp file + rename)."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    os.replace(tmp, target)
+
+
+def collect_versions() -> dict[str, str]:
+    """Python's version and those of the packages a run depends on."""
+    found = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def render_summary(report: RunReport) -> list[str]:
+    """The human summary of a run, a line each."""
+    verb = "would process" if report.outcome == "planned" else "processed"
+    lines = [
+        f"{report.outcome}: {verb} {len(report.arrays)} array(s), {report.num_tasks} task(s), "
+        f"rule {report.rule}, engine {report.engine}, scheduler {report.scheduler} "
+        f"({report.num_threads} thread(s))"
+    ]
+    for a in report.arrays:
+        name = a.path or "(array)"
+        line = (
+            f"  {name}: {'x'.join(map(str, a.shape)) or 'scalar'} {a.dtype}, "
+            f"blocks {','.join(map(str, a.block_shape))}, {a.num_tasks} task(s)"
+        )
+        if report.outcome != "planned":
+            line += f", {a.active_fraction:.1%} active, {a.num_nans} NaN, {format_bytes(a.bytes_written)} written"
+        else:
+            line += f", ~{format_bytes(a.memory_per_task_bytes)} per task"
+        lines.append(line)
+    for s in report.skipped:
+        lines.append(f"  skipped {s['path']}: {s['reason']}")
+    if report.outcome != "planned":
+        rate = format_bytes(report.throughput_bytes_per_s)
+        lines.append(
+            f"  {format_bytes(report.bytes_read)} read in {report.wall_s:.2f} s ({rate}/s), "
+            f"{format_bytes(report.bytes_written)} written to {report.dest}"
+        )
+    if report.dashboard_link:
+        lines.append(f"  dashboard: {report.dashboard_link}")
+    lines.extend(f"  warning: {w}" for w in report.warnings)
+    return lines

@@ -1,0 +1,83 @@
+"""Helpers shared by the tests: the numpy oracle, real Zarr stores on disk, snapshots."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+
+def oracle(x: np.ndarray, at_zero: int = 1) -> np.ndarray:
+    """The numpy oracle: the mask every result is compared with, bit for bit."""
+    return ((x >= 0) if at_zero == 1 else (x > 0)).astype(np.int8)
+
+
+def activations(shape: tuple[int, ...], dtype: str = "float32", seed: int = 0) -> np.ndarray:
+    """Seeded activations with NaN, signed zeros, infinities and subnormals planted."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(dtype)
+    flat = x.reshape(-1)
+    if np.dtype(dtype).kind == "f" and flat.size >= 8:
+        tiny = np.finfo(dtype).smallest_subnormal
+        flat[:8] = [np.nan, -0.0, 0.0, np.inf, -np.inf, tiny, -tiny, -np.nan]
+    return x
+
+
+def write_zarr(
+    path: Path,
+    data: np.ndarray,
+    chunks: tuple[int, ...],
+    *,
+    zarr_format: int = 3,
+    shards: tuple[int, ...] | None = None,
+    name: str | None = None,
+    dimension_names: tuple[str, ...] | None = None,
+) -> Any:
+    """Write ``data`` as a real Zarr array on disk (inside a group when ``name`` is given)."""
+    kwargs: dict[str, Any] = {"shape": data.shape, "dtype": data.dtype, "chunks": chunks, "zarr_format": zarr_format}
+    if shards is not None:
+        kwargs["shards"] = shards
+    if dimension_names is not None and zarr_format == 3:
+        kwargs["dimension_names"] = dimension_names
+    if name is None:
+        array = zarr.create_array(store=str(path), **kwargs)
+    else:
+        group = zarr.open_group(store=str(path), mode="a", zarr_format=zarr_format)
+        kwargs.pop("zarr_format")
+        array = group.create_array(name, **kwargs)
+    if data.size:
+        array[...] = data
+    return array
+
+
+def read_mask(path: Path, name: str = "") -> np.ndarray:
+    node: Any = zarr.open(store=str(path), mode="r")
+    array = node[name] if name else node
+    assert array.dtype == np.int8
+    return np.asarray(array[...])
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    """Every file under ``path`` with its bytes: to prove nothing was touched."""
+    if path.is_file():
+        return {"": path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def chunk_files(path: Path) -> dict[str, bytes]:
+    """The chunk files of a store (metadata excluded: it holds a creation time)."""
+    return {k: v for k, v in snapshot(path).items() if not k.endswith(("zarr.json", ".zarray", ".zgroup", ".zattrs"))}
+
+
+def cli_env() -> dict[str, str]:
+    """The environment for running the CLI as a subprocess."""
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+PYTHON = sys.executable

@@ -1,0 +1,33 @@
+"""Shared fixtures: real Zarr stores on disk, a real dask.distributed cluster."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _support import activations, write_zarr
+
+
+@pytest.fixture
+def small_source(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    """A 2-D float32 Zarr v3 array with ragged edges and every edge value."""
+    x = activations((45, 37))
+    path = tmp_path / "src.zarr"
+    write_zarr(path, x, (8, 16))
+    return path, x
+
+
+@pytest.fixture(scope="session")
+def dask_cluster() -> Iterator[str]:
+    """A real dask.distributed scheduler with two worker processes on 127.0.0.1; its address."""
+    from distributed import LocalCluster
+
+    # No Client here: a default client would capture every dask.compute() of the session.
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0",
+        memory_limit="2GiB",
+    ) as cluster:
+        cluster.wait_for_workers(2, timeout=60)
+        yield cluster.scheduler_address

@@ -124,6 +124,13 @@ def _add_job_options(sub: argparse.ArgumentParser) -> None:
     sched.add_argument("--threads-per-worker", type=int, help="threads per LocalCluster worker")
     sched.add_argument("--memory-limit", help="memory limit per LocalCluster worker, like 4GiB (default: auto)")
     sched.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long to wait for a tcp:// scheduler before giving up (default: 10)",
+    )
+    sched.add_argument(
         "--dashboard-address",
         default="127.0.0.1:8787",
         help="where a LocalCluster serves its dashboard (default: 127.0.0.1:8787)",
@@ -135,6 +142,13 @@ def _add_job_options(sub: argparse.ArgumentParser) -> None:
         choices=("auto", "bar", "log", "none"),
         default="auto",
         help="a bar on a terminal, periodic log lines otherwise (default: auto)",
+    )
+    out.add_argument(
+        "--progress-interval",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="seconds between progress log lines when not on a terminal (default: 10)",
     )
     out.add_argument("--quiet", action="store_true", help="print only warnings, errors and the summary")
     out.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -184,6 +198,7 @@ def _job_options(args: argparse.Namespace) -> dict[str, Any]:
         threads_per_worker=args.threads_per_worker,
         memory_limit=args.memory_limit,
         dashboard_address=args.dashboard_address,
+        connect_timeout_s=args.connect_timeout,
     )
     progress = "none" if args.quiet and args.progress == "auto" else args.progress
     return {
@@ -194,6 +209,7 @@ def _job_options(args: argparse.Namespace) -> dict[str, Any]:
         "engine": args.engine,
         "scheduler": scheduler,
         "progress": progress,
+        "progress_interval_s": args.progress_interval,
         "report_path": args.report,
     }
 

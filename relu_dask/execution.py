@@ -80,6 +80,8 @@ class SchedulerSpec:
     """Memory limit per LocalCluster worker; default: the machine's memory shared out."""
     dashboard_address: str = "127.0.0.1:8787"
     """Where a LocalCluster serves its dashboard."""
+    connect_timeout_s: float = CONNECT_TIMEOUT_S
+    """Seconds to wait for an existing scheduler before giving up."""
 
     @property
     def label(self) -> str:
@@ -93,6 +95,7 @@ def parse_scheduler(
     threads_per_worker: int | None = None,
     memory_limit: str | int | None = None,
     dashboard_address: str = "127.0.0.1:8787",
+    connect_timeout_s: float = CONNECT_TIMEOUT_S,
 ) -> SchedulerSpec:
     """Parse ``--scheduler`` and its sizing options.
 
@@ -107,7 +110,9 @@ def parse_scheduler(
     if "://" in value:
         if not value.startswith(("tcp://", "tls://", "inproc://", "ws://", "wss://")):
             raise InputError(f"scheduler address {value!r} must start with tcp:// (or tls://)")
-        return SchedulerSpec("address", value)
+        if not connect_timeout_s > 0:
+            raise InputError(f"the connect timeout must be positive seconds, got {connect_timeout_s}")
+        return SchedulerSpec("address", value, connect_timeout_s=float(connect_timeout_s))
     if value not in _SCHEDULERS:
         raise InputError(f"scheduler must be one of {', '.join(_SCHEDULERS)} or tcp://HOST:PORT, got {value!r}")
     return SchedulerSpec(value, None, num_workers, threads_per_worker, limit, dashboard_address)
@@ -216,10 +221,10 @@ def _connect(spec: SchedulerSpec) -> Iterator[Session]:
     from distributed import Client
 
     try:
-        client = Client(spec.address, timeout=f"{CONNECT_TIMEOUT_S}s")
+        client = Client(spec.address, timeout=f"{spec.connect_timeout_s}s")
     except (OSError, TimeoutError) as exc:
         raise InputError(
-            f"cannot reach the dask scheduler at {spec.address} within {CONNECT_TIMEOUT_S:.0f} s: "
+            f"cannot reach the dask scheduler at {spec.address} within {spec.connect_timeout_s:g} s: "
             f"is it running? ({exc})"
         ) from None
     try:
@@ -243,13 +248,18 @@ def _scheduler_workers(client: Any) -> dict[str, Any]:
         return dict(client.scheduler_info()["workers"])
 
 
-def compute(session: Session, collections: Sequence[Any], progress: Progress = "auto") -> list[Any]:
+def compute(
+    session: Session,
+    collections: Sequence[Any],
+    progress: Progress = "auto",
+    progress_interval_s: float = PROGRESS_INTERVAL_S,
+) -> list[Any]:
     """Compute dask ``collections`` on ``session`` with a progress display; return the results."""
     if not collections:
         return []
     mode = _progress_mode(progress)
     if session.client is not None:
-        return _compute_distributed(session.client, collections, mode)
+        return _compute_distributed(session.client, collections, mode, progress_interval_s)
     num_tasks = sum(len(c.__dask_graph__()) for c in collections)
     with contextlib.ExitStack() as stack:
         if mode == "bar":
@@ -257,7 +267,7 @@ def compute(session: Session, collections: Sequence[Any], progress: Progress = "
 
             stack.enter_context(ProgressBar(out=sys.stderr))
         elif mode == "log":
-            stack.enter_context(_LogProgress(num_tasks))
+            stack.enter_context(_LogProgress(num_tasks, progress_interval_s))
         kwargs: dict[str, Any] = {"scheduler": session.spec.name}
         if session.spec.name != "synchronous":
             kwargs["num_workers"] = session.num_threads
@@ -292,7 +302,7 @@ class _LogProgress(Callback):
             )
 
 
-def _compute_distributed(client: Any, collections: Sequence[Any], mode: str) -> list[Any]:
+def _compute_distributed(client: Any, collections: Sequence[Any], mode: str, interval_s: float) -> list[Any]:
     from distributed import futures_of, progress, wait
 
     persisted = client.persist(list(collections))
@@ -306,7 +316,7 @@ def _compute_distributed(client: Any, collections: Sequence[Any], mode: str) -> 
                 wait(futures, timeout=1.0)
                 break
             except TimeoutError:
-                if time.monotonic() - last >= PROGRESS_INTERVAL_S:
+                if time.monotonic() - last >= interval_s:
                     last = time.monotonic()
                     done = sum(f.done() for f in futures)
                     log.info("progress: %d/%d tasks (%.0f%%)", done, len(futures), 100 * done / max(1, len(futures)))
@@ -327,6 +337,7 @@ def run(
     scheduler: str | SchedulerSpec = "threads",
     overwrite: bool = False,
     progress: Progress = "none",
+    progress_interval_s: float = PROGRESS_INTERVAL_S,
     report_path: str | os.PathLike[str] | None = None,
     dry_run: bool = False,
 ) -> RunReport:
@@ -354,6 +365,8 @@ def run(
         Replace an existing DEST (only once the inputs have been validated).
     progress
         ``"auto"`` (a bar on a terminal, log lines otherwise), ``"bar"``, ``"log"``, ``"none"``.
+    progress_interval_s
+        Seconds between progress log lines (``"log"`` mode).
     report_path
         Also write the report there as JSON.
     dry_run
@@ -380,7 +393,7 @@ def run(
         tasks = [build_mask_tasks(job) for job in jobs]
         start = time.perf_counter()
         try:
-            results = compute(session, [t for t in tasks if t is not None], progress)
+            results = compute(session, [t for t in tasks if t is not None], progress, progress_interval_s)
         except ReluDaskError:
             raise
         except OSError as exc:

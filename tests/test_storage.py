@@ -1,0 +1,127 @@
+"""Sources written by other tools, Zarr v2 and v3 groups, and what is skipped."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+import zarr.errors
+from _support import activations, oracle, read_mask, write_zarr
+
+import relu_dask
+from relu_dask import storage
+from relu_dask.errors import InputError, UnsupportedDtypeError
+
+
+def _ts_write(path: Path, data: np.ndarray, chunks: list[int], driver: str) -> None:
+    ts = pytest.importorskip("tensorstore")
+    dtype = np.dtype(data.dtype).name
+    if driver == "zarr":
+        spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(path)},
+                "metadata": {"shape": list(data.shape), "chunks": chunks, "dtype": np.dtype(data.dtype).str}}
+    else:
+        spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)},
+                "metadata": {"shape": list(data.shape), "data_type": dtype,
+                             "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunks}}}}
+    store = ts.open(spec, create=True).result()
+    store.write(data).result()
+
+
+@pytest.mark.parametrize("driver", ["zarr", "zarr3"], ids=["tensorstore-v2", "tensorstore-v3"])
+def test_arrays_written_by_tensorstore(tmp_path: Path, driver: str) -> None:
+    x = activations((40, 30), "float64")
+    _ts_write(tmp_path / "ts.zarr", x, [16, 16], driver)
+    relu_dask.run(tmp_path / "ts.zarr", tmp_path / "out.zarr")
+    assert np.array_equal(read_mask(tmp_path / "out.zarr"), oracle(x))
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_dataset_written_by_xarray(tmp_path: Path, zarr_format: int) -> None:
+    xr = pytest.importorskip("xarray")
+    acts = activations((20, 12, 5), "float32")
+    ds = xr.Dataset(
+        {"layer1": (("sample", "unit"), acts[:, :, 0]), "conv": (("sample", "unit", "channel"), acts)},
+        coords={"sample": np.arange(20), "unit": [f"u{i}" for i in range(12)], "channel": np.arange(5.0)},
+    ).chunk({"sample": 8})
+    with warnings.catch_warnings():
+        # Writing the string coordinate in v3 warns that its dtype has no stable spec:
+        # that is xarray's and zarr's business while making the test data, not ours.
+        warnings.simplefilter("ignore", zarr.errors.UnstableSpecificationWarning)
+        ds.to_zarr(tmp_path / "xr.zarr", zarr_format=zarr_format, consolidated=False)
+    report = relu_dask.run(tmp_path / "xr.zarr", tmp_path / "out.zarr")
+    assert np.array_equal(read_mask(tmp_path / "out.zarr", "layer1"), oracle(acts[:, :, 0]))
+    assert np.array_equal(read_mask(tmp_path / "out.zarr", "conv"), oracle(acts))
+    assert sorted(s["path"] for s in report.skipped) == ["channel", "sample", "unit"]
+    masks = xr.open_zarr(tmp_path / "out.zarr", consolidated=False)
+    assert masks["conv"].dims == ("sample", "unit", "channel")
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_nested_groups_map_to_the_same_paths(tmp_path: Path, zarr_format: int) -> None:
+    a, b = activations((9, 4), seed=1), activations((3, 3, 3), "float64", seed=2)
+    write_zarr(tmp_path / "g.zarr", a, (4, 4), zarr_format=zarr_format, name="block1/relu")
+    write_zarr(tmp_path / "g.zarr", b, (2, 2, 2), zarr_format=zarr_format, name="block2/deep/relu")
+    relu_dask.run(tmp_path / "g.zarr", tmp_path / "out.zarr")
+    root = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")
+    assert root.attrs["relu_dask"]["rule"] == "x >= 0"
+    assert np.array_equal(read_mask(tmp_path / "out.zarr", "block1/relu"), oracle(a))
+    assert np.array_equal(read_mask(tmp_path / "out.zarr", "block2/deep/relu"), oracle(b))
+
+
+def test_big_endian_v2_source(tmp_path: Path) -> None:
+    x = activations((17, 5), "float64").astype(">f8")
+    write_zarr(tmp_path / "be.zarr", x, (4, 5), zarr_format=2)
+    relu_dask.run(tmp_path / "be.zarr", tmp_path / "out.zarr", engine="numexpr")
+    assert np.array_equal(read_mask(tmp_path / "out.zarr"), oracle(x))
+
+
+def test_group_skips_what_has_no_relu_derivative(tmp_path: Path) -> None:
+    write_zarr(tmp_path / "g.zarr", activations((6,)), (3,), name="acts")
+    write_zarr(tmp_path / "g.zarr", np.array([True, False]), (2,), name="flags")
+    write_zarr(tmp_path / "g.zarr", np.array([1 + 1j]), (1,), name="phase")
+    arrays, skipped = storage.open_source(tmp_path / "g.zarr")
+    assert [a.path for a in arrays] == ["acts"]
+    assert {s.path: s.reason for s in skipped} == {
+        "flags": "dtype bool is not a real number type",
+        "phase": "dtype complex128 is not a real number type",
+    }
+
+
+def test_single_array_of_unsupported_dtype_is_refused(tmp_path: Path) -> None:
+    write_zarr(tmp_path / "b.zarr", np.array([True, False]), (2,))
+    with pytest.raises(UnsupportedDtypeError, match="bool"):
+        storage.open_source(tmp_path / "b.zarr")
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda p: None, "does not exist"),
+        (lambda p: p.mkdir(), "not a Zarr array or group"),
+        (lambda p: p.write_text("not zarr"), "not a Zarr array or group"),
+    ],
+    ids=["missing", "empty-folder", "plain-file"],
+)
+def test_sources_that_are_not_zarr(tmp_path: Path, make, match: str) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "src"
+    make(path)
+    with pytest.raises(InputError, match=match):
+        storage.open_source(path)
+
+
+def test_unreadable_source(tmp_path: Path) -> None:
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root reads everything: permissions cannot make a source unreadable")
+    path = tmp_path / "src.zarr"
+    write_zarr(path, activations((4,)), (4,))
+    path.chmod(0)
+    try:
+        with pytest.raises(InputError, match="permission denied"):
+            storage.open_source(path)
+    finally:
+        path.chmod(0o755)

@@ -35,7 +35,7 @@ from dask.callbacks import Callback
 
 from relu_dask import chunking, storage
 from relu_dask.errors import InputError, ProcessingError, ReluDaskError
-from relu_dask.graph import COUNT_FIELDS, MaskJob, build_mask_tasks
+from relu_dask.graph import COUNT_FIELDS, TASK_PREFIX, MaskJob, build_mask_tasks
 from relu_dask.kernel import Engine, choose_engine, count_cores, parse_at_zero, rule_for
 from relu_dask.report import ArrayReport, RunReport, collect_versions, write_report
 
@@ -260,7 +260,7 @@ def compute(
     mode = _progress_mode(progress)
     if session.client is not None:
         return _compute_distributed(session.client, collections, mode, progress_interval_s)
-    num_tasks = sum(len(c.__dask_graph__()) for c in collections)
+    num_tasks = sum(len(_block_keys(c)) for c in collections)
     with contextlib.ExitStack() as stack:
         if mode == "bar":
             from dask.diagnostics import ProgressBar
@@ -282,6 +282,15 @@ def _progress_mode(progress: Progress) -> str:
     return progress
 
 
+def _is_block_key(key: Any) -> bool:
+    name = key[0] if isinstance(key, tuple) else key
+    return isinstance(name, str) and name.startswith(TASK_PREFIX)
+
+
+def _block_keys(collection: Any) -> list[Any]:
+    return [k for k in collection.__dask_graph__() if _is_block_key(k)]
+
+
 class _LogProgress(Callback):
     """Plain progress lines at a steady interval, for logs that are not a terminal."""
 
@@ -292,7 +301,9 @@ class _LogProgress(Callback):
         self.done = 0
         self.last = time.monotonic()
 
-    def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, id: Any) -> None:
+    def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, id: Any) -> None:  # noqa: A002
+        if not _is_block_key(key):
+            return  # dask's own bookkeeping tasks (finalize, concatenate) are not blocks
         self.done += 1
         now = time.monotonic()
         if now - self.last >= self.interval_s:

@@ -26,7 +26,11 @@ def dask_cluster() -> Iterator[str]:
 
     # No Client here: a default client would capture every dask.compute() of the session.
     with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0",
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address="127.0.0.1:0",
         memory_limit="2GiB",
     ) as cluster:
         cluster.wait_for_workers(2, timeout=60)

@@ -27,8 +27,9 @@ def make_group(path: Path, zarr_format: int = 3) -> dict[str, np.ndarray]:
     chunks = {"dense/w1": (16,), "dense/w2": (8, 8), "conv/c1": (2, 4, 4, 4), "quantized": (3, 4)}
     for name, data in arrays.items():
         write_zarr(path, data, chunks[name], zarr_format=zarr_format, name=name)
-    write_zarr(path, np.arange(5, dtype=np.int64), (5,), zarr_format=zarr_format, name="unit",
-               dimension_names=("unit",))
+    write_zarr(
+        path, np.arange(5, dtype=np.int64), (5,), zarr_format=zarr_format, name="unit", dimension_names=("unit",)
+    )
     if zarr_format == 2:
         zarr.open_group(str(path), mode="a")["unit"].attrs["_ARRAY_DIMENSIONS"] = ["unit"]
     return arrays

@@ -20,12 +20,21 @@ def _ts_write(path: Path, data: np.ndarray, chunks: list[int], driver: str) -> N
     ts = pytest.importorskip("tensorstore")
     dtype = np.dtype(data.dtype).name
     if driver == "zarr":
-        spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(path)},
-                "metadata": {"shape": list(data.shape), "chunks": chunks, "dtype": np.dtype(data.dtype).str}}
+        spec = {
+            "driver": "zarr",
+            "kvstore": {"driver": "file", "path": str(path)},
+            "metadata": {"shape": list(data.shape), "chunks": chunks, "dtype": np.dtype(data.dtype).str},
+        }
     else:
-        spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)},
-                "metadata": {"shape": list(data.shape), "data_type": dtype,
-                             "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunks}}}}
+        spec = {
+            "driver": "zarr3",
+            "kvstore": {"driver": "file", "path": str(path)},
+            "metadata": {
+                "shape": list(data.shape),
+                "data_type": dtype,
+                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunks}},
+            },
+        }
     store = ts.open(spec, create=True).result()
     store.write(data).result()
 

@@ -1,0 +1,236 @@
+"""The command line, in-process (main(argv) -> int) and as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _support import PYTHON, activations, cli_env, oracle, read_mask, snapshot, write_zarr
+
+from relu_dask import __version__
+from relu_dask.cli import main
+
+CONSOLE_SCRIPT = Path(sys.executable).with_name("relu-dask")
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PYTHON, "-m", "relu_dask", *args], capture_output=True, text=True, timeout=timeout, env=cli_env()
+    )
+
+
+def assert_one_line_error(stderr: str, *needles: str) -> None:
+    lines = [line for line in stderr.splitlines() if line.startswith("relu-dask: error:")]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_run_in_process(
+    small_source: tuple[Path, np.ndarray], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source, x = small_source
+    code = main(["run", str(source), str(tmp_path / "out.zarr"), "--chunks", "16,32", "--progress", "none"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert np.array_equal(read_mask(tmp_path / "out.zarr"), oracle(x))
+    assert out.startswith("done: processed 1 array(s), 6 task(s), rule x >= 0")
+    assert "written to" in out
+
+
+def test_run_as_subprocess_with_report(small_source: tuple[Path, np.ndarray], tmp_path: Path) -> None:
+    source, x = small_source
+    report = tmp_path / "report.json"
+    proc = run_cli("run", str(source), str(tmp_path / "out.zarr"), "--at-zero", "0", "--report", str(report))
+    assert proc.returncode == 0, proc.stderr
+    assert np.array_equal(read_mask(tmp_path / "out.zarr"), oracle(x, at_zero=0))
+    data = json.loads(report.read_text())
+    assert data["rule"] == "x > 0"
+    assert data["arrays"][0]["num_ones"] == int(oracle(x, 0).sum())
+    assert "rule x > 0" in proc.stdout
+
+
+def test_console_script_and_version() -> None:
+    assert CONSOLE_SCRIPT.exists(), "pip install should have made the relu-dask command"
+    proc = subprocess.run([str(CONSOLE_SCRIPT), "--version"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    assert proc.stdout.strip() == f"relu-dask {__version__}"
+
+
+def test_help_documents_exit_codes_and_the_rule() -> None:
+    proc = run_cli("run", "--help")
+    assert proc.returncode == 0
+    for text in (
+        "exit codes:",
+        "2  bad usage or input",
+        "3  DEST is in use",
+        "NaN gives 0",
+        "--overwrite",
+        "--scheduler",
+        "--dest-shards",
+        "--at-zero",
+    ):
+        assert text in proc.stdout
+
+
+def test_plan_writes_nothing(small_source: tuple[Path, np.ndarray], tmp_path: Path) -> None:
+    source, _ = small_source
+    before = snapshot(tmp_path)
+    proc = run_cli("plan", str(source), str(tmp_path / "out.zarr"), "--chunks", "16,37")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("planned: would process 1 array(s), 3 task(s)")
+    assert "nothing written" in proc.stdout
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["run", "{tmp}/missing.zarr", "{tmp}/out.zarr"], ["does not exist"]),
+        (["run", "{src}", "{tmp}/out.zarr", "--chunks", "0,5"], ["positive"]),
+        (["run", "{src}", "{tmp}/out.zarr", "--chunks", "8,8,8"], ["3 axes", "has 2"]),
+        (["run", "{src}", "{tmp}/out.zarr", "--chunks", "12,16"], ["not a multiple", "write unit"]),
+        (["run", "{src}", "{tmp}/out.zarr", "--chunks", "lots"], ["byte size"]),
+        (["run", "{src}", "{tmp}/out.zarr", "--dest-chunks", "4,-4"], ["positive"]),
+        (["run", "{src}", "{tmp}/out.zarr", "--dest-chunks", "4,4", "--dest-shards", "6,8"], ["multiple"]),
+        (["run", "{src}", "{tmp}/out.zarr", "--scheduler", "mpi"], ["scheduler must be one of"]),
+        (["run", "{src}", "{tmp}/out.zarr", "--at-zero", "2"], ["--at-zero"]),
+        (["run", "{src}", "{src}"], ["SOURCE itself"]),
+        (["run", "{src}", "{src}/inner"], ["inside SOURCE"]),
+        (["run", "{src}", "{tmp}/nofolder/out.zarr"], ["does not exist"]),
+        (["run", "{src}"], ["DEST"]),
+    ],
+    ids=[
+        "missing-source",
+        "zero-chunks",
+        "wrong-rank",
+        "not-multiple",
+        "bad-size",
+        "negative-dest-chunks",
+        "shards-not-multiple",
+        "unknown-scheduler",
+        "bad-at-zero",
+        "dest-is-source",
+        "dest-in-source",
+        "dest-folder-missing",
+        "missing-dest-arg",
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_nothing_written(
+    small_source: tuple[Path, np.ndarray], tmp_path: Path, args: list[str], needles: list[str]
+) -> None:
+    source, _ = small_source
+    before = snapshot(tmp_path)
+    argv = [a.format(tmp=tmp_path, src=source) for a in args]
+    proc = run_cli(*argv)
+    assert proc.returncode == 2, proc.stderr
+    assert_one_line_error(proc.stderr, *needles)
+    assert snapshot(tmp_path) == before
+
+
+def test_existing_dest_needs_overwrite(small_source: tuple[Path, np.ndarray], tmp_path: Path) -> None:
+    source, x = small_source
+    dest = tmp_path / "out.zarr"
+    write_zarr(dest, np.zeros((2, 2), np.int8), (2, 2))
+    before = snapshot(dest)
+    proc = run_cli("run", str(source), str(dest))
+    assert proc.returncode == 2
+    assert_one_line_error(proc.stderr, "already exists", "--overwrite")
+    assert snapshot(dest) == before
+    proc = run_cli("run", str(source), str(dest), "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert np.array_equal(read_mask(dest), oracle(x))
+
+
+def test_unreachable_scheduler_fails_fast(small_source: tuple[Path, np.ndarray], tmp_path: Path) -> None:
+    source, _ = small_source
+    start = time.monotonic()
+    proc = run_cli(
+        "run", str(source), str(tmp_path / "out.zarr"), "--scheduler", "tcp://127.0.0.1:9", "--connect-timeout", "2"
+    )
+    assert time.monotonic() - start < 60
+    assert proc.returncode == 2
+    assert_one_line_error(proc.stderr, "cannot reach the dask scheduler at tcp://127.0.0.1:9 within 2 s")
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    proc = run_cli("run", str(tmp_path / "missing.zarr"), str(tmp_path / "out.zarr"), "--debug")
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr
+    assert "InputError" in proc.stderr
+
+
+def test_progress_lines_when_not_a_terminal(small_source: tuple[Path, np.ndarray], tmp_path: Path) -> None:
+    source, _ = small_source
+    proc = run_cli("run", str(source), str(tmp_path / "out.zarr"), "--chunks", "8,16", "--progress-interval", "0")
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "progress:" in line]
+    assert lines[-1].endswith("tasks (100%)")
+    assert len(lines) >= 12
+    assert "\r" not in proc.stderr
+
+
+@pytest.mark.parametrize("scheduler", ["threads", "local"])
+def test_progress_bar_on_a_terminal(small_source: tuple[Path, np.ndarray], tmp_path: Path, scheduler: str) -> None:
+    source, x = small_source
+    main_fd, sub_fd = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [PYTHON, "-m", "relu_dask", "run", str(source), str(tmp_path / "out.zarr"), "--scheduler", scheduler],
+            stdin=sub_fd,
+            stdout=sub_fd,
+            stderr=sub_fd,
+            env=cli_env(),
+            close_fds=True,
+        )
+        os.close(sub_fd)
+        output = b""
+        while True:
+            try:
+                data = os.read(main_fd, 4096)
+            except OSError:  # the pty closes when the process exits
+                break
+            if not data:
+                break
+            output += data
+        assert proc.wait(timeout=120) == 0, output.decode(errors="replace")
+    finally:
+        os.close(main_fd)
+    text = output.decode(errors="replace")
+    assert "100%" in text
+    assert "#" in text or "█" in text or "|" in text  # a drawn bar, not log lines
+    assert "progress:" not in text
+    assert np.array_equal(read_mask(tmp_path / "out.zarr"), oracle(x))
+
+
+def test_demo_small(tmp_path: Path) -> None:
+    proc = run_cli("demo", "--size", "8MiB", "--data-dir", str(tmp_path / "data"), "--chunks", "2MiB")
+    assert proc.returncode == 0, proc.stderr
+    assert "checked" in proc.stdout and "all equal" in proc.stdout
+    assert "creating the demo source" in proc.stderr
+    source = tmp_path / "data" / "demo-activations-8MiB.zarr"
+    masks = tmp_path / "data" / "demo-masks-8MiB.zarr"
+    first = snapshot(source)
+    np.testing.assert_array_equal(read_mask(masks), oracle(np.asarray(__import__("zarr").open_array(str(source))[...])))
+    again = run_cli("demo", "--size", "8MiB", "--data-dir", str(tmp_path / "data"))
+    assert again.returncode == 0, again.stderr
+    assert "creating the demo source" not in again.stderr
+    assert snapshot(source) == first
+
+
+def test_group_summary_names_skipped_arrays(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_zarr(tmp_path / "g.zarr", activations((6, 4)), (3, 4), name="relu1", dimension_names=("s", "unit"))
+    write_zarr(tmp_path / "g.zarr", np.arange(4), (4,), name="unit", dimension_names=("unit",))
+    assert main(["run", str(tmp_path / "g.zarr"), str(tmp_path / "out.zarr"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "relu1: 6x4 float32" in out
+    assert "skipped unit: dimension coordinate" in out

@@ -175,27 +175,35 @@ def test_edge_values_in_long_blocks(dtype: np.dtype, engine: str, threads: int |
 def _int_case(dtype: Any) -> tuple[np.ndarray, list[int], list[int]]:
     info = np.iinfo(dtype)
     if info.min < 0:
-        return np.array([info.min, info.min + 1, -1, 0, 1, info.max], dtype=dtype), [0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 1, 1]
+        return (
+            np.array([info.min, info.min + 1, -1, 0, 1, info.max], dtype=dtype),
+            [0, 0, 0, 1, 1, 1],
+            [0, 0, 0, 0, 1, 1],
+        )
     above_signed = (info.max >> 1) + 1  # 2**(bits-1): would be negative if read as signed
     values = [0, 1, above_signed, above_signed + 1, info.max]
     return np.array(values, dtype=dtype), [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]
 
 
-REAL_DTYPE_CASES = [
-    pytest.param(*_int_case(t), id=np.dtype(t).name)
-    for t in (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64)
-] + [
-    pytest.param(
-        np.array([-np.inf, -1.5, -0.0, 0.0, 0.25, np.inf, np.nan], dtype=t),
-        [0, 0, 1, 1, 1, 1, 0],
-        [0, 0, 0, 0, 1, 1, 0],
-        id=str(np.dtype(t)),
-    )
-    for t in ("float16", "float32", "float64", ">f8", ">f4", "<f8", np.longdouble)
-] + [
-    pytest.param(np.array([-(2**62), -1, 0, 7], dtype=">i8"), [0, 0, 1, 1], [0, 0, 0, 1], id=">i8"),
-    pytest.param(np.array([0, 2**63, 2**64 - 1], dtype=">u8"), [1, 1, 1], [0, 1, 1], id=">u8"),
-]
+REAL_DTYPE_CASES = (
+    [
+        pytest.param(*_int_case(t), id=np.dtype(t).name)
+        for t in (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64)
+    ]
+    + [
+        pytest.param(
+            np.array([-np.inf, -1.5, -0.0, 0.0, 0.25, np.inf, np.nan], dtype=t),
+            [0, 0, 1, 1, 1, 1, 0],
+            [0, 0, 0, 0, 1, 1, 0],
+            id=str(np.dtype(t)),
+        )
+        for t in ("float16", "float32", "float64", ">f8", ">f4", "<f8", np.longdouble)
+    ]
+    + [
+        pytest.param(np.array([-(2**62), -1, 0, 7], dtype=">i8"), [0, 0, 1, 1], [0, 0, 0, 1], id=">i8"),
+        pytest.param(np.array([0, 2**63, 2**64 - 1], dtype=">u8"), [1, 1, 1], [0, 1, 1], id=">u8"),
+    ]
+)
 
 
 @pytest.mark.parametrize(("engine", "threads"), ENGINE_CASES)
@@ -369,9 +377,7 @@ LAYOUTS: list[tuple[str, Callable[[str], np.ndarray]]] = [
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("make", [m for _, m in LAYOUTS], ids=[name for name, _ in LAYOUTS])
 @pytest.mark.parametrize("at_zero", AT_ZERO)
-def test_layouts(
-    make: Callable[[str], np.ndarray], dtype: str, at_zero: int, engine: str, threads: int | None
-) -> None:
+def test_layouts(make: Callable[[str], np.ndarray], dtype: str, at_zero: int, engine: str, threads: int | None) -> None:
     x = make(dtype)
     x.flags.writeable = False  # the kernel must not need to write its input
     before = x.copy()

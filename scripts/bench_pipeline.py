@@ -1,0 +1,438 @@
+"""End-to-end benchmark: relu-dask against naive dask and two codec floors, in one run.
+
+The data: seeded synthetic float32 activations (``relu_dask.storage``'s generator, the
+demo's seed), 65536 x 4096 per GiB, chunks 4096 x 4096 (64 MiB), Zarr v3 with zarr's
+default codecs (bytes + zstd level 0), made once under ``data/bench/`` and reused.
+
+The contenders, each in its own fresh subprocess, interleaved round by round (order
+rotated each round), every output deleted and ``os.sync()`` called before each start:
+
+* **relu-dask** -- ``python -m relu_dask run SRC DST --overwrite --quiet`` with default
+  options (``--report`` is added only to read the in-process compute time back);
+* **naive dask** -- ``(da.from_zarr(src) >= 0).astype('i1').to_zarr(dst)``, dask's
+  default threaded scheduler;
+* **codec floor** -- no dask: ``ThreadPoolExecutor(2)``, one task per source chunk; each
+  task reads and decodes its chunk through zarr (``src[chunk_slice]``), computes the
+  real mask (``np.greater_equal(x, 0, out=mask.view(bool))`` into a fresh int8 array)
+  and encodes and writes it through zarr (``dst[chunk_slice] = mask``) into an int8 v3
+  array created with zarr's defaults, exactly as relu-dask's output is (same chunks, same
+  codecs, fill value 0, empty chunks skipped). What is left once dask and relu_dask are
+  taken away: zarr's own I/O, codec work (done on zarr's thread pool) and the kernel;
+* **read+decode floor** -- the same pool and tasks doing only ``src[chunk_slice]``.
+* **baseline** -- ``python -c "import relu_dask.cli"``: interpreter and imports alone, the
+  part of every wall and peak RSS that no pipeline change can remove.
+
+Measured per child from outside (``scripts/_bench_util.py``): process wall (start to
+reap, interpreter start and imports included: what a user waits for), user+sys CPU
+seconds and peak RSS (``ru_maxrss`` of that child). Each child also reports its
+in-process work time (after imports; relu-dask's is the report's ``wall_s``). GB/s is
+uncompressed input bytes (10^9) per second of process wall. The source is read once
+before the rounds so every contender finds it in the page cache.
+
+Usage::
+
+    python scripts/bench_pipeline.py                # 1 GiB, 3 rounds
+    python scripts/bench_pipeline.py --rounds 5
+    python scripts/bench_pipeline.py --quick        # 256 MiB, 1 round: a smoke test
+    python scripts/bench_pipeline.py --sizes 1,4,16 # relu-dask's peak RSS as the array grows
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from _bench_util import GIB, MIB, ChildResult, check_parent_small, markdown_table, median, print_facts, run_child
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA_DIR = ROOT / "data" / "bench"
+UNITS = 4096
+ROWS_PER_GIB = GIB // (UNITS * 4)
+CHUNK_SHAPE = (4096, 4096)
+FLOOR_THREADS = 2
+CHILD_TIMEOUT_S = 4 * 3600.0
+
+#: The issue's targets.
+TARGET_VS_FLOOR = 1.10
+TARGET_VS_NAIVE = 1.35
+TARGET_RSS_BYTES = 350 * 10**6
+TARGET_RSS_GROWTH = 0.10
+
+
+# --------------------------------------------------------------------------- children
+# Everything below runs inside a child process (``--child NAME ...``), never in the driver,
+# so that the driver stays small and the children's peak RSS is their own.
+
+
+def _child_generate(dest: str, rows: str) -> dict[str, float]:
+    from relu_dask.demo import DEMO_SEED
+    from relu_dask.storage import write_synthetic_activations
+
+    start = time.perf_counter()
+    write_synthetic_activations(
+        Path(dest), shape=(int(rows), UNITS), chunk_shape=CHUNK_SHAPE, seed=DEMO_SEED, num_threads=FLOOR_THREADS
+    )
+    return {"work_s": time.perf_counter() - start}
+
+
+def _child_naive(src: str, dst: str) -> dict[str, float]:
+    import dask.array as da
+
+    start = time.perf_counter()
+    (da.from_zarr(src) >= 0).astype("i1").to_zarr(dst)
+    return {"work_s": time.perf_counter() - start}
+
+
+def _chunk_slices(shape: Sequence[int], chunks: Sequence[int]) -> list[tuple[slice, ...]]:
+    import itertools
+
+    ranges = [range(0, n, c) for n, c in zip(shape, chunks)]
+    return [tuple(slice(s, min(s + c, n)) for s, c, n in zip(starts, chunks, shape)) for starts in itertools.product(*ranges)]
+
+
+def _child_codec_floor(src_path: str, dst_path: str) -> dict[str, float]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    import zarr
+
+    start = time.perf_counter()
+    src = zarr.open_array(src_path, mode="r")
+    dst = zarr.create_array(store=dst_path, shape=src.shape, chunks=src.chunks, dtype="int8", fill_value=0, zarr_format=3)
+
+    def task(region: tuple[slice, ...]) -> None:
+        x = src[region]
+        mask = np.empty(x.shape, dtype=np.int8)
+        np.greater_equal(x, 0, out=mask.view(np.bool_))
+        dst[region] = mask
+
+    with ThreadPoolExecutor(FLOOR_THREADS) as pool:
+        list(pool.map(task, _chunk_slices(src.shape, src.chunks)))
+    return {"work_s": time.perf_counter() - start}
+
+
+def _child_read_floor(src_path: str) -> dict[str, float]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import zarr
+
+    start = time.perf_counter()
+    src = zarr.open_array(src_path, mode="r")
+
+    def task(region: tuple[slice, ...]) -> None:
+        src[region]
+
+    with ThreadPoolExecutor(FLOOR_THREADS) as pool:
+        list(pool.map(task, _chunk_slices(src.shape, src.chunks)))
+    return {"work_s": time.perf_counter() - start}
+
+
+_CHILDREN: dict[str, Callable[..., dict[str, float]]] = {
+    "generate": _child_generate,
+    "naive": _child_naive,
+    "codec-floor": _child_codec_floor,
+    "read-floor": _child_read_floor,
+}
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+@dataclass
+class Contender:
+    key: str
+    label: str
+    writes: bool
+    results: list[ChildResult] = field(default_factory=list)
+    work_s: list[float] = field(default_factory=list)
+
+    def argv(self, src: Path, dst: Path, report: Path) -> list[str]:
+        py = sys.executable
+        if self.key == "relu-dask":
+            return [py, "-m", "relu_dask", "run", str(src), str(dst), "--overwrite", "--quiet", "--report", str(report)]
+        if self.key == "baseline":
+            return [py, "-c", "import relu_dask.cli"]
+        return [py, str(Path(__file__).resolve()), "--child", self.key, str(src), *([str(dst)] if self.writes else [])]
+
+    def work_time(self, result: ChildResult, report: Path) -> float:
+        if self.key == "relu-dask":
+            return float(json.loads(report.read_text())["wall_s"])
+        if self.key == "baseline":
+            return 0.0
+        return float(json.loads(result.stdout.strip().splitlines()[-1])["work_s"])
+
+
+def make_contenders() -> list[Contender]:
+    return [
+        Contender("relu-dask", "relu-dask run (defaults)", True),
+        Contender("naive", "naive dask `(from_zarr(src) >= 0).astype('i1').to_zarr(dst)`", True),
+        Contender("codec-floor", f"codec floor (read+decode, mask, encode+write; {FLOOR_THREADS} threads)", True),
+        Contender("read-floor", f"read+decode floor ({FLOOR_THREADS} threads)", False),
+        Contender("baseline", "baseline: interpreter + `import relu_dask.cli`", False),
+    ]
+
+
+def size_tag(size_gib: float) -> str:
+    return f"{size_gib:g}GiB"
+
+
+def source_path(data_dir: Path, size_gib: float) -> Path:
+    return data_dir / f"activations-{size_tag(size_gib)}-f32-c{CHUNK_SHAPE[0]}x{CHUNK_SHAPE[1]}.zarr"
+
+
+def ensure_source(path: Path, rows: int) -> None:
+    """Make the seeded source in a child unless a matching one is there."""
+    meta_path = path / "zarr.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        chunk = meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape")
+        if meta.get("shape") == [rows, UNITS] and chunk == list(CHUNK_SHAPE) and "seed" in meta.get("attributes", {}):
+            return
+        raise SystemExit(f"{path} exists but is not this benchmark's array: move it away or use --data-dir")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"generating {path.name} ({rows} x {UNITS} float32) ...", file=sys.stderr, flush=True)
+    result = run_child([sys.executable, str(Path(__file__).resolve()), "--child", "generate", str(path), str(rows)])
+    print(f"  done in {result.wall_s:.1f} s", file=sys.stderr, flush=True)
+
+
+def warm_page_cache(path: Path) -> None:
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                while f.read(16 * MIB):
+                    pass
+
+
+def remove(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+
+
+def tree_digest(path: Path) -> tuple[int, str]:
+    """Bytes on disk and a digest of every chunk file (not the metadata) under ``path``."""
+    digest = hashlib.blake2b(digest_size=16)
+    total = 0
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = Path(root) / name
+            total += full.stat().st_size
+            if name in ("zarr.json", ".zarray", ".zattrs", ".zgroup"):
+                continue
+            digest.update(str(full.relative_to(path)).encode())
+            with full.open("rb") as f:
+                while block := f.read(16 * MIB):
+                    digest.update(block)
+    return total, digest.hexdigest()
+
+
+def codecs_of(path: Path) -> str:
+    meta = json.loads((path / "zarr.json").read_text())
+    return " + ".join(
+        c["name"] + (f"({c['configuration']})" if c.get("configuration") else "") for c in meta.get("codecs", [])
+    )
+
+
+def run_round(contenders: list[Contender], src: Path, out_dir: Path, rnd: int, outputs: dict[str, tuple]) -> None:
+    shift = rnd % len(contenders)
+    for c in contenders[shift:] + contenders[:shift]:
+        dst = out_dir / f"mask-{c.key}.zarr"
+        report = out_dir / f"report-{c.key}.json"
+        remove(dst)
+        os.sync()
+        result = run_child(c.argv(src, dst, report), timeout_s=CHILD_TIMEOUT_S)
+        c.results.append(result)
+        c.work_s.append(c.work_time(result, report))
+        if c.writes and c.key not in outputs:
+            outputs[c.key] = (*tree_digest(dst), codecs_of(dst))
+        remove(dst)
+        report.unlink(missing_ok=True)
+        print(f"  round {rnd + 1}: {c.key:12s} {result.wall_s:7.2f} s", file=sys.stderr, flush=True)
+
+
+def fmt_ratio(value: float) -> str:
+    return f"{value:.3f}" if value == value else "n/a"
+
+
+def print_main_table(contenders: list[Contender], input_bytes: int, rounds: int) -> dict[str, dict[str, float]]:
+    stats: dict[str, dict[str, float]] = {}
+    for c in contenders:
+        stats[c.key] = {
+            "wall": median([r.wall_s for r in c.results]),
+            "work": median(c.work_s),
+            "rss": median([r.peak_rss_bytes for r in c.results]),
+            "rss_max": max(r.peak_rss_bytes for r in c.results),
+            "cpu": median([r.cpu_s for r in c.results]),
+            "busy": median([r.cpu_s / r.wall_s for r in c.results]),
+        }
+    floor, naive = stats["codec-floor"], stats["naive"]
+    rows = []
+    for c in contenders:
+        s = stats[c.key]
+        pipeline = c.key != "baseline"
+        rows.append(
+            [
+                c.label,
+                f"{s['wall']:.2f}",
+                f"{s['work']:.2f}" if pipeline else "-",
+                f"{input_bytes / s['wall'] / 1e9:.3f}" if pipeline else "-",
+                fmt_ratio(s["wall"] / floor["wall"]) if pipeline else "-",
+                fmt_ratio(s["work"] / floor["work"]) if pipeline else "-",
+                fmt_ratio(naive["wall"] / s["wall"]) if pipeline else "-",
+                f"{s['rss'] / MIB:.0f} ({s['rss_max'] / MIB:.0f})",
+                f"{s['cpu'] / (input_bytes / GIB):.2f}" if pipeline else f"{s['cpu']:.2f} (total)",
+                f"{s['busy']:.2f}",
+            ]
+        )
+    print(f"### Pipeline: {input_bytes / GIB:g} GiB float32, median of {rounds} interleaved round(s)\n")
+    headers = [
+        "contender",
+        "wall s",
+        "work s",
+        "GB/s",
+        "wall / codec floor",
+        "work / codec floor",
+        "naive dask wall / wall",
+        "peak RSS MiB median (max)",
+        "CPU s / GiB",
+        "cores busy",
+    ]
+    print(markdown_table(headers, rows))
+    print()
+    print(
+        "wall: process start to exit (interpreter and imports included); work: in-process time after imports; "
+        "GB/s: uncompressed input (10^9 B) per second of wall; cores busy: (user+sys) / wall."
+    )
+    return stats
+
+
+def print_outputs(outputs: dict[str, tuple]) -> None:
+    reference = outputs.get("codec-floor")
+    rows = []
+    for key, (size, digest, codecs) in outputs.items():
+        same = "yes" if reference and digest == reference[1] else "NO"
+        rows.append([key, f"{size:,}", f"{size / MIB:.1f}", codecs, same])
+    print("\n### Outputs (first round)\n")
+    print(markdown_table(["writer", "bytes on disk", "MiB", "codecs", "chunk files identical to codec floor's"], rows))
+
+
+def print_targets(stats: dict[str, dict[str, float]]) -> None:
+    ours, floor, naive = stats["relu-dask"], stats["codec-floor"], stats["naive"]
+    checks = [
+        ("relu-dask wall / codec floor wall", ours["wall"] / floor["wall"], f"<= {TARGET_VS_FLOOR}", ours["wall"] / floor["wall"] <= TARGET_VS_FLOOR),
+        ("relu-dask work / codec floor work", ours["work"] / floor["work"], f"<= {TARGET_VS_FLOOR}", ours["work"] / floor["work"] <= TARGET_VS_FLOOR),
+        ("naive dask wall / relu-dask wall", naive["wall"] / ours["wall"], f">= {TARGET_VS_NAIVE}", naive["wall"] / ours["wall"] >= TARGET_VS_NAIVE),
+        ("relu-dask peak RSS (MB = 10^6 B)", ours["rss"] / 1e6, f"<= {TARGET_RSS_BYTES / 1e6:.0f}", ours["rss"] <= TARGET_RSS_BYTES),
+    ]  # fmt: skip
+    print("\n### Targets\n")
+    rows = [[name, f"{value:.3f}", target, "yes" if ok else "**no**"] for name, value, target, ok in checks]
+    print(markdown_table(["check", "measured", "target", "met"], rows, align="lrll"))
+
+
+def run_main(args: argparse.Namespace, size_gib: float) -> None:
+    rows = round(size_gib * ROWS_PER_GIB)
+    src = source_path(args.data_dir, size_gib)
+    ensure_source(src, rows)
+    warm_page_cache(src)
+    out_dir = args.data_dir / "out"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    contenders = make_contenders()
+    outputs: dict[str, tuple] = {}
+    for rnd in range(args.rounds):
+        run_round(contenders, src, out_dir, rnd, outputs)
+    stats = print_main_table(contenders, rows * UNITS * 4, args.rounds)
+    print_outputs(outputs)
+    print_targets(stats)
+    warning = check_parent_small([r for c in contenders for r in c.results])
+    if warning:
+        print(f"\n{warning}")
+
+
+def run_sizes(args: argparse.Namespace, sizes: list[float]) -> None:
+    out_dir = args.data_dir / "out"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for size in sizes:
+        ensure_source(source_path(args.data_dir, size), round(size * ROWS_PER_GIB))
+    results: dict[float, list[ChildResult]] = {s: [] for s in sizes}
+    work: dict[float, list[float]] = {s: [] for s in sizes}
+    relu = make_contenders()[0]
+    for rnd in range(args.rounds):
+        for size in sizes[rnd % len(sizes) :] + sizes[: rnd % len(sizes)]:
+            src = source_path(args.data_dir, size)
+            dst, report = out_dir / "mask-sizes.zarr", out_dir / "report-sizes.json"
+            warm_page_cache(src)
+            remove(dst)
+            os.sync()
+            result = run_child(relu.argv(src, dst, report), timeout_s=CHILD_TIMEOUT_S)
+            results[size].append(result)
+            work[size].append(relu.work_time(result, report))
+            remove(dst)
+            report.unlink(missing_ok=True)
+            print(f"  round {rnd + 1}: {size_tag(size):8s} {result.wall_s:7.2f} s", file=sys.stderr, flush=True)
+    first = median([r.peak_rss_bytes for r in results[sizes[0]]])
+    rows = []
+    for size in sizes:
+        rs = results[size]
+        rss = median([r.peak_rss_bytes for r in rs])
+        nbytes = round(size * ROWS_PER_GIB) * UNITS * 4
+        wall = median([r.wall_s for r in rs])
+        rows.append(
+            [
+                size_tag(size),
+                f"{wall:.2f}",
+                f"{median(work[size]):.2f}",
+                f"{nbytes / wall / 1e9:.3f}",
+                f"{rss / MIB:.0f} ({max(r.peak_rss_bytes for r in rs) / MIB:.0f})",
+                f"{(rss / first - 1) * 100:+.1f}%",
+                f"{median([r.cpu_s for r in rs]) / (nbytes / GIB):.2f}",
+                f"{median([r.cpu_s / r.wall_s for r in rs]):.2f}",
+            ]
+        )
+    print(f"### relu-dask run (defaults) as the array grows: median of {args.rounds} round(s)\n")
+    headers = ["size", "wall s", "work s", "GB/s", "peak RSS MiB median (max)", f"RSS vs {size_tag(sizes[0])}", "CPU s / GiB", "cores busy"]  # fmt: skip
+    print(markdown_table(headers, rows))
+    last = median([r.peak_rss_bytes for r in results[sizes[-1]]])
+    ok = last / first - 1 < TARGET_RSS_GROWTH
+    print(
+        f"\nTarget: peak RSS grows < {TARGET_RSS_GROWTH:.0%} from {size_tag(sizes[0])} to {size_tag(sizes[-1])}: "
+        f"{(last / first - 1) * 100:+.1f}% -> {'met' if ok else '**not met**'}"
+    )
+    warning = check_parent_small([r for rs in results.values() for r in rs])
+    if warning:
+        print(f"\n{warning}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--quick", action="store_true", help="a 256 MiB array, 1 round: a smoke test")
+    parser.add_argument("--sizes", help="GiB of float32, comma-separated (e.g. 1,4,16): relu-dask's RSS and wall")
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help=f"default: {DEFAULT_DATA_DIR}")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        name, *params = args.child
+        print(json.dumps(_CHILDREN[name](*params)))
+        return
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    print_facts()
+    if args.sizes:
+        run_sizes(args, [float(s) for s in args.sizes.split(",")])
+    elif args.quick:
+        args.rounds = 1
+        run_main(args, 0.25)
+    else:
+        run_main(args, 1.0)
+
+
+if __name__ == "__main__":
+    main()

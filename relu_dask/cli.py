@@ -108,6 +108,12 @@ def _add_job_options(sub: argparse.ArgumentParser) -> None:
         help="mask value where x == 0: 1 for the rule x >= 0 (default), 0 for x > 0 (PyTorch's backward)",
     )
     rule.add_argument(
+        "--nan",
+        choices=("zero", "error"),
+        default="zero",
+        help="zero: NaN gives 0 (default); error: stop with exit code 2 naming the array and chunk holding a NaN",
+    )
+    rule.add_argument(
         "--engine",
         choices=ENGINES,
         default="auto",
@@ -206,6 +212,7 @@ def _job_options(args: argparse.Namespace) -> dict[str, Any]:
         "dest_chunks": args.dest_chunks,
         "dest_shards": args.dest_shards,
         "at_zero": args.at_zero,
+        "nan": args.nan,
         "engine": args.engine,
         "scheduler": scheduler,
         "progress": progress,

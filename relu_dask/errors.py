@@ -18,6 +18,7 @@ __all__ = [
     "DestinationExistsError",
     "DestinationInUseError",
     "InputError",
+    "NaNFoundError",
     "ProcessingError",
     "ReluDaskError",
     "UnsupportedDtypeError",
@@ -50,6 +51,10 @@ class UnsupportedDtypeError(InputError, TypeError):
 
 class DestinationExistsError(InputError):
     """DEST exists and ``overwrite`` was not given (exit 2)."""
+
+
+class NaNFoundError(InputError):
+    """``--nan error`` and the source holds a NaN (exit 2; the partial DEST is removed)."""
 
 
 class ProcessingError(ReluDaskError, RuntimeError):

@@ -17,6 +17,7 @@ Schedulers, picked by name and imported lazily (distributed only when asked for)
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import os
@@ -34,9 +35,9 @@ from dask.base import tokenize
 from dask.callbacks import Callback
 
 from relu_dask import chunking, storage
-from relu_dask.errors import InputError, ProcessingError, ReluDaskError
+from relu_dask.errors import InputError, NaNFoundError, ProcessingError, ReluDaskError
 from relu_dask.graph import COUNT_FIELDS, TASK_PREFIX, MaskJob, build_mask_tasks
-from relu_dask.kernel import Engine, choose_engine, count_cores, parse_at_zero, rule_for
+from relu_dask.kernel import Engine, choose_engine, count_cores, parse_at_zero, parse_nan_policy, rule_for
 from relu_dask.report import ArrayReport, RunReport, collect_versions, write_report
 
 __all__ = [
@@ -197,6 +198,9 @@ def _local_cluster(spec: SchedulerSpec, session: Session) -> Iterator[Session]:
         host="127.0.0.1",
         dashboard_address=spec.dashboard_address,
         processes=True,
+        # A failed task is reported once, as one line, by relu-dask; the workers' own
+        # tracebacks are for --debug.
+        silence_logs=logging.WARNING if log.isEnabledFor(logging.DEBUG) else logging.CRITICAL,
     )
     try:
         client = Client(cluster)
@@ -301,7 +305,7 @@ class _LogProgress(Callback):
         self.done = 0
         self.last = time.monotonic()
 
-    def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, id: Any) -> None:  # noqa: A002
+    def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, id: Any) -> None:
         if not _is_block_key(key):
             return  # dask's own bookkeeping tasks (finalize, concatenate) are not blocks
         self.done += 1
@@ -344,6 +348,7 @@ def run(
     dest_chunks: str | Sequence[int] | None = None,
     dest_shards: str | Sequence[int] | None = None,
     at_zero: int = 1,
+    nan: str = "zero",
     engine: Engine = "auto",
     scheduler: str | SchedulerSpec = "threads",
     overwrite: bool = False,
@@ -367,6 +372,9 @@ def run(
         The masks' chunk and shard shape (default: the source's).
     at_zero
         The mask at ``x == 0``: 1 (rule ``x >= 0``, default) or 0 (rule ``x > 0``).
+    nan
+        ``"zero"`` (NaN gives 0, default) or ``"error"`` (stop with :class:`NaNFoundError`,
+        exit 2, naming the array and chunk; the partial DEST is removed).
     engine
         ``"auto"``, ``"numpy"`` or ``"numexpr"``; all give the same bits.
     scheduler
@@ -385,12 +393,14 @@ def run(
     """
     spec = scheduler if isinstance(scheduler, SchedulerSpec) else parse_scheduler(scheduler)
     rule = parse_at_zero(at_zero)
+    nan_policy = parse_nan_policy(nan)
     chunks_spec = chunking.parse_chunks(chunks)
     arrays, skipped = storage.open_source(source)
     dest_path = storage.prepare_dest(source, dest, overwrite=overwrite)
     planned = plan_session(spec)
     plans = _plan_arrays(arrays, chunks_spec, dest_chunks, dest_shards, planned.memory_per_thread_bytes)
     report = _new_report(source, dest, rule, spec, planned, engine, chunks, arrays, plans, skipped)
+    report.nan_policy = nan_policy
     if dry_run:
         report.outcome = "planned"
         return _finish(report, report_path)
@@ -399,21 +409,30 @@ def run(
             plans = _plan_arrays(arrays, chunks_spec, dest_chunks, dest_shards, session.memory_per_thread_bytes)
         _describe_session(report, session, engine)
         if dest_path.exists():
-            storage.remove_dest(dest_path)
+            storage.remove_dest(dest_path, "--overwrite")
         jobs = _create_outputs(source, dest_path, arrays, plans, rule, report)
         tasks = [build_mask_tasks(job) for job in jobs]
         start = time.perf_counter()
         try:
             results = compute(session, [t for t in tasks if t is not None], progress, progress_interval_s)
+        except NaNFoundError:
+            storage.remove_dest(dest_path, "the source holds NaN and --nan is error")
+            raise
         except ReluDaskError:
             raise
         except OSError as exc:
-            raise ProcessingError(f"failed while writing or reading: {exc}; rerun with --overwrite once fixed") from exc
+            raise ProcessingError(_describe_os_error(exc, dest_path)) from exc
         except Exception as exc:
             raise ProcessingError(f"failed while processing: {type(exc).__name__}: {exc}") from exc
         report.wall_s = time.perf_counter() - start
     _record_counts(report, arrays, tasks, iter(results), dest_path)
     return _finish(report, report_path)
+
+
+def _describe_os_error(exc: OSError, dest: Path) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"the disk is full while writing DEST {dest} ({exc.strerror}): free space, then rerun with --overwrite"
+    return f"failed while reading SOURCE or writing DEST {dest}: {exc}; rerun with --overwrite once fixed"
 
 
 def _plan_arrays(
@@ -505,14 +524,14 @@ def _describe_session(report: RunReport, session: Session, engine: Engine) -> No
     report.dashboard_link = session.dashboard_link
 
 
-def _provenance(source: Any, src: storage.SourceArray | None, rule: int) -> dict[str, Any]:
+def _provenance(source: Any, src: storage.SourceArray | None, rule: int, nan_policy: str) -> dict[str, Any]:
     from relu_dask import __version__
 
     info: dict[str, Any] = {
         "source": str(Path(source).resolve()),
         "rule": rule_for(rule),
         "at_zero": rule,
-        "nan": 0,
+        "nan": nan_policy,
         "version": __version__,
         "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
     }
@@ -531,7 +550,7 @@ def _create_outputs(
 ) -> list[MaskJob]:
     is_group = not (len(arrays) == 1 and arrays[0].path == "")
     if is_group:
-        storage.create_dest_group(dest, _provenance(source, None, rule))
+        storage.create_dest_group(dest, _provenance(source, None, rule, report.nan_policy))
     jobs = []
     for src, plan in zip(arrays, plans):
         out = storage.create_mask_array(
@@ -541,10 +560,22 @@ def _create_outputs(
             chunk_shape=plan.dest_chunk_shape,
             shard_shape=plan.dest_shard_shape,
             dimension_names=src.dimension_names,
-            attributes=_provenance(source, src, rule),
+            attributes=_provenance(source, src, rule, report.nan_policy),
         )
         token = tokenize(str(Path(source).resolve()), src.path, str(dest), plan, rule, report.engine)
-        jobs.append(MaskJob(src.array, out, plan, rule, report.engine, report.numexpr_threads, token))  # type: ignore[arg-type]
+        jobs.append(
+            MaskJob(
+                src.array,
+                out,
+                plan,
+                rule,
+                report.engine,  # type: ignore[arg-type]
+                numexpr_threads=report.numexpr_threads,
+                nan_policy=report.nan_policy,
+                name=src.path,
+                token=token,
+            )
+        )
     return jobs
 
 

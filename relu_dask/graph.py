@@ -21,6 +21,7 @@ import numpy as np
 from dask.base import tokenize
 
 from relu_dask.chunking import ChunkPlan
+from relu_dask.errors import NaNFoundError
 from relu_dask.kernel import Engine, check_dtype, parse_at_zero, relu_derivative, set_numexpr_threads
 
 __all__ = ["COUNT_FIELDS", "TASK_PREFIX", "MaskJob", "build_mask_tasks", "derivative_mask", "process_block"]
@@ -67,6 +68,10 @@ class MaskJob:
     engine: Engine = "numpy"
     numexpr_threads: int = 1
     """numexpr threads for this job's tasks (set in whichever process runs them)."""
+    nan_policy: str = "zero"
+    """``zero``: NaN gives 0; ``error``: a block holding NaN stops the run."""
+    name: str = ""
+    """The array's name for messages."""
     token: str = ""
     """A stable identity of the job (source, dest, plan, rule) for the task names."""
 
@@ -83,16 +88,25 @@ def process_block(job: MaskJob, block_id: tuple[int, ...] | None = None) -> np.n
     block = np.asarray(job.source[slices])
     if job.engine != "numpy" and numexpr.get_num_threads() != job.numexpr_threads:
         set_numexpr_threads(job.numexpr_threads)
+    nans = int(np.count_nonzero(np.isnan(block))) if block.dtype.kind == "f" else 0
+    if nans and job.nan_policy == "error":
+        raise NaNFoundError(_describe_nan(job, block, slices))
     mask = relu_derivative(block, at_zero=job.at_zero, engine=job.engine)
     job.dest[slices] = mask
-    counts = np.array(_count(block, mask), dtype=np.int64)
+    counts = np.array((block.size, np.count_nonzero(mask), nans, np.count_nonzero(block == 0)), dtype=np.int64)
     return counts.reshape((1,) * ndim + (len(COUNT_FIELDS),))
 
 
-def _count(block: np.ndarray, mask: np.ndarray) -> tuple[int, int, int, int]:
-    nans = int(np.count_nonzero(np.isnan(block))) if block.dtype.kind == "f" else 0
-    zeros = int(np.count_nonzero(block == 0))
-    return block.size, int(np.count_nonzero(mask)), nans, zeros
+def _describe_nan(job: MaskJob, block: np.ndarray, slices: tuple[slice, ...]) -> str:
+    """Name the array, the source chunk and the element of the first NaN in ``block``."""
+    first = np.unravel_index(int(np.argmax(np.isnan(block))), block.shape)
+    where = tuple(int(s.start + i) for s, i in zip(slices, first))
+    chunk = tuple(w // c for w, c in zip(where, job.plan.source_chunk_shape))
+    name = job.name or "the source"
+    return (
+        f"{name} holds NaN in chunk {chunk} (first at element {where}); "
+        "--nan error stops on NaN: fix the data upstream, or use --nan zero to map NaN to 0"
+    )
 
 
 def build_mask_tasks(job: MaskJob) -> da.Array | None:

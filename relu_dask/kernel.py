@@ -28,6 +28,7 @@ from relu_dask.errors import InputError, UnsupportedDtypeError
 
 __all__ = [
     "ENGINES",
+    "NAN_POLICIES",
     "NUMEXPR_MIN_THREADS",
     "Engine",
     "check_dtype",
@@ -35,6 +36,7 @@ __all__ = [
     "count_cores",
     "numexpr_threads_for",
     "parse_at_zero",
+    "parse_nan_policy",
     "relu_derivative",
     "rule_for",
     "set_numexpr_threads",
@@ -95,6 +97,16 @@ def parse_at_zero(at_zero: int | str) -> int:
     if isinstance(at_zero, bool) or text not in ("0", "1"):
         raise InputError(f"at_zero must be 1 (rule x >= 0) or 0 (rule x > 0), got {at_zero!r}")
     return int(text)
+
+
+NAN_POLICIES: tuple[str, ...] = ("zero", "error")
+
+
+def parse_nan_policy(policy: str) -> str:
+    """Validate the NaN policy: ``"zero"`` (NaN gives 0) or ``"error"`` (stop on NaN)."""
+    if policy not in NAN_POLICIES:
+        raise InputError(f"nan must be zero (NaN gives 0) or error (stop on NaN), got {policy!r}")
+    return policy
 
 
 def rule_for(at_zero: int) -> str:

@@ -74,6 +74,8 @@ class RunReport:
     """DEST as given."""
     rule: str
     """The mask rule: ``"x >= 0"`` or ``"x > 0"``; NaN always gives 0."""
+    nan_policy: str = field(default="zero", kw_only=True)
+    """``zero`` (NaN gives 0) or ``error`` (a NaN stops the run)."""
     scheduler: str
     """The scheduler used: synchronous, threads, processes, local or an address."""
     engine: str

@@ -198,10 +198,10 @@ def _is_zarr_store(path: Path) -> bool:
     return any((path / name).is_file() for name in ("zarr.json", ".zarray", ".zgroup"))
 
 
-def remove_dest(dest: Path) -> None:
-    """Delete an existing DEST (only ever called after :func:`prepare_dest` allowed it)."""
+def remove_dest(dest: Path, reason: str) -> None:
+    """Delete DEST: one that :func:`prepare_dest` allowed to replace, or this run's own."""
     if dest.exists():
-        log.info("removing existing DEST %s (--overwrite)", dest)
+        log.info("removing DEST %s (%s)", dest, reason)
         shutil.rmtree(dest)
 
 

@@ -9,8 +9,9 @@ the memory per task stays within the limit or the plan is refused.
 
 from __future__ import annotations
 
+import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -204,14 +205,27 @@ def check_invariants(plan: ChunkPlan) -> None:
         assert plan.num_tasks == 0
     else:
         assert plan.num_tasks == math.prod(plan.numblocks)
-    coverage = np.zeros(shape, dtype=np.int32)
     largest = 0
+    axis_slices: list[dict[int, slice]] = [{} for _ in shape]
     for index in indices:
         slices = plan.block_slices(index)
         assert tuple(s.stop - s.start for s in slices) == tuple(c[i] for c, i in zip(plan.chunks, index))
-        coverage[slices] += 1
         largest = max(largest, math.prod(s.stop - s.start for s in slices))
-    assert (coverage == 1).all()
+        for seen, i, region in zip(axis_slices, index, slices):
+            assert seen.setdefault(i, region) == region, "a block index must cover the same range on every axis"
+    if math.prod(shape) <= 2**16:
+        coverage = np.zeros(shape, dtype=np.int32)
+        for index in indices:
+            coverage[plan.block_slices(index)] += 1
+        assert (coverage == 1).all()
+    elif indices:
+        # too big to mark element by element: blocks are a product of per-axis ranges, so
+        # tiling each axis exactly once and visiting every index combination is the same
+        assert set(indices) == set(np.ndindex(*plan.numblocks))
+        for n, seen in zip(shape, axis_slices):
+            ranges = [seen[i] for i in sorted(seen)]
+            assert ranges[0].start == 0 and ranges[-1].stop == n
+            assert all(a.stop == b.start for a, b in itertools.pairwise(ranges))
     assert plan.block_bytes == largest * plan.itemsize
     # the memory model counts at least the block and its mask
     assert plan.memory_per_task_bytes >= plan.block_bytes + plan.block_bytes // plan.itemsize
@@ -241,7 +255,6 @@ class Case:
     num_tasks: int | None = None
     read_aligned: bool = True
     note: str | None = None  # a substring of one of plan.notes; None: no notes
-    kwargs: dict[str, Any] = field(default_factory=dict)
 
     def plan(self) -> ChunkPlan:
         return plan_chunks(

@@ -69,11 +69,11 @@ def run_kernel(x: np.ndarray, at_zero: int, engine: str, threads: int | None, **
         return relu_derivative(x, at_zero=at_zero, engine=engine, **kwargs)  # type: ignore[arg-type]
 
 
-def assert_mask(result: np.ndarray, expected: np.ndarray) -> None:
-    assert isinstance(result, np.ndarray)
-    assert result.dtype == np.int8
-    assert result.shape == expected.shape
-    assert np.array_equal(result, expected), f"got {result!r}, expected {expected!r}"
+def assert_mask(result: np.ndarray, expected: np.ndarray, context: str = "") -> None:
+    assert isinstance(result, np.ndarray), context
+    assert result.dtype == np.int8, context
+    assert result.shape == expected.shape, context
+    assert np.array_equal(result, expected), f"{context}: got {result!r}, expected {expected!r}"
 
 
 # --------------------------------------------------------------------------------------
@@ -163,8 +163,8 @@ def test_edge_values_in_long_blocks(dtype: np.dtype, engine: str, threads: int |
         "strided": (x[::3], ge[::3], gt[::3]),
     }
     for name, (block, want_ge, want_gt) in layouts.items():
-        assert_mask(run_kernel(block, 1, engine, threads), want_ge), name
-        assert_mask(run_kernel(block, 0, engine, threads), want_gt), name
+        assert_mask(run_kernel(block, 1, engine, threads), want_ge, name)
+        assert_mask(run_kernel(block, 0, engine, threads), want_gt, name)
 
 
 # --------------------------------------------------------------------------------------

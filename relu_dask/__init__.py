@@ -22,10 +22,11 @@ from relu_dask.errors import (
     ReluDaskError,
     UnsupportedDtypeError,
 )
-from relu_dask.execution import parse_scheduler, run
+from relu_dask.execution import run
 from relu_dask.graph import derivative_mask
 from relu_dask.kernel import relu_derivative
 from relu_dask.report import ArrayReport, RunReport
+from relu_dask.schedulers import parse_scheduler
 
 try:
     __version__ = version("relu-dask")

@@ -16,9 +16,10 @@ from typing import Any, NoReturn
 from relu_dask import __version__
 from relu_dask.chunking import format_bytes, parse_bytes
 from relu_dask.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ReluDaskError
-from relu_dask.execution import parse_scheduler, run
+from relu_dask.execution import run
 from relu_dask.kernel import ENGINES
 from relu_dask.report import RunReport, render_summary
+from relu_dask.schedulers import parse_scheduler
 
 __all__ = ["build_parser", "main"]
 
@@ -244,6 +245,9 @@ def _configure_logging(*, debug: bool, quiet: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+    # After a failure (a full disk, say) zarr's event loop may still hold pending writes,
+    # which asyncio reports with tracebacks at exit: the error was already said in one line.
+    logging.getLogger("asyncio").setLevel(logging.DEBUG if debug else logging.CRITICAL)
     logging.captureWarnings(True)
     warnings_log = logging.getLogger("py.warnings")
     warnings_log.handlers[:] = [handler]

@@ -20,6 +20,7 @@ import numexpr
 import numpy as np
 from dask.base import tokenize
 
+from relu_dask import journal
 from relu_dask.chunking import ChunkPlan
 from relu_dask.errors import NaNFoundError
 from relu_dask.kernel import Engine, check_dtype, parse_at_zero, relu_derivative, set_numexpr_threads
@@ -30,7 +31,7 @@ __all__ = ["COUNT_FIELDS", "TASK_PREFIX", "MaskJob", "build_mask_tasks", "deriva
 TASK_PREFIX = "relu-mask"
 
 #: What each task returns about its block, in this order.
-COUNT_FIELDS: tuple[str, ...] = ("elements", "ones", "nans", "zeros")
+COUNT_FIELDS: tuple[str, ...] = ("elements", "ones", "nans", "zeros", "resumed")
 
 
 def derivative_mask(darr: da.Array, *, at_zero: int = 1, engine: Engine = "numpy") -> da.Array:
@@ -72,6 +73,8 @@ class MaskJob:
     """``zero``: NaN gives 0; ``error``: a block holding NaN stops the run."""
     name: str = ""
     """The array's name for messages."""
+    done_dir: str = ""
+    """Where tasks mark themselves done (see :mod:`relu_dask.journal`); "" for none."""
     token: str = ""
     """A stable identity of the job (source, dest, plan, rule) for the task names."""
 
@@ -79,12 +82,20 @@ class MaskJob:
 def process_block(job: MaskJob, block_id: tuple[int, ...] | None = None) -> np.ndarray:
     """Read one block, write its mask, return its counts (see :data:`COUNT_FIELDS`).
 
+    A block already marked done in ``job.done_dir`` is not read again: its recorded counts
+    come back with ``resumed`` set. A block is marked done only after its mask is written.
     The result has shape ``(1,) * ndim + (len(COUNT_FIELDS),)`` so that dask assembles
     the counts of all blocks into one small array.
     """
     assert block_id is not None, "dask passes block_id"
     ndim = len(job.plan.shape)
-    slices = job.plan.block_slices(block_id[:ndim])
+    index = block_id[:ndim]
+    shape = (1,) * ndim + (len(COUNT_FIELDS),)
+    if job.done_dir:
+        done = journal.read_done(job.done_dir, index)
+        if done is not None and len(done) == len(COUNT_FIELDS) - 1:
+            return np.array([*done, 1], dtype=np.int64).reshape(shape)
+    slices = job.plan.block_slices(index)
     block = np.asarray(job.source[slices])
     if job.engine != "numpy" and numexpr.get_num_threads() != job.numexpr_threads:
         set_numexpr_threads(job.numexpr_threads)
@@ -93,8 +104,10 @@ def process_block(job: MaskJob, block_id: tuple[int, ...] | None = None) -> np.n
         raise NaNFoundError(_describe_nan(job, block, slices))
     mask = relu_derivative(block, at_zero=job.at_zero, engine=job.engine)
     job.dest[slices] = mask
-    counts = np.array((block.size, np.count_nonzero(mask), nans, np.count_nonzero(block == 0)), dtype=np.int64)
-    return counts.reshape((1,) * ndim + (len(COUNT_FIELDS),))
+    counts = [block.size, int(np.count_nonzero(mask)), nans, int(np.count_nonzero(block == 0))]
+    if job.done_dir:
+        journal.record_done(job.done_dir, index, counts)
+    return np.array([*counts, 0], dtype=np.int64).reshape(shape)
 
 
 def _describe_nan(job: MaskJob, block: np.ndarray, slices: tuple[slice, ...]) -> str:

@@ -57,6 +57,12 @@ class ArrayReport:
     """NaN elements in the source (their mask is 0)."""
     num_zeros: int = 0
     """Elements exactly 0 (or -0.0) in the source: where the rule at zero matters."""
+    tasks_already_done: int = 0
+    """Tasks DEST's journal marked done before this run started (a resumed run)."""
+    tasks_done_now: int = 0
+    """Tasks this run computed."""
+    tasks_skipped: int = 0
+    """Tasks this run skipped as already done."""
 
     @property
     def active_fraction(self) -> float:
@@ -97,13 +103,21 @@ class RunReport:
     wall_s: float = 0.0
     """Wall-clock seconds from the first task submitted to the last finished."""
     outcome: str = "done"
-    """``done``, ``planned`` (dry run) or ``failed``."""
+    """``done``, ``already complete`` (nothing to do), ``planned`` (dry run) or ``failed``."""
     versions: dict[str, str] = field(default_factory=dict)
     """Versions of Python, relu_dask and the libraries it ran on."""
 
     @property
     def num_tasks(self) -> int:
         return sum(a.num_tasks for a in self.arrays)
+
+    @property
+    def tasks_done_now(self) -> int:
+        return sum(a.tasks_done_now for a in self.arrays)
+
+    @property
+    def tasks_skipped(self) -> int:
+        return sum(a.tasks_skipped for a in self.arrays)
 
     @property
     def bytes_read(self) -> int:
@@ -125,6 +139,8 @@ class RunReport:
             entry["active_fraction"] = array.active_fraction
         data.update(
             num_tasks=self.num_tasks,
+            tasks_done_now=self.tasks_done_now,
+            tasks_skipped=self.tasks_skipped,
             bytes_read=self.bytes_read,
             bytes_written=self.bytes_written,
             throughput_bytes_per_s=self.throughput_bytes_per_s,
@@ -153,18 +169,26 @@ def collect_versions() -> dict[str, str]:
 
 def render_summary(report: RunReport) -> list[str]:
     """The human summary of a run, a line each."""
-    verb = "would process" if report.outcome == "planned" else "processed"
+    verb = {"planned": "would process", "already complete": "holds"}.get(report.outcome, "processed")
     lines = [
         f"{report.outcome}: {verb} {len(report.arrays)} array(s), {report.num_tasks} task(s), "
         f"rule {report.rule}, engine {report.engine}, scheduler {report.scheduler} "
         f"({report.num_threads} thread(s))"
     ]
+    if report.outcome == "already complete":
+        lines.append(f"  {report.dest} already holds every mask of this job: nothing to do")
+    elif report.tasks_skipped:
+        lines.append(
+            f"  resumed: {report.tasks_skipped} task(s) were already done, {report.tasks_done_now} computed now"
+        )
     for a in report.arrays:
         name = a.path or "(array)"
         line = (
             f"  {name}: {'x'.join(map(str, a.shape)) or 'scalar'} {a.dtype}, "
             f"blocks {','.join(map(str, a.block_shape))}, {a.num_tasks} task(s)"
         )
+        if report.outcome == "planned" and a.tasks_already_done:
+            line += f", {a.tasks_already_done} already done (will resume)"
         if report.outcome != "planned":
             line += f", {a.active_fraction:.1%} active, {a.num_nans} NaN, {format_bytes(a.bytes_written)} written"
         else:

@@ -7,7 +7,9 @@ and :func:`create_mask_array` to create each output array before any task writes
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import shutil
 import warnings
@@ -26,13 +28,17 @@ __all__ = [
     "PROVENANCE_KEY",
     "Skipped",
     "SourceArray",
+    "check_replaceable",
     "create_dest_group",
     "create_mask_array",
     "describe_store",
+    "fingerprint_array",
     "open_array",
+    "open_mask_array",
     "open_source",
     "prepare_dest",
     "remove_dest",
+    "remove_partial_writes",
     "write_synthetic_activations",
 ]
 
@@ -162,12 +168,12 @@ def _skip_reason(src: SourceArray) -> str:
     return ""
 
 
-def prepare_dest(source: str | os.PathLike[str], dest: str | os.PathLike[str], *, overwrite: bool) -> Path:
-    """Check DEST against SOURCE; raise if it may not be written. Nothing is changed.
+def prepare_dest(source: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
+    """Check where DEST goes against SOURCE; return its absolute path. Nothing is changed.
 
-    Raises :class:`InputError` when DEST is SOURCE, inside it, or contains it;
-    :class:`DestinationExistsError` when DEST exists and ``overwrite`` is false, or when
-    it exists and is not a Zarr store (relu_dask never deletes anything else).
+    Raises :class:`InputError` when DEST is SOURCE, inside it, or contains it, or when its
+    folder is missing or not writable. Whether an existing DEST may be replaced or resumed
+    is decided later, under DEST's lock.
     """
     src = Path(source).resolve()
     dst = Path(dest).resolve()
@@ -177,19 +183,20 @@ def prepare_dest(source: str | os.PathLike[str], dest: str | os.PathLike[str], *
         raise InputError(f"DEST {dest} is inside SOURCE {source}: choose a DEST outside it")
     if dst in src.parents:
         raise InputError(f"SOURCE {source} is inside DEST {dest}: writing DEST would destroy SOURCE")
-    if dst.exists() or dst.is_symlink():
-        if not overwrite:
-            raise DestinationExistsError(f"DEST {dest} already exists: pass --overwrite to replace it")
-        if not _is_zarr_store(dst):
-            raise DestinationExistsError(
-                f"DEST {dest} exists and is not a Zarr store; relu-dask will not delete it: choose another DEST"
-            )
     parent = dst.parent
     if not parent.is_dir():
         raise InputError(f"the folder {parent} for DEST does not exist: create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"cannot write DEST {dest}: permission denied in {parent}")
     return dst
+
+
+def check_replaceable(dest: Path) -> None:
+    """Raise unless DEST is absent or a Zarr store (relu_dask never deletes anything else)."""
+    if (dest.exists() or dest.is_symlink()) and not _is_zarr_store(dest):
+        raise DestinationExistsError(
+            f"DEST {dest} exists and is not a Zarr store; relu-dask will not delete it: choose another DEST"
+        )
 
 
 def _is_zarr_store(path: Path) -> bool:
@@ -250,6 +257,12 @@ def create_mask_array(
         attributes=attributes,
         zarr_format=3,
     )
+
+
+def open_mask_array(dest: Path, path: str) -> Any:
+    """Open a mask array of DEST for writing."""
+    node: Any = zarr.open(store=str(dest), mode="r+")
+    return node[path] if path else node
 
 
 def describe_store(array: Any) -> dict[str, Any]:
@@ -318,3 +331,54 @@ def write_synthetic_activations(
         shutil.rmtree(tmp)
     else:
         os.replace(tmp, path)
+
+
+def fingerprint_array(src: SourceArray, num_samples: int = 16) -> dict[str, Any]:
+    """A cheap identity of one source array, to tell whether it changed between runs.
+
+    Its path, shape, dtype and chunking; a hash of its metadata document; and the size and
+    modification time of up to ``num_samples`` stored chunk (or shard) files spread evenly
+    over the chunk grid. Rewriting those chunks, or the array's metadata, changes it;
+    reading never does.
+    """
+    import hashlib
+
+    array = src.array
+    folder = Path(str(array.store.root)) / array.store_path.path
+    meta_name = "zarr.json" if src.zarr_format == 3 else ".zarray"
+    try:
+        meta_hash = hashlib.sha256((folder / meta_name).read_bytes()).hexdigest()
+    except OSError:
+        meta_hash = None
+    unit = src.shard_shape or src.chunk_shape
+    grid = tuple(-(-n // c) for n, c in zip(src.shape, unit))
+    total = math.prod(grid)
+    samples = []
+    if total:
+        for linear in sorted({round(i * (total - 1) / max(1, num_samples - 1)) for i in range(num_samples)}):
+            coords = tuple(int(c) for c in np.unravel_index(linear, grid))
+            key = array.metadata.encode_chunk_key(coords)
+            try:
+                stat = (folder / key).stat()
+                samples.append([key, stat.st_size, stat.st_mtime_ns])
+            except OSError:
+                samples.append([key, None, None])
+    return {
+        "path": src.path,
+        "shape": list(src.shape),
+        "dtype": str(src.dtype),
+        "chunk_shape": list(src.chunk_shape),
+        "shard_shape": list(src.shard_shape) if src.shard_shape else None,
+        "metadata_sha256": meta_hash,
+        "chunk_samples": samples,
+    }
+
+
+def remove_partial_writes(dest: Path) -> int:
+    """Delete the temporary files a killed write left in DEST; return how many."""
+    removed = 0
+    for path in dest.rglob("*.partial"):
+        with contextlib.suppress(OSError):
+            path.unlink()
+            removed += 1
+    return removed

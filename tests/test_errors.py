@@ -197,9 +197,10 @@ def test_disk_full_is_exit_1_with_a_clear_line_and_a_rerun_completes(tmp_path: P
     assert proc.returncode == 1, proc.stdout + proc.stderr
     line = one_error_line(proc.stderr)
     assert f"the disk is full while writing DEST {dest} (No space left on device)" in line
-    assert "rerun with --overwrite" in line
+    assert "rerun the same command" in line
     assert snapshot(tmp_path / "s.zarr") == source_before
     subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)  # the user frees space
-    again = run_cli("run", str(tmp_path / "s.zarr"), str(dest), "--overwrite")
+    again = run_cli("run", str(tmp_path / "s.zarr"), str(dest))  # the same command: it resumes
     assert again.returncode == 0, again.stderr
+    assert "resuming DEST" in again.stderr
     assert np.array_equal(read_mask(dest), oracle(x))

@@ -1,0 +1,334 @@
+"""Schedulers: picking one by name, sizing it, starting it, computing on it with progress.
+
+Use :func:`parse_scheduler` to turn ``--scheduler`` into a :class:`SchedulerSpec`,
+:func:`open_session` to get a scheduler ready (starting or connecting to a cluster) and
+:func:`compute` to compute dask collections on it with a progress display.
+
+Schedulers, picked by name; distributed is imported only when asked for:
+
+* ``synchronous`` -- one task at a time in this thread (for debugging);
+* ``threads`` -- dask's thread pool, one thread per core (the default);
+* ``processes`` -- dask's process pool, one process per core;
+* ``local`` -- a ``dask.distributed`` LocalCluster started for the run, dashboard on
+  127.0.0.1;
+* ``tcp://HOST:PORT`` -- an existing ``dask.distributed`` scheduler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import dask
+from dask.callbacks import Callback
+
+from relu_dask import chunking
+from relu_dask.errors import InputError
+from relu_dask.graph import TASK_PREFIX
+from relu_dask.kernel import count_cores
+
+__all__ = [
+    "CONNECT_TIMEOUT_S",
+    "LOCAL_SCHEDULERS",
+    "PROGRESS_INTERVAL_S",
+    "Progress",
+    "SchedulerSpec",
+    "Session",
+    "compute",
+    "open_session",
+    "parse_scheduler",
+    "plan_session",
+]
+
+log = logging.getLogger(__name__)
+
+LOCAL_SCHEDULERS = ("synchronous", "threads", "processes")
+_SCHEDULERS = (*LOCAL_SCHEDULERS, "local")
+Progress = Literal["auto", "bar", "log", "none"]
+
+#: Seconds between progress lines when the output is not a terminal.
+PROGRESS_INTERVAL_S = 10.0
+#: Seconds to wait for an existing scheduler to answer before giving up.
+CONNECT_TIMEOUT_S = 10.0
+#: Seconds to wait for a LocalCluster and its client to close.
+CLOSE_TIMEOUT_S = 20.0
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    """Which scheduler to run on, and how to size it."""
+
+    name: str
+    """synchronous, threads, processes, local or address."""
+    address: str | None = None
+    """The scheduler's address, for ``name == "address"``."""
+    num_workers: int | None = None
+    """Workers (local) or pool size (threads, processes); default: fitted to the machine."""
+    threads_per_worker: int | None = None
+    """Threads per LocalCluster worker; default: fitted to the machine."""
+    memory_limit_bytes: int | None = None
+    """Memory limit per LocalCluster worker; default: the machine's memory shared out."""
+    dashboard_address: str = "127.0.0.1:8787"
+    """Where a LocalCluster serves its dashboard."""
+    connect_timeout_s: float = CONNECT_TIMEOUT_S
+    """Seconds to wait for an existing scheduler before giving up."""
+
+    @property
+    def label(self) -> str:
+        return self.address if self.name == "address" and self.address else self.name
+
+
+def parse_scheduler(
+    text: str,
+    *,
+    num_workers: int | None = None,
+    threads_per_worker: int | None = None,
+    memory_limit: str | int | None = None,
+    dashboard_address: str = "127.0.0.1:8787",
+    connect_timeout_s: float = CONNECT_TIMEOUT_S,
+) -> SchedulerSpec:
+    """Parse ``--scheduler`` and its sizing options.
+
+    >>> parse_scheduler("tcp://127.0.0.1:8786").name
+    'address'
+    """
+    value = str(text).strip()
+    for what, number in (("workers", num_workers), ("threads per worker", threads_per_worker)):
+        if number is not None and number < 1:
+            raise InputError(f"the number of {what} must be at least 1, got {number}")
+    limit = None if memory_limit in (None, "auto") else chunking.parse_bytes(memory_limit, what="memory limit")
+    if "://" in value:
+        if not value.startswith(("tcp://", "tls://", "inproc://", "ws://", "wss://")):
+            raise InputError(f"scheduler address {value!r} must start with tcp:// (or tls://)")
+        if not connect_timeout_s > 0:
+            raise InputError(f"the connect timeout must be positive seconds, got {connect_timeout_s}")
+        return SchedulerSpec("address", value, connect_timeout_s=float(connect_timeout_s))
+    if value not in _SCHEDULERS:
+        raise InputError(f"scheduler must be one of {', '.join(_SCHEDULERS)} or tcp://HOST:PORT, got {value!r}")
+    return SchedulerSpec(value, None, num_workers, threads_per_worker, limit, dashboard_address)
+
+
+@dataclass
+class Session:
+    """A scheduler ready to compute on."""
+
+    spec: SchedulerSpec
+    num_threads: int
+    """Tasks that run at once."""
+    cores_per_thread: int
+    """Cores each task may use (numexpr threads are sized from it)."""
+    memory_per_thread_bytes: int | None
+    """Memory one task may use, for the planner's check."""
+    client: Any = None
+    """The ``distributed.Client``, for distributed schedulers."""
+    dashboard_link: str | None = None
+
+
+def plan_session(spec: SchedulerSpec) -> Session:
+    """A session's sizing, without starting anything (what a dry run shows)."""
+    cores = count_cores()
+    memory = _total_memory_bytes()
+    if spec.name == "synchronous":
+        return Session(spec, 1, cores, memory)
+    if spec.name in ("threads", "processes"):
+        workers = spec.num_workers or cores
+        return Session(spec, workers, max(1, cores // workers), memory // workers)
+    if spec.name == "local":
+        workers, threads = _local_sizes(spec, cores)
+        limit = spec.memory_limit_bytes or memory // workers
+        return Session(spec, workers * threads, max(1, cores // (workers * threads)), limit // threads)
+    return Session(spec, 0, 1, None)  # an existing cluster: known once connected
+
+
+def _local_sizes(spec: SchedulerSpec, cores: int) -> tuple[int, int]:
+    if spec.num_workers and spec.threads_per_worker:
+        return spec.num_workers, spec.threads_per_worker
+    if spec.num_workers:
+        return spec.num_workers, max(1, cores // spec.num_workers)
+    if spec.threads_per_worker:
+        return max(1, cores // spec.threads_per_worker), spec.threads_per_worker
+    from distributed.deploy.utils import nprocesses_nthreads
+
+    workers, threads = nprocesses_nthreads(cores)
+    return int(workers), int(threads)
+
+
+def _total_memory_bytes() -> int:
+    import psutil  # a dependency of distributed
+
+    return int(psutil.virtual_memory().total)
+
+
+@contextlib.contextmanager
+def open_session(spec: SchedulerSpec) -> Iterator[Session]:
+    """Start (or connect to) the scheduler; close what was started on the way out."""
+    session = plan_session(spec)
+    if spec.name in LOCAL_SCHEDULERS:
+        yield session
+        return
+    if spec.name == "local":
+        with _local_cluster(spec, session) as started:
+            yield started
+        return
+    with _connect(spec) as connected:
+        yield connected
+
+
+@contextlib.contextmanager
+def _local_cluster(spec: SchedulerSpec, session: Session) -> Iterator[Session]:
+    from distributed import Client, LocalCluster
+
+    workers, threads = _local_sizes(spec, count_cores())
+    limit: int | str = spec.memory_limit_bytes or "auto"
+    cluster = LocalCluster(
+        n_workers=workers,
+        threads_per_worker=threads,
+        memory_limit=limit,
+        host="127.0.0.1",
+        dashboard_address=spec.dashboard_address,
+        processes=True,
+        # A failed task is reported once, as one line, by relu-dask; the workers' own
+        # tracebacks are for --debug.
+        silence_logs=logging.WARNING if log.isEnabledFor(logging.DEBUG) else logging.CRITICAL,
+    )
+    try:
+        client = Client(cluster)
+        try:
+            session.client = client
+            session.dashboard_link = client.dashboard_link
+            log.info(
+                "started a LocalCluster: %d worker(s) x %d thread(s), dashboard %s",
+                workers,
+                threads,
+                client.dashboard_link,
+            )
+            yield session
+        finally:
+            client.close(timeout=CLOSE_TIMEOUT_S)
+    finally:
+        cluster.close(timeout=CLOSE_TIMEOUT_S)
+
+
+@contextlib.contextmanager
+def _connect(spec: SchedulerSpec) -> Iterator[Session]:
+    from distributed import Client
+
+    try:
+        client = Client(spec.address, timeout=f"{spec.connect_timeout_s}s")
+    except (OSError, TimeoutError) as exc:
+        raise InputError(
+            f"cannot reach the dask scheduler at {spec.address} within {spec.connect_timeout_s:g} s: "
+            f"is it running? ({exc})"
+        ) from None
+    try:
+        info = _scheduler_workers(client)
+        if not info:
+            raise InputError(
+                f"the dask scheduler at {spec.address} has no workers: start some with `dask worker {spec.address}`"
+            )
+        threads = sum(int(w["nthreads"]) for w in info.values())
+        per_thread = min(int(w["memory_limit"]) // max(1, int(w["nthreads"])) or 2**62 for w in info.values())
+        yield Session(spec, threads, 1, per_thread, client, client.dashboard_link)
+    finally:
+        client.close(timeout=CLOSE_TIMEOUT_S)
+
+
+def _scheduler_workers(client: Any) -> dict[str, Any]:
+    """Every worker's info (recent distributed lists only the first few unless asked)."""
+    try:
+        return dict(client.scheduler_info(n_workers=-1)["workers"])
+    except TypeError:  # distributed before 2025.4 has no n_workers and lists all
+        return dict(client.scheduler_info()["workers"])
+
+
+def compute(
+    session: Session,
+    collections: Sequence[Any],
+    progress: Progress = "auto",
+    progress_interval_s: float = PROGRESS_INTERVAL_S,
+) -> list[Any]:
+    """Compute dask ``collections`` on ``session`` with a progress display; return the results."""
+    if not collections:
+        return []
+    mode = _progress_mode(progress)
+    if session.client is not None:
+        return _compute_distributed(session.client, collections, mode, progress_interval_s)
+    num_tasks = sum(len(_block_keys(c)) for c in collections)
+    with contextlib.ExitStack() as stack:
+        if mode == "bar":
+            from dask.diagnostics import ProgressBar
+
+            stack.enter_context(ProgressBar(out=sys.stderr))
+        elif mode == "log":
+            stack.enter_context(_LogProgress(num_tasks, progress_interval_s))
+        kwargs: dict[str, Any] = {"scheduler": session.spec.name}
+        if session.spec.name != "synchronous":
+            kwargs["num_workers"] = session.num_threads
+        return list(dask.compute(*collections, **kwargs))
+
+
+def _progress_mode(progress: Progress) -> str:
+    if progress == "auto":
+        return "bar" if sys.stderr.isatty() else "log"
+    if progress not in ("bar", "log", "none"):
+        raise InputError(f"progress must be auto, bar, log or none, got {progress!r}")
+    return progress
+
+
+def _is_block_key(key: Any) -> bool:
+    name = key[0] if isinstance(key, tuple) else key
+    return isinstance(name, str) and name.startswith(TASK_PREFIX)
+
+
+def _block_keys(collection: Any) -> list[Any]:
+    return [k for k in collection.__dask_graph__() if _is_block_key(k)]
+
+
+class _LogProgress(Callback):
+    """Plain progress lines at a steady interval, for logs that are not a terminal."""
+
+    def __init__(self, num_tasks: int, interval_s: float = PROGRESS_INTERVAL_S) -> None:
+        super().__init__()
+        self.num_tasks = num_tasks
+        self.interval_s = interval_s
+        self.done = 0
+        self.last = time.monotonic()
+
+    def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, id: Any) -> None:
+        if not _is_block_key(key):
+            return  # dask's own bookkeeping tasks (finalize, concatenate) are not blocks
+        self.done += 1
+        now = time.monotonic()
+        if now - self.last >= self.interval_s:
+            self.last = now
+            log.info(
+                "progress: %d/%d tasks (%.0f%%)", self.done, self.num_tasks, 100 * self.done / max(1, self.num_tasks)
+            )
+
+
+def _compute_distributed(client: Any, collections: Sequence[Any], mode: str, interval_s: float) -> list[Any]:
+    from distributed import futures_of, progress, wait
+
+    persisted = client.persist(list(collections))
+    futures = futures_of(persisted)
+    if mode == "bar":
+        progress(futures, notebook=False)
+    elif mode == "log":
+        last = time.monotonic()
+        while True:
+            try:
+                wait(futures, timeout=1.0)
+                break
+            except TimeoutError:
+                if time.monotonic() - last >= interval_s:
+                    last = time.monotonic()
+                    done = sum(f.done() for f in futures)
+                    log.info("progress: %d/%d tasks (%.0f%%)", done, len(futures), 100 * done / max(1, len(futures)))
+    else:
+        wait(futures)
+    return list(client.gather(client.compute(persisted)))

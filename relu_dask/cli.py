@@ -7,16 +7,19 @@ Exit codes: 0 done, 1 failed while processing, 2 bad usage or input (nothing wri
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from relu_dask import __version__
 from relu_dask.chunking import format_bytes, parse_bytes
-from relu_dask.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ReluDaskError
-from relu_dask.execution import run
+from relu_dask.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, InputError, ReluDaskError
+from relu_dask.execution import job_status, run
+from relu_dask.jobfile import read_job_file
 from relu_dask.kernel import ENGINES
 from relu_dask.report import RunReport, render_summary
 from relu_dask.schedulers import parse_scheduler
@@ -24,6 +27,7 @@ from relu_dask.schedulers import parse_scheduler
 __all__ = ["build_parser", "main"]
 
 PROG = "relu-dask"
+log = logging.getLogger("relu_dask.cli")
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES = """\
@@ -66,12 +70,34 @@ def build_parser() -> argparse.ArgumentParser:
             epilog=EXIT_CODES,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        sub.add_argument("source", metavar="SOURCE", help="Zarr array or group (format 2 or 3) to read")
-        sub.add_argument("dest", metavar="DEST", help="where to write the int8 masks (Zarr v3)")
+        sub.add_argument("source", metavar="SOURCE", nargs="?", help="Zarr array or group (format 2 or 3) to read")
+        sub.add_argument("dest", metavar="DEST", nargs="?", help="where to write the int8 masks (Zarr v3)")
         sub.add_argument(
-            "--overwrite", action="store_true", help="replace DEST if it exists (once inputs are validated)"
+            "--overwrite",
+            action="store_true",
+            help="replace DEST and start over (once inputs are validated); without it, rerunning the same "
+            "command resumes a partial DEST",
+        )
+        sub.add_argument(
+            "--config",
+            type=Path,
+            metavar="JOBS.toml",
+            help="run the jobs of a TOML job file in order (see README); the exit code is the worst of them",
         )
         _add_job_options(sub)
+    status = commands.add_parser(
+        "status",
+        help="is DEST complete, partial (n of m tasks) or absent; and its job's fingerprint",
+        description="Say whether DEST is complete, partial (n of m tasks done), absent, or unknown (not made by "
+        "relu-dask), whether a run holds it now, and the fingerprint of its job.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    status.add_argument("dest", metavar="DEST")
+    status.add_argument("--json", action="store_true", help="print the status as one JSON object")
+    status.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    status.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
+    status.add_argument("--log-format", default="text", help=argparse.SUPPRESS)
     demo = commands.add_parser(
         "demo",
         help="the built-in job on synthetic data, for a first try",
@@ -157,33 +183,43 @@ def _add_job_options(sub: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="seconds between progress log lines when not on a terminal (default: 10)",
     )
+    out.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text, or json: one JSON object a line on stderr (events start, progress, finish, error)",
+    )
     out.add_argument("--quiet", action="store_true", help="print only warnings, errors and the summary")
     out.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _configure_logging(debug=args.debug, quiet=args.quiet)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(raw)
+    _configure_logging(debug=args.debug, quiet=args.quiet, json_lines=args.log_format == "json")
     try:
-        return _dispatch(args)
+        return _dispatch(args, raw)
     except ReluDaskError as exc:
         if args.debug:
             raise
-        _say_error(str(exc))
+        _say_error(str(exc), exc.exit_code)
         return exc.exit_code
     except KeyboardInterrupt:
-        _say_error("interrupted")
+        _say_error("interrupted", EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
     except Exception as exc:
         if args.debug:
             raise
-        _say_error(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
+        _say_error(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", EXIT_FAILED)
         return EXIT_FAILED
 
 
-def _dispatch(args: argparse.Namespace) -> int:
+def _dispatch(args: argparse.Namespace, raw: list[str]) -> int:
+    if args.command == "status":
+        return _status(args.dest, as_json=args.json)
+    if args.command == "run" and args.config is not None:
+        return _run_job_file(args, raw)
     options = _job_options(args)
     if args.command == "demo":
         from relu_dask.demo import run_demo
@@ -193,8 +229,84 @@ def _dispatch(args: argparse.Namespace) -> int:
         _print_summary(report)
         print(f"  checked {checked:,} mask values against numpy: all equal")
         return EXIT_OK
+    if args.source is None or args.dest is None:
+        raise InputError(f"{args.command} needs SOURCE and DEST (or --config JOBS.toml)")
     report = run(args.source, args.dest, overwrite=args.overwrite, dry_run=args.command == "plan", **options)
     _print_summary(report)
+    return EXIT_OK
+
+
+def _run_job_file(args: argparse.Namespace, raw: list[str]) -> int:
+    """Run every job of ``--config`` in order; return the worst exit code."""
+    if args.source is not None:
+        raise InputError("give either SOURCE and DEST or --config JOBS.toml, not both")
+    jobs = read_job_file(args.config)
+    base = _without_config(raw)
+    worst = EXIT_OK
+    outcomes = []
+    for number, job in enumerate(jobs, start=1):
+        argv = ["run", *job.argv[:2], *base, *job.argv[2:]]
+        log.info(
+            "job %d/%d (%s): relu-dask %s",
+            number,
+            len(jobs),
+            job.name,
+            " ".join(argv),
+            extra={"event": "job", "fields": {"job": job.name, "number": number}},
+        )
+        try:
+            code = _dispatch(build_parser().parse_args(argv), argv)
+        except SystemExit as exc:  # argparse said what was wrong with this job's options
+            code = int(exc.code or 0)
+        except ReluDaskError as exc:
+            _say_error(f"job {job.name}: {exc}", exc.exit_code)
+            code = exc.exit_code
+        outcomes.append(f"  job {number} {job.name}: {'ok' if code == 0 else 'failed'} (exit {code})")
+        worst = max(worst, code)
+    print(f"{len(jobs)} job(s) from {args.config}, worst exit code {worst}:")
+    for line in outcomes:
+        print(line)
+    return worst
+
+
+def _without_config(raw: list[str]) -> list[str]:
+    """The command line's options, minus the command and --config."""
+    out, skip = [], False
+    for index, arg in enumerate(raw):
+        if skip:
+            skip = False
+        elif arg == "--config":
+            skip = True
+        elif arg.startswith("--config=") or (arg == "run" and "run" not in raw[:index]):
+            continue
+        else:
+            out.append(arg)
+    return out
+
+
+def _status(dest: str, *, as_json: bool) -> int:
+    status = job_status(dest)
+    if as_json:
+        print(json.dumps(status))
+        return EXIT_OK
+    state = status["state"]
+    if state == "partial":
+        print(f"{dest}: partial ({status['tasks_done']} of {status['num_tasks']} tasks done)")
+    elif state == "complete":
+        print(f"{dest}: complete ({status['num_tasks']} tasks)")
+    elif state == "absent":
+        print(f"{dest}: absent")
+    else:
+        print(f"{dest}: unknown (it exists but holds no relu-dask job record)")
+    if status.get("running"):
+        print(f"  running now: {status['running']}")
+    fingerprint = status.get("fingerprint")
+    if fingerprint:
+        print(f"  source: {fingerprint['source']}")
+        print(f"  rule: {fingerprint['rule']}, nan: {fingerprint['nan']}")
+        for array in fingerprint["arrays"]:
+            shape = "x".join(map(str, array["shape"])) or "scalar"
+            print(f"  array {array['path'] or '(array)'}: {shape} {array['dtype']}, chunks {array['chunk_shape']}")
     return EXIT_OK
 
 
@@ -223,6 +335,26 @@ def _job_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print_summary(report: RunReport) -> None:
+    log.info(
+        "finish: %s, %d task(s) done now, %d skipped as already done, %.2f s",
+        report.outcome,
+        report.tasks_done_now,
+        report.tasks_skipped,
+        report.wall_s,
+        extra={
+            "event": "finish",
+            "fields": {
+                "outcome": report.outcome,
+                "dest": report.dest,
+                "num_tasks": report.num_tasks,
+                "tasks_done_now": report.tasks_done_now,
+                "tasks_skipped": report.tasks_skipped,
+                "wall_s": report.wall_s,
+                "bytes_read": report.bytes_read,
+                "bytes_written": report.bytes_written,
+            },
+        },
+    )
     for line in render_summary(report):
         print(line)
     if report.outcome == "planned":
@@ -232,15 +364,41 @@ def _print_summary(report: RunReport) -> None:
         )
 
 
-def _say_error(message: str) -> None:
+def _say_error(message: str, exit_code: int) -> None:
     text = " ".join(message.split())  # one line, whatever the exception held
-    print(f"{PROG}: error: {text}", file=sys.stderr)
+    if _JSON_LINES[0]:
+        print(
+            json.dumps(
+                {"time": time.time(), "level": "ERROR", "event": "error", "message": text, "exit_code": exit_code}
+            ),
+            file=sys.stderr,
+        )
+    else:
+        print(f"{PROG}: error: {text}", file=sys.stderr)
 
 
-def _configure_logging(*, debug: bool, quiet: bool) -> None:
+_JSON_LINES = [False]
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, event, message, and the event's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {
+            "time": record.created,
+            "level": record.levelname,
+            "event": getattr(record, "event", "log"),
+            "message": record.getMessage(),
+        }
+        data.update(getattr(record, "fields", {}))
+        return json.dumps(data, default=str)
+
+
+def _configure_logging(*, debug: bool, quiet: bool, json_lines: bool = False) -> None:
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+    handler.setFormatter(_JsonFormatter() if json_lines else logging.Formatter(f"{PROG}: %(message)s"))
+    _JSON_LINES[0] = json_lines
     root = logging.getLogger("relu_dask")
     root.handlers[:] = [handler]
     root.setLevel(level)

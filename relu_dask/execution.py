@@ -40,7 +40,7 @@ from relu_dask.schedulers import (
     plan_session,
 )
 
-__all__ = ["DestState", "run"]
+__all__ = ["DestState", "job_status", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +304,24 @@ def _execute(
                 f", {removed} half-written file(s) removed" if removed else "",
             )
         jobs = _mask_jobs(job, plans, report)
+        log.info(
+            "start: %s -> %s, %d task(s) over %d array(s) on %s",
+            job.source,
+            job.dest,
+            report.num_tasks,
+            len(job.arrays),
+            job.spec.label,
+            extra={
+                "event": "start",
+                "fields": {
+                    "source": job.source,
+                    "dest": str(job.dest),
+                    "num_tasks": report.num_tasks,
+                    "scheduler": job.spec.label,
+                    "tasks_already_done": sum(a.tasks_already_done for a in report.arrays),
+                },
+            },
+        )
         tasks = [build_mask_tasks(j) for j in jobs]
         start = time.perf_counter()
         with _processing_errors(job.dest):
@@ -428,10 +446,13 @@ def _record_counts(report: RunReport, job: _Job, tasks: list[Any], results: Iter
     totals = []
     for entry, src, task in zip(report.arrays, job.arrays, tasks):
         counts = dict.fromkeys(COUNT_FIELDS, 0)
+        elements_now = 0
         if task is not None:
-            summed = np.asarray(next(results)).reshape(-1, len(COUNT_FIELDS)).sum(axis=0)
-            counts = dict(zip(COUNT_FIELDS, (int(v) for v in summed)))
+            rows = np.asarray(next(results)).reshape(-1, len(COUNT_FIELDS))
+            counts = dict(zip(COUNT_FIELDS, (int(v) for v in rows.sum(axis=0))))
+            elements_now = int(rows[rows[:, -1] == 0, 0].sum())
         _set_counts(entry, counts, src, job.dest)
+        entry.bytes_read = elements_now * src.dtype.itemsize
         entry.tasks_skipped = counts["resumed"]
         entry.tasks_done_now = entry.num_tasks - counts["resumed"]
         _warn_if_relu_outputs(report, entry)
@@ -444,7 +465,6 @@ def _set_counts(entry: ArrayReport, counts: dict[str, int], src: storage.SourceA
     entry.num_ones = counts["ones"]
     entry.num_nans = counts["nans"]
     entry.num_zeros = counts["zeros"]
-    entry.bytes_read = math.prod(src.shape) * src.dtype.itemsize
     entry.bytes_written = _disk_bytes(dest / src.path if src.path else dest)
 
 
@@ -475,3 +495,31 @@ def _finish(report: RunReport, report_path: str | os.PathLike[str] | None) -> Ru
     if report_path is not None:
         write_report(report, report_path)
     return report
+
+
+def job_status(dest: str | os.PathLike[str]) -> dict[str, Any]:
+    """What DEST holds: ``absent``, ``partial`` (n of m tasks done), ``complete`` or ``unknown``.
+
+    ``unknown`` is a DEST that exists without a relu-dask journal (made by another tool or
+    another version). ``running`` names the process holding DEST's lock, if any.
+    """
+    path = Path(dest).resolve()
+    record = journal.read_record(path)
+    exists = path.exists()
+    status: dict[str, Any] = {"dest": str(dest), "running": journal.lock_holder(path)}
+    if record is None or not exists:
+        status["state"] = "unknown" if exists else "absent"
+        return status
+    arrays = record.fingerprint.get("arrays", [])
+    total = 0
+    for array, block in zip(arrays, record.block_shapes):
+        if math.prod(array["shape"]) != 0:
+            total += math.prod(-(-n // max(1, b)) for n, b in zip(array["shape"], block))
+    done = total if record.complete else sum(journal.count_done(path, i) for i in range(len(arrays)))
+    status.update(
+        state="complete" if record.complete else "partial",
+        tasks_done=done,
+        num_tasks=total,
+        fingerprint=record.fingerprint,
+    )
+    return status

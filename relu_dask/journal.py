@@ -38,6 +38,7 @@ __all__ = [
     "JobRecord",
     "hold_lock",
     "journal_dir",
+    "lock_holder",
     "read_done",
     "read_record",
     "record_done",
@@ -252,6 +253,17 @@ def _take_over_if_stale(path: Path, stale_after_s: float, dest: Path) -> None:
         return
     aside.unlink(missing_ok=True)
     log.warning("took over the lock of a run that is no longer running (%s; %s)", _describe(owner), reason)
+
+
+def lock_holder(dest: Path) -> str | None:
+    """Who holds DEST's lock now (``pid N on HOST (since ...)``), or None if nobody alive does."""
+    path = journal_dir(dest) / "lock"
+    try:
+        owner = json.loads(path.read_text())
+        age_s = time.time() - path.stat().st_mtime
+    except (OSError, ValueError):
+        return None
+    return None if _stale_reason(owner, age_s, STALE_AFTER_S) else _describe(owner)
 
 
 def _heartbeat(path: Path, stop: threading.Event, every_s: float) -> None:

@@ -46,7 +46,7 @@ class ArrayReport:
     memory_per_task_bytes: int
     """The planner's projection of one task's peak memory."""
     bytes_read: int = 0
-    """Uncompressed bytes read from the source."""
+    """Uncompressed bytes read from the source by this run (resumed tasks read nothing)."""
     bytes_written: int = 0
     """Bytes the mask takes on disk (compressed, as stored)."""
     num_elements: int = 0

@@ -289,6 +289,16 @@ def _block_keys(collection: Any) -> list[Any]:
     return [k for k in collection.__dask_graph__() if _is_block_key(k)]
 
 
+def _log_progress(done: int, total: int) -> None:
+    log.info(
+        "progress: %d/%d tasks (%.0f%%)",
+        done,
+        total,
+        100 * done / max(1, total),
+        extra={"event": "progress", "fields": {"done": done, "total": total}},
+    )
+
+
 class _LogProgress(Callback):
     """Plain progress lines at a steady interval, for logs that are not a terminal."""
 
@@ -306,9 +316,7 @@ class _LogProgress(Callback):
         now = time.monotonic()
         if now - self.last >= self.interval_s:
             self.last = now
-            log.info(
-                "progress: %d/%d tasks (%.0f%%)", self.done, self.num_tasks, 100 * self.done / max(1, self.num_tasks)
-            )
+            _log_progress(self.done, self.num_tasks)
 
 
 def _compute_distributed(client: Any, collections: Sequence[Any], mode: str, interval_s: float) -> list[Any]:
@@ -323,12 +331,13 @@ def _compute_distributed(client: Any, collections: Sequence[Any], mode: str, int
         while True:
             try:
                 wait(futures, timeout=1.0)
+                _log_progress(len(futures), len(futures))
                 break
             except TimeoutError:
                 if time.monotonic() - last >= interval_s:
                     last = time.monotonic()
                     done = sum(f.done() for f in futures)
-                    log.info("progress: %d/%d tasks (%.0f%%)", done, len(futures), 100 * done / max(1, len(futures)))
+                    _log_progress(done, len(futures))
     else:
         wait(futures)
     return list(client.gather(client.compute(persisted)))

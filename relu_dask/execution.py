@@ -303,6 +303,7 @@ def _execute(
                 report.num_tasks,
                 f", {removed} half-written file(s) removed" if removed else "",
             )
+            _create_outputs(job, plans, report)
         jobs = _mask_jobs(job, plans, report)
         log.info(
             "start: %s -> %s, %d task(s) over %d array(s) on %s",
@@ -406,9 +407,15 @@ def _is_group(job: _Job) -> bool:
 
 
 def _create_outputs(job: _Job, plans: list[chunking.ChunkPlan], report: RunReport) -> None:
-    if _is_group(job):
+    """Create DEST's group (for a group SOURCE) and every mask array that is not there yet.
+
+    On a fresh start that is all of them; on resume, those a kill stopped from being made.
+    """
+    if _is_group(job) and not storage.is_group(job.dest):
         storage.create_dest_group(job.dest, _provenance(job, None))
     for src, plan in zip(job.arrays, plans):
+        if storage.has_array(job.dest, src.path):
+            continue
         storage.create_mask_array(
             job.dest,
             src.path,

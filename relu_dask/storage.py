@@ -33,6 +33,8 @@ __all__ = [
     "create_mask_array",
     "describe_store",
     "fingerprint_array",
+    "has_array",
+    "is_group",
     "open_array",
     "open_mask_array",
     "open_source",
@@ -257,6 +259,23 @@ def create_mask_array(
         attributes=attributes,
         zarr_format=3,
     )
+
+
+def is_group(path: Path) -> bool:
+    """Whether ``path`` holds a Zarr v3 group at its root."""
+    try:
+        return bool(zarr.open_group(store=str(path), mode="r", zarr_format=3) is not None)
+    except (zarr.errors.NodeNotFoundError, FileNotFoundError, ValueError):
+        return False
+
+
+def has_array(dest: Path, path: str) -> bool:
+    """Whether DEST holds an array at ``path`` ("" for DEST itself)."""
+    try:
+        node: Any = zarr.open(store=str(dest), mode="r")
+        return isinstance(node[path] if path else node, zarr.Array)
+    except (KeyError, zarr.errors.NodeNotFoundError, FileNotFoundError, ValueError):
+        return False
 
 
 def open_mask_array(dest: Path, path: str) -> Any:

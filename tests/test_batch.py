@@ -329,3 +329,22 @@ def test_json_logs_one_object_a_line(small_source: tuple[Path, np.ndarray], tmp_
     bad = run_cli("run", str(tmp_path / "missing.zarr"), str(tmp_path / "o.zarr"), "--log-format", "json")
     (error,) = [json.loads(line) for line in bad.stderr.splitlines()]
     assert error["event"] == "error" and error["exit_code"] == 2 and "does not exist" in error["message"]
+
+
+def test_resume_makes_outputs_a_kill_stopped_from_being_made(tmp_path: Path) -> None:
+    """Killed after DEST's group was made but before all its arrays were: the rerun makes them."""
+    a, b = activations((8, 8), seed=4), activations((6,), seed=5)
+    write_zarr(tmp_path / "g.zarr", a, (4, 4), name="first")
+    write_zarr(tmp_path / "g.zarr", b, (3,), name="deep/second")
+    dest = tmp_path / "out.zarr"
+    assert run_cli("run", str(tmp_path / "g.zarr"), str(dest)).returncode == 0
+    record = journal.read_record(dest)
+    assert record is not None and record.complete
+    # Put DEST back as a kill during output creation leaves it: incomplete, one array missing.
+    journal.write_record(dest, journal.JobRecord(record.fingerprint, record.block_shapes))
+    subprocess.run(["rm", "-rf", str(dest / "deep")], check=True)
+    proc = run_cli("run", str(tmp_path / "g.zarr"), str(dest))
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming DEST" in proc.stderr
+    assert np.array_equal(read_mask(dest, "first"), oracle(a))
+    assert np.array_equal(read_mask(dest, "deep/second"), oracle(b))

@@ -157,6 +157,18 @@ def _add_job_options(sub: argparse.ArgumentParser) -> None:
     sched.add_argument("--threads-per-worker", type=int, help="threads per LocalCluster worker")
     sched.add_argument("--memory-limit", help="memory limit per LocalCluster worker, like 4GiB (default: auto)")
     sched.add_argument(
+        "--scheduler-file",
+        metavar="PATH",
+        help="connect to the cluster whose scheduler wrote PATH (dask scheduler --scheduler-file, dask-jobqueue)",
+    )
+    sched.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="distributed only: tries again of a task that failed (default: 2; a lost worker's tasks are "
+        "rescheduled anyway)",
+    )
+    sched.add_argument(
         "--connect-timeout",
         type=float,
         default=10.0,
@@ -182,6 +194,11 @@ def _add_job_options(sub: argparse.ArgumentParser) -> None:
         default=10.0,
         metavar="SECONDS",
         help="seconds between progress log lines when not on a terminal (default: 10)",
+    )
+    out.add_argument(
+        "--performance-report",
+        metavar="PATH.html",
+        help="save dask's performance report of the run (distributed schedulers), for jobs nobody watched",
     )
     out.add_argument(
         "--log-format",
@@ -318,6 +335,8 @@ def _job_options(args: argparse.Namespace) -> dict[str, Any]:
         memory_limit=args.memory_limit,
         dashboard_address=args.dashboard_address,
         connect_timeout_s=args.connect_timeout,
+        scheduler_file=args.scheduler_file,
+        retries=args.retries,
     )
     progress = "none" if args.quiet and args.progress == "auto" else args.progress
     return {
@@ -331,6 +350,7 @@ def _job_options(args: argparse.Namespace) -> dict[str, Any]:
         "progress": progress,
         "progress_interval_s": args.progress_interval,
         "report_path": args.report,
+        "performance_report": args.performance_report,
     }
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from dask.base import tokenize
 
 from relu_dask import chunking, journal, storage
-from relu_dask.errors import DestinationExistsError, NaNFoundError, ProcessingError, ReluDaskError
+from relu_dask.errors import DestinationExistsError, InputError, NaNFoundError, ProcessingError, ReluDaskError
 from relu_dask.graph import COUNT_FIELDS, MaskJob, build_mask_tasks
 from relu_dask.kernel import Engine, choose_engine, parse_at_zero, parse_nan_policy, rule_for
 from relu_dask.report import ArrayReport, RunReport, collect_versions, write_report
@@ -34,6 +34,7 @@ from relu_dask.schedulers import (
     Progress,
     SchedulerSpec,
     Session,
+    check_workers_see,
     compute,
     open_session,
     parse_scheduler,
@@ -90,6 +91,7 @@ def run(
     progress: Progress = "none",
     progress_interval_s: float = PROGRESS_INTERVAL_S,
     report_path: str | os.PathLike[str] | None = None,
+    performance_report: str | os.PathLike[str] | None = None,
     dry_run: bool = False,
 ) -> RunReport:
     """Compute the ReLU derivative masks of SOURCE into DEST and return the run report.
@@ -124,12 +126,18 @@ def run(
         Seconds between progress log lines (``"log"`` mode).
     report_path
         Also write the report there as JSON.
+    performance_report
+        Save dask's performance report of the run there (HTML; distributed schedulers only).
     dry_run
         Plan only: validate, print the plan, write nothing.
     """
     rule, nan_policy = parse_at_zero(at_zero), parse_nan_policy(nan)
     chunks_spec = chunking.parse_chunks(chunks)
     spec = scheduler if isinstance(scheduler, SchedulerSpec) else parse_scheduler(scheduler)
+    if performance_report is not None and spec.name not in ("local", "address"):
+        raise InputError(
+            "--performance-report needs a distributed scheduler: --scheduler local, tcp://... or --scheduler-file"
+        )
     arrays, skipped = storage.open_source(source)
     job = _Job(
         str(source),
@@ -153,7 +161,8 @@ def run(
         state, record = _dest_state(job, overwrite)
         if state == "complete" and record is not None:
             return _finish(_complete_report(job, record), report_path)
-        return _finish(_execute(job, state, record, progress, progress_interval_s), report_path)
+        performance = str(performance_report) if performance_report is not None else None
+        return _finish(_execute(job, state, record, progress, progress_interval_s, performance), report_path)
 
 
 def _as_list(value: Any) -> Any:
@@ -287,9 +296,15 @@ def _complete_report(job: _Job, record: journal.JobRecord) -> RunReport:
 
 
 def _execute(
-    job: _Job, state: DestState, record: journal.JobRecord | None, progress: Progress, interval_s: float
+    job: _Job,
+    state: DestState,
+    record: journal.JobRecord | None,
+    progress: Progress,
+    interval_s: float,
+    performance_report: str | None,
 ) -> RunReport:
     with open_session(job.spec) as session:
+        check_workers_see(session, [str(Path(job.source).resolve())], [str(job.dest.parent)])
         report, plans = _planned_report(job, session, record)
         if state == "fresh":
             _start_fresh(job, plans, report)
@@ -326,7 +341,7 @@ def _execute(
         tasks = [build_mask_tasks(j) for j in jobs]
         start = time.perf_counter()
         with _processing_errors(job.dest):
-            results = compute(session, [t for t in tasks if t is not None], progress, interval_s)
+            results = compute(session, [t for t in tasks if t is not None], progress, interval_s, performance_report)
         report.wall_s = time.perf_counter() - start
     totals = _record_counts(report, job, tasks, iter(results))
     journal.write_record(

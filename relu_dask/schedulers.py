@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import dask
@@ -39,6 +40,7 @@ __all__ = [
     "Progress",
     "SchedulerSpec",
     "Session",
+    "check_workers_see",
     "compute",
     "open_session",
     "parse_scheduler",
@@ -57,6 +59,9 @@ PROGRESS_INTERVAL_S = 10.0
 CONNECT_TIMEOUT_S = 10.0
 #: Seconds to wait for a LocalCluster and its client to close.
 CLOSE_TIMEOUT_S = 20.0
+#: Tries again of a distributed task that raised (a worker lost mid-task is handled by
+#: the scheduler itself: its tasks are rescheduled on the other workers).
+DEFAULT_RETRIES = 2
 
 
 @dataclass(frozen=True)
@@ -77,10 +82,16 @@ class SchedulerSpec:
     """Where a LocalCluster serves its dashboard."""
     connect_timeout_s: float = CONNECT_TIMEOUT_S
     """Seconds to wait for an existing scheduler before giving up."""
+    scheduler_file: str | None = None
+    """A scheduler file (``dask scheduler --scheduler-file``, dask-jobqueue), for ``name == "address"``."""
+    retries: int = DEFAULT_RETRIES
+    """How often a distributed task that failed is tried again (a lost worker does not count)."""
 
     @property
     def label(self) -> str:
-        return self.address if self.name == "address" and self.address else self.name
+        if self.name != "address":
+            return self.name
+        return self.address or f"scheduler file {self.scheduler_file}"
 
 
 def parse_scheduler(
@@ -91,6 +102,8 @@ def parse_scheduler(
     memory_limit: str | int | None = None,
     dashboard_address: str = "127.0.0.1:8787",
     connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    scheduler_file: str | None = None,
+    retries: int = DEFAULT_RETRIES,
 ) -> SchedulerSpec:
     """Parse ``--scheduler`` and its sizing options.
 
@@ -102,15 +115,41 @@ def parse_scheduler(
         if number is not None and number < 1:
             raise InputError(f"the number of {what} must be at least 1, got {number}")
     limit = None if memory_limit in (None, "auto") else chunking.parse_bytes(memory_limit, what="memory limit")
+    if retries < 0:
+        raise InputError(f"retries must be 0 or more, got {retries}")
+    if not connect_timeout_s > 0:
+        raise InputError(f"the connect timeout must be positive seconds, got {connect_timeout_s}")
+    if scheduler_file is not None:
+        if value not in ("threads", ""):
+            raise InputError("give either --scheduler or --scheduler-file, not both")
+        if not Path(scheduler_file).is_file():
+            raise InputError(f"scheduler file {scheduler_file} does not exist: is the scheduler running?")
+        return SchedulerSpec(
+            "address",
+            None,
+            connect_timeout_s=float(connect_timeout_s),
+            scheduler_file=str(scheduler_file),
+            retries=retries,
+        )
     if "://" in value:
         if not value.startswith(("tcp://", "tls://", "inproc://", "ws://", "wss://")):
             raise InputError(f"scheduler address {value!r} must start with tcp:// (or tls://)")
-        if not connect_timeout_s > 0:
-            raise InputError(f"the connect timeout must be positive seconds, got {connect_timeout_s}")
-        return SchedulerSpec("address", value, connect_timeout_s=float(connect_timeout_s))
+        return SchedulerSpec("address", value, connect_timeout_s=float(connect_timeout_s), retries=retries)
     if value not in _SCHEDULERS:
         raise InputError(f"scheduler must be one of {', '.join(_SCHEDULERS)} or tcp://HOST:PORT, got {value!r}")
-    return SchedulerSpec(value, None, num_workers, threads_per_worker, limit, dashboard_address)
+    if value == "local":
+        _warn_if_public(dashboard_address)
+    return SchedulerSpec(value, None, num_workers, threads_per_worker, limit, dashboard_address, retries=retries)
+
+
+def _warn_if_public(dashboard_address: str) -> None:
+    host = dashboard_address.rpartition(":")[0].strip("[]") if ":" in dashboard_address else dashboard_address
+    if host in ("", "0.0.0.0", "::", "*"):
+        log.warning(
+            "the dashboard binds to all interfaces (%s): anyone who can reach it can watch the cluster, "
+            "and its scheduler runs code for whoever can reach it; prefer 127.0.0.1 and an SSH tunnel",
+            dashboard_address,
+        )
 
 
 @dataclass
@@ -218,22 +257,32 @@ def _local_cluster(spec: SchedulerSpec, session: Session) -> Iterator[Session]:
 def _connect(spec: SchedulerSpec) -> Iterator[Session]:
     from distributed import Client
 
+    where = spec.address or spec.scheduler_file
     try:
-        client = Client(spec.address, timeout=f"{spec.connect_timeout_s}s")
-    except (OSError, TimeoutError) as exc:
+        if spec.scheduler_file:
+            client = Client(scheduler_file=spec.scheduler_file, timeout=f"{spec.connect_timeout_s}s")
+        else:
+            client = Client(spec.address, timeout=f"{spec.connect_timeout_s}s")
+    except (OSError, TimeoutError, ValueError) as exc:
         raise InputError(
-            f"cannot reach the dask scheduler at {spec.address} within {spec.connect_timeout_s:g} s: "
-            f"is it running? ({exc})"
+            f"cannot reach the dask scheduler at {where} within {spec.connect_timeout_s:g} s: is it running? ({exc})"
         ) from None
     try:
         info = _scheduler_workers(client)
         if not info:
-            raise InputError(
-                f"the dask scheduler at {spec.address} has no workers: start some with `dask worker {spec.address}`"
-            )
+            raise InputError(f"the dask scheduler at {where} has no workers: start some with `dask worker ADDRESS`")
         threads = sum(int(w["nthreads"]) for w in info.values())
         per_thread = min(int(w["memory_limit"]) // max(1, int(w["nthreads"])) or 2**62 for w in info.values())
-        yield Session(spec, threads, 1, per_thread, client, client.dashboard_link)
+        cores = client.run(count_cores)
+        cores_per_thread = min(max(1, int(cores[a]) // max(1, int(w["nthreads"]))) for a, w in info.items())
+        log.info(
+            "connected to %s: %d worker(s), %d thread(s), dashboard %s",
+            where,
+            len(info),
+            threads,
+            client.dashboard_link,
+        )
+        yield Session(spec, threads, cores_per_thread, per_thread, client, client.dashboard_link)
     finally:
         client.close(timeout=CLOSE_TIMEOUT_S)
 
@@ -246,18 +295,54 @@ def _scheduler_workers(client: Any) -> dict[str, Any]:
         return dict(client.scheduler_info()["workers"])
 
 
+def check_workers_see(session: Session, read_paths: Sequence[str], write_paths: Sequence[str]) -> None:
+    """Raise :class:`InputError` naming any cluster worker that cannot read or write where it must.
+
+    A worker on another machine without the shared file system would otherwise fail deep in
+    a task traceback. Local schedulers share this process's view: nothing to check.
+    """
+    if session.client is None:
+        return
+    seen = session.client.run(_probe_paths, list(read_paths), list(write_paths))
+    for worker, missing in sorted(seen.items()):
+        if missing:
+            raise InputError(
+                f"dask worker {worker} cannot see {', '.join(missing)}: SOURCE and DEST must be on storage "
+                "every worker shares (the same path on every machine)"
+            )
+
+
+def _probe_paths(read_paths: list[str], write_paths: list[str]) -> list[str]:
+    """Run on each worker: the paths it cannot read (or, for DEST's folder, write)."""
+    import os
+
+    missing = [p for p in read_paths if not os.access(p, os.R_OK)]
+    missing += [f"{p} (to write)" for p in write_paths if not os.access(p, os.W_OK | os.X_OK)]
+    return missing
+
+
 def compute(
     session: Session,
     collections: Sequence[Any],
     progress: Progress = "auto",
     progress_interval_s: float = PROGRESS_INTERVAL_S,
+    performance_report: str | None = None,
 ) -> list[Any]:
-    """Compute dask ``collections`` on ``session`` with a progress display; return the results."""
+    """Compute dask ``collections`` on ``session`` with a progress display; return the results.
+
+    On a distributed scheduler, ``performance_report`` saves dask's performance report of
+    the computation there (an HTML file).
+    """
     if not collections:
         return []
     mode = _progress_mode(progress)
     if session.client is not None:
-        return _compute_distributed(session.client, collections, mode, progress_interval_s)
+        if performance_report:
+            from distributed import performance_report as saved
+
+            with saved(filename=performance_report):
+                return _compute_distributed(session, collections, mode, progress_interval_s)
+        return _compute_distributed(session, collections, mode, progress_interval_s)
     num_tasks = sum(len(_block_keys(c)) for c in collections)
     with contextlib.ExitStack() as stack:
         if mode == "bar":
@@ -319,10 +404,11 @@ class _LogProgress(Callback):
             _log_progress(self.done, self.num_tasks)
 
 
-def _compute_distributed(client: Any, collections: Sequence[Any], mode: str, interval_s: float) -> list[Any]:
+def _compute_distributed(session: Session, collections: Sequence[Any], mode: str, interval_s: float) -> list[Any]:
     from distributed import futures_of, progress, wait
 
-    persisted = client.persist(list(collections))
+    client = session.client
+    persisted = client.persist(list(collections), retries=session.spec.retries)
     futures = futures_of(persisted)
     if mode == "bar":
         progress(futures, notebook=False)

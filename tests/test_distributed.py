@@ -152,7 +152,7 @@ def test_worker_killed_mid_run_does_not_fail_the_job(data: tuple[Path, Path], cl
         time.sleep(0.005)
     assert job.poll() is None, "the job ended before a worker could be killed"
     victim.send_signal(signal.SIGKILL)
-    out, err = job.communicate(timeout=300)
+    _out, err = job.communicate(timeout=300)
     assert victim.wait(timeout=10) == -signal.SIGKILL
     assert job.returncode == 0, err
     assert chunk_files(dest) == chunk_files(reference)

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 from relu_dask import __version__
 from relu_dask.chunking import format_bytes, parse_bytes
 from relu_dask.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, InputError, ReluDaskError
-from relu_dask.execution import job_status, run
+from relu_dask.execution import job_status, run, stats_of_masks
 from relu_dask.jobfile import read_job_file
 from relu_dask.kernel import ENGINES
 from relu_dask.report import RunReport, render_summary
@@ -85,6 +85,23 @@ def build_parser() -> argparse.ArgumentParser:
             help="run the jobs of a TOML job file in order (see README); the exit code is the worst of them",
         )
         _add_job_options(sub)
+    stats = commands.add_parser(
+        "stats",
+        help="unit activity (dead, always-on units) of masks already written in DEST",
+        description="Compute from the masks in DEST what `run --stats` computes while writing them: per array the "
+        "active fraction, per unit along --unit-axis the active fraction, the dead and always-on units. "
+        "NaN and exact-zero counts need the source: `run --stats` gives them.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    stats.add_argument("dest", metavar="DEST")
+    stats.add_argument("--unit-axis", type=int, default=-1, help="the axis of the units (default: -1, the last)")
+    stats.add_argument("--plot", metavar="PATH.png", help="draw the per-unit active fractions")
+    stats.add_argument("--report", type=Path, metavar="PATH", help="also write the statistics as JSON")
+    stats.add_argument("--scheduler", default="threads", help="synchronous | threads (default) | processes | local")
+    stats.add_argument("--log-format", choices=("text", "json"), default="text", help="text or json log lines")
+    stats.add_argument("--quiet", action="store_true", help="print only warnings, errors and the summary")
+    stats.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     status = commands.add_parser(
         "status",
         help="is DEST complete, partial (n of m tasks) or absent; and its job's fingerprint",
@@ -196,6 +213,16 @@ def _add_job_options(sub: argparse.ArgumentParser) -> None:
         help="seconds between progress log lines when not on a terminal (default: 10)",
     )
     out.add_argument(
+        "--stats",
+        action="store_true",
+        help="also count, in the same pass, each unit's activity: dead and always-on units, per-unit active "
+        "fraction (summary and report)",
+    )
+    out.add_argument(
+        "--unit-axis", type=int, default=-1, help="the axis whose indices are the units (default: -1, the last)"
+    )
+    out.add_argument("--plot", metavar="PATH.png", help="draw the per-unit active fractions (implies --stats)")
+    out.add_argument(
         "--performance-report",
         metavar="PATH.html",
         help="save dask's performance report of the run (distributed schedulers), for jobs nobody watched",
@@ -235,6 +262,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace, raw: list[str]) -> int:
     if args.command == "status":
         return _status(args.dest, as_json=args.json)
+    if args.command == "stats":
+        report = stats_of_masks(
+            args.dest, unit_axis=args.unit_axis, scheduler=args.scheduler, report_path=args.report, plot_path=args.plot
+        )
+        _print_summary(report)
+        return EXIT_OK
     if args.command == "run" and args.config is not None:
         return _run_job_file(args, raw)
     options = _job_options(args)
@@ -351,10 +384,17 @@ def _job_options(args: argparse.Namespace) -> dict[str, Any]:
         "progress_interval_s": args.progress_interval,
         "report_path": args.report,
         "performance_report": args.performance_report,
+        "stats": args.stats,
+        "unit_axis": args.unit_axis,
+        "plot_path": args.plot,
     }
 
 
 def _print_summary(report: RunReport) -> None:
+    for line in render_summary(report):
+        print(line)
+    if report.outcome == "stats":
+        return
     log.info(
         "finish: %s, %d task(s) done now, %d skipped as already done, %.2f s",
         report.outcome,
@@ -375,8 +415,6 @@ def _print_summary(report: RunReport) -> None:
             },
         },
     )
-    for line in render_summary(report):
-        print(line)
     if report.outcome == "planned":
         print(
             f"  nothing written; about {format_bytes(max((a.memory_per_task_bytes for a in report.arrays), default=0))}"

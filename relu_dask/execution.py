@@ -26,7 +26,7 @@ from dask.base import tokenize
 
 from relu_dask import chunking, journal, storage
 from relu_dask.errors import DestinationExistsError, InputError, NaNFoundError, ProcessingError, ReluDaskError
-from relu_dask.graph import COUNT_FIELDS, MaskJob, build_mask_tasks
+from relu_dask.graph import COUNT_FIELDS, MaskJob, build_mask_tasks, unit_ones_of_mask
 from relu_dask.kernel import Engine, choose_engine, parse_at_zero, parse_nan_policy, rule_for
 from relu_dask.report import ArrayReport, RunReport, collect_versions, write_report
 from relu_dask.schedulers import (
@@ -40,8 +40,9 @@ from relu_dask.schedulers import (
     parse_scheduler,
     plan_session,
 )
+from relu_dask.stats import parse_unit_axis, summarize_units
 
-__all__ = ["DestState", "job_status", "run"]
+__all__ = ["DestState", "job_status", "mask_unit_ones", "run", "stats_of_masks"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,13 @@ class _Job:
     dest_shards: Any
     engine: Engine
     spec: SchedulerSpec
+    unit_axis: int | None = None
+    """With ``--stats``: the unit axis as given (-1: the last); None: no statistics."""
+
+    def unit_axis_of(self, src: storage.SourceArray) -> int | None:
+        if self.unit_axis is None or not src.shape:
+            return None
+        return parse_unit_axis(self.unit_axis, len(src.shape), where=src.path or "the source")
 
     def fingerprint(self) -> dict[str, Any]:
         """Source identity and the options that change the result."""
@@ -92,6 +100,9 @@ def run(
     progress_interval_s: float = PROGRESS_INTERVAL_S,
     report_path: str | os.PathLike[str] | None = None,
     performance_report: str | os.PathLike[str] | None = None,
+    stats: bool = False,
+    unit_axis: int = -1,
+    plot_path: str | os.PathLike[str] | None = None,
     dry_run: bool = False,
 ) -> RunReport:
     """Compute the ReLU derivative masks of SOURCE into DEST and return the run report.
@@ -128,6 +139,11 @@ def run(
         Also write the report there as JSON.
     performance_report
         Save dask's performance report of the run there (HTML; distributed schedulers only).
+    stats, unit_axis
+        Also count, in the same pass, the ones of every unit along ``unit_axis`` (default the
+        last): dead and always-on units, per-unit active fraction (``ArrayReport.stats``).
+    plot_path
+        Draw the per-unit active fractions there (PNG; implies ``stats``).
     dry_run
         Plan only: validate, print the plan, write nothing.
     """
@@ -151,7 +167,10 @@ def run(
         dest_shards,
         engine,
         spec,
+        unit_axis if (stats or plot_path is not None) else None,
     )
+    for src in arrays:
+        job.unit_axis_of(src)  # a bad --unit-axis is refused before anything runs
     if dry_run:
         state, record = _dest_state(job, overwrite)
         report, _plans = _planned_report(job, plan_session(spec), record)
@@ -159,10 +178,16 @@ def run(
         return _finish(report, report_path)
     with journal.hold_lock(job.dest):
         state, record = _dest_state(job, overwrite)
-        if state == "complete" and record is not None:
-            return _finish(_complete_report(job, record), report_path)
         performance = str(performance_report) if performance_report is not None else None
-        return _finish(_execute(job, state, record, progress, progress_interval_s, performance), report_path)
+        if state == "complete" and record is not None:
+            report = _complete_report(job, record)
+        else:
+            report = _execute(job, state, record, progress, progress_interval_s, performance)
+    if plot_path is not None:
+        from relu_dask.plot import plot_unit_activity
+
+        plot_unit_activity(report, plot_path)
+    return _finish(report, report_path)
 
 
 def _as_list(value: Any) -> Any:
@@ -288,9 +313,15 @@ def _planned_report(
 def _complete_report(job: _Job, record: journal.JobRecord) -> RunReport:
     report, _plans = _planned_report(job, plan_session(job.spec), record)
     report.outcome = "already complete"
-    for entry, src, counts in zip(report.arrays, job.arrays, record.counts or []):
-        _set_counts(entry, dict(zip(COUNT_FIELDS, counts)), src, job.dest)
+    recorded_units = record.unit_ones or [None] * len(job.arrays)
+    recorded_axes = record.unit_axes or [None] * len(job.arrays)
+    for index, (entry, src) in enumerate(zip(report.arrays, job.arrays)):
+        _set_counts(entry, dict(zip(COUNT_FIELDS, (record.counts or [])[index])), src, job.dest)
         entry.tasks_skipped = entry.num_tasks
+        axis, unit_ones = job.unit_axis_of(src), recorded_units[index]
+        if axis is not None and (unit_ones is None or recorded_axes[index] != axis):
+            unit_ones = mask_unit_ones(job.dest, src.path, axis, job.spec)  # the first run had no --stats
+        _set_stats(entry, src, axis, unit_ones)
     log.info("DEST %s is already complete: nothing to do", job.dest)
     return report
 
@@ -343,7 +374,7 @@ def _execute(
         with _processing_errors(job.dest):
             results = compute(session, [t for t in tasks if t is not None], progress, interval_s, performance_report)
         report.wall_s = time.perf_counter() - start
-    totals = _record_counts(report, job, tasks, iter(results))
+    totals, units = _record_counts(report, job, jobs, tasks, iter(results))
     journal.write_record(
         job.dest,
         journal.JobRecord(
@@ -351,6 +382,8 @@ def _execute(
             [list(p.block_shape) for p in plans],
             complete=True,
             counts=totals,
+            unit_ones=units,
+            unit_axes=[j.unit_axis for j in jobs],
         ),
     )
     journal.remove_done_markers(job.dest)
@@ -458,28 +491,56 @@ def _mask_jobs(job: _Job, plans: list[chunking.ChunkPlan], report: RunReport) ->
                 nan_policy=job.nan_policy,
                 name=src.path,
                 done_dir=str(journal.done_dir(job.dest, index)),
+                unit_axis=job.unit_axis_of(src),
                 token=token,
             )
         )
     return jobs
 
 
-def _record_counts(report: RunReport, job: _Job, tasks: list[Any], results: Iterator[Any]) -> list[list[int]]:
-    totals = []
-    for entry, src, task in zip(report.arrays, job.arrays, tasks):
+def _record_counts(
+    report: RunReport, job: _Job, jobs: list[MaskJob], tasks: list[Any], results: Iterator[Any]
+) -> tuple[list[list[int]], list[list[int] | None]]:
+    """Sum the tasks' rows into each array's report; return the totals and per-unit ones."""
+    totals, units = [], []
+    fields = len(COUNT_FIELDS)
+    for entry, src, mask_job, task in zip(report.arrays, job.arrays, jobs, tasks):
         counts = dict.fromkeys(COUNT_FIELDS, 0)
-        elements_now = 0
+        unit_ones: list[int] | None = None
         if task is not None:
-            rows = np.asarray(next(results)).reshape(-1, len(COUNT_FIELDS))
-            counts = dict(zip(COUNT_FIELDS, (int(v) for v in rows.sum(axis=0))))
-            elements_now = int(rows[rows[:, -1] == 0, 0].sum())
+            result = np.asarray(next(results))
+            rows = result.reshape(-1, result.shape[-1])
+            counts = dict(zip(COUNT_FIELDS, (int(v) for v in rows[:, :fields].sum(axis=0))))
+            if mask_job.unit_axis is not None:
+                unit_ones = _per_unit(result, mask_job)
+        elif mask_job.unit_axis is not None:
+            unit_ones = [0] * src.shape[mask_job.unit_axis]
         _set_counts(entry, counts, src, job.dest)
-        entry.bytes_read = elements_now * src.dtype.itemsize
+        entry.bytes_read = counts["elements_read"] * src.dtype.itemsize
         entry.tasks_skipped = counts["resumed"]
         entry.tasks_done_now = entry.num_tasks - counts["resumed"]
+        _set_stats(entry, src, mask_job.unit_axis, unit_ones)
         _warn_if_relu_outputs(report, entry)
         totals.append([counts[f] for f in COUNT_FIELDS])
-    return totals
+        units.append(unit_ones)
+    return totals, units
+
+
+def _set_stats(entry: ArrayReport, src: storage.SourceArray, axis: int | None, unit_ones: list[int] | None) -> None:
+    if axis is not None and unit_ones is not None:
+        samples = math.prod(n for a, n in enumerate(src.shape) if a != axis)
+        entry.stats = summarize_units(np.asarray(unit_ones), samples, axis)
+
+
+def _per_unit(result: np.ndarray, mask_job: MaskJob) -> list[int]:
+    """Per-unit ones: sum over every block axis but the unit axis, then lay the blocks end to end."""
+    axis = mask_job.unit_axis
+    assert axis is not None
+    ndim = result.ndim - 1
+    by_unit_block = result.sum(axis=tuple(a for a in range(ndim) if a != axis)).reshape(-1, result.shape[-1])
+    extents = mask_job.plan.chunks[axis]
+    fields = len(COUNT_FIELDS)
+    return [int(v) for j, n in enumerate(extents) for v in by_unit_block[j, fields : fields + n]]
 
 
 def _set_counts(entry: ArrayReport, counts: dict[str, int], src: storage.SourceArray, dest: Path) -> None:
@@ -545,3 +606,76 @@ def job_status(dest: str | os.PathLike[str]) -> dict[str, Any]:
         fingerprint=record.fingerprint,
     )
     return status
+
+
+def mask_unit_ones(dest: Path, path: str, axis: int, spec: SchedulerSpec) -> list[int]:
+    """Per-unit ones of a mask array already in DEST, read back with dask."""
+    mask = storage.open_array(dest, path)
+    plan = chunking.plan_chunks(mask.shape, 1, mask.chunks, mask.chunks, getattr(mask, "shards", None))
+    with open_session(spec) as session:
+        (ones,) = compute(session, [unit_ones_of_mask(mask, plan, axis)], progress="none")
+    return [int(v) for v in np.asarray(ones)]
+
+
+def stats_of_masks(
+    dest: str | os.PathLike[str],
+    *,
+    unit_axis: int = -1,
+    scheduler: str | SchedulerSpec = "threads",
+    report_path: str | os.PathLike[str] | None = None,
+    plot_path: str | os.PathLike[str] | None = None,
+) -> RunReport:
+    """``relu-dask stats DEST``: the statistics of ``--stats`` from masks already written.
+
+    NaN and exact-zero counts need the source: they are reported only by ``run --stats``.
+    """
+    spec = scheduler if isinstance(scheduler, SchedulerSpec) else parse_scheduler(scheduler)
+    arrays, skipped = storage.open_source(dest)
+    report = RunReport(
+        source=str(dest),
+        dest=str(dest),
+        rule="",
+        scheduler=spec.label,
+        engine="",
+        num_threads=0,
+        numexpr_threads=0,
+        chunks="",
+        skipped=[{"path": s.path, "reason": s.reason} for s in skipped],
+        versions=collect_versions(),
+        outcome="stats",
+    )
+    start = time.perf_counter()
+    with open_session(spec) as session:
+        report.num_threads = session.num_threads
+        for src in arrays:
+            if src.dtype != np.int8:
+                report.skipped.append({"path": src.path, "reason": f"dtype {src.dtype} is not an int8 mask"})
+                continue
+            axis = parse_unit_axis(unit_axis, len(src.shape), where=src.path or str(dest)) if src.shape else None
+            plan = chunking.plan_chunks(src.shape, 1, src.chunk_shape, src.chunk_shape, src.shard_shape)
+            entry = ArrayReport(
+                path=src.path,
+                shape=list(src.shape),
+                dtype="int8",
+                source_chunk_shape=list(src.chunk_shape),
+                dest_chunk_shape=list(src.chunk_shape),
+                dest_shard_shape=None,
+                block_shape=list(plan.block_shape),
+                num_tasks=plan.num_tasks,
+                read_aligned=True,
+                memory_per_task_bytes=plan.memory_per_task_bytes,
+                num_elements=math.prod(src.shape),
+                bytes_read=math.prod(src.shape),
+            )
+            if axis is not None and plan.num_tasks:
+                (ones,) = compute(session, [unit_ones_of_mask(src.array, plan, axis)], progress="none")
+                _set_stats(entry, src, axis, [int(v) for v in np.asarray(ones)])
+                entry.num_ones = sum(entry.stats.unit_ones) if entry.stats else 0
+            report.arrays.append(entry)
+    report.wall_s = time.perf_counter() - start
+    report.warnings.append("NaN and exact-zero counts need the source: run `relu-dask run --stats` for them")
+    if plot_path is not None:
+        from relu_dask.plot import plot_unit_activity
+
+        plot_unit_activity(report, plot_path)
+    return _finish(report, report_path)

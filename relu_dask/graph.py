@@ -25,13 +25,21 @@ from relu_dask.chunking import ChunkPlan
 from relu_dask.errors import NaNFoundError
 from relu_dask.kernel import Engine, check_dtype, parse_at_zero, relu_derivative, set_numexpr_threads
 
-__all__ = ["COUNT_FIELDS", "TASK_PREFIX", "MaskJob", "build_mask_tasks", "derivative_mask", "process_block"]
+__all__ = [
+    "COUNT_FIELDS",
+    "TASK_PREFIX",
+    "MaskJob",
+    "build_mask_tasks",
+    "derivative_mask",
+    "process_block",
+    "unit_ones_of_mask",
+]
 
 #: Dask key prefix of the mask tasks, as seen in the dashboard's task stream.
 TASK_PREFIX = "relu-mask"
 
 #: What each task returns about its block, in this order.
-COUNT_FIELDS: tuple[str, ...] = ("elements", "ones", "nans", "zeros", "resumed")
+COUNT_FIELDS: tuple[str, ...] = ("elements", "ones", "nans", "zeros", "resumed", "elements_read")
 
 
 def derivative_mask(darr: da.Array, *, at_zero: int = 1, engine: Engine = "numpy") -> da.Array:
@@ -75,6 +83,16 @@ class MaskJob:
     """The array's name for messages."""
     done_dir: str = ""
     """Where tasks mark themselves done (see :mod:`relu_dask.journal`); "" for none."""
+    unit_axis: int | None = None
+    """With ``--stats``: the axis of the units, whose ones each task also counts per unit."""
+
+    @property
+    def row_width(self) -> int:
+        """Length of a task's result row: the counts, then the per-unit ones (with stats)."""
+        if self.unit_axis is None:
+            return len(COUNT_FIELDS)
+        return len(COUNT_FIELDS) + min(self.plan.block_shape[self.unit_axis], self.plan.shape[self.unit_axis])
+
     token: str = ""
     """A stable identity of the job (source, dest, plan, rule) for the task names."""
 
@@ -84,17 +102,18 @@ def process_block(job: MaskJob, block_id: tuple[int, ...] | None = None) -> np.n
 
     A block already marked done in ``job.done_dir`` is not read again: its recorded counts
     come back with ``resumed`` set. A block is marked done only after its mask is written.
-    The result has shape ``(1,) * ndim + (len(COUNT_FIELDS),)`` so that dask assembles
-    the counts of all blocks into one small array.
+    The result has shape ``(1,) * ndim + (job.row_width,)`` so that dask assembles the
+    counts of all blocks into one small array.
     """
     assert block_id is not None, "dask passes block_id"
     ndim = len(job.plan.shape)
     index = block_id[:ndim]
-    shape = (1,) * ndim + (len(COUNT_FIELDS),)
+    width = job.row_width
+    recorded = width - 2  # a marker holds elements, ones, nans, zeros and the per-unit ones
     if job.done_dir:
         done = journal.read_done(job.done_dir, index)
-        if done is not None and len(done) == len(COUNT_FIELDS) - 1:
-            return np.array([*done, 1], dtype=np.int64).reshape(shape)
+        if done is not None and len(done) == recorded:
+            return _row([*done[:4], 1, 0], done[4:], width, ndim)
     slices = job.plan.block_slices(index)
     block = np.asarray(job.source[slices])
     if job.engine != "numpy" and numexpr.get_num_threads() != job.numexpr_threads:
@@ -105,9 +124,21 @@ def process_block(job: MaskJob, block_id: tuple[int, ...] | None = None) -> np.n
     mask = relu_derivative(block, at_zero=job.at_zero, engine=job.engine)
     job.dest[slices] = mask
     counts = [block.size, int(np.count_nonzero(mask)), nans, int(np.count_nonzero(block == 0))]
+    per_unit: list[int] = []
+    if job.unit_axis is not None:
+        others = tuple(a for a in range(ndim) if a != job.unit_axis)
+        per_unit = mask.sum(axis=others, dtype=np.int64).tolist()
     if job.done_dir:
-        journal.record_done(job.done_dir, index, counts)
-    return np.array([*counts, 0], dtype=np.int64).reshape(shape)
+        journal.record_done(job.done_dir, index, [*counts, *per_unit])
+    return _row([*counts, 0, block.size], per_unit, width, ndim)
+
+
+def _row(counts: list[int], per_unit: list[int], width: int, ndim: int) -> np.ndarray:
+    """One task's result: its counts, then its per-unit ones padded to the full block width."""
+    row = np.zeros(width, dtype=np.int64)
+    row[: len(counts)] = counts
+    row[len(counts) : len(counts) + len(per_unit)] = per_unit
+    return row.reshape((1,) * ndim + (width,))
 
 
 def _describe_nan(job: MaskJob, block: np.ndarray, slices: tuple[slice, ...]) -> str:
@@ -130,7 +161,7 @@ def build_mask_tasks(job: MaskJob) -> da.Array | None:
     plan = job.plan
     if plan.num_tasks == 0:
         return None
-    chunks = (*((1,) * n for n in plan.numblocks), (len(COUNT_FIELDS),))
+    chunks = (*((1,) * n for n in plan.numblocks), (job.row_width,))
     name = f"{TASK_PREFIX}-{job.token or tokenize(plan, job.at_zero, job.engine)}"
     return da.map_blocks(
         process_block,
@@ -140,3 +171,11 @@ def build_mask_tasks(job: MaskJob) -> da.Array | None:
         meta=np.empty((0,) * (len(plan.shape) + 1), dtype=np.int64),
         name=name,
     )
+
+
+def unit_ones_of_mask(mask: Any, plan: ChunkPlan, axis: int) -> da.Array:
+    """Lazily, the ones of each unit along ``axis`` of an int8 mask array (zarr), as int64."""
+    name = f"read-mask-{tokenize(str(mask.store_path), plan)}"
+    darr = da.from_array(mask, chunks=plan.chunks, lock=False, asarray=True, name=name)
+    others = tuple(a for a in range(len(plan.shape)) if a != axis)
+    return darr.sum(axis=others, dtype=np.int64)

@@ -85,6 +85,10 @@ class JobRecord:
     complete: bool = False
     counts: list[list[int]] | None = None
     """Per array, the summed task counts, once complete."""
+    unit_ones: list[list[int] | None] | None = None
+    """Per array, the per-unit ones of a ``--stats`` run, once complete."""
+    unit_axes: list[int | None] | None = None
+    """Per array, the unit axis those per-unit ones are along."""
 
     def to_json(self) -> str:
         return json.dumps({"format": _FORMAT, **self.__dict__}, indent=1, sort_keys=True)

@@ -14,7 +14,10 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from relu_dask.chunking import format_bytes
+from relu_dask.stats import MAX_INLINE_UNITS, UnitStats, render_stats
 
 __all__ = ["ArrayReport", "RunReport", "collect_versions", "render_summary", "write_report"]
 
@@ -63,6 +66,8 @@ class ArrayReport:
     """Tasks this run computed."""
     tasks_skipped: int = 0
     """Tasks this run skipped as already done."""
+    stats: UnitStats | None = None
+    """With ``--stats``: per-unit activity, dead and always-on units."""
 
     @property
     def active_fraction(self) -> float:
@@ -137,6 +142,8 @@ class RunReport:
         data = asdict(self)
         for entry, array in zip(data["arrays"], self.arrays):
             entry["active_fraction"] = array.active_fraction
+            if array.stats is not None:
+                entry["stats"] = array.stats.to_dict(inline_units=array.stats.num_units <= MAX_INLINE_UNITS)
         data.update(
             num_tasks=self.num_tasks,
             tasks_done_now=self.tasks_done_now,
@@ -151,8 +158,20 @@ class RunReport:
 def write_report(report: RunReport, path: str | os.PathLike[str]) -> None:
     """Write ``report`` as indented JSON to ``path`` (atomically: temp file + rename)."""
     target = Path(path)
+    data = report.to_dict()
+    for entry, array in zip(data["arrays"], report.arrays):
+        if array.stats is not None and array.stats.num_units > MAX_INLINE_UNITS:
+            # Per-unit vectors of very wide layers go to a side file, not into the JSON.
+            side = target.with_name(f"{target.stem}.{(array.path or 'array').replace('/', '.')}.units.npz")
+            np.savez_compressed(
+                side,
+                unit_ones=np.asarray(array.stats.unit_ones, dtype=np.int64),
+                dead_units=np.asarray(array.stats.dead_units, dtype=np.int64),
+                always_on_units=np.asarray(array.stats.always_on_units, dtype=np.int64),
+            )
+            entry["stats"]["units_file"] = side.name
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, target)
 
 
@@ -167,8 +186,22 @@ def collect_versions() -> dict[str, str]:
     return found
 
 
+def _render_mask_stats(report: RunReport) -> list[str]:
+    lines = [f"stats of the masks in {report.dest}: {len(report.arrays)} array(s), {report.wall_s:.2f} s"]
+    for a in report.arrays:
+        if a.stats is not None:
+            lines.extend(render_stats(a.path or "(array)", a.stats, a.num_ones / max(1, a.num_elements)))
+        else:
+            lines.append(f"  {a.path or '(array)'}: no unit axis")
+    lines.extend(f"  skipped {s['path']}: {s['reason']}" for s in report.skipped)
+    lines.extend(f"  note: {w}" for w in report.warnings)
+    return lines
+
+
 def render_summary(report: RunReport) -> list[str]:
     """The human summary of a run, a line each."""
+    if report.outcome == "stats":
+        return _render_mask_stats(report)
     verb = {"planned": "would process", "already complete": "holds"}.get(report.outcome, "processed")
     lines = [
         f"{report.outcome}: {verb} {len(report.arrays)} array(s), {report.num_tasks} task(s), "
@@ -196,6 +229,11 @@ def render_summary(report: RunReport) -> list[str]:
         lines.append(line)
     for s in report.skipped:
         lines.append(f"  skipped {s['path']}: {s['reason']}")
+    stats = [(a.path or "(array)", a.stats, a.active_fraction) for a in report.arrays if a.stats is not None]
+    if stats:
+        lines.append("  unit activity (mask = 1):")
+        for name, unit_stats, fraction in stats:
+            lines.extend("  " + line for line in render_stats(name, unit_stats, fraction))
     if report.outcome != "planned":
         rate = format_bytes(report.throughput_bytes_per_s)
         lines.append(

@@ -1,0 +1,105 @@
+"""What the masks say: per-unit activity, dead and always-on units (pure numpy).
+
+Use :func:`summarize_units` to turn the per-unit counts of ones (gathered by the tasks of a
+``--stats`` run in the same pass that writes the masks, or read back from masks by
+``relu-dask stats``) into a :class:`UnitStats`, and :func:`render_stats` for the human lines.
+A *unit* is one index along the unit axis (default: the last axis, the layer's units or
+channels); its *samples* are all the elements that share that index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from relu_dask.errors import InputError
+
+__all__ = ["MAX_INLINE_UNITS", "UnitStats", "parse_unit_axis", "render_stats", "summarize_units"]
+
+#: Per-unit vectors longer than this go to a side file next to the JSON report.
+MAX_INLINE_UNITS = 65536
+_WORST = 5
+
+
+def parse_unit_axis(axis: int | str, ndim: int, *, where: str = "the array") -> int:
+    """The unit axis as a non-negative index for an array of ``ndim`` axes (-1: the last)."""
+    try:
+        value = int(axis)
+    except (TypeError, ValueError):
+        raise InputError(f"--unit-axis must be an integer axis such as -1, got {axis!r}") from None
+    if ndim == 0:
+        raise InputError(f"{where} is 0-d: it has no unit axis")
+    if not -ndim <= value < ndim:
+        raise InputError(f"--unit-axis {value} is out of range for {where}, which has {ndim} axes")
+    return value % ndim
+
+
+@dataclass
+class UnitStats:
+    """Activity of the units of one array."""
+
+    unit_axis: int
+    """The axis whose indices are the units."""
+    num_units: int
+    """Units (the array's length along the unit axis)."""
+    samples_per_unit: int
+    """Elements per unit (the product of the other axes' lengths)."""
+    unit_ones: list[int]
+    """Per unit, the number of samples whose mask is 1."""
+    dead_units: list[int]
+    """Units whose mask is never 1."""
+    always_on_units: list[int]
+    """Units whose mask is always 1."""
+    least_active: list[tuple[int, float]]
+    """The least active units that are not dead, with their active fraction."""
+
+    @property
+    def unit_active_fraction(self) -> np.ndarray:
+        return np.asarray(self.unit_ones, dtype=np.float64) / max(1, self.samples_per_unit)
+
+    def to_dict(self, *, inline_units: bool = True) -> dict[str, Any]:
+        data = asdict(self)
+        data["num_dead"] = len(self.dead_units)
+        data["num_always_on"] = len(self.always_on_units)
+        if not inline_units:
+            for key in ("unit_ones", "dead_units", "always_on_units"):
+                data.pop(key)
+        return data
+
+
+def summarize_units(unit_ones: np.ndarray, samples_per_unit: int, unit_axis: int) -> UnitStats:
+    """Dead, always-on and least active units from the per-unit counts of ones.
+
+    >>> s = summarize_units(np.array([0, 3, 4, 1]), samples_per_unit=4, unit_axis=1)
+    >>> s.dead_units, s.always_on_units, s.least_active[0]
+    ([0], [2], (3, 0.25))
+    """
+    ones = np.asarray(unit_ones, dtype=np.int64)
+    dead = np.flatnonzero(ones == 0) if samples_per_unit else np.array([], dtype=np.int64)
+    always = np.flatnonzero(ones == samples_per_unit) if samples_per_unit else np.array([], dtype=np.int64)
+    alive = np.flatnonzero(ones > 0)
+    order = alive[np.argsort(ones[alive], kind="stable")][:_WORST]
+    least = [(int(u), float(ones[u]) / samples_per_unit) for u in order]
+    return UnitStats(
+        unit_axis, int(ones.size), int(samples_per_unit), ones.tolist(), dead.tolist(), always.tolist(), least
+    )
+
+
+def render_stats(name: str, stats: UnitStats, active_fraction: float) -> list[str]:
+    """Lines for the summary: active fraction, dead and always-on units, the least active."""
+
+    def listed(units: list[int]) -> str:
+        shown = ", ".join(str(u) for u in units[:10])
+        return f" [{shown}{', ...' if len(units) > 10 else ''}]" if units else ""
+
+    lines = [
+        f"  {name}: {active_fraction:.1%} active over {stats.num_units} unit(s) (axis {stats.unit_axis}, "
+        f"{stats.samples_per_unit} sample(s) each); {len(stats.dead_units)} dead{listed(stats.dead_units)}, "
+        f"{len(stats.always_on_units)} always on{listed(stats.always_on_units)}"
+    ]
+    if stats.least_active:
+        worst = ", ".join(f"{u} ({f:.2%})" for u, f in stats.least_active)
+        lines.append(f"    least active live units: {worst}")
+    return lines

@@ -334,6 +334,9 @@ def _execute(
     interval_s: float,
     performance_report: str | None,
 ) -> RunReport:
+    # Refuse a plan that cannot fit before any cluster is started (a LocalCluster whose
+    # workers are too small for one task would only die under it).
+    _plan_arrays(job, plan_session(job.spec).memory_per_thread_bytes, record.block_shapes if record else None)
     with open_session(job.spec) as session:
         check_workers_see(session, [str(Path(job.source).resolve())], [str(job.dest.parent)])
         report, plans = _planned_report(job, session, record)

@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     stats.add_argument("dest", metavar="DEST")
+    stats.add_argument("--storage-options", metavar="JSON", help="fsspec storage options for a URL DEST")
     stats.add_argument("--unit-axis", type=int, default=-1, help="the axis of the units (default: -1, the last)")
     stats.add_argument("--plot", metavar="PATH.png", help="draw the per-unit active fractions")
     stats.add_argument("--report", type=Path, metavar="PATH", help="also write the statistics as JSON")
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     status.add_argument("dest", metavar="DEST")
+    status.add_argument("--storage-options", metavar="JSON", help="fsspec storage options for a URL DEST")
     status.add_argument("--json", action="store_true", help="print the status as one JSON object")
     status.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     status.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
@@ -131,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_job_options(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--storage-options",
+        metavar="JSON",
+        help='fsspec storage options for s3://, gs://, ... URLs, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'',
+    )
     chunking = sub.add_argument_group("chunking")
     chunking.add_argument(
         "--chunks",
@@ -261,10 +268,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace, raw: list[str]) -> int:
     if args.command == "status":
-        return _status(args.dest, as_json=args.json)
+        return _status(args.dest, as_json=args.json, storage_options=args.storage_options)
     if args.command == "stats":
         report = stats_of_masks(
-            args.dest, unit_axis=args.unit_axis, scheduler=args.scheduler, report_path=args.report, plot_path=args.plot
+            args.dest,
+            unit_axis=args.unit_axis,
+            scheduler=args.scheduler,
+            report_path=args.report,
+            plot_path=args.plot,
+            storage_options=args.storage_options,
         )
         _print_summary(report)
         return EXIT_OK
@@ -334,8 +346,8 @@ def _without_config(raw: list[str]) -> list[str]:
     return out
 
 
-def _status(dest: str, *, as_json: bool) -> int:
-    status = job_status(dest)
+def _status(dest: str, *, as_json: bool, storage_options: str | None = None) -> int:
+    status = job_status(dest, storage_options)
     if as_json:
         print(json.dumps(status))
         return EXIT_OK
@@ -387,6 +399,7 @@ def _job_options(args: argparse.Namespace) -> dict[str, Any]:
         "stats": args.stats,
         "unit_axis": args.unit_axis,
         "plot_path": args.plot,
+        "storage_options": args.storage_options,
     }
 
 

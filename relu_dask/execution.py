@@ -18,7 +18,6 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -28,6 +27,7 @@ from relu_dask import chunking, journal, storage
 from relu_dask.errors import DestinationExistsError, InputError, NaNFoundError, ProcessingError, ReluDaskError
 from relu_dask.graph import COUNT_FIELDS, MaskJob, build_mask_tasks, unit_ones_of_mask
 from relu_dask.kernel import Engine, choose_engine, parse_at_zero, parse_nan_policy, rule_for
+from relu_dask.locations import Location, parse_location, parse_storage_options
 from relu_dask.report import ArrayReport, RunReport, collect_versions, write_report
 from relu_dask.schedulers import (
     PROGRESS_INTERVAL_S,
@@ -53,8 +53,8 @@ DestState = Literal["fresh", "resume", "complete"]
 class _Job:
     """Everything fixed about a job before it runs."""
 
-    source: str
-    dest: Path
+    source: Location
+    dest: Location
     arrays: list[storage.SourceArray]
     skipped: list[storage.Skipped]
     rule: int
@@ -75,7 +75,7 @@ class _Job:
     def fingerprint(self) -> dict[str, Any]:
         """Source identity and the options that change the result."""
         return {
-            "source": str(Path(self.source).resolve()),
+            "source": self.source.url,
             "arrays": [storage.fingerprint_array(a) for a in self.arrays],
             "rule": rule_for(self.rule),
             "nan": self.nan_policy,
@@ -103,6 +103,7 @@ def run(
     stats: bool = False,
     unit_axis: int = -1,
     plot_path: str | os.PathLike[str] | None = None,
+    storage_options: str | dict[str, Any] | None = None,
     dry_run: bool = False,
 ) -> RunReport:
     """Compute the ReLU derivative masks of SOURCE into DEST and return the run report.
@@ -144,6 +145,9 @@ def run(
         last): dead and always-on units, per-unit active fraction (``ArrayReport.stats``).
     plot_path
         Draw the per-unit active fractions there (PNG; implies ``stats``).
+    storage_options
+        fsspec storage options (a dict or JSON text) for SOURCE and DEST URLs such as
+        ``s3://bucket/acts.zarr``.
     dry_run
         Plan only: validate, print the plan, write nothing.
     """
@@ -154,10 +158,12 @@ def run(
         raise InputError(
             "--performance-report needs a distributed scheduler: --scheduler local, tcp://... or --scheduler-file"
         )
-    arrays, skipped = storage.open_source(source)
+    options = parse_storage_options(storage_options)
+    source_at, dest_at = parse_location(source, options), parse_location(dest, options)
+    arrays, skipped = storage.open_source(source_at)
     job = _Job(
-        str(source),
-        storage.prepare_dest(source, dest),
+        source_at,
+        storage.prepare_dest(source_at, dest_at),
         arrays,
         skipped,
         rule,
@@ -202,7 +208,7 @@ def _dest_state(job: _Job, overwrite: bool) -> tuple[DestState, journal.JobRecor
     if overwrite:
         storage.check_replaceable(dest)
         return "fresh", None
-    if not (dest.exists() or dest.is_symlink()):
+    if not dest.exists():
         return "fresh", None
     record = journal.read_record(dest)
     if record is None:
@@ -276,7 +282,7 @@ def _planned_report(
 ) -> tuple[RunReport, list[chunking.ChunkPlan]]:
     plans = _plan_arrays(job, session.memory_per_thread_bytes, record.block_shapes if record else None)
     report = RunReport(
-        source=job.source,
+        source=str(job.source),
         dest=str(job.dest),
         rule=rule_for(job.rule),
         scheduler=job.spec.label,
@@ -338,7 +344,8 @@ def _execute(
     # workers are too small for one task would only die under it).
     _plan_arrays(job, plan_session(job.spec).memory_per_thread_bytes, record.block_shapes if record else None)
     with open_session(job.spec) as session:
-        check_workers_see(session, [str(Path(job.source).resolve())], [str(job.dest.parent)])
+        if job.source.is_local and job.dest.is_local:
+            check_workers_see(session, [job.source.url], [str(job.dest.path.parent)])
         report, plans = _planned_report(job, session, record)
         if state == "fresh":
             _start_fresh(job, plans, report)
@@ -364,7 +371,7 @@ def _execute(
             extra={
                 "event": "start",
                 "fields": {
-                    "source": job.source,
+                    "source": str(job.source),
                     "dest": str(job.dest),
                     "num_tasks": report.num_tasks,
                     "scheduler": job.spec.label,
@@ -395,7 +402,7 @@ def _execute(
 
 def _start_fresh(job: _Job, plans: list[chunking.ChunkPlan], report: RunReport) -> None:
     """Replace DEST (if any) and its journal, create the outputs, record the job."""
-    if job.dest.exists() or job.dest.is_symlink():
+    if job.dest.exists():
         storage.remove_dest(job.dest, "--overwrite")
     journal.remove_journal(job.dest)
     journal.write_record(job.dest, journal.JobRecord(job.fingerprint(), [list(p.block_shape) for p in plans]))
@@ -403,7 +410,7 @@ def _start_fresh(job: _Job, plans: list[chunking.ChunkPlan], report: RunReport) 
 
 
 @contextlib.contextmanager
-def _processing_errors(dest: Path) -> Iterator[None]:
+def _processing_errors(dest: Location) -> Iterator[None]:
     """Turn what can go wrong while tasks run into one-line errors with their exit codes."""
     try:
         yield
@@ -421,7 +428,7 @@ def _processing_errors(dest: Path) -> Iterator[None]:
         ) from exc
 
 
-def _describe_os_error(exc: OSError, dest: Path) -> str:
+def _describe_os_error(exc: OSError, dest: Location) -> str:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return (
             f"the disk is full while writing DEST {dest} ({exc.strerror}): free space, then rerun the same "
@@ -441,7 +448,7 @@ def _provenance(job: _Job, src: storage.SourceArray | None) -> dict[str, Any]:
     from relu_dask import __version__
 
     info: dict[str, Any] = {
-        "source": str(Path(job.source).resolve()),
+        "source": job.source.url,
         "rule": rule_for(job.rule),
         "at_zero": job.rule,
         "nan": job.nan_policy,
@@ -482,7 +489,7 @@ def _mask_jobs(job: _Job, plans: list[chunking.ChunkPlan], report: RunReport) ->
     jobs = []
     for index, (src, plan) in enumerate(zip(job.arrays, plans)):
         out = storage.open_mask_array(job.dest, src.path)
-        token = tokenize(str(Path(job.source).resolve()), src.path, str(job.dest), plan, job.rule, report.engine)
+        token = tokenize(job.source.url, src.path, job.dest.url, plan, job.rule, report.engine)
         jobs.append(
             MaskJob(
                 src.array,
@@ -493,7 +500,7 @@ def _mask_jobs(job: _Job, plans: list[chunking.ChunkPlan], report: RunReport) ->
                 numexpr_threads=report.numexpr_threads,
                 nan_policy=job.nan_policy,
                 name=src.path,
-                done_dir=str(journal.done_dir(job.dest, index)),
+                done_dir=journal.done_dir(job.dest, index),
                 unit_axis=job.unit_axis_of(src),
                 token=token,
             )
@@ -546,12 +553,12 @@ def _per_unit(result: np.ndarray, mask_job: MaskJob) -> list[int]:
     return [int(v) for j, n in enumerate(extents) for v in by_unit_block[j, fields : fields + n]]
 
 
-def _set_counts(entry: ArrayReport, counts: dict[str, int], src: storage.SourceArray, dest: Path) -> None:
+def _set_counts(entry: ArrayReport, counts: dict[str, int], src: storage.SourceArray, dest: Location) -> None:
     entry.num_elements = counts["elements"]
     entry.num_ones = counts["ones"]
     entry.num_nans = counts["nans"]
     entry.num_zeros = counts["zeros"]
-    entry.bytes_written = _disk_bytes(dest / src.path if src.path else dest)
+    entry.bytes_written = (dest.child(*src.path.split("/")) if src.path else dest).disk_bytes()
 
 
 def _warn_if_relu_outputs(report: RunReport, entry: ArrayReport) -> None:
@@ -567,29 +574,19 @@ def _warn_if_relu_outputs(report: RunReport, entry: ArrayReport) -> None:
         )
 
 
-def _disk_bytes(path: Path) -> int:
-    """Bytes stored under ``path`` (an array's folder, or a lone array's whole store)."""
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.path.getsize(os.path.join(root, name))
-    return total
-
-
 def _finish(report: RunReport, report_path: str | os.PathLike[str] | None) -> RunReport:
     if report_path is not None:
         write_report(report, report_path)
     return report
 
 
-def job_status(dest: str | os.PathLike[str]) -> dict[str, Any]:
+def job_status(dest: str | os.PathLike[str], storage_options: str | dict[str, Any] | None = None) -> dict[str, Any]:
     """What DEST holds: ``absent``, ``partial`` (n of m tasks done), ``complete`` or ``unknown``.
 
     ``unknown`` is a DEST that exists without a relu-dask journal (made by another tool or
     another version). ``running`` names the process holding DEST's lock, if any.
     """
-    path = Path(dest).resolve()
+    path = parse_location(dest, parse_storage_options(storage_options))
     record = journal.read_record(path)
     exists = path.exists()
     status: dict[str, Any] = {"dest": str(dest), "running": journal.lock_holder(path)}
@@ -611,7 +608,7 @@ def job_status(dest: str | os.PathLike[str]) -> dict[str, Any]:
     return status
 
 
-def mask_unit_ones(dest: Path, path: str, axis: int, spec: SchedulerSpec) -> list[int]:
+def mask_unit_ones(dest: Location, path: str, axis: int, spec: SchedulerSpec) -> list[int]:
     """Per-unit ones of a mask array already in DEST, read back with dask."""
     mask = storage.open_array(dest, path)
     plan = chunking.plan_chunks(mask.shape, 1, mask.chunks, mask.chunks, getattr(mask, "shards", None))
@@ -627,13 +624,14 @@ def stats_of_masks(
     scheduler: str | SchedulerSpec = "threads",
     report_path: str | os.PathLike[str] | None = None,
     plot_path: str | os.PathLike[str] | None = None,
+    storage_options: str | dict[str, Any] | None = None,
 ) -> RunReport:
     """``relu-dask stats DEST``: the statistics of ``--stats`` from masks already written.
 
     NaN and exact-zero counts need the source: they are reported only by ``run --stats``.
     """
     spec = scheduler if isinstance(scheduler, SchedulerSpec) else parse_scheduler(scheduler)
-    arrays, skipped = storage.open_source(dest)
+    arrays, skipped = storage.open_source(parse_location(dest, parse_storage_options(storage_options)))
     report = RunReport(
         source=str(dest),
         dest=str(dest),

@@ -24,6 +24,7 @@ from relu_dask import journal
 from relu_dask.chunking import ChunkPlan
 from relu_dask.errors import NaNFoundError
 from relu_dask.kernel import Engine, check_dtype, parse_at_zero, relu_derivative, set_numexpr_threads
+from relu_dask.locations import Location
 
 __all__ = [
     "COUNT_FIELDS",
@@ -81,8 +82,8 @@ class MaskJob:
     """``zero``: NaN gives 0; ``error``: a block holding NaN stops the run."""
     name: str = ""
     """The array's name for messages."""
-    done_dir: str = ""
-    """Where tasks mark themselves done (see :mod:`relu_dask.journal`); "" for none."""
+    done_dir: Location | None = None
+    """Where tasks mark themselves done (see :mod:`relu_dask.journal`); None for nowhere."""
     unit_axis: int | None = None
     """With ``--stats``: the axis of the units, whose ones each task also counts per unit."""
 
@@ -110,7 +111,7 @@ def process_block(job: MaskJob, block_id: tuple[int, ...] | None = None) -> np.n
     index = block_id[:ndim]
     width = job.row_width
     recorded = width - 2  # a marker holds elements, ones, nans, zeros and the per-unit ones
-    if job.done_dir:
+    if job.done_dir is not None:
         done = journal.read_done(job.done_dir, index)
         if done is not None and len(done) == recorded:
             return _row([*done[:4], 1, 0], done[4:], width, ndim)
@@ -128,7 +129,7 @@ def process_block(job: MaskJob, block_id: tuple[int, ...] | None = None) -> np.n
     if job.unit_axis is not None:
         others = tuple(a for a in range(ndim) if a != job.unit_axis)
         per_unit = mask.sum(axis=others, dtype=np.int64).tolist()
-    if job.done_dir:
+    if job.done_dir is not None:
         journal.record_done(job.done_dir, index, [*counts, *per_unit])
     return _row([*counts, 0, block.size], per_unit, width, ndim)
 

@@ -22,6 +22,7 @@ line per job. Each job is a ``[[job]]`` table with ``source``, ``dest`` and any 
 
 from __future__ import annotations
 
+import json
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,8 @@ def _file_job(path: Path, index: int, table: dict[str, Any]) -> FileJob:
         if isinstance(value, bool):
             if value:
                 argv.append(flag)
+        elif isinstance(value, dict):  # storage_options = { endpoint_url = "..." }
+            argv += [flag, json.dumps(value)]
         elif isinstance(value, list):
             argv += [flag, ",".join(str(v) for v in value)]
         elif isinstance(value, str | int | float):

@@ -1,7 +1,8 @@
 """A job's record on disk: its fingerprint, which tasks are done, and who holds it.
 
-Use this module to make a run resumable and exclusive. It lives beside DEST, in a hidden
-folder ``.<DEST name>.relu-dask/`` (inside DEST, zarr would warn about an unknown object):
+Use this module to make a run resumable and exclusive. It lives beside DEST (a local folder
+or an object-store prefix, see :mod:`relu_dask.locations`), in a hidden folder
+``.<DEST name>.relu-dask/`` (inside DEST, zarr would warn about an unknown object):
 
 * ``job.json`` -- the job's fingerprint (what SOURCE was, the options that change the
   result, the block shape) and, once every task is done, ``"complete": true`` with the
@@ -21,16 +22,15 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from relu_dask.errors import DestinationInUseError
+from relu_dask.locations import Location
 
 __all__ = [
     "HEARTBEAT_S",
@@ -56,22 +56,20 @@ STALE_AFTER_S = 120.0
 _FORMAT = 1
 
 
-def journal_dir(dest: Path) -> Path:
+def journal_dir(dest: Location) -> Location:
     """The hidden folder beside DEST that records the job: ``.<name>.relu-dask``."""
-    return dest.parent / f".{dest.name}.relu-dask"
+    return dest.sibling(f".{dest.name}.relu-dask")
 
 
-def remove_done_markers(dest: Path) -> None:
+def remove_done_markers(dest: Location) -> None:
     """Drop the per-task markers of a complete job (``job.json`` keeps its counts)."""
-    shutil.rmtree(journal_dir(dest) / "done", ignore_errors=True)
+    journal_dir(dest).child("done").remove_tree()
 
 
-def remove_journal(dest: Path) -> None:
+def remove_journal(dest: Location) -> None:
     """Forget the job of DEST (all but the lock, which its holder removes)."""
-    folder = journal_dir(dest)
-    shutil.rmtree(folder / "done", ignore_errors=True)
-    with contextlib.suppress(FileNotFoundError):
-        (folder / "job.json").unlink()
+    remove_done_markers(dest)
+    journal_dir(dest).child("job.json").remove()
 
 
 @dataclass
@@ -94,13 +92,13 @@ class JobRecord:
         return json.dumps({"format": _FORMAT, **self.__dict__}, indent=1, sort_keys=True)
 
 
-def read_record(dest: Path) -> JobRecord | None:
+def read_record(dest: Location) -> JobRecord | None:
     """The job recorded for DEST, or None (none, unreadable or from another format)."""
     try:
-        data = json.loads((journal_dir(dest) / "job.json").read_text())
+        data = json.loads(journal_dir(dest).child("job.json").read_text())
     except (OSError, ValueError):
         return None
-    if data.pop("format", None) != _FORMAT:
+    if not isinstance(data, dict) or data.pop("format", None) != _FORMAT:
         return None
     try:
         return JobRecord(**data)
@@ -108,47 +106,36 @@ def read_record(dest: Path) -> JobRecord | None:
         return None
 
 
-def write_record(dest: Path, record: JobRecord) -> None:
-    """Write ``job.json`` atomically (temp file + rename)."""
-    folder = journal_dir(dest)
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_atomic(folder / "job.json", record.to_json())
+def write_record(dest: Location, record: JobRecord) -> None:
+    """Write ``job.json`` whole (locally: a temporary file and a rename)."""
+    journal_dir(dest).child("job.json").write_text(record.to_json())
 
 
-def done_dir(dest: Path, array_index: int) -> Path:
+def done_dir(dest: Location, array_index: int) -> Location:
     """Where the tasks of array ``array_index`` mark themselves done."""
-    return journal_dir(dest) / "done" / str(array_index)
+    return journal_dir(dest).child("done", str(array_index))
 
 
 def marker_name(block_index: Sequence[int]) -> str:
     return ".".join(str(i) for i in block_index) or "0"
 
 
-def record_done(folder: str, block_index: Sequence[int], counts: Sequence[int]) -> None:
+def record_done(folder: Location, block_index: Sequence[int], counts: Sequence[int]) -> None:
     """Mark one task done, with its counts (called by the task, after its write)."""
-    path = Path(folder) / marker_name(block_index)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, " ".join(str(int(c)) for c in counts))
+    folder.child(marker_name(block_index)).write_text(" ".join(str(int(c)) for c in counts))
 
 
-def read_done(folder: str, block_index: Sequence[int]) -> list[int] | None:
+def read_done(folder: Location, block_index: Sequence[int]) -> list[int] | None:
     """The counts of a task marked done, or None if it is not done."""
     try:
-        return [int(v) for v in (Path(folder) / marker_name(block_index)).read_text().split()]
+        return [int(v) for v in folder.child(marker_name(block_index)).read_text().split()]
     except (OSError, ValueError):
         return None
 
 
-def count_done(dest: Path, array_index: int) -> int:
+def count_done(dest: Location, array_index: int) -> int:
     """How many tasks of array ``array_index`` are marked done."""
-    folder = done_dir(dest, array_index)
-    return sum(1 for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else 0
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    return sum(1 for name in done_dir(dest, array_index).list_names() if not name.startswith("."))
 
 
 # -- the lock ---------------------------------------------------------------------------
@@ -183,24 +170,24 @@ def _stale_reason(owner: dict[str, Any], age_s: float, stale_after_s: float) -> 
 
 
 @contextlib.contextmanager
-def hold_lock(dest: Path, *, stale_after_s: float = STALE_AFTER_S, heartbeat_s: float = HEARTBEAT_S) -> Iterator[None]:
+def hold_lock(
+    dest: Location, *, stale_after_s: float = STALE_AFTER_S, heartbeat_s: float = HEARTBEAT_S
+) -> Iterator[None]:
     """Hold DEST's lock for the duration; raise :class:`DestinationInUseError` if held.
 
     A lock whose holder is gone (same host: its pid is gone or reused; another host: no
     heartbeat for ``stale_after_s``) is taken over with a warning.
     """
-    folder = journal_dir(dest)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "lock"
+    lock = journal_dir(dest).child("lock")
     me = {
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "pid_started": _process_start_time(os.getpid()),
         "started": time.time(),
     }
-    _acquire(path, me, stale_after_s, dest)
+    _acquire(lock, me, stale_after_s, dest)
     stop = threading.Event()
-    beat = threading.Thread(target=_heartbeat, args=(path, stop, heartbeat_s), name="relu-dask-lock", daemon=True)
+    beat = threading.Thread(target=_heartbeat, args=(lock, stop, heartbeat_s), name="relu-dask-lock", daemon=True)
     beat.start()
     try:
         yield
@@ -208,44 +195,48 @@ def hold_lock(dest: Path, *, stale_after_s: float = STALE_AFTER_S, heartbeat_s: 
         stop.set()
         beat.join()
         with contextlib.suppress(OSError, ValueError):
-            if json.loads(path.read_text()).get("pid") == me["pid"]:
-                path.unlink()
+            if json.loads(lock.read_text()).get("pid") == me["pid"]:
+                lock.remove()
 
 
-def _acquire(path: Path, me: dict[str, Any], stale_after_s: float, dest: Path) -> None:
+def _acquire(lock: Location, me: dict[str, Any], stale_after_s: float, dest: Location) -> None:
     for _attempt in range(5):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            _take_over_if_stale(path, stale_after_s, dest)
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        return
-    raise DestinationInUseError(f"could not take the lock {path}: other runs keep taking it; try again")
-
-
-def _take_over_if_stale(path: Path, stale_after_s: float, dest: Path) -> None:
-    try:
-        owner = json.loads(path.read_text())
-        age_s = time.time() - path.stat().st_mtime
-    except FileNotFoundError:
-        return  # released meanwhile: try again
-    except (OSError, ValueError):
-        owner, age_s = {}, time.time() - path.stat().st_mtime
-        if age_s < 5.0:  # being written right now
-            time.sleep(0.2)
+        if lock.create(json.dumps(me)):
             return
+        _take_over_if_stale(lock, stale_after_s, dest)
+    raise DestinationInUseError(f"could not take the lock {lock}: other runs keep taking it; try again")
+
+
+def _read_owner(lock: Location) -> tuple[dict[str, Any], float] | None:
+    """The lock's holder and the age of its heartbeat, or None if the lock is gone."""
+    stat = lock.stat()
+    if stat is None:
+        return None
+    age_s = time.time() - stat[1]
+    try:
+        return json.loads(lock.read_text()), age_s
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}, age_s
+
+
+def _take_over_if_stale(lock: Location, stale_after_s: float, dest: Location) -> None:
+    found = _read_owner(lock)
+    if found is None:
+        return  # released meanwhile: try again
+    owner, age_s = found
+    if not owner and age_s < 5.0:  # being written right now
+        time.sleep(0.2)
+        return
     reason = _stale_reason(owner, age_s, stale_after_s) if owner else "it is unreadable"
     if reason is None:
         raise DestinationInUseError(
-            f"DEST {dest} is in use by another relu-dask run, {_describe(owner)}; wait for it to finish (lock: {path})"
+            f"DEST {dest} is in use by another relu-dask run, {_describe(owner)}; wait for it to finish (lock: {lock})"
         )
-    # Only one of several runs taking over can win this rename.
-    aside = path.with_name(f"lock.stale-{os.getpid()}")
-    try:
-        os.rename(path, aside)
-    except FileNotFoundError:
+    # Locally only one of several runs taking over can win this rename.
+    aside = lock.sibling(f"lock.stale-{os.getpid()}")
+    if not lock.rename_to(aside):
         return
     try:
         taken = json.loads(aside.read_text()) if owner else {}
@@ -253,24 +244,22 @@ def _take_over_if_stale(path: Path, stale_after_s: float, dest: Path) -> None:
         taken = {}
     if taken != owner:  # another run took the stale lock first and made a fresh one: give it back
         with contextlib.suppress(OSError):
-            os.rename(aside, path)
+            aside.rename_to(lock)
         return
-    aside.unlink(missing_ok=True)
+    aside.remove()
     log.warning("took over the lock of a run that is no longer running (%s; %s)", _describe(owner), reason)
 
 
-def lock_holder(dest: Path) -> str | None:
+def lock_holder(dest: Location) -> str | None:
     """Who holds DEST's lock now (``pid N on HOST (since ...)``), or None if nobody alive does."""
-    path = journal_dir(dest) / "lock"
-    try:
-        owner = json.loads(path.read_text())
-        age_s = time.time() - path.stat().st_mtime
-    except (OSError, ValueError):
+    found = _read_owner(journal_dir(dest).child("lock"))
+    if not found or not found[0]:
         return None
+    owner, age_s = found
     return None if _stale_reason(owner, age_s, STALE_AFTER_S) else _describe(owner)
 
 
-def _heartbeat(path: Path, stop: threading.Event, every_s: float) -> None:
+def _heartbeat(lock: Location, stop: threading.Event, every_s: float) -> None:
     while not stop.wait(every_s):
         with contextlib.suppress(OSError):
-            os.utime(path)
+            lock.touch()

@@ -1,13 +1,16 @@
 """Zarr in and out: the only module that imports zarr.
 
 Use :func:`open_source` to find the arrays to process (one array, or every real-numbered
-array of a group, recursively), :func:`prepare_dest` to check and clear the way for DEST,
-and :func:`create_mask_array` to create each output array before any task writes to it.
+array of a group, recursively), :func:`prepare_dest` to check where DEST goes, and
+:func:`create_mask_array` to create each output array before any task writes to it.
+SOURCE and DEST are :class:`~relu_dask.locations.Location` s: local paths, or fsspec URLs
+(``s3://...``) opened through zarr's fsspec store with their storage options.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import os
@@ -23,6 +26,7 @@ import zarr.errors
 
 from relu_dask.errors import DestinationExistsError, InputError, UnsupportedDtypeError
 from relu_dask.kernel import check_dtype
+from relu_dask.locations import Location
 
 __all__ = [
     "PROVENANCE_KEY",
@@ -31,7 +35,6 @@ __all__ = [
     "check_replaceable",
     "create_dest_group",
     "create_mask_array",
-    "describe_store",
     "fingerprint_array",
     "has_array",
     "is_group",
@@ -48,6 +51,7 @@ log = logging.getLogger(__name__)
 
 #: The attribute under which DEST records where it came from.
 PROVENANCE_KEY = "relu_dask"
+_METADATA = ("zarr.json", ".zarray", ".zgroup")
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,8 @@ class SourceArray:
     """The zarr Array, opened read-only."""
     dimension_names: tuple[str, ...] | None
     """Dimension names (v3 metadata or xarray's ``_ARRAY_DIMENSIONS``), if any."""
+    root: Location | None = None
+    """SOURCE itself (the array, or the group holding it)."""
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -83,6 +89,13 @@ class SourceArray:
     def zarr_format(self) -> int:
         return int(self.array.metadata.zarr_format)
 
+    @property
+    def location(self) -> Location | None:
+        """Where the array itself is stored."""
+        if self.root is None:
+            return None
+        return self.root.child(*self.path.split("/")) if self.path else self.root
+
 
 @dataclass(frozen=True)
 class Skipped:
@@ -92,7 +105,14 @@ class Skipped:
     reason: str
 
 
-def open_source(source: str | os.PathLike[str]) -> tuple[list[SourceArray], list[Skipped]]:
+def _zarr_kwargs(location: Location) -> dict[str, Any]:
+    """How zarr opens ``location``: a local path, or a URL with its storage options."""
+    if location.is_local:
+        return {"store": location.url}
+    return {"store": location.url, "storage_options": location.storage_options}
+
+
+def open_source(source: Location) -> tuple[list[SourceArray], list[Skipped]]:
     """Open SOURCE read-only and list the arrays to process and those skipped.
 
     For a group, every real-numbered array (recursively) is processed; xarray
@@ -101,14 +121,17 @@ def open_source(source: str | os.PathLike[str]) -> tuple[list[SourceArray], list
     unreadable, or has nothing to process; :class:`UnsupportedDtypeError` for a single
     array of a dtype without a ReLU derivative.
     """
-    path = Path(source)
-    if not path.exists():
-        raise InputError(f"SOURCE {source} does not exist")
-    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
-        raise InputError(f"SOURCE {source} is not readable (permission denied)")
-    node = _open_node(path, source)
+    if source.is_local:
+        path = source.path
+        if not path.exists():
+            raise InputError(f"SOURCE {source} does not exist")
+        if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+            raise InputError(f"SOURCE {source} is not readable (permission denied)")
+    elif not _exists(source):
+        raise InputError(f"SOURCE {source} does not exist (or its storage cannot be reached)")
+    node = _open_node(source)
     if isinstance(node, zarr.Array):
-        src = _source_array("", node)
+        src = _source_array("", node, source)
         check_dtype(src.dtype, where=f"SOURCE {source}")
         return [src], []
     arrays: list[SourceArray] = []
@@ -120,7 +143,7 @@ def open_source(source: str | os.PathLike[str]) -> tuple[list[SourceArray], list
     for name, member in members:
         if not isinstance(member, zarr.Array):
             continue
-        src = _source_array(name, member)
+        src = _source_array(name, member, source)
         reason = _skip_reason(src)
         if reason:
             skipped.append(Skipped(name, reason))
@@ -132,13 +155,20 @@ def open_source(source: str | os.PathLike[str]) -> tuple[list[SourceArray], list
     return arrays, skipped
 
 
-def _open_node(path: Path, source: str | os.PathLike[str]) -> Any:
+def _exists(location: Location) -> bool:
+    try:
+        return location.exists()
+    except Exception as exc:  # noqa: BLE001 - any client error (credentials, endpoint) is the user's to fix
+        raise InputError(f"cannot reach {location}: {type(exc).__name__}: {exc}") from None
+
+
+def _open_node(source: Location) -> Any:
     try:
         with warnings.catch_warnings():
             # Opening is read-only: warnings about how other dtypes *would* be written
             # are not the user's concern here.
             warnings.simplefilter("ignore")
-            return zarr.open(store=str(path), mode="r")
+            return zarr.open(mode="r", **_zarr_kwargs(source))
     except PermissionError as exc:
         raise InputError(f"SOURCE {source} is not readable (permission denied: {exc.filename})") from exc
     except (zarr.errors.NodeNotFoundError, FileNotFoundError, NotADirectoryError):
@@ -149,12 +179,12 @@ def _open_node(path: Path, source: str | os.PathLike[str]) -> Any:
         raise InputError(f"SOURCE {source} could not be opened as Zarr: {exc}") from exc
 
 
-def _source_array(path: str, array: Any) -> SourceArray:
+def _source_array(path: str, array: Any, root: Location) -> SourceArray:
     names = getattr(array.metadata, "dimension_names", None)
     if names is None:
         names = array.attrs.get("_ARRAY_DIMENSIONS")
     dims = tuple(str(n) for n in names) if names and all(n is not None for n in names) else None
-    return SourceArray(path, array, dims)
+    return SourceArray(path, array, dims, root)
 
 
 def _skip_reason(src: SourceArray) -> str:
@@ -170,57 +200,57 @@ def _skip_reason(src: SourceArray) -> str:
     return ""
 
 
-def prepare_dest(source: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
-    """Check where DEST goes against SOURCE; return its absolute path. Nothing is changed.
+def prepare_dest(source: Location, dest: Location) -> Location:
+    """Check where DEST goes against SOURCE; return it. Nothing is changed.
 
     Raises :class:`InputError` when DEST is SOURCE, inside it, or contains it, or when its
-    folder is missing or not writable. Whether an existing DEST may be replaced or resumed
-    is decided later, under DEST's lock.
+    local folder is missing or not writable. Whether an existing DEST may be replaced or
+    resumed is decided later, under DEST's lock.
     """
-    src = Path(source).resolve()
-    dst = Path(dest).resolve()
+    src, dst = source.url.rstrip("/"), dest.url.rstrip("/")
     if dst == src:
         raise InputError(f"DEST {dest} is SOURCE itself: choose another DEST")
-    if src in dst.parents:
+    if dst.startswith(src + "/"):
         raise InputError(f"DEST {dest} is inside SOURCE {source}: choose a DEST outside it")
-    if dst in src.parents:
+    if src.startswith(dst + "/"):
         raise InputError(f"SOURCE {source} is inside DEST {dest}: writing DEST would destroy SOURCE")
-    parent = dst.parent
-    if not parent.is_dir():
-        raise InputError(f"the folder {parent} for DEST does not exist: create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"cannot write DEST {dest}: permission denied in {parent}")
-    return dst
+    if dest.is_local:
+        parent = dest.path.parent
+        if not parent.is_dir():
+            raise InputError(f"the folder {parent} for DEST does not exist: create it first")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise InputError(f"cannot write DEST {dest}: permission denied in {parent}")
+    return dest
 
 
-def check_replaceable(dest: Path) -> None:
+def check_replaceable(dest: Location) -> None:
     """Raise unless DEST is absent or a Zarr store (relu_dask never deletes anything else)."""
-    if (dest.exists() or dest.is_symlink()) and not _is_zarr_store(dest):
+    if dest.exists() and not _is_zarr_store(dest):
         raise DestinationExistsError(
             f"DEST {dest} exists and is not a Zarr store; relu-dask will not delete it: choose another DEST"
         )
 
 
-def _is_zarr_store(path: Path) -> bool:
-    if path.is_file() or path.is_symlink():
+def _is_zarr_store(dest: Location) -> bool:
+    if dest.is_local and (dest.path.is_file() or dest.path.is_symlink()):
         return False
-    return any((path / name).is_file() for name in ("zarr.json", ".zarray", ".zgroup"))
+    return any(dest.child(name).stat() is not None for name in _METADATA)
 
 
-def remove_dest(dest: Path, reason: str) -> None:
-    """Delete DEST: one that :func:`prepare_dest` allowed to replace, or this run's own."""
+def remove_dest(dest: Location, reason: str) -> None:
+    """Delete DEST: one that :func:`check_replaceable` allowed to replace, or this run's own."""
     if dest.exists():
         log.info("removing DEST %s (%s)", dest, reason)
-        shutil.rmtree(dest)
+        dest.remove_tree()
 
 
-def create_dest_group(dest: Path, attributes: dict[str, Any]) -> Any:
+def create_dest_group(dest: Location, attributes: dict[str, Any]) -> Any:
     """Create DEST as a Zarr v3 group with ``attributes``."""
-    return zarr.open_group(store=str(dest), mode="w-", zarr_format=3, attributes=attributes)
+    return zarr.open_group(mode="w-", zarr_format=3, attributes=attributes, **_zarr_kwargs(dest))
 
 
 def create_mask_array(
-    dest: Path,
+    dest: Location,
     path: str,
     *,
     shape: tuple[int, ...],
@@ -234,69 +264,50 @@ def create_mask_array(
     Chunks equal to the fill value are not written (zarr's default), so all-negative
     blocks cost no disk.
     """
+    options: dict[str, Any] = {
+        "shape": shape,
+        "dtype": "int8",
+        "chunks": chunk_shape,
+        "shards": shard_shape,
+        "fill_value": 0,
+        "dimension_names": dimension_names,
+        "attributes": attributes,
+    }
     if path:
-        root = zarr.open_group(store=str(dest), mode="a", zarr_format=3)
+        root = zarr.open_group(mode="a", zarr_format=3, **_zarr_kwargs(dest))
         parent, _, name = path.rpartition("/")
         group = root.require_group(parent) if parent else root
-        return group.create_array(
-            name,
-            shape=shape,
-            dtype="int8",
-            chunks=chunk_shape,
-            shards=shard_shape,
-            fill_value=0,
-            dimension_names=dimension_names,
-            attributes=attributes,
-        )
-    return zarr.create_array(
-        store=str(dest),
-        shape=shape,
-        dtype="int8",
-        chunks=chunk_shape,
-        shards=shard_shape,
-        fill_value=0,
-        dimension_names=dimension_names,
-        attributes=attributes,
-        zarr_format=3,
-    )
+        return group.create_array(name, **options)
+    return zarr.create_array(zarr_format=3, **_zarr_kwargs(dest), **options)
 
 
-def is_group(path: Path) -> bool:
-    """Whether ``path`` holds a Zarr v3 group at its root."""
+def is_group(dest: Location) -> bool:
+    """Whether ``dest`` holds a Zarr v3 group at its root."""
     try:
-        return bool(zarr.open_group(store=str(path), mode="r", zarr_format=3) is not None)
+        return zarr.open_group(mode="r", zarr_format=3, **_zarr_kwargs(dest)) is not None
     except (zarr.errors.NodeNotFoundError, FileNotFoundError, ValueError):
         return False
 
 
-def has_array(dest: Path, path: str) -> bool:
+def has_array(dest: Location, path: str) -> bool:
     """Whether DEST holds an array at ``path`` ("" for DEST itself)."""
     try:
-        node: Any = zarr.open(store=str(dest), mode="r")
+        node: Any = zarr.open(mode="r", **_zarr_kwargs(dest))
         return isinstance(node[path] if path else node, zarr.Array)
     except (KeyError, zarr.errors.NodeNotFoundError, FileNotFoundError, ValueError):
         return False
 
 
-def open_mask_array(dest: Path, path: str) -> Any:
+def open_mask_array(dest: Location, path: str) -> Any:
     """Open a mask array of DEST for writing."""
-    node: Any = zarr.open(store=str(dest), mode="r+")
+    node: Any = zarr.open(mode="r+", **_zarr_kwargs(dest))
     return node[path] if path else node
 
 
-def describe_store(array: Any) -> dict[str, Any]:
-    """A JSON-ready description of an array's storage: format, chunks, shards, codecs."""
-    return {
-        "zarr_format": int(array.metadata.zarr_format),
-        "chunk_shape": list(array.chunks),
-        "shard_shape": list(array.shards) if getattr(array, "shards", None) else None,
-        "compressors": [str(c) for c in getattr(array, "compressors", ())],
-    }
-
-
-def open_array(path: str | os.PathLike[str], array_path: str = "") -> Any:
+def open_array(location: Location | str | os.PathLike[str], array_path: str = "") -> Any:
     """Open one array read-only (``array_path`` inside a group, if given)."""
-    node: Any = zarr.open(store=str(path), mode="r")
+    where = location if isinstance(location, Location) else Location(os.fspath(location))
+    node: Any = zarr.open(mode="r", **_zarr_kwargs(where))
     return node[array_path] if array_path else node
 
 
@@ -356,17 +367,15 @@ def fingerprint_array(src: SourceArray, num_samples: int = 16) -> dict[str, Any]
     """A cheap identity of one source array, to tell whether it changed between runs.
 
     Its path, shape, dtype and chunking; a hash of its metadata document; and the size and
-    modification time of up to ``num_samples`` stored chunk (or shard) files spread evenly
+    modification time of up to ``num_samples`` stored chunk (or shard) objects spread evenly
     over the chunk grid. Rewriting those chunks, or the array's metadata, changes it;
     reading never does.
     """
-    import hashlib
-
-    array = src.array
-    folder = Path(str(array.store.root)) / array.store_path.path
+    folder = src.location
+    assert folder is not None, "a SourceArray from open_source knows where it is"
     meta_name = "zarr.json" if src.zarr_format == 3 else ".zarray"
     try:
-        meta_hash = hashlib.sha256((folder / meta_name).read_bytes()).hexdigest()
+        meta_hash: str | None = hashlib.sha256(folder.child(meta_name).read_bytes()).hexdigest()
     except OSError:
         meta_hash = None
     unit = src.shard_shape or src.chunk_shape
@@ -376,12 +385,9 @@ def fingerprint_array(src: SourceArray, num_samples: int = 16) -> dict[str, Any]
     if total:
         for linear in sorted({round(i * (total - 1) / max(1, num_samples - 1)) for i in range(num_samples)}):
             coords = tuple(int(c) for c in np.unravel_index(linear, grid))
-            key = array.metadata.encode_chunk_key(coords)
-            try:
-                stat = (folder / key).stat()
-                samples.append([key, stat.st_size, stat.st_mtime_ns])
-            except OSError:
-                samples.append([key, None, None])
+            key = src.array.metadata.encode_chunk_key(coords)
+            stat = folder.child(*key.split("/")).stat()
+            samples.append([key, stat[0], stat[1]] if stat else [key, None, None])
     return {
         "path": src.path,
         "shape": list(src.shape),
@@ -393,10 +399,15 @@ def fingerprint_array(src: SourceArray, num_samples: int = 16) -> dict[str, Any]
     }
 
 
-def remove_partial_writes(dest: Path) -> int:
-    """Delete the temporary files a killed write left in DEST; return how many."""
+def remove_partial_writes(dest: Location) -> int:
+    """Delete the temporary files a killed write left in a local DEST; return how many.
+
+    (Object stores write each object whole: they have none.)
+    """
+    if not dest.is_local:
+        return 0
     removed = 0
-    for path in dest.rglob("*.partial"):
+    for path in dest.path.rglob("*.partial"):
         with contextlib.suppress(OSError):
             path.unlink()
             removed += 1

@@ -81,3 +81,8 @@ def cli_env() -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+def journal_folder(dest: Path) -> Path:
+    """The hidden folder beside DEST where relu-dask keeps the job's record."""
+    return dest.parent / f".{dest.name}.relu-dask"

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _support import PYTHON, activations, chunk_files, cli_env, oracle, read_mask, write_zarr
+from _support import PYTHON, activations, chunk_files, cli_env, journal_folder, oracle, read_mask, write_zarr
 
 from relu_dask import journal
+from relu_dask.locations import parse_location
 
 #: 96 tasks of one 512 x 2048 float32 chunk each: long enough to be killed part way.
 SHAPE, CHUNK = (96 * 512, 2048), (512, 2048)
@@ -53,7 +54,7 @@ def start_cli(*args: str) -> subprocess.Popen[str]:
 
 
 def markers(dest: Path) -> int:
-    folder = journal.done_dir(dest, 0)
+    folder = journal_folder(dest) / "done" / "0"
     return len([p for p in folder.iterdir() if not p.name.startswith(".")]) if folder.is_dir() else 0
 
 
@@ -130,7 +131,7 @@ def test_sigkill_during_a_chunk_write(big_source: tuple[Path, Path], tmp_path: P
             proc.wait(timeout=60)
             break
         proc.wait(timeout=60)  # finished before a write was caught: start again from nothing
-        subprocess.run(["rm", "-rf", str(dest), str(journal.journal_dir(dest))], check=True)
+        subprocess.run(["rm", "-rf", str(dest), str(journal_folder(dest))], check=True)
     else:
         pytest.fail("never caught a chunk write in progress in 20 runs")
     assert partial_files(dest), "the kill left a half-written chunk file behind"
@@ -184,7 +185,7 @@ def test_lock_of_a_dead_process_is_taken_over(big_source: tuple[Path, Path], tmp
     dest = tmp_path / "out.zarr"
     dead = subprocess.Popen(["true"])
     dead.wait()
-    folder = journal.journal_dir(dest)
+    folder = journal_folder(dest)
     folder.mkdir()
     (folder / "lock").write_text(
         json.dumps({"host": socket.gethostname(), "pid": dead.pid, "pid_started": 1.0, "started": time.time()})
@@ -203,7 +204,7 @@ def test_lock_from_another_host_is_judged_by_its_heartbeat(
 ) -> None:
     source, _ = big_source
     dest = tmp_path / "out.zarr"
-    folder = journal.journal_dir(dest)
+    folder = journal_folder(dest)
     folder.mkdir()
     lock = folder / "lock"
     lock.write_text(json.dumps({"host": "node-17.cluster", "pid": 4242, "pid_started": 1.0, "started": 0.0}))
@@ -338,10 +339,10 @@ def test_resume_makes_outputs_a_kill_stopped_from_being_made(tmp_path: Path) -> 
     write_zarr(tmp_path / "g.zarr", b, (3,), name="deep/second")
     dest = tmp_path / "out.zarr"
     assert run_cli("run", str(tmp_path / "g.zarr"), str(dest)).returncode == 0
-    record = journal.read_record(dest)
+    record = journal.read_record(parse_location(dest))
     assert record is not None and record.complete
     # Put DEST back as a kill during output creation leaves it: incomplete, one array missing.
-    journal.write_record(dest, journal.JobRecord(record.fingerprint, record.block_shapes))
+    journal.write_record(parse_location(dest), journal.JobRecord(record.fingerprint, record.block_shapes))
     subprocess.run(["rm", "-rf", str(dest / "deep")], check=True)
     proc = run_cli("run", str(tmp_path / "g.zarr"), str(dest))
     assert proc.returncode == 0, proc.stderr

@@ -18,9 +18,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from _support import PYTHON, chunk_files, cli_env, write_zarr
-
-from relu_dask import journal
+from _support import PYTHON, chunk_files, cli_env, journal_folder, write_zarr
 
 DASK = str(Path(sys.executable).with_name("dask"))
 SHAPE, CHUNK = (96 * 512, 2048), (512, 2048)
@@ -45,7 +43,7 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str
 
 
 def markers(dest: Path) -> int:
-    folder = journal.done_dir(dest, 0)
+    folder = journal_folder(dest) / "done" / "0"
     return len(list(folder.iterdir())) if folder.is_dir() else 0
 
 

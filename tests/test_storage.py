@@ -13,6 +13,7 @@ from _support import activations, oracle, read_mask, write_zarr
 
 import relu_dask
 from relu_dask import storage
+from relu_dask.locations import parse_location
 from relu_dask.errors import InputError, UnsupportedDtypeError
 
 
@@ -91,7 +92,7 @@ def test_group_skips_what_has_no_relu_derivative(tmp_path: Path) -> None:
     write_zarr(tmp_path / "g.zarr", activations((6,)), (3,), name="acts")
     write_zarr(tmp_path / "g.zarr", np.array([True, False]), (2,), name="flags")
     write_zarr(tmp_path / "g.zarr", np.array([1 + 1j]), (1,), name="phase")
-    arrays, skipped = storage.open_source(tmp_path / "g.zarr")
+    arrays, skipped = storage.open_source(parse_location(tmp_path / "g.zarr"))
     assert [a.path for a in arrays] == ["acts"]
     assert {s.path: s.reason for s in skipped} == {
         "flags": "dtype bool is not a real number type",
@@ -102,7 +103,7 @@ def test_group_skips_what_has_no_relu_derivative(tmp_path: Path) -> None:
 def test_single_array_of_unsupported_dtype_is_refused(tmp_path: Path) -> None:
     write_zarr(tmp_path / "b.zarr", np.array([True, False]), (2,))
     with pytest.raises(UnsupportedDtypeError, match="bool"):
-        storage.open_source(tmp_path / "b.zarr")
+        storage.open_source(parse_location(tmp_path / "b.zarr"))
 
 
 @pytest.mark.parametrize(
@@ -118,4 +119,4 @@ def test_sources_that_are_not_zarr(tmp_path: Path, make, match: str) -> None:  #
     path = tmp_path / "src"
     make(path)
     with pytest.raises(InputError, match=match):
-        storage.open_source(path)
+        storage.open_source(parse_location(path))

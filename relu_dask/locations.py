@@ -1,0 +1,238 @@
+"""Where SOURCE, DEST and DEST's journal live: a local path or an fsspec URL.
+
+Use :func:`parse_location` to turn a user's path or URL (``s3://bucket/acts.zarr``,
+``gs://...``, ``file:///...``) and its storage options into a :class:`Location`, whose few
+file operations the journal and the storage module need. Local paths get POSIX guarantees
+(atomic rename, exclusive create); object stores get what they offer: a single object is
+written whole or not at all, but "create if absent" is a check then a write, so two runs
+started in the same instant on one DEST in an object store may both take its lock (see the
+README).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from relu_dask.errors import InputError
+
+__all__ = ["Location", "parse_location", "parse_storage_options"]
+
+
+def parse_storage_options(text: str | dict[str, Any] | None) -> dict[str, Any]:
+    """Parse ``--storage-options`` (a JSON object) for fsspec, e.g. ``{"endpoint_url": ...}``."""
+    if text is None or text == "":
+        return {}
+    if isinstance(text, dict):
+        return dict(text)
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise InputError(f"--storage-options must be a JSON object such as '{{\"anon\": true}}': {exc}") from None
+    if not isinstance(value, dict):
+        raise InputError(f"--storage-options must be a JSON object, got {text!r}")
+    return value
+
+
+def _is_url(text: str) -> bool:
+    return "://" in text and not text.startswith("file://")
+
+
+@dataclass(frozen=True)
+class Location:
+    """A local path, or a path in an fsspec file system (with its storage options)."""
+
+    url: str
+    """The path or URL (a local path is absolute)."""
+    options_json: str = "{}"
+    """The storage options, as JSON (so that a Location is hashable and picklable)."""
+
+    @property
+    def is_local(self) -> bool:
+        return not _is_url(self.url)
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        return dict(json.loads(self.options_json))
+
+    @property
+    def path(self) -> Path:
+        """The local path (only for local locations)."""
+        assert self.is_local, self.url
+        return Path(self.url)
+
+    def _fs(self) -> tuple[Any, str]:
+        import fsspec.core
+
+        fs, path = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        return fs, path
+
+    @property
+    def name(self) -> str:
+        return self.url.rstrip("/").rsplit("/", 1)[-1]
+
+    def parent(self) -> Location:
+        return Location(self.url.rstrip("/").rsplit("/", 1)[0], self.options_json)
+
+    def child(self, *names: str) -> Location:
+        return Location("/".join([self.url.rstrip("/"), *names]), self.options_json)
+
+    def sibling(self, name: str) -> Location:
+        return self.parent().child(name)
+
+    def __str__(self) -> str:
+        return self.url
+
+    # -- reading ------------------------------------------------------------------------
+
+    def exists(self) -> bool:
+        if self.is_local:
+            return self.path.exists() or self.path.is_symlink()
+        fs, path = self._fs()
+        return bool(fs.exists(path))
+
+    def read_text(self) -> str:
+        """The object's text; FileNotFoundError if it is not there."""
+        if self.is_local:
+            return self.path.read_text()
+        fs, path = self._fs()
+        return bytes(fs.cat_file(path)).decode()
+
+    def read_bytes(self) -> bytes:
+        if self.is_local:
+            return self.path.read_bytes()
+        fs, path = self._fs()
+        return bytes(fs.cat_file(path))
+
+    def stat(self) -> tuple[int, float] | None:
+        """Size and modification time (seconds), or None if absent."""
+        if self.is_local:
+            try:
+                st = self.path.stat()
+            except OSError:
+                return None
+            return st.st_size, st.st_mtime
+        fs, path = self._fs()
+        try:
+            info = fs.info(path)
+        except FileNotFoundError:
+            return None
+        modified = info.get("LastModified") or info.get("mtime") or info.get("updated") or 0
+        stamp = modified.timestamp() if hasattr(modified, "timestamp") else float(modified or 0)
+        return int(info.get("size") or 0), stamp
+
+    def list_names(self) -> list[str]:
+        """Names directly under this location ([] if none)."""
+        if self.is_local:
+            return sorted(p.name for p in self.path.iterdir()) if self.path.is_dir() else []
+        fs, path = self._fs()
+        try:
+            return sorted(str(p).rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+        except FileNotFoundError:
+            return []
+
+    def disk_bytes(self) -> int:
+        """Bytes stored under this location."""
+        if self.is_local:
+            total = 0
+            for root, _dirs, files in os.walk(self.path):
+                for name in files:
+                    with contextlib.suppress(OSError):
+                        total += os.path.getsize(os.path.join(root, name))
+            return total
+        fs, path = self._fs()
+        try:
+            return int(fs.du(path, total=True))
+        except FileNotFoundError:
+            return 0
+
+    # -- writing ------------------------------------------------------------------------
+
+    def write_text(self, text: str) -> None:
+        """Write the whole object at once: locally a temporary file and a rename."""
+        if self.is_local:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+            tmp.write_text(text)
+            os.replace(tmp, self.path)
+            return
+        fs, path = self._fs()
+        fs.pipe_file(path, text.encode())  # one PUT: the object is whole or absent
+
+    def create(self, text: str) -> bool:
+        """Create the object with ``text`` unless it exists; return whether this call made it."""
+        if self.is_local:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            return True
+        if self.exists():  # object stores: a check, then a write
+            return False
+        self.write_text(text)
+        return True
+
+    def touch(self) -> None:
+        """Refresh the modification time (a heartbeat)."""
+        if self.is_local:
+            os.utime(self.path)
+        else:
+            self.write_text(self.read_text())
+
+    def remove(self) -> None:
+        """Remove one object; absent is fine."""
+        if self.is_local:
+            self.path.unlink(missing_ok=True)
+            return
+        fs, path = self._fs()
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(path)
+
+    def remove_tree(self) -> None:
+        """Remove everything under this location; absent is fine."""
+        if self.is_local:
+            if self.path.is_dir() and not self.path.is_symlink():
+                shutil.rmtree(self.path)
+            else:
+                self.path.unlink(missing_ok=True)
+            return
+        fs, path = self._fs()
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(path, recursive=True)
+
+    def rename_to(self, other: Location) -> bool:
+        """Move this object to ``other``; False if it was gone (locally atomic: one winner)."""
+        if self.is_local:
+            try:
+                os.rename(self.path, other.path)
+            except FileNotFoundError:
+                return False
+            return True
+        try:
+            text = self.read_text()
+        except FileNotFoundError:
+            return False
+        other.write_text(text)
+        self.remove()
+        return True
+
+
+def parse_location(text: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> Location:
+    """A :class:`Location` for a path (made absolute) or an fsspec URL."""
+    value = os.fspath(text)
+    if value.startswith("file://"):
+        value = value[len("file://") :]
+    if _is_url(value):
+        return Location(value.rstrip("/"), json.dumps(storage_options or {}, sort_keys=True))
+    if storage_options:
+        raise InputError("--storage-options only apply to URLs such as s3://bucket/path")
+    return Location(str(Path(value).resolve()))

@@ -160,6 +160,8 @@ def run(
         )
     options = parse_storage_options(storage_options)
     source_at, dest_at = parse_location(source, options), parse_location(dest, options)
+    if options and source_at.is_local and dest_at.is_local:
+        raise InputError("--storage-options only apply to URLs such as s3://bucket/path")
     arrays, skipped = storage.open_source(source_at)
     job = _Job(
         source_at,

@@ -233,6 +233,4 @@ def parse_location(text: str | os.PathLike[str], storage_options: dict[str, Any]
         value = value[len("file://") :]
     if _is_url(value):
         return Location(value.rstrip("/"), json.dumps(storage_options or {}, sort_keys=True))
-    if storage_options:
-        raise InputError("--storage-options only apply to URLs such as s3://bucket/path")
-    return Location(str(Path(value).resolve()))
+    return Location(str(Path(value).resolve()))  # storage options are for URLs only

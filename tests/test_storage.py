@@ -13,8 +13,8 @@ from _support import activations, oracle, read_mask, write_zarr
 
 import relu_dask
 from relu_dask import storage
-from relu_dask.locations import parse_location
 from relu_dask.errors import InputError, UnsupportedDtypeError
+from relu_dask.locations import parse_location
 
 
 def _ts_write(path: Path, data: np.ndarray, chunks: list[int], driver: str) -> None:

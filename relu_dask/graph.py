@@ -20,7 +20,7 @@ import numexpr
 import numpy as np
 from dask.base import tokenize
 
-from relu_dask import journal
+from relu_dask import journal, storage
 from relu_dask.chunking import ChunkPlan
 from relu_dask.errors import NaNFoundError
 from relu_dask.kernel import Engine, check_dtype, parse_at_zero, relu_derivative, set_numexpr_threads
@@ -116,15 +116,15 @@ def process_block(job: MaskJob, block_id: tuple[int, ...] | None = None) -> np.n
         if done is not None and len(done) == recorded:
             return _row([*done[:4], 1, 0], done[4:], width, ndim)
     slices = job.plan.block_slices(index)
-    block = np.asarray(job.source[slices])
+    block = storage.read_block(job.source, slices)
     if job.engine != "numpy" and numexpr.get_num_threads() != job.numexpr_threads:
         set_numexpr_threads(job.numexpr_threads)
-    nans = int(np.count_nonzero(np.isnan(block))) if block.dtype.kind == "f" else 0
+    nans, zeros = _count_nans_and_zeros(block)
     if nans and job.nan_policy == "error":
         raise NaNFoundError(_describe_nan(job, block, slices))
     mask = relu_derivative(block, at_zero=job.at_zero, engine=job.engine)
     job.dest[slices] = mask
-    counts = [block.size, int(np.count_nonzero(mask)), nans, int(np.count_nonzero(block == 0))]
+    counts = [block.size, int(np.count_nonzero(mask)), nans, zeros]
     per_unit: list[int] = []
     if job.unit_axis is not None:
         others = tuple(a for a in range(ndim) if a != job.unit_axis)
@@ -132,6 +132,24 @@ def process_block(job: MaskJob, block_id: tuple[int, ...] | None = None) -> np.n
     if job.done_dir is not None:
         journal.record_done(job.done_dir, index, [*counts, *per_unit])
     return _row([*counts, 0, block.size], per_unit, width, ndim)
+
+
+#: Elements per slab of the counting passes: their bool temporaries stay this small.
+_SLAB = 1 << 22
+
+
+def _count_nans_and_zeros(block: np.ndarray) -> tuple[int, int]:
+    """NaNs and exact zeros of ``block``, a slab at a time (no block-sized temporary)."""
+    flat = block.reshape(-1)  # a view for the C-ordered blocks zarr returns; a copy otherwise
+    scratch = np.empty(min(flat.size, _SLAB), dtype=np.bool_)
+    nans = zeros = 0
+    for start in range(0, flat.size, _SLAB):
+        part = flat[start : start + _SLAB]
+        flags = scratch[: part.size]
+        if block.dtype.kind == "f":
+            nans += int(np.count_nonzero(np.isnan(part, out=flags)))
+        zeros += int(np.count_nonzero(np.equal(part, 0, out=flags)))
+    return nans, zeros
 
 
 def _row(counts: list[int], per_unit: list[int], width: int, ndim: int) -> np.ndarray:

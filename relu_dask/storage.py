@@ -42,6 +42,7 @@ __all__ = [
     "open_mask_array",
     "open_source",
     "prepare_dest",
+    "read_block",
     "remove_dest",
     "remove_partial_writes",
     "write_synthetic_activations",
@@ -412,3 +413,87 @@ def remove_partial_writes(dest: Location) -> int:
             path.unlink()
             removed += 1
     return removed
+
+
+def read_block(array: Any, selection: tuple[slice, ...]) -> np.ndarray:
+    """Read ``array[selection]`` a stored chunk at a time, with as few copies as zarr allows.
+
+    zarr's own read fetches every chunk of the selection, decodes them all, then copies each
+    into a new output: about three times the block in memory at once. Here each chunk is
+    fetched, decoded and (unless it is the whole selection, then it is returned as is)
+    copied into the output before the next one is fetched: the block, plus one chunk's
+    compressed and decoded bytes. The decoding is zarr's own codec pipeline, so the values
+    are the same bits. Arrays this path does not know (irregular grids, a zarr without the
+    internals it uses) are read with ``array[selection]``.
+    """
+    try:
+        return _read_by_chunks(array, selection)
+    except _UseZarr:
+        return np.asarray(array[selection])
+
+
+class _UseZarr(Exception):
+    """This array is read with ``array[selection]``."""
+
+
+def _read_by_chunks(array: Any, selection: tuple[slice, ...]) -> np.ndarray:
+    try:
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.codec_pipeline import fill_value_or_default
+        from zarr.core.sync import sync
+
+        aa = array._async_array
+        metadata, pipeline, config = aa.metadata, aa.codec_pipeline, aa.config
+        grid_chunks = tuple(metadata.chunk_grid.chunk_shape)  # the stored unit: the shard if sharded
+    except (ImportError, AttributeError):
+        raise _UseZarr from None
+    if metadata.zarr_format == 2:
+        from dataclasses import replace
+
+        config = replace(config, order=metadata.order)
+    prototype = default_buffer_prototype()
+    starts = tuple(s.start for s in selection)
+    shape = tuple(s.stop - s.start for s in selection)
+    ranges = [
+        range(a // c, max(a // c, (b - 1) // c) + 1)
+        for (a, b), c in zip(((s.start, s.stop) for s in selection), grid_chunks)
+    ]
+    cells = list(_product(ranges))
+    out: np.ndarray | None = None
+    for coords in cells:
+        lo = tuple(i * c for i, c in zip(coords, grid_chunks))
+        inner = tuple(slice(max(a, b) - b, min(a + n, b + c) - b) for a, n, b, c in zip(starts, shape, lo, grid_chunks))
+        into = tuple(slice(max(a, b) - a, min(a + n, b + c) - a) for a, n, b, c in zip(starts, shape, lo, grid_chunks))
+        chunk = sync(_decode_chunk(aa, metadata, pipeline, config, prototype, coords))
+        if chunk is None:  # not stored: the fill value, as zarr reads it
+            part: np.ndarray | Any = fill_value_or_default(metadata.get_chunk_spec(coords, config, prototype))
+        else:
+            part = chunk[inner]
+        if len(cells) == 1 and chunk is not None:
+            return np.asarray(part)  # the whole selection is one chunk's region: no copy
+        if out is None:
+            dtype = chunk.dtype if chunk is not None else np.dtype(array.dtype)
+            out = np.empty(shape, dtype=dtype)
+        out[into] = part
+        del chunk, part
+    if out is None:  # no cells: an empty selection
+        return np.asarray(array[selection])
+    return out
+
+
+async def _decode_chunk(
+    aa: Any, metadata: Any, pipeline: Any, config: Any, prototype: Any, coords: tuple[int, ...]
+) -> np.ndarray | None:
+    spec = metadata.get_chunk_spec(coords, config, prototype=prototype)
+    raw = await (aa.store_path / metadata.encode_chunk_key(coords)).get(prototype=prototype)
+    if raw is None:
+        return None
+    (decoded,) = await pipeline.decode([(raw, spec)])
+    del raw
+    return None if decoded is None else np.asarray(decoded.as_ndarray_like())
+
+
+def _product(ranges: list[range]) -> Any:
+    import itertools
+
+    return itertools.product(*ranges)

@@ -120,3 +120,45 @@ def test_sources_that_are_not_zarr(tmp_path: Path, make, match: str) -> None:  #
     make(path)
     with pytest.raises(InputError, match=match):
         storage.open_source(parse_location(path))
+
+
+@pytest.mark.parametrize(
+    ("zarr_format", "shards", "order"),
+    [(3, None, "C"), (3, (8, 12), "C"), (2, None, "C"), (2, None, "F")],
+    ids=["v3", "v3-sharded", "v2", "v2-F-order"],
+)
+def test_read_block_gives_zarrs_bits_for_any_selection(tmp_path: Path, zarr_format: int, shards, order: str) -> None:  # type: ignore[no-untyped-def]
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    x = activations((29, 35), "float64", seed=6)
+    x[8:16, 12:24] = 0.0  # whole chunks of zeros: with fill value 0 they are not stored
+    kwargs = {
+        "shape": x.shape,
+        "dtype": ">f8" if zarr_format == 2 else "f8",
+        "chunks": (4, 6),
+        "zarr_format": zarr_format,
+        "fill_value": 0.0,
+    }
+    if shards:
+        kwargs["shards"] = shards
+    if zarr_format == 2:
+        kwargs["order"] = order
+    array = zarr.create_array(store=str(tmp_path / "a.zarr"), **kwargs)
+    array[...] = x
+    array = zarr.open_array(str(tmp_path / "a.zarr"), mode="r")
+
+    @settings(
+        max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    )
+    @given(st.integers(0, 28), st.integers(1, 29), st.integers(0, 34), st.integers(1, 35))
+    def check(r0: int, nr: int, c0: int, nc: int) -> None:
+        sel = (slice(r0, min(29, r0 + nr)), slice(c0, min(35, c0 + nc)))
+        got = storage.read_block(array, sel)
+        want = array[sel]
+        assert got.shape == want.shape
+        assert got.tobytes() == np.ascontiguousarray(want).tobytes()
+
+    check()
+    aligned = storage.read_block(array, (slice(4, 8), slice(6, 12)))  # exactly one stored chunk
+    assert np.array_equal(aligned, x[4:8, 6:12], equal_nan=True)

@@ -24,6 +24,7 @@ from relu_dask.jobfile import read_job_file
 from relu_dask.kernel import ENGINES
 from relu_dask.report import RunReport, render_summary
 from relu_dask.schedulers import parse_scheduler
+from relu_dask.storage import COMPRESSORS, DEFAULT_COMPRESSOR
 
 __all__ = ["build_parser", "main"]
 
@@ -150,6 +151,13 @@ def _add_job_options(sub: argparse.ArgumentParser) -> None:
     chunking.add_argument(
         "--dest-shards",
         help="shard shape of the masks, a multiple of --dest-chunks (default: none, or the source's shards)",
+    )
+    chunking.add_argument(
+        "--dest-compressor",
+        choices=COMPRESSORS,
+        default=DEFAULT_COMPRESSOR,
+        help="the masks' compressor: blosc-lz4 (default; bit-shuffled, fast and small, a core Zarr v3 codec), "
+        "blosc-zstd, zstd (zarr's default) or none",
     )
     rule = sub.add_argument_group("mask")
     rule.add_argument(
@@ -402,6 +410,7 @@ def _job_options(args: argparse.Namespace) -> dict[str, Any]:
         "unit_axis": args.unit_axis,
         "plot_path": args.plot,
         "storage_options": args.storage_options,
+        "dest_compressor": args.dest_compressor,
     }
 
 

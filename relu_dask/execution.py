@@ -66,6 +66,8 @@ class _Job:
     spec: SchedulerSpec
     unit_axis: int | None = None
     """With ``--stats``: the unit axis as given (-1: the last); None: no statistics."""
+    compressor: str = storage.DEFAULT_COMPRESSOR
+    """The masks' compressor (a name of ``storage.COMPRESSORS``)."""
 
     def unit_axis_of(self, src: storage.SourceArray) -> int | None:
         if self.unit_axis is None or not src.shape:
@@ -81,6 +83,7 @@ class _Job:
             "nan": self.nan_policy,
             "dest_chunks": _as_list(self.dest_chunks),
             "dest_shards": _as_list(self.dest_shards),
+            "compressor": self.compressor,
         }
 
 
@@ -104,6 +107,7 @@ def run(
     unit_axis: int = -1,
     plot_path: str | os.PathLike[str] | None = None,
     storage_options: str | dict[str, Any] | None = None,
+    dest_compressor: str = storage.DEFAULT_COMPRESSOR,
     dry_run: bool = False,
 ) -> RunReport:
     """Compute the ReLU derivative masks of SOURCE into DEST and return the run report.
@@ -145,6 +149,9 @@ def run(
         last): dead and always-on units, per-unit active fraction (``ArrayReport.stats``).
     plot_path
         Draw the per-unit active fractions there (PNG; implies ``stats``).
+    dest_compressor
+        The masks' compressor: ``"blosc-lz4"`` (default: fast, small, a core Zarr v3 codec),
+        ``"blosc-zstd"``, ``"zstd"`` (zarr's default) or ``"none"``.
     storage_options
         fsspec storage options (a dict or JSON text) for SOURCE and DEST URLs such as
         ``s3://bucket/acts.zarr``.
@@ -176,6 +183,7 @@ def run(
         engine,
         spec,
         unit_axis if (stats or plot_path is not None) else None,
+        storage.parse_compressor(dest_compressor),
     )
     for src in arrays:
         job.unit_axis_of(src)  # a bad --unit-axis is refused before anything runs
@@ -237,7 +245,7 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             what = [k for k in array if before.get(k) != array[k]]
             said.append(f"{name} changed ({', '.join(what)})")
     said.extend(f"{path or 'the source array'} is gone" for path in old_arrays)
-    for option in ("rule", "nan", "dest_chunks", "dest_shards"):
+    for option in ("rule", "nan", "dest_chunks", "dest_shards", "compressor"):
         if old.get(option) != new[option]:
             said.append(f"it was made with {option} {old.get(option)}, now {new[option]}")
     return said
@@ -484,6 +492,7 @@ def _create_outputs(job: _Job, plans: list[chunking.ChunkPlan], report: RunRepor
             shard_shape=plan.dest_shard_shape,
             dimension_names=src.dimension_names,
             attributes=_provenance(job, src),
+            compressor=job.compressor,
         )
 
 

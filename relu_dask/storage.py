@@ -29,6 +29,8 @@ from relu_dask.kernel import check_dtype
 from relu_dask.locations import Location
 
 __all__ = [
+    "COMPRESSORS",
+    "DEFAULT_COMPRESSOR",
     "PROVENANCE_KEY",
     "Skipped",
     "SourceArray",
@@ -41,6 +43,7 @@ __all__ = [
     "open_array",
     "open_mask_array",
     "open_source",
+    "parse_compressor",
     "prepare_dest",
     "read_block",
     "remove_dest",
@@ -53,6 +56,35 @@ log = logging.getLogger(__name__)
 #: The attribute under which DEST records where it came from.
 PROVENANCE_KEY = "relu_dask"
 _METADATA = ("zarr.json", ".zarray", ".zgroup")
+
+#: The masks' compressor: a name of :data:`COMPRESSORS`.
+#:
+#: blosc with lz4 and bit shuffling is a core Zarr v3 codec (any v3 reader decodes it).
+#: On the 1 GiB benchmark's masks (0/1 int8, 50% ones; ``scripts/bench_pipeline.py``) it
+#: encodes 5.5x faster than zarr's default zstd (0.11 s vs 0.61 s for 256 MiB on one
+#: thread) and stores 31% fewer bytes (34.7 MB vs 50.2 MB): bit shuffling turns a byte per
+#: 0/1 value into runs of bits.
+DEFAULT_COMPRESSOR = "blosc-lz4"
+COMPRESSORS: tuple[str, ...] = ("blosc-lz4", "blosc-zstd", "zstd", "none")
+
+
+def parse_compressor(name: str) -> str:
+    """Validate ``--dest-compressor``."""
+    if name not in COMPRESSORS:
+        raise InputError(f"--dest-compressor must be one of {', '.join(COMPRESSORS)}, got {name!r}")
+    return name
+
+
+def _compressors(name: str) -> Any:
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    choices: dict[str, Any] = {
+        "blosc-lz4": BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=1),
+        "blosc-zstd": BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle", typesize=1),
+        "zstd": ZstdCodec(level=0),  # zarr's own default
+        "none": None,
+    }
+    return choices[parse_compressor(name)]
 
 
 @dataclass(frozen=True)
@@ -259,11 +291,12 @@ def create_mask_array(
     shard_shape: tuple[int, ...] | None,
     dimension_names: tuple[str, ...] | None,
     attributes: dict[str, Any],
+    compressor: str = DEFAULT_COMPRESSOR,
 ) -> Any:
     """Create the int8 mask array at ``path`` under DEST (Zarr v3, fill value 0).
 
     Chunks equal to the fill value are not written (zarr's default), so all-negative
-    blocks cost no disk.
+    blocks cost no disk. ``compressor`` is one of :data:`COMPRESSORS`.
     """
     options: dict[str, Any] = {
         "shape": shape,
@@ -273,6 +306,7 @@ def create_mask_array(
         "fill_value": 0,
         "dimension_names": dimension_names,
         "attributes": attributes,
+        "compressors": _compressors(compressor),
     }
     if path:
         root = zarr.open_group(mode="a", zarr_format=3, **_zarr_kwargs(dest))

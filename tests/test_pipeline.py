@@ -238,3 +238,26 @@ def test_derivative_mask_is_lazy_and_exact() -> None:
     assert np.array_equal(mask.compute(scheduler="threads"), oracle(x))
     with pytest.raises(UnsupportedDtypeError):
         relu_dask.derivative_mask(da.from_array(np.array([True, False])))
+
+
+@pytest.mark.parametrize("compressor", ["blosc-lz4", "blosc-zstd", "zstd", "none"])
+def test_dest_compressor_is_a_standard_v3_codec(
+    small_source: tuple[Path, np.ndarray], tmp_path: Path, compressor: str
+) -> None:
+    source, x = small_source
+    relu_dask.run(source, tmp_path / "out.zarr", dest_compressor=compressor)
+    meta = json.loads((tmp_path / "out.zarr" / "zarr.json").read_text())
+    names = [c["name"] for c in meta["codecs"]]
+    expected = {
+        "blosc-lz4": ["bytes", "blosc"],
+        "blosc-zstd": ["bytes", "blosc"],
+        "zstd": ["bytes", "zstd"],
+        "none": ["bytes"],
+    }[compressor]
+    assert names == expected
+    if compressor == "blosc-lz4":
+        config = meta["codecs"][1]["configuration"]
+        assert (config["cname"], config["shuffle"], config["typesize"]) == ("lz4", "bitshuffle", 1)
+    tensorstore = pytest.importorskip("tensorstore")  # another Zarr v3 reader reads it
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / "out.zarr")}}
+    assert np.array_equal(tensorstore.open(spec).result().read().result(), oracle(x))

@@ -5,6 +5,7 @@ The public API:
 * :func:`relu_derivative` -- numpy block in, int8 mask out (the kernel);
 * :func:`derivative_mask` -- lazy dask array in, lazy int8 dask array out;
 * :func:`run` -- SOURCE Zarr in, DEST Zarr masks out, :class:`RunReport` back;
+* :func:`job_status` and :func:`stats_of_masks` -- what a DEST holds, and what its masks say;
 * :func:`plan_chunks` and :class:`ChunkPlan` -- how an array is cut into tasks;
 * :class:`ReluDaskError` and its subclasses, each with its ``exit_code``.
 """
@@ -22,7 +23,7 @@ from relu_dask.errors import (
     ReluDaskError,
     UnsupportedDtypeError,
 )
-from relu_dask.execution import run
+from relu_dask.execution import job_status, run, stats_of_masks
 from relu_dask.graph import derivative_mask
 from relu_dask.kernel import relu_derivative
 from relu_dask.report import ArrayReport, RunReport
@@ -45,8 +46,10 @@ __all__ = [
     "UnsupportedDtypeError",
     "__version__",
     "derivative_mask",
+    "job_status",
     "parse_scheduler",
     "plan_chunks",
     "relu_derivative",
     "run",
+    "stats_of_masks",
 ]

@@ -8,14 +8,19 @@ Two ways to the same bits:
   that reads the block from the source, computes the mask and writes it to DEST, and
   returns only a few counts. No block ever crosses the scheduler, so a distributed cluster
   moves no array data between workers.
+
+The tasks of :func:`build_mask_tasks` are a small dask collection of their own
+(:class:`MaskTasks`), not a ``dask.array``: importing ``dask.array`` also imports xarray
+and pandas wherever they are installed, which cost every run 0.36 s and 37 MiB of peak
+memory (``scripts/bench_pipeline.py``). ``dask.array`` is imported only by the functions
+that hand dask arrays to the user.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dask.array as da
 import numexpr
 import numpy as np
 from dask.base import tokenize
@@ -26,10 +31,14 @@ from relu_dask.errors import NaNFoundError
 from relu_dask.kernel import Engine, check_dtype, parse_at_zero, relu_derivative, set_numexpr_threads
 from relu_dask.locations import Location
 
+if TYPE_CHECKING:
+    import dask.array as da
+
 __all__ = [
     "COUNT_FIELDS",
     "TASK_PREFIX",
     "MaskJob",
+    "MaskTasks",
     "build_mask_tasks",
     "derivative_mask",
     "process_block",
@@ -48,10 +57,13 @@ def derivative_mask(darr: da.Array, *, at_zero: int = 1, engine: Engine = "numpy
 
     Examples
     --------
+    >>> import dask.array as da
     >>> x = da.from_array(np.array([-1.0, 0.0, 3.0]), chunks=2)
     >>> derivative_mask(x).compute()
     array([0, 1, 1], dtype=int8)
     """
+    import dask.array as da
+
     check_dtype(darr.dtype, where="the dask array")
     rule = parse_at_zero(at_zero)
     return da.map_blocks(
@@ -172,28 +184,72 @@ def _describe_nan(job: MaskJob, block: np.ndarray, slices: tuple[slice, ...]) ->
     )
 
 
-def build_mask_tasks(job: MaskJob) -> da.Array | None:
-    """A lazy array of per-block counts whose computation writes every mask block.
+class MaskTasks:
+    """The tasks of one array's job: a dask collection of one task per block.
+
+    Computing it writes every mask block and gives back the tasks' counts as one array of
+    shape ``plan.numblocks + (job.row_width,)``. It follows dask's collection protocol, so
+    ``dask.compute``, ``Client.persist`` and ``distributed.futures_of`` take it as they take
+    a dask array; its keys are ``(name, *block_index)``, its name ``relu-mask-<token>``.
+    """
+
+    def __init__(self, job: MaskJob, name: str, graph: dict[Any, Any] | None = None) -> None:
+        self.job = job
+        self.name = name
+        self._keys = [(name, *index) for index in job.plan.iter_block_indices()]
+        self._graph = graph if graph is not None else {key: (process_block, job, tuple(key[1:])) for key in self._keys}
+
+    def __dask_graph__(self) -> dict[Any, Any]:
+        return self._graph
+
+    def __dask_keys__(self) -> list[Any]:
+        return list(self._keys)
+
+    def __dask_layers__(self) -> tuple[str, ...]:
+        return (self.name,)
+
+    def __dask_tokenize__(self) -> str:
+        return self.name
+
+    def __dask_postcompute__(self) -> tuple[Any, tuple[Any, ...]]:
+        return _assemble, (self.job.plan.numblocks, self.job.row_width)
+
+    def __dask_postpersist__(self) -> tuple[Any, tuple[Any, ...]]:
+        return _rebuild, (self.job, self.name)
+
+    @staticmethod
+    def __dask_optimize__(dsk: Any, keys: Any, **kwargs: Any) -> Any:
+        return dsk  # one independent task per block: nothing to fuse or cull
+
+    @staticmethod
+    def __dask_scheduler__(dsk: Any, keys: Any, **kwargs: Any) -> Any:
+        from dask.threaded import get
+
+        return get(dsk, keys, **kwargs)
+
+
+def _assemble(rows: list[np.ndarray], numblocks: tuple[int, ...], width: int) -> np.ndarray:
+    return np.stack([np.asarray(r).reshape(width) for r in rows]).reshape(*numblocks, width)
+
+
+def _rebuild(dsk: Any, job: MaskJob, name: str, rename: Any = None) -> MaskTasks:
+    return MaskTasks(job, name, dict(dsk))
+
+
+def build_mask_tasks(job: MaskJob) -> MaskTasks | None:
+    """The tasks that write every mask block of ``job`` and count what they saw.
 
     Returns None for an empty array (nothing to compute).
     """
-    plan = job.plan
-    if plan.num_tasks == 0:
+    if job.plan.num_tasks == 0:
         return None
-    chunks = (*((1,) * n for n in plan.numblocks), (job.row_width,))
-    name = f"{TASK_PREFIX}-{job.token or tokenize(plan, job.at_zero, job.engine)}"
-    return da.map_blocks(
-        process_block,
-        job=job,
-        chunks=chunks,
-        dtype=np.int64,
-        meta=np.empty((0,) * (len(plan.shape) + 1), dtype=np.int64),
-        name=name,
-    )
+    return MaskTasks(job, f"{TASK_PREFIX}-{job.token or tokenize(job.plan, job.at_zero, job.engine)}")
 
 
 def unit_ones_of_mask(mask: Any, plan: ChunkPlan, axis: int) -> da.Array:
     """Lazily, the ones of each unit along ``axis`` of an int8 mask array (zarr), as int64."""
+    import dask.array as da
+
     name = f"read-mask-{tokenize(str(mask.store_path), plan)}"
     darr = da.from_array(mask, chunks=plan.chunks, lock=False, asarray=True, name=name)
     others = tuple(a for a in range(len(plan.shape)) if a != axis)

@@ -31,6 +31,7 @@ __all__ = [
     "GIB",
     "MIB",
     "ChildResult",
+    "OtherLoad",
     "check_parent_small",
     "machine_facts",
     "markdown_table",
@@ -117,6 +118,8 @@ class ChildResult:
     """ru_maxrss of this child (see the module docstring)."""
     parent_rss_bytes: int
     """The parent's RSS when it spawned the child (an upper bound on what could leak in)."""
+    machine_busy_s: float
+    """CPU seconds the whole machine spent busy while the child ran (from /proc/stat)."""
     returncode: int
     stdout: str
     stderr: str
@@ -125,6 +128,11 @@ class ChildResult:
     def cpu_s(self) -> float:
         return self.user_s + self.sys_s
 
+    @property
+    def other_load(self) -> float:
+        """Average cores that other processes kept busy meanwhile: the noise on this run."""
+        return max(0.0, self.machine_busy_s - self.cpu_s) / self.wall_s
+
 
 def run_child(argv: Sequence[str], *, env: dict[str, str] | None = None, timeout_s: float | None = None) -> ChildResult:
     """Run ``argv`` to completion; return its wall, CPU and peak RSS. Raises on failure."""
@@ -132,6 +140,7 @@ def run_child(argv: Sequence[str], *, env: dict[str, str] | None = None, timeout
     err_path = Path(f"/tmp/.bench-child-{os.getpid()}.err")
     parent_rss = _self_rss_bytes()
     with out_path.open("w+b") as out, err_path.open("w+b") as err:
+        busy_before = _machine_busy_s()
         start = time.perf_counter()
         # preexec_fn forces fork instead of vfork: see the module docstring.
         proc = subprocess.Popen(list(argv), stdout=out, stderr=err, env=env, preexec_fn=_noop)
@@ -144,6 +153,7 @@ def run_child(argv: Sequence[str], *, env: dict[str, str] | None = None, timeout
             if timer:
                 timer.cancel()
         wall = time.perf_counter() - start
+        busy = _machine_busy_s() - busy_before
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
@@ -159,6 +169,7 @@ def run_child(argv: Sequence[str], *, env: dict[str, str] | None = None, timeout
         sys_s=usage.ru_stime,
         peak_rss_bytes=usage.ru_maxrss * 1024,  # KiB on Linux
         parent_rss_bytes=parent_rss,
+        machine_busy_s=busy,
         returncode=proc.returncode,
         stdout=stdout,
         stderr=stderr,
@@ -167,6 +178,43 @@ def run_child(argv: Sequence[str], *, env: dict[str, str] | None = None, timeout
 
 def _noop() -> None:
     pass
+
+
+class OtherLoad:
+    """Cores that other processes kept busy during a ``with`` block of this process.
+
+    >>> with OtherLoad() as load:
+    ...     pass
+    >>> load.cores >= 0
+    True
+    """
+
+    def __enter__(self) -> OtherLoad:
+        self._busy = _machine_busy_s()
+        self._own = _own_cpu_s()
+        self._start = time.perf_counter()
+        self.cores = 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = max(time.perf_counter() - self._start, 1e-9)
+        others = (_machine_busy_s() - self._busy) - (_own_cpu_s() - self._own)
+        self.cores = max(0.0, others) / wall
+
+
+def _own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _machine_busy_s() -> float:
+    """Busy CPU seconds of the whole machine since boot (all cores), from /proc/stat."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return float("nan")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def _self_rss_bytes() -> int:

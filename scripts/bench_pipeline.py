@@ -10,14 +10,16 @@ rotated each round), every output deleted and ``os.sync()`` called before each s
 * **relu-dask** -- ``python -m relu_dask run SRC DST --overwrite --quiet`` with default
   options (``--report`` is added only to read the in-process compute time back);
 * **naive dask** -- ``(da.from_zarr(src) >= 0).astype('i1').to_zarr(dst)``, dask's
-  default threaded scheduler;
+  default threaded scheduler and zarr's default codecs (whatever relu-dask's are);
 * **codec floor** -- no dask: ``ThreadPoolExecutor(2)``, one task per source chunk; each
   task reads and decodes its chunk through zarr (``src[chunk_slice]``), computes the
   real mask (``np.greater_equal(x, 0, out=mask.view(bool))`` into a fresh int8 array)
   and encodes and writes it through zarr (``dst[chunk_slice] = mask``) into an int8 v3
-  array created with zarr's defaults, exactly as relu-dask's output is (same chunks, same
-  codecs, fill value 0, empty chunks skipped). What is left once dask and relu_dask are
-  taken away: zarr's own I/O, codec work (done on zarr's thread pool) and the kernel;
+  array with the source's chunks, fill value 0 (empty chunks skipped, zarr's default) and
+  exactly the codecs of relu-dask's output, read from the ``zarr.json`` of one untimed
+  relu-dask run made before the rounds (that run's output is also the reference every
+  writer's mask is compared with). What is left once dask and relu_dask are taken away:
+  zarr's own I/O, codec work (done on zarr's thread pool) and the kernel;
 * **read+decode floor** -- the same pool and tasks doing only ``src[chunk_slice]``.
 * **baseline** -- ``python -c "import relu_dask.cli"``: interpreter and imports alone, the
   part of every wall and peak RSS that no pipeline change can remove.
@@ -27,7 +29,12 @@ reap, interpreter start and imports included: what a user waits for), user+sys C
 seconds and peak RSS (``ru_maxrss`` of that child). Each child also reports its
 in-process work time (after imports; relu-dask's is the report's ``wall_s``). GB/s is
 uncompressed input bytes (10^9) per second of process wall. The source is read once
-before the rounds so every contender finds it in the page cache.
+before the rounds so every contender finds it in the page cache. "other load" is the
+cores that other processes kept busy while a child ran (from /proc/stat): on a shared
+machine it says which figures to trust; ``--max-other-load`` reruns a child (up to
+twice more) when it was higher. Note that ``import dask.array`` also imports xarray and
+pandas when they are installed (the test extras install them): that is part of
+relu-dask's and naive dask's start-up and baseline RSS here, not of a bare install.
 
 Usage::
 
@@ -95,10 +102,21 @@ def _chunk_slices(shape: Sequence[int], chunks: Sequence[int]) -> list[tuple[sli
     import itertools
 
     ranges = [range(0, n, c) for n, c in zip(shape, chunks)]
-    return [tuple(slice(s, min(s + c, n)) for s, c, n in zip(starts, chunks, shape)) for starts in itertools.product(*ranges)]
+    return [
+        tuple(slice(s, min(s + c, n)) for s, c, n in zip(starts, chunks, shape))
+        for starts in itertools.product(*ranges)
+    ]
 
 
-def _child_codec_floor(src_path: str, dst_path: str) -> dict[str, float]:
+def _codec_kwargs(codecs_json: str) -> dict[str, object]:
+    """zarr.create_array keywords for a v3 ``codecs`` list: filters, serializer, compressors."""
+    codecs = json.loads(codecs_json)
+    names = [c["name"] for c in codecs]
+    cut = next(i for i, n in enumerate(names) if n in ("bytes", "sharding_indexed", "vlen-bytes", "vlen-utf8"))
+    return {"filters": codecs[:cut], "serializer": codecs[cut], "compressors": codecs[cut + 1 :]}
+
+
+def _child_codec_floor(src_path: str, dst_path: str, codecs_json: str) -> dict[str, float]:
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
@@ -106,10 +124,18 @@ def _child_codec_floor(src_path: str, dst_path: str) -> dict[str, float]:
 
     start = time.perf_counter()
     src = zarr.open_array(src_path, mode="r")
-    dst = zarr.create_array(store=dst_path, shape=src.shape, chunks=src.chunks, dtype="int8", fill_value=0, zarr_format=3)
+    dst = zarr.create_array(
+        store=dst_path,
+        shape=src.shape,
+        chunks=src.chunks,
+        dtype="int8",
+        fill_value=0,
+        zarr_format=3,
+        **_codec_kwargs(codecs_json),  # type: ignore[arg-type]
+    )
 
     def task(region: tuple[slice, ...]) -> None:
-        x = src[region]
+        x = np.asarray(src[region])
         mask = np.empty(x.shape, dtype=np.int8)
         np.greater_equal(x, 0, out=mask.view(np.bool_))
         dst[region] = mask
@@ -117,6 +143,20 @@ def _child_codec_floor(src_path: str, dst_path: str) -> dict[str, float]:
     with ThreadPoolExecutor(FLOOR_THREADS) as pool:
         list(pool.map(task, _chunk_slices(src.shape, src.chunks)))
     return {"work_s": time.perf_counter() - start}
+
+
+def _child_compare(path_a: str, path_b: str) -> dict[str, float]:
+    """Whether two int8 arrays hold the same values, read a chunk at a time."""
+    import numpy as np
+    import zarr
+
+    a, b = zarr.open_array(path_a, mode="r"), zarr.open_array(path_b, mode="r")
+    equal = a.shape == b.shape and a.dtype == b.dtype
+    for region in _chunk_slices(a.shape, a.chunks) if equal else []:
+        if not np.array_equal(np.asarray(a[region]), np.asarray(b[region])):
+            equal = False
+            break
+    return {"equal": float(equal)}
 
 
 def _child_read_floor(src_path: str) -> dict[str, float]:
@@ -140,6 +180,7 @@ _CHILDREN: dict[str, Callable[..., dict[str, float]]] = {
     "naive": _child_naive,
     "codec-floor": _child_codec_floor,
     "read-floor": _child_read_floor,
+    "compare": _child_compare,
 }
 
 
@@ -154,13 +195,16 @@ class Contender:
     results: list[ChildResult] = field(default_factory=list)
     work_s: list[float] = field(default_factory=list)
 
-    def argv(self, src: Path, dst: Path, report: Path) -> list[str]:
+    def argv(self, src: Path, dst: Path, report: Path, codecs_json: str = "") -> list[str]:
         py = sys.executable
         if self.key == "relu-dask":
             return [py, "-m", "relu_dask", "run", str(src), str(dst), "--overwrite", "--quiet", "--report", str(report)]
         if self.key == "baseline":
             return [py, "-c", "import relu_dask.cli"]
-        return [py, str(Path(__file__).resolve()), "--child", self.key, str(src), *([str(dst)] if self.writes else [])]
+        extra = [str(dst)] if self.writes else []
+        if self.key == "codec-floor":
+            extra.append(codecs_json)
+        return [py, str(Path(__file__).resolve()), "--child", self.key, str(src), *extra]
 
     def work_time(self, result: ChildResult, report: Path) -> float:
         if self.key == "relu-dask":
@@ -234,25 +278,73 @@ def tree_digest(path: Path) -> tuple[int, str]:
     return total, digest.hexdigest()
 
 
-def codecs_of(path: Path) -> str:
-    meta = json.loads((path / "zarr.json").read_text())
+def codecs_json_of(path: Path) -> str:
+    return json.dumps(json.loads((path / "zarr.json").read_text()).get("codecs", []))
+
+
+def describe_codecs(codecs_json: str) -> str:
     return " + ".join(
-        c["name"] + (f"({c['configuration']})" if c.get("configuration") else "") for c in meta.get("codecs", [])
+        c["name"] + (f"({c['configuration']})" if c.get("configuration") else "") for c in json.loads(codecs_json)
     )
 
 
-def run_round(contenders: list[Contender], src: Path, out_dir: Path, rnd: int, outputs: dict[str, tuple]) -> None:
+def run_measured(argv: list[str], dst: Path, max_other_load: float | None) -> ChildResult:
+    """Run one child on a clean slate (DEST removed, dirty pages synced); rerun if noisy."""
+    for _attempt in range(3 if max_other_load is not None else 1):
+        remove(dst)
+        os.sync()
+        result = run_child(argv, timeout_s=CHILD_TIMEOUT_S)
+        if max_other_load is None or result.other_load <= max_other_load:
+            break
+        print(f"  (rerun: other load {result.other_load:.2f} cores)", file=sys.stderr, flush=True)
+    return result
+
+
+@dataclass(frozen=True)
+class Output:
+    """What one writer wrote in its first round, next to relu-dask's reference output."""
+
+    num_bytes: int
+    digest: str
+    codecs_json: str
+    equal_to_reference: bool
+
+
+def make_reference(src: Path, out_dir: Path) -> tuple[Path, str]:
+    """One untimed relu-dask run: its output is the reference, its codecs the floor's."""
+    reference = out_dir / "reference.zarr"
+    remove(reference)
+    argv = make_contenders()[0].argv(src, reference, out_dir / "report-reference.json")
+    run_child(argv, timeout_s=CHILD_TIMEOUT_S)
+    (out_dir / "report-reference.json").unlink(missing_ok=True)
+    return reference, codecs_json_of(reference)
+
+
+def describe_output(dst: Path, reference: Path) -> Output:
+    num_bytes, digest = tree_digest(dst)
+    compare = [sys.executable, str(Path(__file__).resolve()), "--child", "compare", str(dst), str(reference)]
+    equal = bool(json.loads(run_child(compare).stdout.strip().splitlines()[-1])["equal"])
+    return Output(num_bytes, digest, codecs_json_of(dst), equal)
+
+
+def run_round(
+    contenders: list[Contender],
+    src: Path,
+    out_dir: Path,
+    rnd: int,
+    outputs: dict[str, Output],
+    reference: tuple[Path, str],
+    max_other_load: float | None,
+) -> None:
     shift = rnd % len(contenders)
     for c in contenders[shift:] + contenders[:shift]:
         dst = out_dir / f"mask-{c.key}.zarr"
         report = out_dir / f"report-{c.key}.json"
-        remove(dst)
-        os.sync()
-        result = run_child(c.argv(src, dst, report), timeout_s=CHILD_TIMEOUT_S)
+        result = run_measured(c.argv(src, dst, report, reference[1]), dst, max_other_load)
         c.results.append(result)
         c.work_s.append(c.work_time(result, report))
         if c.writes and c.key not in outputs:
-            outputs[c.key] = (*tree_digest(dst), codecs_of(dst))
+            outputs[c.key] = describe_output(dst, reference[0])
         remove(dst)
         report.unlink(missing_ok=True)
         print(f"  round {rnd + 1}: {c.key:12s} {result.wall_s:7.2f} s", file=sys.stderr, flush=True)
@@ -272,6 +364,7 @@ def print_main_table(contenders: list[Contender], input_bytes: int, rounds: int)
             "rss_max": max(r.peak_rss_bytes for r in c.results),
             "cpu": median([r.cpu_s for r in c.results]),
             "busy": median([r.cpu_s / r.wall_s for r in c.results]),
+            "other": median([r.other_load for r in c.results]),
         }
     floor, naive = stats["codec-floor"], stats["naive"]
     rows = []
@@ -290,6 +383,7 @@ def print_main_table(contenders: list[Contender], input_bytes: int, rounds: int)
                 f"{s['rss'] / MIB:.0f} ({s['rss_max'] / MIB:.0f})",
                 f"{s['cpu'] / (input_bytes / GIB):.2f}" if pipeline else f"{s['cpu']:.2f} (total)",
                 f"{s['busy']:.2f}",
+                f"{s['other']:.2f}",
             ]
         )
     print(f"### Pipeline: {input_bytes / GIB:g} GiB float32, median of {rounds} interleaved round(s)\n")
@@ -304,34 +398,63 @@ def print_main_table(contenders: list[Contender], input_bytes: int, rounds: int)
         "peak RSS MiB median (max)",
         "CPU s / GiB",
         "cores busy",
+        "other load (cores)",
     ]
     print(markdown_table(headers, rows))
     print()
     print(
         "wall: process start to exit (interpreter and imports included); work: in-process time after imports; "
-        "GB/s: uncompressed input (10^9 B) per second of wall; cores busy: (user+sys) / wall."
+        "GB/s: uncompressed input (10^9 B) per second of wall; cores busy: (user+sys) / wall; "
+        "other load: cores other processes kept busy meanwhile (the noise; 0 on a quiet machine)."
     )
     return stats
 
 
-def print_outputs(outputs: dict[str, tuple]) -> None:
-    reference = outputs.get("codec-floor")
+def print_outputs(outputs: dict[str, Output], reference: tuple[Path, str]) -> None:
+    reference_digest = tree_digest(reference[0])[1]
     rows = []
-    for key, (size, digest, codecs) in outputs.items():
-        same = "yes" if reference and digest == reference[1] else "NO"
-        rows.append([key, f"{size:,}", f"{size / MIB:.1f}", codecs, same])
-    print("\n### Outputs (first round)\n")
-    print(markdown_table(["writer", "bytes on disk", "MiB", "codecs", "chunk files identical to codec floor's"], rows))
+    for key, out in outputs.items():
+        same_codecs = out.codecs_json == reference[1]
+        rows.append(
+            [
+                key,
+                f"{out.num_bytes:,}",
+                f"{out.num_bytes / MIB:.1f}",
+                describe_codecs(out.codecs_json),
+                "yes" if same_codecs else "no",
+                ("yes" if out.digest == reference_digest else "NO") if same_codecs else "-",
+                "yes" if out.equal_to_reference else "**NO**",
+            ]
+        )
+    print("\n### Outputs (first round; the reference is an untimed relu-dask run made before the rounds)\n")
+    headers = [
+        "writer",
+        "bytes on disk",
+        "MiB",
+        "codecs",
+        "relu-dask's codecs",
+        "chunk files identical to relu-dask's",
+        "mask equal to relu-dask's (decoded)",
+    ]
+    print(markdown_table(headers, rows, align="lrrllll"))
 
 
 def print_targets(stats: dict[str, dict[str, float]]) -> None:
     ours, floor, naive = stats["relu-dask"], stats["codec-floor"], stats["naive"]
+    vs_floor_wall = ours["wall"] / floor["wall"]
+    vs_floor_work = ours["work"] / floor["work"]
+    vs_naive = naive["wall"] / ours["wall"]
     checks = [
-        ("relu-dask wall / codec floor wall", ours["wall"] / floor["wall"], f"<= {TARGET_VS_FLOOR}", ours["wall"] / floor["wall"] <= TARGET_VS_FLOOR),
-        ("relu-dask work / codec floor work", ours["work"] / floor["work"], f"<= {TARGET_VS_FLOOR}", ours["work"] / floor["work"] <= TARGET_VS_FLOOR),
-        ("naive dask wall / relu-dask wall", naive["wall"] / ours["wall"], f">= {TARGET_VS_NAIVE}", naive["wall"] / ours["wall"] >= TARGET_VS_NAIVE),
-        ("relu-dask peak RSS (MB = 10^6 B)", ours["rss"] / 1e6, f"<= {TARGET_RSS_BYTES / 1e6:.0f}", ours["rss"] <= TARGET_RSS_BYTES),
-    ]  # fmt: skip
+        ("relu-dask wall / codec floor wall", vs_floor_wall, f"<= {TARGET_VS_FLOOR}", vs_floor_wall <= TARGET_VS_FLOOR),
+        ("relu-dask work / codec floor work", vs_floor_work, f"<= {TARGET_VS_FLOOR}", vs_floor_work <= TARGET_VS_FLOOR),
+        ("naive dask wall / relu-dask wall", vs_naive, f">= {TARGET_VS_NAIVE}", vs_naive >= TARGET_VS_NAIVE),
+        (
+            "relu-dask peak RSS (MB = 10^6 B)",
+            ours["rss"] / 1e6,
+            f"<= {TARGET_RSS_BYTES / 1e6:.0f}",
+            ours["rss"] <= TARGET_RSS_BYTES,
+        ),
+    ]
     print("\n### Targets\n")
     rows = [[name, f"{value:.3f}", target, "yes" if ok else "**no**"] for name, value, target, ok in checks]
     print(markdown_table(["check", "measured", "target", "met"], rows, align="lrll"))
@@ -345,11 +468,13 @@ def run_main(args: argparse.Namespace, size_gib: float) -> None:
     out_dir = args.data_dir / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
     contenders = make_contenders()
-    outputs: dict[str, tuple] = {}
+    reference = make_reference(src, out_dir)
+    outputs: dict[str, Output] = {}
     for rnd in range(args.rounds):
-        run_round(contenders, src, out_dir, rnd, outputs)
+        run_round(contenders, src, out_dir, rnd, outputs, reference, args.max_other_load)
     stats = print_main_table(contenders, rows * UNITS * 4, args.rounds)
-    print_outputs(outputs)
+    print_outputs(outputs, reference)
+    remove(reference[0])
     print_targets(stats)
     warning = check_parent_small([r for c in contenders for r in c.results])
     if warning:
@@ -369,9 +494,7 @@ def run_sizes(args: argparse.Namespace, sizes: list[float]) -> None:
             src = source_path(args.data_dir, size)
             dst, report = out_dir / "mask-sizes.zarr", out_dir / "report-sizes.json"
             warm_page_cache(src)
-            remove(dst)
-            os.sync()
-            result = run_child(relu.argv(src, dst, report), timeout_s=CHILD_TIMEOUT_S)
+            result = run_measured(relu.argv(src, dst, report), dst, args.max_other_load)
             results[size].append(result)
             work[size].append(relu.work_time(result, report))
             remove(dst)
@@ -394,10 +517,12 @@ def run_sizes(args: argparse.Namespace, sizes: list[float]) -> None:
                 f"{(rss / first - 1) * 100:+.1f}%",
                 f"{median([r.cpu_s for r in rs]) / (nbytes / GIB):.2f}",
                 f"{median([r.cpu_s / r.wall_s for r in rs]):.2f}",
+                f"{median([r.other_load for r in rs]):.2f}",
             ]
         )
     print(f"### relu-dask run (defaults) as the array grows: median of {args.rounds} round(s)\n")
-    headers = ["size", "wall s", "work s", "GB/s", "peak RSS MiB median (max)", f"RSS vs {size_tag(sizes[0])}", "CPU s / GiB", "cores busy"]  # fmt: skip
+    headers = ["size", "wall s", "work s", "GB/s", "peak RSS MiB median (max)"]
+    headers += [f"RSS vs {size_tag(sizes[0])}", "CPU s / GiB", "cores busy", "other load (cores)"]
     print(markdown_table(headers, rows))
     last = median([r.peak_rss_bytes for r in results[sizes[-1]]])
     ok = last / first - 1 < TARGET_RSS_GROWTH
@@ -415,6 +540,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--quick", action="store_true", help="a 256 MiB array, 1 round: a smoke test")
     parser.add_argument("--sizes", help="GiB of float32, comma-separated (e.g. 1,4,16): relu-dask's RSS and wall")
+    parser.add_argument(
+        "--max-other-load",
+        type=float,
+        help="rerun a child (twice at most) when other processes kept more than this many cores busy",
+    )
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help=f"default: {DEFAULT_DATA_DIR}")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

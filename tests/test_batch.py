@@ -62,6 +62,18 @@ def partial_files(dest: Path) -> list[Path]:
     return list(dest.rglob("*.partial")) if dest.exists() else []
 
 
+def wait_until_stopped(pid: int) -> None:
+    """A signal is delivered asynchronously: wait until the process is really stopped."""
+    import psutil
+
+    process = psutil.Process(pid)
+    for _ in range(10_000):
+        if process.status() == psutil.STATUS_STOPPED:
+            return
+        time.sleep(0.0005)
+    raise AssertionError(f"process {pid} did not stop")
+
+
 def wait_for(condition, proc: subprocess.Popen[str], timeout: float = 120) -> bool:  # type: ignore[no-untyped-def]
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -121,7 +133,8 @@ def test_sigkill_during_a_chunk_write(big_source: tuple[Path, Path], tmp_path: P
         caught = False
         while proc.poll() is None and not caught:
             if partial_files(dest):
-                proc.send_signal(signal.SIGSTOP)  # freeze it mid-write, then check it is mid-write
+                proc.send_signal(signal.SIGSTOP)  # freeze it, then check that it froze mid-write
+                wait_until_stopped(proc.pid)
                 caught = bool(partial_files(dest))
                 if not caught:
                     proc.send_signal(signal.SIGCONT)

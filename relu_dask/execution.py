@@ -187,6 +187,11 @@ def run(
     )
     for src in arrays:
         job.unit_axis_of(src)  # a bad --unit-axis is refused before anything runs
+    if plot_path is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise InputError("--plot needs matplotlib: pip install 'relu-dask[plot]'")
     if dry_run:
         state, record = _dest_state(job, overwrite)
         report, _plans = _planned_report(job, plan_session(spec), record)

@@ -197,6 +197,10 @@ def hold_lock(
         with contextlib.suppress(OSError, ValueError):
             if json.loads(lock.read_text()).get("pid") == me["pid"]:
                 lock.remove()
+        folder = journal_dir(dest)
+        if folder.is_local:  # a run refused under the lock leaves nothing behind
+            with contextlib.suppress(OSError):
+                folder.path.rmdir()
 
 
 def _acquire(lock: Location, me: dict[str, Any], stale_after_s: float, dest: Location) -> None:

@@ -362,3 +362,12 @@ def test_resume_makes_outputs_a_kill_stopped_from_being_made(tmp_path: Path) -> 
     assert "resuming DEST" in proc.stderr
     assert np.array_equal(read_mask(dest, "first"), oracle(a))
     assert np.array_equal(read_mask(dest, "deep/second"), oracle(b))
+
+
+def test_refused_run_leaves_nothing_beside_dest(tmp_path: Path) -> None:
+    write_zarr(tmp_path / "s.zarr", activations((8, 8)), (4, 4))
+    write_zarr(tmp_path / "out.zarr", np.zeros((2, 2), np.int8), (2, 2))  # made by someone else
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = run_cli("run", str(tmp_path / "s.zarr"), str(tmp_path / "out.zarr"))
+    assert proc.returncode == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -498,7 +498,10 @@ def _read_by_chunks(array: Any, selection: tuple[slice, ...]) -> np.ndarray:
         lo = tuple(i * c for i, c in zip(coords, grid_chunks))
         inner = tuple(slice(max(a, b) - b, min(a + n, b + c) - b) for a, n, b, c in zip(starts, shape, lo, grid_chunks))
         into = tuple(slice(max(a, b) - a, min(a + n, b + c) - a) for a, n, b, c in zip(starts, shape, lo, grid_chunks))
-        chunk = sync(_decode_chunk(aa, metadata, pipeline, config, prototype, coords))
+        try:
+            chunk = sync(_decode_chunk(aa, metadata, pipeline, config, prototype, coords))
+        except NotImplementedError:  # a codec pipeline without decode() (zarrs): zarr's own read
+            raise _UseZarr from None
         if chunk is None:  # not stored: the fill value, as zarr reads it
             part: np.ndarray | Any = fill_value_or_default(metadata.get_chunk_spec(coords, config, prototype))
         else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import math
 import os
@@ -74,8 +75,9 @@ class _Job:
             return None
         return parse_unit_axis(self.unit_axis, len(src.shape), where=src.path or "the source")
 
+    @functools.cached_property
     def fingerprint(self) -> dict[str, Any]:
-        """Source identity and the options that change the result."""
+        """Source identity and the options that change the result (as found at the start)."""
         return {
             "source": self.source.url,
             "arrays": [storage.fingerprint_array(a) for a in self.arrays],
@@ -228,7 +230,7 @@ def _dest_state(job: _Job, overwrite: bool) -> tuple[DestState, journal.JobRecor
     record = journal.read_record(dest)
     if record is None:
         raise DestinationExistsError(f"DEST {dest} already exists: pass --overwrite to replace it")
-    changed = _differences(record.fingerprint, job.fingerprint())
+    changed = _differences(record.fingerprint, job.fingerprint)
     if changed:
         raise DestinationExistsError(
             f"DEST {dest} holds another job ({'; '.join(changed)}): pass --overwrite to replace it"
@@ -403,7 +405,7 @@ def _execute(
     journal.write_record(
         job.dest,
         journal.JobRecord(
-            job.fingerprint(),
+            job.fingerprint,
             [list(p.block_shape) for p in plans],
             complete=True,
             counts=totals,
@@ -420,7 +422,7 @@ def _start_fresh(job: _Job, plans: list[chunking.ChunkPlan], report: RunReport) 
     if job.dest.exists():
         storage.remove_dest(job.dest, "--overwrite")
     journal.remove_journal(job.dest)
-    journal.write_record(job.dest, journal.JobRecord(job.fingerprint(), [list(p.block_shape) for p in plans]))
+    journal.write_record(job.dest, journal.JobRecord(job.fingerprint, [list(p.block_shape) for p in plans]))
     _create_outputs(job, plans, report)
 
 

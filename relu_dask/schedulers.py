@@ -31,7 +31,7 @@ from dask.callbacks import Callback
 from relu_dask import chunking
 from relu_dask.errors import InputError
 from relu_dask.graph import TASK_PREFIX
-from relu_dask.kernel import count_cores
+from relu_dask.kernel import count_cores, numexpr_threads_for
 
 __all__ = [
     "CONNECT_TIMEOUT_S",
@@ -176,11 +176,11 @@ def plan_session(spec: SchedulerSpec) -> Session:
         return Session(spec, 1, cores, memory)
     if spec.name in ("threads", "processes"):
         workers = spec.num_workers or cores
-        return Session(spec, workers, max(1, cores // workers), memory // workers)
+        return Session(spec, workers, numexpr_threads_for(workers, cores), memory // workers)
     if spec.name == "local":
         workers, threads = _local_sizes(spec, cores)
         limit = spec.memory_limit_bytes or memory // workers
-        return Session(spec, workers * threads, max(1, cores // (workers * threads)), limit // threads)
+        return Session(spec, workers * threads, numexpr_threads_for(workers * threads, cores), limit // threads)
     return Session(spec, 0, 1, None)  # an existing cluster: known once connected
 
 

@@ -60,8 +60,8 @@ _METADATA = ("zarr.json", ".zarray", ".zgroup")
 #: The masks' compressor: a name of :data:`COMPRESSORS`.
 #:
 #: blosc with lz4 and bit shuffling is a core Zarr v3 codec (any v3 reader decodes it).
-#: On the 1 GiB benchmark's masks (0/1 int8, 50% ones; ``scripts/bench_pipeline.py``) it
-#: encodes 5.5x faster than zarr's default zstd (0.11 s vs 0.61 s for 256 MiB on one
+#: On the 1 GiB benchmark's masks (0/1 int8, 50% ones; ``scripts/bench_codecs.py``) it
+#: encodes 5.5x faster than zarr's default zstd (0.11 s vs 0.63 s for 256 MiB on one
 #: thread) and stores 31% fewer bytes (34.7 MB vs 50.2 MB): bit shuffling turns a byte per
 #: 0/1 value into runs of bits.
 DEFAULT_COMPRESSOR = "blosc-lz4"

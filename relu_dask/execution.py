@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 from dask.base import tokenize
 
-from relu_dask import chunking, journal, storage
+from relu_dask import chunking, chunkio, journal, storage
 from relu_dask.errors import DestinationExistsError, InputError, NaNFoundError, ProcessingError, ReluDaskError
 from relu_dask.graph import COUNT_FIELDS, MaskJob, build_mask_tasks, unit_ones_of_mask
 from relu_dask.kernel import Engine, choose_engine, parse_at_zero, parse_nan_policy, rule_for
@@ -397,9 +397,13 @@ def _execute(
             },
         )
         tasks = [build_mask_tasks(j) for j in jobs]
+        to_compute = [t for t in tasks if t is not None]
         start = time.perf_counter()
         with _processing_errors(job.dest):
-            results = compute(session, [t for t in tasks if t is not None], progress, interval_s, performance_report)
+            try:
+                results = compute(session, to_compute, progress, interval_s, performance_report)
+            finally:
+                _release_buffers(session)
         report.wall_s = time.perf_counter() - start
     totals, units = _record_counts(report, job, jobs, tasks, iter(results))
     journal.write_record(
@@ -415,6 +419,14 @@ def _execute(
     )
     journal.remove_done_markers(job.dest)
     return report
+
+
+def _release_buffers(session: Session) -> None:
+    """Free the block buffers the tasks kept for reuse, here and on a cluster's workers."""
+    chunkio.release_buffers()
+    if session.client is not None:
+        with contextlib.suppress(Exception):  # a worker that died took its buffers with it
+            session.client.run(chunkio.release_buffers)
 
 
 def _start_fresh(job: _Job, plans: list[chunking.ChunkPlan], report: RunReport) -> None:

@@ -25,7 +25,7 @@ import numexpr
 import numpy as np
 from dask.base import tokenize
 
-from relu_dask import journal, storage
+from relu_dask import chunkio, journal, storage
 from relu_dask.chunking import ChunkPlan
 from relu_dask.errors import NaNFoundError
 from relu_dask.kernel import Engine, check_dtype, parse_at_zero, relu_derivative, set_numexpr_threads
@@ -128,19 +128,22 @@ def process_block(job: MaskJob, block_id: tuple[int, ...] | None = None) -> np.n
         if done is not None and len(done) == recorded:
             return _row([*done[:4], 1, 0], done[4:], width, ndim)
     slices = job.plan.block_slices(index)
-    block = storage.read_block(job.source, slices)
     if job.engine != "numpy" and numexpr.get_num_threads() != job.numexpr_threads:
         set_numexpr_threads(job.numexpr_threads)
-    nans, zeros = _count_nans_and_zeros(block)
-    if nans and job.nan_policy == "error":
-        raise NaNFoundError(_describe_nan(job, block, slices))
-    mask = relu_derivative(block, at_zero=job.at_zero, engine=job.engine)
-    job.dest[slices] = mask
-    counts = [block.size, int(np.count_nonzero(mask)), nans, zeros]
-    per_unit: list[int] = []
-    if job.unit_axis is not None:
-        others = tuple(a for a in range(ndim) if a != job.unit_axis)
-        per_unit = mask.sum(axis=others, dtype=np.int64).tolist()
+    with chunkio.scratch() as into:  # this thread's buffers, reused from block to block
+        block = storage.read_block(job.source, slices, into)
+        nans, zeros = _count_nans_and_zeros(block)
+        if nans and job.nan_policy == "error":
+            raise NaNFoundError(_describe_nan(job, block, slices))
+        # The mask takes the buffer of the compressed bytes, free once the block is read.
+        mask = into.take(chunkio.STORED, block.shape, np.int8)
+        relu_derivative(block, mask, at_zero=job.at_zero, engine=job.engine)
+        job.dest[slices] = mask
+        counts = [block.size, int(np.count_nonzero(mask)), nans, zeros]
+        per_unit: list[int] = []
+        if job.unit_axis is not None:
+            others = tuple(a for a in range(ndim) if a != job.unit_axis)
+            per_unit = mask.sum(axis=others, dtype=np.int64).tolist()
     if job.done_dir is not None:
         journal.record_done(job.done_dir, index, [*counts, *per_unit])
     return _row([*counts, 0, block.size], per_unit, width, ndim)

@@ -24,6 +24,7 @@ import numpy as np
 import zarr
 import zarr.errors
 
+from relu_dask import chunkio
 from relu_dask.errors import DestinationExistsError, InputError, UnsupportedDtypeError
 from relu_dask.kernel import check_dtype
 from relu_dask.locations import Location
@@ -449,19 +450,24 @@ def remove_partial_writes(dest: Location) -> int:
     return removed
 
 
-def read_block(array: Any, selection: tuple[slice, ...]) -> np.ndarray:
+def read_block(array: Any, selection: tuple[slice, ...], into: chunkio.Scratch | None = None) -> np.ndarray:
     """Read ``array[selection]`` a stored chunk at a time, with as few copies as zarr allows.
 
     zarr's own read fetches every chunk of the selection, decodes them all, then copies each
     into a new output: about three times the block in memory at once. Here each chunk is
     fetched, decoded and (unless it is the whole selection, then it is returned as is)
     copied into the output before the next one is fetched: the block, plus one chunk's
-    compressed and decoded bytes. The decoding is zarr's own codec pipeline, so the values
-    are the same bits. Arrays this path does not know (irregular grids, a zarr without the
-    internals it uses) are read with ``array[selection]``.
+    compressed and decoded bytes. Chunk files of a local array with simple codecs are
+    decoded by :mod:`relu_dask.chunkio` straight into the buffers of ``into``, which a task
+    reuses from block to block; any other chunk goes through zarr's own codec pipeline.
+    Either way the values are the same bits. Arrays this path does not know (irregular
+    grids, a zarr without the internals it uses) are read with ``array[selection]``.
+
+    With ``into``, the result may be a view of its buffers: valid until ``into`` reads
+    again.
     """
     try:
-        return _read_by_chunks(array, selection)
+        return _read_by_chunks(array, selection, into if into is not None else chunkio.Scratch())
     except _UseZarr:
         return np.asarray(array[selection])
 
@@ -470,7 +476,7 @@ class _UseZarr(Exception):
     """This array is read with ``array[selection]``."""
 
 
-def _read_by_chunks(array: Any, selection: tuple[slice, ...]) -> np.ndarray:
+def _read_by_chunks(array: Any, selection: tuple[slice, ...], into: chunkio.Scratch) -> np.ndarray:
     try:
         from zarr.core.buffer import default_buffer_prototype
         from zarr.core.codec_pipeline import fill_value_or_default
@@ -485,6 +491,7 @@ def _read_by_chunks(array: Any, selection: tuple[slice, ...]) -> np.ndarray:
         from dataclasses import replace
 
         config = replace(config, order=metadata.order)
+    direct = _chunk_files(aa)
     prototype = default_buffer_prototype()
     starts = tuple(s.start for s in selection)
     shape = tuple(s.stop - s.start for s in selection)
@@ -497,11 +504,13 @@ def _read_by_chunks(array: Any, selection: tuple[slice, ...]) -> np.ndarray:
     for coords in cells:
         lo = tuple(i * c for i, c in zip(coords, grid_chunks))
         inner = tuple(slice(max(a, b) - b, min(a + n, b + c) - b) for a, n, b, c in zip(starts, shape, lo, grid_chunks))
-        into = tuple(slice(max(a, b) - a, min(a + n, b + c) - a) for a, n, b, c in zip(starts, shape, lo, grid_chunks))
-        try:
-            chunk = sync(_decode_chunk(aa, metadata, pipeline, config, prototype, coords))
-        except NotImplementedError:  # a codec pipeline without decode() (zarrs): zarr's own read
-            raise _UseZarr from None
+        at = tuple(slice(max(a, b) - a, min(a + n, b + c) - a) for a, n, b, c in zip(starts, shape, lo, grid_chunks))
+        chunk = _read_chunk_file(direct, metadata, coords, into)
+        if chunk is _DECLINED:
+            try:
+                chunk = sync(_decode_chunk(aa, metadata, pipeline, config, prototype, coords))
+            except NotImplementedError:  # a codec pipeline without decode() (zarrs): zarr's own read
+                raise _UseZarr from None
         if chunk is None:  # not stored: the fill value, as zarr reads it
             part: np.ndarray | Any = fill_value_or_default(metadata.get_chunk_spec(coords, config, prototype))
         else:
@@ -510,12 +519,62 @@ def _read_by_chunks(array: Any, selection: tuple[slice, ...]) -> np.ndarray:
             return np.asarray(part)  # the whole selection is one chunk's region: no copy
         if out is None:
             dtype = chunk.dtype if chunk is not None else np.dtype(array.dtype)
-            out = np.empty(shape, dtype=dtype)
-        out[into] = part
+            out = into.take(chunkio.BLOCK, shape, dtype)
+        out[at] = part
         del chunk, part
     if out is None:  # no cells: an empty selection
         return np.asarray(array[selection])
     return out
+
+
+_DECLINED: Any = object()
+
+
+def _chunk_files(aa: Any) -> tuple[Path, chunkio.ChunkFormat] | None:
+    """Where a local array's chunk files are and how to decode them, if chunkio can."""
+    from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
+    from zarr.storage import LocalStore
+
+    store, metadata = aa.store_path.store, aa.metadata
+    if not isinstance(store, LocalStore):
+        return None
+    if metadata.zarr_format == 3:
+        codecs = tuple(metadata.codecs)
+        if not codecs or type(codecs[0]) is not BytesCodec or len(codecs) > 2:
+            return None  # sharding, transpose or a chain of compressors: zarr decodes
+        names = {ZstdCodec: "zstd", BloscCodec: "blosc"}
+        compressor = "none" if len(codecs) == 1 else names.get(type(codecs[1]))
+        dtype = np.dtype(metadata.data_type.to_native_dtype())
+        if codecs[0].endian is not None and dtype.itemsize > 1:
+            dtype = dtype.newbyteorder("<" if codecs[0].endian.value == "little" else ">")
+        order = "C"
+    else:
+        import numcodecs
+
+        if metadata.filters:
+            return None
+        compressor = {type(None): "none", numcodecs.Zstd: "zstd", numcodecs.Blosc: "blosc"}.get(
+            type(metadata.compressor)
+        )
+        dtype, order = np.dtype(metadata.dtype.to_native_dtype()), metadata.order
+    if compressor is None or dtype.kind not in "biuf":
+        return None
+    fmt = chunkio.ChunkFormat(tuple(metadata.chunk_grid.chunk_shape), dtype, order, compressor)
+    return Path(store.root, *filter(None, aa.store_path.path.split("/"))), fmt
+
+
+def _read_chunk_file(
+    direct: tuple[Path, chunkio.ChunkFormat] | None, metadata: Any, coords: tuple[int, ...], into: chunkio.Scratch
+) -> np.ndarray | None:
+    """One chunk by :func:`chunkio.read_chunk`: None if not stored, _DECLINED for zarr to read."""
+    if direct is None:
+        return _DECLINED
+    folder, fmt = direct
+    try:
+        chunk = chunkio.read_chunk(folder.joinpath(*metadata.encode_chunk_key(coords).split("/")), fmt, into)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None  # as zarr's LocalStore: no file, no chunk
+    return _DECLINED if chunk is None else chunk
 
 
 async def _decode_chunk(

@@ -1,0 +1,240 @@
+"""Stored chunks read straight into buffers that are reused from task to task.
+
+Use this module to decode one chunk file of a local Zarr array whose codecs are simple --
+raw bytes, or bytes with one zstd or blosc compressor (zarr's defaults for v3 and v2) --
+without zarr's codec pipeline and without fresh memory for every chunk. It imports numpy
+and numcodecs only: :mod:`relu_dask.storage` describes the array (:class:`ChunkFormat`)
+and falls back to zarr's own read wherever :func:`read_chunk` declines.
+
+Why: a fresh buffer of tens of MiB is page-faulted in and zeroed by the kernel every
+time, which costs more CPU than decoding it. For one 4096 x 4096 float32 chunk (64 MiB,
+zstd) on this project's 2-core machine: reading the file and decoding it into fresh
+buffers took 115 ms of CPU, into reused buffers 62 ms (``scripts/bench_scaling.py``
+measures the whole run). The decoding is the very numcodecs call zarr makes, so the
+values are the same bits; :func:`read_chunk` checks the decoded size from the frame's own
+header before it decodes, as a buffer larger than the frame would otherwise hide a short
+chunk.
+
+A :class:`Scratch` holds one task's buffers. :func:`scratch` lends one from a per-process
+pool (one per thread at work, at most) and takes it back; :func:`release_buffers` frees
+the pool at the end of a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "BLOCK",
+    "CHUNK",
+    "COMPRESSORS",
+    "STORED",
+    "ChunkFormat",
+    "Scratch",
+    "blosc_content_size",
+    "read_chunk",
+    "release_buffers",
+    "scratch",
+    "zstd_content_size",
+]
+
+#: The compressors :func:`read_chunk` decodes itself (``"none"``: the raw bytes).
+COMPRESSORS: tuple[str, ...] = ("none", "zstd", "blosc")
+
+#: The role of a chunk file's compressed bytes: free again once :func:`read_chunk` returns,
+#: so a task may take it for something else (the mask).
+STORED = "stored"
+#: The role of the decoded chunk :func:`read_chunk` returns.
+CHUNK = "chunk"
+#: The role of a block assembled from several chunks (:func:`relu_dask.storage.read_block`).
+BLOCK = "block"
+
+_ZSTD_MAGIC = 0xFD2FB528
+
+
+@dataclass(frozen=True)
+class ChunkFormat:
+    """How one array's chunk files are stored: shape, dtype, memory order and compressor."""
+
+    chunk_shape: tuple[int, ...]
+    dtype: np.dtype
+    """The dtype as stored, byte order included."""
+    order: str = "C"
+    """Memory order of the decoded bytes: ``"C"``, or ``"F"`` (Zarr v2's ``order``)."""
+    compressor: str = "none"
+    """One of :data:`COMPRESSORS`."""
+
+    def __post_init__(self) -> None:
+        if self.compressor not in COMPRESSORS:
+            raise ValueError(f"compressor must be one of {', '.join(COMPRESSORS)}, got {self.compressor!r}")
+        if self.order not in ("C", "F"):
+            raise ValueError(f"order must be C or F, got {self.order!r}")
+        object.__setattr__(self, "dtype", np.dtype(self.dtype))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of one decoded chunk."""
+        return math.prod(self.chunk_shape) * self.dtype.itemsize
+
+
+class Scratch:
+    """The reusable buffers of one task, one per role (:data:`STORED`, :data:`CHUNK`, ...).
+
+    :meth:`take` hands out a view of the role's buffer, grown when too small: the view is
+    valid until the same role is taken again, so each role holds one thing at a time.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, np.ndarray] = {}
+
+    def take(self, role: str, shape: tuple[int, ...], dtype: np.dtype | type, order: str = "C") -> np.ndarray:
+        """An uninitialised array of ``shape`` and ``dtype`` in ``role``'s buffer."""
+        dtype = np.dtype(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        buffer = self._buffers.get(role)
+        if buffer is None:
+            buffer = self._buffers[role] = np.empty(nbytes, dtype=np.uint8)
+        elif buffer.size < nbytes:  # grown with headroom: compressed chunks differ a little in size
+            del self._buffers[role], buffer
+            buffer = self._buffers[role] = np.empty(nbytes + nbytes // 16, dtype=np.uint8)
+        return buffer[:nbytes].view(dtype).reshape(shape, order=order)  # type: ignore[call-overload]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by all roles."""
+        return sum(b.size for b in self._buffers.values())
+
+
+_FREE: list[Scratch] = []
+_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def scratch() -> Iterator[Scratch]:
+    """Lend a :class:`Scratch` from this process's pool for the ``with`` block."""
+    with _LOCK:
+        lent = _FREE.pop() if _FREE else Scratch()
+    try:
+        yield lent
+    finally:
+        with _LOCK:
+            _FREE.append(lent)
+
+
+def release_buffers() -> int:
+    """Free the buffers of every Scratch not lent out now; return how many bytes that was."""
+    with _LOCK:
+        freed = sum(s.nbytes for s in _FREE)
+        _FREE.clear()
+    return freed
+
+
+def read_chunk(path: str | os.PathLike[str], fmt: ChunkFormat, into: Scratch) -> np.ndarray | None:
+    """Decode the chunk file at ``path`` into ``into``'s :data:`CHUNK` buffer.
+
+    Returns the chunk (a view of the scratch buffer, shape ``fmt.chunk_shape``), or None
+    where only zarr can tell what the file holds: a frame that does not state its decoded
+    size, or states another size than the chunk's (zarr's read then decodes it, or raises
+    its own error). Raises :class:`FileNotFoundError` (or another OSError) as ``open`` does.
+    """
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        chunk = into.take(CHUNK, (fmt.nbytes,), np.uint8)
+        if fmt.compressor == "none":
+            if size != fmt.nbytes or not _read_exactly(f, chunk):
+                return None
+        else:
+            stored = into.take(STORED, (size,), np.uint8)
+            if not _read_exactly(f, stored) or _decoded_size(fmt.compressor, stored) != fmt.nbytes:
+                return None
+            _CODECS[fmt.compressor]().decode(stored, out=chunk)
+    return chunk.view(fmt.dtype).reshape(fmt.chunk_shape, order=fmt.order)  # type: ignore[call-overload]
+
+
+def _read_exactly(f: Any, buffer: np.ndarray) -> bool:
+    """Fill ``buffer`` from ``f``; False if the file ends first (it changed meanwhile)."""
+    view = buffer.data.cast("B")
+    done = 0
+    while done < len(view):
+        n = f.readinto(view[done:])
+        if not n:
+            return False
+        done += n
+    return not f.read(1)  # and nothing after it
+
+
+def _decoded_size(compressor: str, stored: np.ndarray) -> int | None:
+    return zstd_content_size(stored) if compressor == "zstd" else blosc_content_size(stored)
+
+
+def blosc_content_size(frame: np.ndarray | bytes) -> int | None:
+    """The decoded size a blosc (1) frame's header states, or None if it is not one whole frame.
+
+    The 16-byte header holds version, flags and type size, then three little-endian
+    32-bit sizes: decoded bytes, block size and the frame's own compressed bytes, which
+    must be the whole of ``frame``.
+
+    Examples
+    --------
+    >>> from numcodecs import Blosc
+    >>> blosc_content_size(Blosc().encode(bytes(1000)))
+    1000
+    """
+    view = _as_bytes(frame)
+    head = view[:16].tobytes()
+    if len(head) < 16 or int.from_bytes(head[12:16], "little") != view.size:
+        return None
+    return int.from_bytes(head[4:8], "little")
+
+
+def zstd_content_size(frame: np.ndarray | bytes) -> int | None:
+    """The decoded size a zstd frame's header states, or None if it states none.
+
+    From the frame header of RFC 8878, section 3.1.1.1: magic number, frame header
+    descriptor, optional window descriptor and dictionary ID, then the content size field.
+
+    Examples
+    --------
+    >>> from numcodecs import Zstd
+    >>> zstd_content_size(Zstd().encode(bytes(1000)))
+    1000
+    """
+    head = _as_bytes(frame)[:18].tobytes()
+    if len(head) < 5 or int.from_bytes(head[:4], "little") != _ZSTD_MAGIC:
+        return None
+    descriptor = head[4]
+    size_flag, single_segment, dict_flag = descriptor >> 6, (descriptor >> 5) & 1, descriptor & 3
+    start = 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[dict_flag]
+    width = (1 if single_segment else 0, 2, 4, 8)[size_flag]
+    if width == 0 or len(head) < start + width:
+        return None
+    value = int.from_bytes(head[start : start + width], "little")
+    return value + 256 if width == 2 else value
+
+
+def _as_bytes(frame: np.ndarray | bytes) -> np.ndarray:
+    """``frame`` as a flat uint8 array, without a copy."""
+    return np.frombuffer(frame, dtype=np.uint8) if isinstance(frame, bytes) else frame.reshape(-1).view(np.uint8)
+
+
+def _zstd() -> Any:
+    from numcodecs import Zstd
+
+    return Zstd()
+
+
+def _blosc() -> Any:
+    from numcodecs import Blosc
+
+    return Blosc()
+
+
+_CODECS = {"zstd": _zstd, "blosc": _blosc}

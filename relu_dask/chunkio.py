@@ -100,10 +100,10 @@ class Scratch:
         dtype = np.dtype(dtype)
         nbytes = math.prod(shape) * dtype.itemsize
         buffer = self._buffers.get(role)
-        if buffer is None:
-            buffer = self._buffers[role] = np.empty(nbytes, dtype=np.uint8)
-        elif buffer.size < nbytes:  # grown with headroom: compressed chunks differ a little in size
-            del self._buffers[role], buffer
+        if buffer is None or buffer.size < nbytes:
+            # With headroom, as compressed chunks differ a little in size from file to file;
+            # pages never written cost no memory.
+            self._buffers.pop(role, None)
             buffer = self._buffers[role] = np.empty(nbytes + nbytes // 16, dtype=np.uint8)
         return buffer[:nbytes].view(dtype).reshape(shape, order=order)  # type: ignore[call-overload]
 

@@ -132,14 +132,15 @@ def process_block(job: MaskJob, block_id: tuple[int, ...] | None = None) -> np.n
         set_numexpr_threads(job.numexpr_threads)
     with chunkio.scratch() as into:  # this thread's buffers, reused from block to block
         block = storage.read_block(job.source, slices, into)
-        nans, zeros = _count_nans_and_zeros(block)
+        nans, zeros = _count_nans_and_zeros(block, into.take("flags", (min(block.size, _SLAB),), np.bool_))
         if nans and job.nan_policy == "error":
             raise NaNFoundError(_describe_nan(job, block, slices))
         # The mask takes the buffer of the compressed bytes, free once the block is read.
         mask = into.take(chunkio.STORED, block.shape, np.int8)
         relu_derivative(block, mask, at_zero=job.at_zero, engine=job.engine)
-        job.dest[slices] = mask
         counts = [block.size, int(np.count_nonzero(mask)), nans, zeros]
+        if counts[1]:  # an all-zero mask is the fill value: nothing to store (see open_mask_array)
+            job.dest[slices] = mask
         per_unit: list[int] = []
         if job.unit_axis is not None:
             others = tuple(a for a in range(ndim) if a != job.unit_axis)
@@ -153,10 +154,14 @@ def process_block(job: MaskJob, block_id: tuple[int, ...] | None = None) -> np.n
 _SLAB = 1 << 22
 
 
-def _count_nans_and_zeros(block: np.ndarray) -> tuple[int, int]:
-    """NaNs and exact zeros of ``block``, a slab at a time (no block-sized temporary)."""
+def _count_nans_and_zeros(block: np.ndarray, scratch: np.ndarray | None = None) -> tuple[int, int]:
+    """NaNs and exact zeros of ``block``, a slab at a time (no block-sized temporary).
+
+    ``scratch``: a bool buffer of at least ``min(block.size, _SLAB)`` elements to reuse.
+    """
     flat = block.reshape(-1)  # a view for the C-ordered blocks zarr returns; a copy otherwise
-    scratch = np.empty(min(flat.size, _SLAB), dtype=np.bool_)
+    if scratch is None:
+        scratch = np.empty(min(flat.size, _SLAB), dtype=np.bool_)
     nans = zeros = 0
     for start in range(0, flat.size, _SLAB):
         part = flat[start : start + _SLAB]

@@ -296,8 +296,8 @@ def create_mask_array(
 ) -> Any:
     """Create the int8 mask array at ``path`` under DEST (Zarr v3, fill value 0).
 
-    Chunks equal to the fill value are not written (zarr's default), so all-negative
-    blocks cost no disk. ``compressor`` is one of :data:`COMPRESSORS`.
+    All-zero masks are not written (see :func:`open_mask_array`), so all-negative blocks
+    cost no disk. ``compressor`` is one of :data:`COMPRESSORS`.
     """
     options: dict[str, Any] = {
         "shape": shape,
@@ -335,9 +335,14 @@ def has_array(dest: Location, path: str) -> bool:
 
 
 def open_mask_array(dest: Location, path: str) -> Any:
-    """Open a mask array of DEST for writing."""
+    """Open a mask array of DEST for writing: every chunk given to it is stored.
+
+    zarr would compare each chunk with the fill value before storing it (a block-sized
+    temporary and a pass over it, per block); the tasks count each block's ones anyway
+    and do not write an all-zero block at all, so all-negative blocks still cost no disk.
+    """
     node: Any = zarr.open(mode="r+", **_zarr_kwargs(dest))
-    return node[path] if path else node
+    return (node[path] if path else node).with_config({"write_empty_chunks": True})
 
 
 def open_array(location: Location | str | os.PathLike[str], array_path: str = "") -> Any:

@@ -117,6 +117,22 @@ def test_dest_chunks_and_shards(small_source: tuple[Path, np.ndarray], tmp_path:
     assert all(b % s == 0 or b >= n for b, s, n in zip(block, (16, 32), x.shape))
 
 
+def test_an_all_negative_block_stores_no_chunk_and_reads_as_zeros(tmp_path: Path) -> None:
+    """Blocks whose masks are all 0 (the fill value) are not written; every other chunk is."""
+    x = activations((16, 8), "float32", seed=9)
+    x[:8] = -1.0  # the first block (rows 0-7): all negative
+    x[8:12] = -2.0  # the first dest chunk of the second block: all negative too
+    x[12, 0] = 0.5
+    write_zarr(tmp_path / "src.zarr", x, (8, 8))
+    relu_dask.run(tmp_path / "src.zarr", tmp_path / "out.zarr", chunks="8,8", dest_chunks="4,8")
+    out = zarr.open_array(str(tmp_path / "out.zarr"), mode="r")
+    assert np.array_equal(out[...], oracle(x))
+    stored = sorted(p.relative_to(tmp_path / "out.zarr").as_posix() for p in (tmp_path / "out.zarr" / "c").rglob("*"))
+    # Block 0 (dest chunks 0 and 1) stored nothing; block 1 stored both of its chunks, the
+    # all-zero one included, as zarr was given the whole block.
+    assert [k for k in stored if k.count("/") == 2] == ["c/2/0", "c/3/0"]
+
+
 def test_sharded_source_keeps_its_sharding(tmp_path: Path) -> None:
     x = activations((64, 48))
     source = tmp_path / "src.zarr"

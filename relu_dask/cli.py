@@ -434,6 +434,7 @@ def _print_summary(report: RunReport) -> None:
                 "tasks_done_now": report.tasks_done_now,
                 "tasks_skipped": report.tasks_skipped,
                 "wall_s": report.wall_s,
+                "cpu_s": report.cpu_s,
                 "bytes_read": report.bytes_read,
                 "bytes_written": report.bytes_written,
             },

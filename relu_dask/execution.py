@@ -398,13 +398,13 @@ def _execute(
         )
         tasks = [build_mask_tasks(j) for j in jobs]
         to_compute = [t for t in tasks if t is not None]
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         with _processing_errors(job.dest):
             try:
                 results = compute(session, to_compute, progress, interval_s, performance_report)
             finally:
                 _release_buffers(session)
-        report.wall_s = time.perf_counter() - start
+        report.wall_s, report.cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
     totals, units = _record_counts(report, job, jobs, tasks, iter(results))
     journal.write_record(
         job.dest,
@@ -675,7 +675,7 @@ def stats_of_masks(
         versions=collect_versions(),
         outcome="stats",
     )
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     with open_session(spec) as session:
         report.num_threads = session.num_threads
         for src in arrays:
@@ -703,7 +703,7 @@ def stats_of_masks(
                 _set_stats(entry, src, axis, [int(v) for v in np.asarray(ones)])
                 entry.num_ones = sum(entry.stats.unit_ones) if entry.stats else 0
             report.arrays.append(entry)
-    report.wall_s = time.perf_counter() - start
+    report.wall_s, report.cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
     report.warnings.append("NaN and exact-zero counts need the source: run `relu-dask run --stats` for them")
     if plot_path is not None:
         from relu_dask.plot import plot_unit_activity

@@ -107,6 +107,9 @@ class RunReport:
     """The dask dashboard's address, for distributed schedulers."""
     wall_s: float = 0.0
     """Wall-clock seconds from the first task submitted to the last finished."""
+    cpu_s: float = 0.0
+    """CPU seconds (user + system) this process spent meanwhile: all the work on the
+    synchronous and threads schedulers, only the client's share on processes or a cluster."""
     outcome: str = "done"
     """``done``, ``already complete`` (nothing to do), ``planned`` (dry run) or ``failed``."""
     versions: dict[str, str] = field(default_factory=dict)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -177,6 +178,8 @@ def test_report_json(small_source: tuple[Path, np.ndarray], tmp_path: Path) -> N
     assert data["arrays"][0]["dtype"] == "float32"
     assert data["versions"]["zarr"] == zarr.__version__
     assert data["wall_s"] > 0
+    # The threads scheduler's work is this process's: CPU time, at most all its cores busy.
+    assert 0 < data["cpu_s"] <= data["wall_s"] * len(os.sched_getaffinity(0)) + 0.05
     assert data["throughput_bytes_per_s"] > 0
 
 

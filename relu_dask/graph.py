@@ -130,17 +130,16 @@ def process_block(job: MaskJob, block_id: tuple[int, ...] | None = None) -> np.n
     slices = job.plan.block_slices(index)
     if job.engine != "numpy" and numexpr.get_num_threads() != job.numexpr_threads:
         set_numexpr_threads(job.numexpr_threads)
-    with chunkio.scratch() as into:  # this thread's buffers, reused from block to block
+    with chunkio.scratch() as into:  # buffers reused from block to block, one set per running task
         block = storage.read_block(job.source, slices, into)
-        nans, zeros = _count_nans_and_zeros(block, into.take("flags", (min(block.size, _SLAB),), np.bool_))
+        nans, zeros = _count_nans_and_zeros(block, into.take(chunkio.FLAGS, (min(block.size, _SLAB),), np.bool_))
         if nans and job.nan_policy == "error":
             raise NaNFoundError(_describe_nan(job, block, slices))
         # The mask takes the buffer of the compressed bytes, free once the block is read.
         mask = into.take(chunkio.STORED, block.shape, np.int8)
         relu_derivative(block, mask, at_zero=job.at_zero, engine=job.engine)
         counts = [block.size, int(np.count_nonzero(mask)), nans, zeros]
-        if counts[1]:  # an all-zero mask is the fill value: nothing to store (see open_mask_array)
-            job.dest[slices] = mask
+        storage.write_block(job.dest, slices, mask, into)
         per_unit: list[int] = []
         if job.unit_axis is not None:
             others = tuple(a for a in range(ndim) if a != job.unit_axis)

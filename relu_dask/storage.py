@@ -49,6 +49,7 @@ __all__ = [
     "read_block",
     "remove_dest",
     "remove_partial_writes",
+    "write_block",
     "write_synthetic_activations",
 ]
 
@@ -296,8 +297,9 @@ def create_mask_array(
 ) -> Any:
     """Create the int8 mask array at ``path`` under DEST (Zarr v3, fill value 0).
 
-    All-zero masks are not written (see :func:`open_mask_array`), so all-negative blocks
-    cost no disk. ``compressor`` is one of :data:`COMPRESSORS`.
+    Chunks equal to the fill value are not stored (zarr's default, which
+    :func:`write_block` keeps), so all-negative blocks cost no disk. ``compressor`` is one
+    of :data:`COMPRESSORS`.
     """
     options: dict[str, Any] = {
         "shape": shape,
@@ -335,14 +337,9 @@ def has_array(dest: Location, path: str) -> bool:
 
 
 def open_mask_array(dest: Location, path: str) -> Any:
-    """Open a mask array of DEST for writing: every chunk given to it is stored.
-
-    zarr would compare each chunk with the fill value before storing it (a block-sized
-    temporary and a pass over it, per block); the tasks count each block's ones anyway
-    and do not write an all-zero block at all, so all-negative blocks still cost no disk.
-    """
+    """Open a mask array of DEST for writing."""
     node: Any = zarr.open(mode="r+", **_zarr_kwargs(dest))
-    return (node[path] if path else node).with_config({"write_empty_chunks": True})
+    return node[path] if path else node
 
 
 def open_array(location: Location | str | os.PathLike[str], array_path: str = "") -> Any:
@@ -536,36 +533,102 @@ _DECLINED: Any = object()
 
 
 def _chunk_files(aa: Any) -> tuple[Path, chunkio.ChunkFormat] | None:
-    """Where a local array's chunk files are and how to decode them, if chunkio can."""
-    from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
+    """Where a local array's chunk files are and how they are encoded, if chunkio can."""
+    import numcodecs
+    from zarr.codecs import BytesCodec
     from zarr.storage import LocalStore
 
     store, metadata = aa.store_path.store, aa.metadata
     if not isinstance(store, LocalStore):
         return None
+    codec: Any
     if metadata.zarr_format == 3:
         codecs = tuple(metadata.codecs)
         if not codecs or type(codecs[0]) is not BytesCodec or len(codecs) > 2:
             return None  # sharding, transpose or a chain of compressors: zarr decodes
-        names = {ZstdCodec: "zstd", BloscCodec: "blosc"}
-        compressor = "none" if len(codecs) == 1 else names.get(type(codecs[1]))
+        codec = None if len(codecs) == 1 else _numcodecs_of(codecs[1])
+        if codec is None and len(codecs) == 2:
+            return None
         dtype = np.dtype(metadata.data_type.to_native_dtype())
         if codecs[0].endian is not None and dtype.itemsize > 1:
             dtype = dtype.newbyteorder("<" if codecs[0].endian.value == "little" else ">")
         order = "C"
     else:
-        import numcodecs
-
-        if metadata.filters:
+        codec = metadata.compressor
+        if metadata.filters or not (codec is None or isinstance(codec, numcodecs.Zstd | numcodecs.Blosc)):
             return None
-        compressor = {type(None): "none", numcodecs.Zstd: "zstd", numcodecs.Blosc: "blosc"}.get(
-            type(metadata.compressor)
-        )
         dtype, order = np.dtype(metadata.dtype.to_native_dtype()), metadata.order
-    if compressor is None or dtype.kind not in "biuf":
+    if dtype.kind not in "biuf":
         return None
-    fmt = chunkio.ChunkFormat(tuple(metadata.chunk_grid.chunk_shape), dtype, order, compressor)
+    fmt = chunkio.ChunkFormat(tuple(metadata.chunk_grid.chunk_shape), dtype, order, codec)
     return Path(store.root, *filter(None, aa.store_path.path.split("/"))), fmt
+
+
+def _numcodecs_of(codec: Any) -> Any:
+    """The numcodecs codec a zarr v3 blosc or zstd codec encodes with (as zarr builds it)."""
+    import numcodecs
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    if type(codec) is ZstdCodec:
+        return numcodecs.Zstd.from_config({"level": codec.level, "checksum": codec.checksum})
+    if type(codec) is BloscCodec:
+        config: dict[str, Any] = {
+            "cname": codec.cname.name,
+            "clevel": codec.clevel,
+            "shuffle": {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[codec.shuffle.name],
+            "blocksize": codec.blocksize,
+        }
+        from packaging.version import Version  # a dependency of zarr
+
+        if Version(numcodecs.__version__) >= Version("0.16.0"):  # as zarr does: numcodecs PR 713
+            config["typesize"] = codec.typesize
+        return numcodecs.Blosc.from_config(config)
+    return None
+
+
+def write_block(array: Any, selection: tuple[slice, ...], block: np.ndarray, into: chunkio.Scratch) -> None:
+    """Write ``block`` to ``array[selection]``, a selection of whole chunks (or up to the edge).
+
+    The chunk files of a local, unsharded array with simple codecs are encoded and written
+    by :func:`chunkio.write_chunk` (atomically, the same bytes zarr writes), each chunk
+    straight from the block where it is one contiguous piece of it, else padded with the
+    fill value in ``into``. Any other array, or a selection that cuts a chunk, is written
+    by zarr. As zarr does by default, a chunk equal to the fill value is not stored, and
+    one stored before is removed.
+    """
+    direct = _chunk_files(array._async_array)
+    grid = direct[1].chunk_shape if direct else ()
+    shape = tuple(array.shape)
+    whole = all(s.start % c == 0 and (s.stop % c == 0 or s.stop == n) for s, c, n in zip(selection, grid, shape))
+    if direct is None or not whole or block.dtype != direct[1].dtype or array.metadata.zarr_format != 3:
+        array[selection] = block
+        return
+    folder, fmt = direct
+    ranges = [range(s.start // c, -(-s.stop // c)) for s, c in zip(selection, grid)]
+    for coords in _product(ranges):
+        lo = tuple(i * c for i, c in zip(coords, grid))
+        part = block[
+            tuple(slice(a - s.start, min(a + c, n) - s.start) for a, c, n, s in zip(lo, grid, shape, selection))
+        ]
+        path = folder.joinpath(*array.metadata.encode_chunk_key(coords).split("/"))
+        if _all_fill(part, array.fill_value):
+            path.unlink(missing_ok=True)
+            continue
+        if part.shape != grid or not part.flags.c_contiguous:
+            padded = into.take(chunkio.PADDED, grid, fmt.dtype)
+            padded[...] = array.fill_value
+            padded[tuple(slice(0, k) for k in part.shape)] = part
+            part = padded
+        chunkio.write_chunk(path, part, fmt)
+
+
+def _all_fill(part: np.ndarray, fill_value: Any) -> bool:
+    """Whether ``part`` holds only the fill value (a count, no temporary, for fill 0)."""
+    if part.dtype.kind in "iub" and fill_value == 0:
+        return not np.count_nonzero(part)
+    if part.dtype.kind == "f" and np.isnan(fill_value):
+        return bool(np.isnan(part).all())
+    return bool((part == fill_value).all())
 
 
 def _read_chunk_file(

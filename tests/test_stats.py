@@ -127,9 +127,9 @@ def test_wide_layers_go_to_a_side_file(tmp_path: Path) -> None:
     relu_dask.run(tmp_path / "s.zarr", tmp_path / "out.zarr", stats=True, report_path=tmp_path / "r.json")
     entry = json.loads((tmp_path / "r.json").read_text())["arrays"][0]["stats"]
     assert "unit_ones" not in entry and entry["num_dead"] == 1
-    side = np.load(tmp_path / entry["units_file"])
-    assert side["dead_units"].tolist() == [123]
-    assert side["unit_ones"].shape == (units,) and side["unit_ones"].sum() == 2 * (units - 1)
+    with np.load(tmp_path / entry["units_file"]) as side:
+        assert side["dead_units"].tolist() == [123]
+        assert side["unit_ones"].shape == (units,) and side["unit_ones"].sum() == 2 * (units - 1)
 
 
 @pytest.mark.parametrize("num_arrays", [2, 13], ids=["panels", "layer-summary"])

@@ -197,6 +197,58 @@ def test_read_block_gives_zarrs_bits_for_any_selection(tmp_path: Path, zarr_form
     assert np.array_equal(aligned, array[4:8, 6:12], equal_nan=True)
 
 
+@pytest.mark.parametrize("compressor", storage.COMPRESSORS)
+@pytest.mark.parametrize("dtype", ["int8", "float32"])
+def test_write_block_writes_the_chunk_files_zarr_writes(tmp_path: Path, compressor: str, dtype: str) -> None:
+    """Block by block, edges and multi-chunk blocks included: the same files, byte for byte."""
+    from relu_dask import chunkio
+
+    x = np.random.default_rng(4).integers(-3, 4, (10, 7)).astype(dtype)
+    x[:4, :3] = 0  # a chunk that is all fill value: not stored, as zarr does not
+    arrays = []
+    for name in ("by-zarr.zarr", "by-relu-dask.zarr"):
+        created = zarr.create_array(
+            store=str(tmp_path / name),
+            shape=x.shape,
+            chunks=(4, 3),
+            dtype=dtype,
+            fill_value=0,
+            compressors=storage._compressors(compressor),
+        )
+        arrays.append(created)
+    arrays[0][...] = x
+    assert storage._chunk_files(arrays[1]._async_array) is not None
+    scratch = chunkio.Scratch()
+    for sel in [(slice(0, 8), slice(0, 6)), (slice(8, 10), slice(0, 7)), (slice(0, 8), slice(6, 7))]:
+        storage.write_block(arrays[1], sel, x[sel], scratch)
+    files = [
+        sorted(p.relative_to(tmp_path / n) for p in (tmp_path / n / "c").rglob("*") if p.is_file())
+        for n in ("by-zarr.zarr", "by-relu-dask.zarr")
+    ]
+    assert files[0] == files[1] and len(files[0]) == 8
+    for f in files[0]:
+        assert (tmp_path / "by-zarr.zarr" / f).read_bytes() == (tmp_path / "by-relu-dask.zarr" / f).read_bytes()
+    # A chunk rewritten as all fill value is removed, as zarr removes it (a resumed block).
+    storage.write_block(arrays[1], (slice(0, 8), slice(0, 6)), np.zeros((8, 6), dtype), scratch)
+    assert not (tmp_path / "by-relu-dask.zarr" / "c" / "1" / "1").exists()
+    assert np.array_equal(zarr.open_array(str(tmp_path / "by-relu-dask.zarr"))[:8, :6], np.zeros((8, 6), dtype))
+
+
+def test_write_block_leaves_a_cut_chunk_and_a_sharded_array_to_zarr(tmp_path: Path) -> None:
+    from relu_dask import chunkio
+
+    x = np.arange(64, dtype=np.int8).reshape(8, 8)
+    plain = zarr.create_array(store=str(tmp_path / "plain.zarr"), shape=(8, 8), chunks=(4, 4), dtype="i1")
+    plain[...] = x
+    storage.write_block(plain, (slice(2, 6), slice(0, 8)), -x[2:6], chunkio.Scratch())  # cuts chunks: zarr merges
+    want = x.copy()
+    want[2:6] = -x[2:6]
+    assert np.array_equal(plain[...], want)
+    sharded = zarr.create_array(store=str(tmp_path / "s.zarr"), shape=(8, 8), chunks=(2, 2), shards=(4, 4), dtype="i1")
+    storage.write_block(sharded, (slice(0, 8), slice(0, 8)), x, chunkio.Scratch())
+    assert np.array_equal(sharded[...], x)
+
+
 @pytest.mark.parametrize("compressors", [None, "auto", [_BLOSC]], ids=["raw", "zstd", "blosc"])
 def test_read_block_refuses_a_chunk_file_of_the_wrong_size_as_zarr_does(tmp_path: Path, compressors) -> None:  # type: ignore[no-untyped-def]
     """A chunk file holding fewer bytes than a chunk is an error, never a half-filled block."""

@@ -170,3 +170,13 @@ def test_summarize_units_edges() -> None:
     assert (empty.dead_units, empty.always_on_units, empty.least_active) == ([], [], [])
     no_samples = summarize_units(np.zeros(3, np.int64), samples_per_unit=0, unit_axis=1)
     assert no_samples.dead_units == [] and no_samples.always_on_units == []
+
+
+@pytest.mark.parametrize("rows", [1, 32767, 32768, 70000])
+def test_unit_sums_are_exact_in_whatever_type_they_use(rows: int) -> None:
+    """A block's per-unit ones, summed in the narrowest type that cannot overflow."""
+    from relu_dask.graph import _sum_ones
+
+    mask = np.ones((rows, 3), dtype=np.int8)
+    mask[0, 1] = 0
+    assert _sum_ones(mask, (0,)).tolist() == [rows, rows - 1, rows]

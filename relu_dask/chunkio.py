@@ -10,8 +10,8 @@ zarr's own read and write wherever this module does not apply.
 Why: a fresh buffer of tens of MiB is page-faulted in and zeroed by the kernel every
 time, which costs more CPU than decoding it. For one 4096 x 4096 float32 chunk (64 MiB,
 zstd) on this project's 2-core machine: reading the file and decoding it into fresh
-buffers took 115 ms of CPU, into reused buffers 62 ms (``scripts/bench_scaling.py``
-measures the whole run). Writing each mask chunk here rather than through zarr's
+buffers took 115 ms of CPU, into reused buffers 62 ms (a one-off measurement;
+``scripts/bench_scaling.py`` measures the whole run). Writing each mask chunk here rather than through zarr's
 asynchronous write path, which kept each task waiting on its event loop, took the same
 script's 1 GiB run from 1.36 s to 1.29 s and 2.33 to 2.23 CPU-s per GiB. The
 codecs are the very numcodecs objects zarr builds, so the values and the chunk files are

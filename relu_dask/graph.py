@@ -163,14 +163,12 @@ def _sum_ones(mask: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
 _SLAB = 1 << 22
 
 
-def _count_nans_and_zeros(block: np.ndarray, scratch: np.ndarray | None = None) -> tuple[int, int]:
+def _count_nans_and_zeros(block: np.ndarray, scratch: np.ndarray) -> tuple[int, int]:
     """NaNs and exact zeros of ``block``, a slab at a time (no block-sized temporary).
 
     ``scratch``: a bool buffer of at least ``min(block.size, _SLAB)`` elements to reuse.
     """
     flat = block.reshape(-1)  # a view for the C-ordered blocks zarr returns; a copy otherwise
-    if scratch is None:
-        scratch = np.empty(min(flat.size, _SLAB), dtype=np.bool_)
     nans = zeros = 0
     for start in range(0, flat.size, _SLAB):
         part = flat[start : start + _SLAB]

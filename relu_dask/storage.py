@@ -596,14 +596,16 @@ def write_block(array: Any, selection: tuple[slice, ...], block: np.ndarray, int
     by zarr. As zarr does by default, a chunk equal to the fill value is not stored, and
     one stored before is removed.
     """
-    direct = _chunk_files(array._async_array)
-    grid = direct[1].chunk_shape if direct else ()
-    shape = tuple(array.shape)
-    whole = all(s.start % c == 0 and (s.stop % c == 0 or s.stop == n) for s, c, n in zip(selection, grid, shape))
-    if direct is None or not whole or block.dtype != direct[1].dtype or array.metadata.zarr_format != 3:
+    direct = _chunk_files(array._async_array) if array.metadata.zarr_format == 3 else None
+    if direct is None:
         array[selection] = block
         return
     folder, fmt = direct
+    grid, shape = fmt.chunk_shape, tuple(array.shape)
+    whole = all(s.start % c == 0 and (s.stop % c == 0 or s.stop == n) for s, c, n in zip(selection, grid, shape))
+    if not whole or block.dtype != fmt.dtype:  # a cut chunk needs zarr's read-modify-write
+        array[selection] = block
+        return
     ranges = [range(s.start // c, -(-s.stop // c)) for s, c in zip(selection, grid)]
     for coords in _product(ranges):
         lo = tuple(i * c for i, c in zip(coords, grid))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from relu_dask.cli import main
+from relu_dask.cli import entry_point
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry_point())

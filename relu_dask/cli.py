@@ -1,4 +1,5 @@
-"""The command line: all parsing of user strings and all printing. ``main(argv) -> int``.
+"""The command line: all parsing of user strings and all printing. ``main(argv) -> int``;
+the ``relu-dask`` command and ``python -m relu_dask`` run :func:`entry_point`.
 
 Exit codes: 0 done, 1 failed while processing, 2 bad usage or input (nothing written),
 3 DEST in use by another run, 130 interrupted.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import logging
 import sys
@@ -274,6 +276,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _say_error(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", EXIT_FAILED)
         return EXIT_FAILED
+
+
+def entry_point() -> int:
+    """The ``relu-dask`` command: :func:`main` on ``sys.argv``, then a quick exit.
+
+    Whatever the command left is still referenced when the interpreter exits, and its
+    final garbage collections walk all of it (the objects of some 600 modules):
+    ``gc.freeze()`` lets them skip it. Measured on a 1 GiB run with 2 threads
+    (``scripts/bench_scaling.py``): exit took 60-70 ms less of a 1.2 s run, all of it
+    time with one core busy. Module teardown, ``atexit`` and the closing of open files
+    still happen as usual; only objects in reference cycles go without their finalizers,
+    and every file, store and cluster is closed before :func:`main` returns.
+    Not in :func:`main` itself, which tests call in process.
+    """
+    code = main()
+    gc.freeze()
+    return code
 
 
 def _dispatch(args: argparse.Namespace, raw: list[str]) -> int:

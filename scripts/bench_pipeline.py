@@ -57,7 +57,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _bench_util import GIB, MIB, ChildResult, check_parent_small, markdown_table, median, print_facts, run_child
+from _bench_util import (
+    GIB,
+    MIB,
+    ChildResult,
+    check_parent_small,
+    compile_bytecode,
+    markdown_table,
+    median,
+    print_facts,
+    run_child,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = ROOT / "data" / "bench"
@@ -582,7 +592,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    print_facts()
+    print_facts(extra=[("bytecode", compile_bytecode())])
     if args.sizes:
         run_sizes(args, [float(s) for s in args.sizes.split(",")])
     elif args.quick:

@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _bench_util import GIB, MIB, ChildResult, markdown_table, median, print_facts, run_child
+from _bench_util import GIB, MIB, ChildResult, compile_bytecode, markdown_table, median, print_facts, run_child
 from bench_pipeline import ensure_source, remove, source_path, warm_page_cache
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     cores = len(os.sched_getaffinity(0))
     wanted = [int(t) for t in args.threads.split(",")] if args.threads else [1, 2, 4, 8, 16]
     threads = [t for t in wanted if t <= cores] or [cores]
-    print_facts("Scaling benchmark")
+    print_facts("Scaling benchmark", extra=[("bytecode", compile_bytecode())])
     src = source_path(args.data_dir, args.size)
     ensure_source(src, int(args.size * GIB) // (UNITS * 4))
     warm_page_cache(src)

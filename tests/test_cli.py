@@ -16,6 +16,7 @@ from _support import PYTHON, activations, cli_env, oracle, read_mask, snapshot, 
 
 from relu_dask import __version__
 from relu_dask.cli import main
+from relu_dask.errors import EXIT_OK, EXIT_USAGE
 
 CONSOLE_SCRIPT = Path(sys.executable).with_name("relu-dask")
 
@@ -58,11 +59,20 @@ def test_run_as_subprocess_with_report(small_source: tuple[Path, np.ndarray], tm
     assert "rule x > 0" in proc.stdout
 
 
-def test_console_script_and_version() -> None:
+def test_console_script_and_version(small_source: tuple[Path, np.ndarray], tmp_path: Path) -> None:
     assert CONSOLE_SCRIPT.exists(), "pip install should have made the relu-dask command"
     proc = subprocess.run([str(CONSOLE_SCRIPT), "--version"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
     assert proc.stdout.strip() == f"relu-dask {__version__}"
+    # entry_point: main's exit code, output flushed and the masks written before the quick exit
+    source, x = small_source
+    dest = tmp_path / "out.zarr"
+    for args, code in (((str(tmp_path / "missing.zarr"), str(dest)), EXIT_USAGE), ((str(source), str(dest)), EXIT_OK)):
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout buffered: flushed at exit
+        proc = subprocess.run([str(CONSOLE_SCRIPT), "run", *args], capture_output=True, text=True, timeout=120, env=env)
+        assert proc.returncode == code, proc.stderr
+    assert "done: processed 1 array(s)" in proc.stdout
+    np.testing.assert_array_equal(read_mask(dest), oracle(x))
 
 
 def test_help_documents_exit_codes_and_the_rule() -> None:

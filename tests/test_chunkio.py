@@ -168,3 +168,32 @@ def test_write_chunk_refuses_a_piece_of_a_chunk(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="C-ordered"):
         chunkio.write_chunk(tmp_path / "0", np.zeros((4, 4), np.int8)[:, ::-1], fmt)
     assert not list(tmp_path.iterdir())
+
+
+def _vm_flags_of(address: int) -> list[str]:
+    """The kernel's VmFlags of the mapping holding ``address`` (Linux /proc/self/smaps)."""
+    mapping = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(part, 16) for part in head.split("-"))
+            mapping = lo <= address < hi
+        elif head == "VmFlags:" and mapping:
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("nbytes", [1, 4096, 5 << 20])
+def test_scratch_buffers_are_zeroed_writable_and_advised_out_of_huge_pages(nbytes: int) -> None:
+    buffer = chunkio.small_page_buffer(nbytes)
+    assert buffer.dtype == np.uint8 and buffer.shape == (nbytes,)
+    assert buffer.flags.writeable and not buffer.any()
+    buffer[:] = 7
+    assert int(buffer.sum()) == 7 * nbytes
+    assert "nh" in _vm_flags_of(buffer.ctypes.data)  # MADV_NOHUGEPAGE took
+    # what a Scratch hands out lives in such buffers
+    view = Scratch().take(chunkio.CHUNK, (nbytes,), np.uint8)
+    assert "nh" in _vm_flags_of(view.ctypes.data)
+    big = np.empty(5 << 20, dtype=np.uint8)  # the control: numpy's own large array is not so advised
+    assert "nh" not in _vm_flags_of(big.ctypes.data)

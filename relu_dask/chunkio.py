@@ -135,11 +135,13 @@ def small_page_buffer(nbytes: int) -> np.ndarray:
     cost more to fault in than small ones (2 MiB zeroed at once, and memory compacted to
     find them when it is fragmented, as on a busy shared machine), and reading, decoding
     and comparing chunks front to back gains nothing from them. Measured on this project's
-    2-core machine (1 GiB, ``scripts/bench_scaling.py``), kernel CPU seconds with numpy's
-    allocation, then with this: 1 thread 0.63 / 0.40, 2 threads 0.79 / 0.42, 8 threads
-    2.36 / 0.79, 16 threads 2.84 / 1.18 (with ``NUMPY_MADVISE_HUGEPAGE=0``, which turns the
-    advice off for all of numpy); user CPU and results unchanged. Where ``mmap`` lacks
-    these flags (not Linux), a plain numpy array.
+    2-core machine (``relu-dask run`` on the 1 GiB benchmark array, single runs), kernel
+    CPU seconds with numpy's allocation, then with this: 1 thread 0.63 / 0.32, 2 threads
+    0.79 / 0.37, 8 threads 2.36 / 0.71, 16 threads 2.84 / 1.2-1.9; user CPU and results
+    unchanged (``scripts/bench_scaling.py`` measures the whole run). Turning the advice off
+    for all of numpy (``NUMPY_MADVISE_HUGEPAGE=0``) would do the same, but for every array
+    of a process that may be the user's. Where ``mmap`` lacks these flags (not Linux), a
+    plain numpy array.
     """
     if not hasattr(mmap, "MAP_PRIVATE") or not hasattr(mmap, "MADV_NOHUGEPAGE"):
         return np.empty(nbytes, dtype=np.uint8)

@@ -8,31 +8,54 @@ The public API:
 * :func:`job_status` and :func:`stats_of_masks` -- what a DEST holds, and what its masks say;
 * :func:`plan_chunks` and :class:`ChunkPlan` -- how an array is cut into tasks;
 * :class:`ReluDaskError` and its subclasses, each with its ``exit_code``.
+
+Each name is imported on first use: ``import relu_dask`` alone loads neither numpy nor
+zarr nor dask, so that the command line (:mod:`relu_dask.__main__`) can set up its process
+before they load.
 """
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from relu_dask.chunking import ChunkPlan, plan_chunks
-from relu_dask.errors import (
-    DestinationExistsError,
-    DestinationInUseError,
-    InputError,
-    ProcessingError,
-    ReluDaskError,
-    UnsupportedDtypeError,
-)
-from relu_dask.execution import job_status, run, stats_of_masks
-from relu_dask.graph import derivative_mask
-from relu_dask.kernel import relu_derivative
-from relu_dask.report import ArrayReport, RunReport
-from relu_dask.schedulers import parse_scheduler
+if TYPE_CHECKING:
+    from relu_dask.chunking import ChunkPlan, plan_chunks
+    from relu_dask.errors import (
+        DestinationExistsError,
+        DestinationInUseError,
+        InputError,
+        ProcessingError,
+        ReluDaskError,
+        UnsupportedDtypeError,
+    )
+    from relu_dask.execution import job_status, run, stats_of_masks
+    from relu_dask.graph import derivative_mask
+    from relu_dask.kernel import relu_derivative
+    from relu_dask.report import ArrayReport, RunReport
+    from relu_dask.schedulers import parse_scheduler
 
-try:
-    __version__ = version("relu-dask")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0+unknown"
+    __version__: str
+
+#: The module each public name comes from.
+_HOMES = {
+    "ArrayReport": "report",
+    "ChunkPlan": "chunking",
+    "DestinationExistsError": "errors",
+    "DestinationInUseError": "errors",
+    "InputError": "errors",
+    "ProcessingError": "errors",
+    "ReluDaskError": "errors",
+    "RunReport": "report",
+    "UnsupportedDtypeError": "errors",
+    "derivative_mask": "graph",
+    "job_status": "execution",
+    "parse_scheduler": "schedulers",
+    "plan_chunks": "chunking",
+    "relu_derivative": "kernel",
+    "run": "execution",
+    "stats_of_masks": "execution",
+}
 
 __all__ = [
     "ArrayReport",
@@ -53,3 +76,24 @@ __all__ = [
     "run",
     "stats_of_masks",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """A public name, imported from its module the first time it is asked for."""
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            value: Any = version("relu-dask")
+        except PackageNotFoundError:  # pragma: no cover - running from a source tree
+            value = "0+unknown"
+    elif name in _HOMES:
+        value = getattr(importlib.import_module(f"relu_dask.{_HOMES[name]}"), name)
+    else:
+        raise AttributeError(f"module 'relu_dask' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -141,12 +141,14 @@ def small_page_buffer(nbytes: int) -> np.ndarray:
     unchanged (``scripts/bench_scaling.py`` measures the whole run). Turning the advice off
     for all of numpy (``NUMPY_MADVISE_HUGEPAGE=0``) would do the same, but for every array
     of a process that may be the user's. Where ``mmap`` lacks these flags (not Linux), a
-    plain numpy array.
+    plain numpy array; where the kernel refuses the advice (built without huge pages), the
+    mapping as it is.
     """
     if not hasattr(mmap, "MAP_PRIVATE") or not hasattr(mmap, "MADV_NOHUGEPAGE"):
-        return np.empty(nbytes, dtype=np.uint8)
+        return np.zeros(nbytes, dtype=np.uint8)
     region = mmap.mmap(-1, max(1, nbytes), flags=mmap.MAP_PRIVATE)  # anonymous, private to the process
-    region.madvise(mmap.MADV_NOHUGEPAGE)
+    with contextlib.suppress(OSError):  # EINVAL from a kernel built without huge pages: none to avoid
+        region.madvise(mmap.MADV_NOHUGEPAGE)
     return np.frombuffer(region, dtype=np.uint8)[:nbytes]
 
 

@@ -1,5 +1,6 @@
 """The command line: all parsing of user strings and all printing. ``main(argv) -> int``;
-the ``relu-dask`` command and ``python -m relu_dask`` run :func:`entry_point`.
+the ``relu-dask`` command and ``python -m relu_dask`` run :func:`entry_point`, through
+:mod:`relu_dask.__main__`, which sets up the process first.
 
 Exit codes: 0 done, 1 failed while processing, 2 bad usage or input (nothing written),
 3 DEST in use by another run, 130 interrupted.
@@ -285,9 +286,10 @@ def entry_point() -> int:
     final garbage collections walk all of it (the objects of some 600 modules):
     ``gc.freeze()`` lets them skip it. Measured on a 1 GiB run with 2 threads
     (``scripts/bench_scaling.py``): exit took 60-70 ms less of a 1.2 s run, all of it
-    time with one core busy. Module teardown, ``atexit`` and the closing of open files
-    still happen as usual; only objects in reference cycles go without their finalizers,
-    and every file, store and cluster is closed before :func:`main` returns.
+    time with one core busy. Module teardown and ``atexit`` (logging's flush, the
+    finalizers of distributed and s3fs) still run; only objects in reference cycles go
+    without their finalizers, and every file, lock, store and cluster of a run is closed
+    in a ``finally`` or ``with`` before :func:`main` returns.
     Not in :func:`main` itself, which tests call in process.
     """
     code = main()

@@ -183,7 +183,22 @@ def _vm_flags_of(address: int) -> list[str]:
     raise AssertionError(f"no mapping holds {address:#x}")
 
 
-@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+def _kernel_takes_huge_page_advice() -> bool:
+    import mmap
+
+    if not Path("/proc/self/smaps").exists() or not hasattr(mmap, "MADV_NOHUGEPAGE"):
+        return False
+    region = mmap.mmap(-1, 4096, flags=mmap.MAP_PRIVATE)
+    try:
+        region.madvise(mmap.MADV_NOHUGEPAGE)
+    except OSError:  # a kernel without transparent huge pages
+        return False
+    finally:
+        region.close()
+    return True
+
+
+@pytest.mark.skipif(not _kernel_takes_huge_page_advice(), reason="needs Linux /proc and a kernel with huge pages")
 @pytest.mark.parametrize("nbytes", [1, 4096, 5 << 20])
 def test_scratch_buffers_are_zeroed_writable_and_advised_out_of_huge_pages(nbytes: int) -> None:
     buffer = chunkio.small_page_buffer(nbytes)

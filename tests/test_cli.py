@@ -8,13 +8,14 @@ import pty
 import subprocess
 import sys
 import time
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import numpy as np
 import pytest
 from _support import PYTHON, activations, cli_env, oracle, read_mask, snapshot, write_zarr
 
-from relu_dask import __version__
+from relu_dask import __version__, cli
 from relu_dask.cli import main
 from relu_dask.errors import EXIT_OK, EXIT_USAGE
 
@@ -61,18 +62,28 @@ def test_run_as_subprocess_with_report(small_source: tuple[Path, np.ndarray], tm
 
 def test_console_script_and_version(small_source: tuple[Path, np.ndarray], tmp_path: Path) -> None:
     assert CONSOLE_SCRIPT.exists(), "pip install should have made the relu-dask command"
+    (script,) = entry_points(group="console_scripts", name="relu-dask")
+    assert script.value == "relu_dask.__main__:main"  # the process set up, then cli.entry_point
     proc = subprocess.run([str(CONSOLE_SCRIPT), "--version"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
     assert proc.stdout.strip() == f"relu-dask {__version__}"
-    # entry_point: main's exit code, output flushed and the masks written before the quick exit
     source, x = small_source
     dest = tmp_path / "out.zarr"
     for args, code in (((str(tmp_path / "missing.zarr"), str(dest)), EXIT_USAGE), ((str(source), str(dest)), EXIT_OK)):
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout buffered: flushed at exit
-        proc = subprocess.run([str(CONSOLE_SCRIPT), "run", *args], capture_output=True, text=True, timeout=120, env=env)
+        proc = subprocess.run([str(CONSOLE_SCRIPT), "run", *args], capture_output=True, text=True, timeout=120)
         assert proc.returncode == code, proc.stderr
     assert "done: processed 1 array(s)" in proc.stdout
     np.testing.assert_array_equal(read_mask(dest), oracle(x))
+
+
+def test_entry_point_freezes_the_heap_after_main_and_returns_its_code(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(cli.gc, "freeze", lambda: calls.append("freeze"))  # not this test process's heap
+    monkeypatch.setattr(sys, "argv", ["relu-dask", "run", str(tmp_path / "missing.zarr"), str(tmp_path / "out")])
+    assert cli.entry_point() == EXIT_USAGE
+    assert calls == ["freeze"]
 
 
 def test_help_documents_exit_codes_and_the_rule() -> None:
@@ -244,3 +255,37 @@ def test_group_summary_names_skipped_arrays(tmp_path: Path, capsys: pytest.Captu
     out = capsys.readouterr().out
     assert "relu1: 6x4 float32" in out
     assert "skipped unit: dimension coordinate" in out
+
+
+def test_the_command_starts_numpy_without_openblas_threads_and_import_relu_dask_loads_no_library() -> None:
+    code = (
+        "import os, sys\n"
+        "import relu_dask, relu_dask.__main__ as command\n"
+        "loaded = {'numpy', 'zarr', 'dask'} & set(sys.modules)\n"
+        "assert not loaded, f'import relu_dask loaded {sorted(loaded)}'\n"
+        "if sys.argv[1] == 'prepared':\n"
+        "    command.prepare_process()\n"
+        "import numpy\n"
+        "print(len(os.listdir('/proc/self/task')))\n"
+    )
+    env = {k: v for k, v in cli_env().items() if k != "OPENBLAS_NUM_THREADS"}
+    threads = {
+        how: int(subprocess.run([PYTHON, "-c", code, how], capture_output=True, text=True, env=env, check=True).stdout)
+        for how in ("prepared", "plain")
+    }
+    assert threads["prepared"] == 1, threads
+    if len(os.sched_getaffinity(0)) > 1:
+        assert threads["plain"] > 1, threads  # the control: OpenBLAS's own pool, one thread per core
+
+
+def test_every_public_name_resolves_to_its_module_object() -> None:
+    import importlib
+
+    import relu_dask
+
+    assert set(relu_dask.__all__) == {*relu_dask._HOMES, "__version__"}
+    for name, home in relu_dask._HOMES.items():
+        assert getattr(relu_dask, name) is getattr(importlib.import_module(f"relu_dask.{home}"), name)
+    assert set(relu_dask.__all__) <= set(dir(relu_dask))
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        relu_dask.no_such_name  # noqa: B018

@@ -24,7 +24,7 @@ doubling's speed-up. The issue's targets: on 2 cores,
 CPU s per GiB within 1.10x the floor's and at least 1.8 cores busy; on 16 cores, 0.85x the
 floor's throughput and every doubling at least 1.7x; peak RSS at most threads x 3 blocks
 + 300 MB. Wall includes interpreter start-up and exit for both (what a user waits for; on
-the 2-core machine about 0.37 s for relu-dask, mostly importing zarr and dask, 0.17 s for
+the 2-core machine about 0.35 s for relu-dask, mostly importing zarr and dask, 0.16 s for
 the floor).
 
 Usage::

@@ -1,6 +1,6 @@
 """The command line: all parsing of user strings and all printing. ``main(argv) -> int``;
-the ``relu-dask`` command and ``python -m relu_dask`` run :func:`entry_point`, through
-:mod:`relu_dask.__main__`, which sets up the process first.
+the ``relu-dask`` command and ``python -m relu_dask`` run it through
+:mod:`relu_dask.__main__`, which sets up the process first and exits quickly after.
 
 Exit codes: 0 done, 1 failed while processing, 2 bad usage or input (nothing written),
 3 DEST in use by another run, 130 interrupted.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import logging
 import sys
@@ -26,7 +25,13 @@ from relu_dask.execution import job_status, run, stats_of_masks
 from relu_dask.jobfile import read_job_file
 from relu_dask.kernel import ENGINES
 from relu_dask.report import RunReport, render_summary
-from relu_dask.schedulers import parse_scheduler
+from relu_dask.schedulers import (
+    CONNECT_TIMEOUT_S,
+    DASHBOARD_ADDRESS,
+    DEFAULT_RETRIES,
+    PROGRESS_INTERVAL_S,
+    parse_scheduler,
+)
 from relu_dask.storage import COMPRESSORS, DEFAULT_COMPRESSOR
 
 __all__ = ["build_parser", "main"]
@@ -200,21 +205,21 @@ def _add_job_options(sub: argparse.ArgumentParser) -> None:
     sched.add_argument(
         "--retries",
         type=int,
-        default=2,
-        help="distributed only: tries again of a task that failed (default: 2; a lost worker's tasks are "
+        default=DEFAULT_RETRIES,
+        help="distributed only: tries again of a task that failed (default: %(default)s; a lost worker's tasks are "
         "rescheduled anyway)",
     )
     sched.add_argument(
         "--connect-timeout",
         type=float,
-        default=10.0,
+        default=CONNECT_TIMEOUT_S,
         metavar="SECONDS",
-        help="how long to wait for a tcp:// scheduler before giving up (default: 10)",
+        help="how long to wait for a tcp:// scheduler before giving up (default: %(default)g)",
     )
     sched.add_argument(
         "--dashboard-address",
-        default="127.0.0.1:8787",
-        help="where a LocalCluster serves its dashboard (default: 127.0.0.1:8787)",
+        default=DASHBOARD_ADDRESS,
+        help="where a LocalCluster serves its dashboard (default: %(default)s)",
     )
     out = sub.add_argument_group("output")
     out.add_argument("--report", type=Path, metavar="PATH", help="also write the run report as JSON to PATH")
@@ -227,9 +232,9 @@ def _add_job_options(sub: argparse.ArgumentParser) -> None:
     out.add_argument(
         "--progress-interval",
         type=float,
-        default=10.0,
+        default=PROGRESS_INTERVAL_S,
         metavar="SECONDS",
-        help="seconds between progress log lines when not on a terminal (default: 10)",
+        help="seconds between progress log lines when not on a terminal (default: %(default)g)",
     )
     out.add_argument(
         "--stats",
@@ -277,24 +282,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _say_error(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", EXIT_FAILED)
         return EXIT_FAILED
-
-
-def entry_point() -> int:
-    """The ``relu-dask`` command: :func:`main` on ``sys.argv``, then a quick exit.
-
-    Whatever the command left is still referenced when the interpreter exits, and its
-    final garbage collections walk all of it (the objects of some 600 modules):
-    ``gc.freeze()`` lets them skip it. Measured on a 1 GiB run with 2 threads
-    (``scripts/bench_scaling.py``): exit took 60-70 ms less of a 1.2 s run, all of it
-    time with one core busy. Module teardown and ``atexit`` (logging's flush, the
-    finalizers of distributed and s3fs) still run; only objects in reference cycles go
-    without their finalizers, and every file, lock, store and cluster of a run is closed
-    in a ``finally`` or ``with`` before :func:`main` returns.
-    Not in :func:`main` itself, which tests call in process.
-    """
-    code = main()
-    gc.freeze()
-    return code
 
 
 def _dispatch(args: argparse.Namespace, raw: list[str]) -> int:

@@ -62,6 +62,8 @@ CLOSE_TIMEOUT_S = 20.0
 #: Tries again of a distributed task that raised (a worker lost mid-task is handled by
 #: the scheduler itself: its tasks are rescheduled on the other workers).
 DEFAULT_RETRIES = 2
+#: Where a LocalCluster serves its dashboard: loopback only, unless the user says otherwise.
+DASHBOARD_ADDRESS = "127.0.0.1:8787"
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ class SchedulerSpec:
     """Threads per LocalCluster worker; default: fitted to the machine."""
     memory_limit_bytes: int | None = None
     """Memory limit per LocalCluster worker; default: the machine's memory shared out."""
-    dashboard_address: str = "127.0.0.1:8787"
+    dashboard_address: str = DASHBOARD_ADDRESS
     """Where a LocalCluster serves its dashboard."""
     connect_timeout_s: float = CONNECT_TIMEOUT_S
     """Seconds to wait for an existing scheduler before giving up."""
@@ -100,7 +102,7 @@ def parse_scheduler(
     num_workers: int | None = None,
     threads_per_worker: int | None = None,
     memory_limit: str | int | None = None,
-    dashboard_address: str = "127.0.0.1:8787",
+    dashboard_address: str = DASHBOARD_ADDRESS,
     connect_timeout_s: float = CONNECT_TIMEOUT_S,
     scheduler_file: str | None = None,
     retries: int = DEFAULT_RETRIES,

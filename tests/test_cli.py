@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from _support import PYTHON, activations, cli_env, oracle, read_mask, snapshot, write_zarr
 
-from relu_dask import __version__, cli
+from relu_dask import __version__
 from relu_dask.cli import main
 from relu_dask.errors import EXIT_OK, EXIT_USAGE
 
@@ -63,7 +63,7 @@ def test_run_as_subprocess_with_report(small_source: tuple[Path, np.ndarray], tm
 def test_console_script_and_version(small_source: tuple[Path, np.ndarray], tmp_path: Path) -> None:
     assert CONSOLE_SCRIPT.exists(), "pip install should have made the relu-dask command"
     (script,) = entry_points(group="console_scripts", name="relu-dask")
-    assert script.value == "relu_dask.__main__:main"  # the process set up, then cli.entry_point
+    assert script.value == "relu_dask.__main__:main"  # the process set up, cli.main, a quick exit
     proc = subprocess.run([str(CONSOLE_SCRIPT), "--version"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
     assert proc.stdout.strip() == f"relu-dask {__version__}"
@@ -76,14 +76,18 @@ def test_console_script_and_version(small_source: tuple[Path, np.ndarray], tmp_p
     np.testing.assert_array_equal(read_mask(dest), oracle(x))
 
 
-def test_entry_point_freezes_the_heap_after_main_and_returns_its_code(
+def test_the_command_prepares_the_process_and_freezes_the_heap_after_main(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    import relu_dask.__main__ as command
+
     calls: list[str] = []
-    monkeypatch.setattr(cli.gc, "freeze", lambda: calls.append("freeze"))  # not this test process's heap
+    monkeypatch.setattr(command.gc, "freeze", lambda: calls.append("freeze"))  # not this test process's heap
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)  # restored after the test
     monkeypatch.setattr(sys, "argv", ["relu-dask", "run", str(tmp_path / "missing.zarr"), str(tmp_path / "out")])
-    assert cli.entry_point() == EXIT_USAGE
+    assert command.main() == EXIT_USAGE  # main's own exit code
     assert calls == ["freeze"]
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "1"
 
 
 def test_help_documents_exit_codes_and_the_rule() -> None:

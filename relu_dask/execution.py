@@ -325,6 +325,8 @@ def _planned_report(
                 num_tasks=plan.num_tasks,
                 read_aligned=plan.read_aligned,
                 memory_per_task_bytes=plan.memory_per_task_bytes,
+                read_path=src.stored.io_path if src.stored else "",
+                read_path_reason=src.stored.why_not_direct if src.stored else "",
             )
         )
         if record is not None:
@@ -519,10 +521,12 @@ def _mask_jobs(job: _Job, plans: list[chunking.ChunkPlan], report: RunReport) ->
     jobs = []
     for index, (src, plan) in enumerate(zip(job.arrays, plans)):
         out = storage.open_mask_array(job.dest, src.path)
+        assert src.stored is not None, "open_source describes every array"
+        _set_io_paths(report.arrays[index], src.stored, out)
         token = tokenize(job.source.url, src.path, job.dest.url, plan, job.rule, report.engine)
         jobs.append(
             MaskJob(
-                src.array,
+                src.stored,
                 out,
                 plan,
                 job.rule,
@@ -536,6 +540,20 @@ def _mask_jobs(job: _Job, plans: list[chunking.ChunkPlan], report: RunReport) ->
             )
         )
     return jobs
+
+
+def _set_io_paths(entry: ArrayReport, source: storage.StoredArray, dest: storage.StoredArray) -> None:
+    """Say in the report, and in the debug log, how the tasks read and write this array."""
+    entry.read_path, entry.read_path_reason = source.io_path, source.why_not_direct
+    entry.write_path, entry.write_path_reason = dest.io_path, dest.why_not_direct
+    log.debug(
+        "%s: read %s%s, written %s%s",
+        entry.path or "the source array",
+        source.io_path,
+        f" ({source.why_not_direct})" if source.why_not_direct else "",
+        dest.io_path,
+        f" ({dest.why_not_direct})" if dest.why_not_direct else "",
+    )
 
 
 def _record_counts(

@@ -81,10 +81,10 @@ def derivative_mask(darr: da.Array, *, at_zero: int = 1, engine: Engine = "numpy
 class MaskJob:
     """One array's work: where to read, where to write, how to cut, which rule."""
 
-    source: Any
-    """The source zarr Array (read-only)."""
-    dest: Any
-    """The int8 mask zarr Array, created beforehand."""
+    source: storage.StoredArray
+    """The source array (read-only) and how its chunks are read."""
+    dest: storage.StoredArray
+    """The int8 mask array, created beforehand, and how its chunks are written."""
     plan: ChunkPlan
     at_zero: int = 1
     engine: Engine = "numpy"

@@ -68,6 +68,15 @@ class ArrayReport:
     """Tasks this run skipped as already done."""
     stats: UnitStats | None = None
     """With ``--stats``: per-unit activity, dead and always-on units."""
+    read_path: str = ""
+    """How the source's chunks were read: ``direct`` (its chunk files, by relu_dask) or
+    ``zarr`` (zarr's public API); see :mod:`relu_dask.chunkfiles`."""
+    read_path_reason: str = ""
+    """Why not ``direct``, when it is not."""
+    write_path: str = ""
+    """How the mask's chunks were written: ``direct`` or ``zarr`` ("" when nothing ran)."""
+    write_path_reason: str = ""
+    """Why not ``direct``, when it is not."""
 
     @property
     def active_fraction(self) -> float:
@@ -230,6 +239,12 @@ def render_summary(report: RunReport) -> list[str]:
         else:
             line += f", ~{format_bytes(a.memory_per_task_bytes)} per task"
         lines.append(line)
+        for what, path, reason in (
+            ("read", a.read_path, a.read_path_reason),
+            ("written", a.write_path, a.write_path_reason),
+        ):
+            if path == "zarr":
+                lines.append(f"    {what} through zarr, not directly: {reason}")
     for s in report.skipped:
         lines.append(f"  skipped {s['path']}: {s['reason']}")
     stats = [(a.path or "(array)", a.stats, a.active_fraction) for a in report.arrays if a.stats is not None]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import logging
 import math
 import os
@@ -25,6 +26,14 @@ import zarr
 import zarr.errors
 
 from relu_dask import chunkio
+from relu_dask.chunkfiles import (
+    ChunkFiles,
+    NotDirect,
+    chunk_key_encoding,
+    describe_chunk_files,
+    format_chunk_key,
+    parse_metadata,
+)
 from relu_dask.errors import DestinationExistsError, InputError, UnsupportedDtypeError
 from relu_dask.kernel import check_dtype
 from relu_dask.locations import Location
@@ -35,9 +44,11 @@ __all__ = [
     "PROVENANCE_KEY",
     "Skipped",
     "SourceArray",
+    "StoredArray",
     "check_replaceable",
     "create_dest_group",
     "create_mask_array",
+    "describe_stored",
     "fingerprint_array",
     "has_array",
     "is_group",
@@ -47,6 +58,7 @@ __all__ = [
     "parse_compressor",
     "prepare_dest",
     "read_block",
+    "read_metadata",
     "remove_dest",
     "remove_partial_writes",
     "write_block",
@@ -101,6 +113,10 @@ class SourceArray:
     """Dimension names (v3 metadata or xarray's ``_ARRAY_DIMENSIONS``), if any."""
     root: Location | None = None
     """SOURCE itself (the array, or the group holding it)."""
+    metadata: dict[str, Any] | None = None
+    """The array's metadata document (``zarr.json`` or ``.zarray``), as the Zarr spec defines it."""
+    stored: StoredArray | None = None
+    """How the tasks read it: its chunk files directly, or through zarr (and why)."""
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -122,7 +138,7 @@ class SourceArray:
 
     @property
     def zarr_format(self) -> int:
-        return int(self.array.metadata.zarr_format)
+        return int((self.metadata or {}).get("zarr_format", 3))
 
     @property
     def location(self) -> Location | None:
@@ -215,11 +231,19 @@ def _open_node(source: Location) -> Any:
 
 
 def _source_array(path: str, array: Any, root: Location) -> SourceArray:
-    names = getattr(array.metadata, "dimension_names", None)
+    location = root.child(*path.split("/")) if path else root
+    metadata = read_metadata(location)
+    names = (metadata or {}).get("dimension_names")
     if names is None:
         names = array.attrs.get("_ARRAY_DIMENSIONS")
     dims = tuple(str(n) for n in names) if names and all(n is not None for n in names) else None
-    return SourceArray(path, array, dims, root)
+    stored = describe_stored(array, location, metadata)
+    log.debug(
+        "%s: chunk files read %s",
+        path or root,
+        "directly" if stored.files is not None else f"through zarr ({stored.why_not_direct})",
+    )
+    return SourceArray(path, array, dims, root, metadata, stored)
 
 
 def _skip_reason(src: SourceArray) -> str:
@@ -336,10 +360,11 @@ def has_array(dest: Location, path: str) -> bool:
         return False
 
 
-def open_mask_array(dest: Location, path: str) -> Any:
-    """Open a mask array of DEST for writing."""
+def open_mask_array(dest: Location, path: str) -> StoredArray:
+    """Open a mask array of DEST for writing, with how the tasks write it."""
     node: Any = zarr.open(mode="r+", **_zarr_kwargs(dest))
-    return node[path] if path else node
+    location = dest.child(*path.split("/")) if path else dest
+    return describe_stored(node[path] if path else node, location, read_metadata(location))
 
 
 def open_array(location: Location | str | os.PathLike[str], array_path: str = "") -> Any:
@@ -420,10 +445,11 @@ def fingerprint_array(src: SourceArray, num_samples: int = 16) -> dict[str, Any]
     grid = tuple(-(-n // c) for n, c in zip(src.shape, unit))
     total = math.prod(grid)
     samples = []
-    if total:
+    keys = chunk_key_encoding(src.metadata) if src.metadata else None
+    if total and keys is not None:
         for linear in sorted({round(i * (total - 1) / max(1, num_samples - 1)) for i in range(num_samples)}):
             coords = tuple(int(c) for c in np.unravel_index(linear, grid))
-            key = src.array.metadata.encode_chunk_key(coords)
+            key = format_chunk_key(coords, *keys)
             stat = folder.child(*key.split("/")).stat()
             samples.append([key, stat[0], stat[1]] if stat else [key, None, None])
     return {
@@ -452,176 +478,155 @@ def remove_partial_writes(dest: Location) -> int:
     return removed
 
 
-def read_block(array: Any, selection: tuple[slice, ...], into: chunkio.Scratch | None = None) -> np.ndarray:
-    """Read ``array[selection]`` a stored chunk at a time, with as few copies as zarr allows.
+@dataclass(frozen=True)
+class StoredArray:
+    """One array as the tasks read and write it: zarr's Array, and its chunk files where
+    relu_dask does the byte work itself (:mod:`relu_dask.chunkfiles` decides, once per array).
 
-    zarr's own read fetches every chunk of the selection, decodes them all, then copies each
-    into a new output: about three times the block in memory at once. Here each chunk is
-    fetched, decoded and (unless it is the whole selection, then it is returned as is)
-    copied into the output before the next one is fetched: the block, plus one chunk's
-    compressed and decoded bytes. Chunk files of a local array with simple codecs are
-    decoded by :mod:`relu_dask.chunkio` straight into the buffers of ``into``, which a task
-    reuses from block to block; any other chunk goes through zarr's own codec pipeline.
-    Either way the values are the same bits. Arrays this path does not know (irregular
-    grids, a zarr without the internals it uses) are read with ``array[selection]``.
-
-    With ``into``, the result may be a view of its buffers: valid until ``into`` reads
-    again.
+    :func:`read_block` and :func:`write_block` take the path this decision gives; nothing
+    else asks which one it is.
     """
+
+    array: Any
+    """The zarr Array (read-only for a source)."""
+    files: ChunkFiles | None
+    """Its chunk files, read and written by :mod:`relu_dask.chunkio`; None: through zarr."""
+    why_not_direct: str = ""
+    """Why ``files`` is None, in words."""
+
+    @property
+    def io_path(self) -> str:
+        """``"direct"`` (chunk files by chunkio) or ``"zarr"`` (zarr's public API)."""
+        return "direct" if self.files is not None else "zarr"
+
+    @property
+    def stored_unit(self) -> tuple[int, ...]:
+        """The shape of one stored object: the shard if sharded, else the chunk."""
+        shards = getattr(self.array, "shards", None)
+        return tuple(shards) if shards else tuple(self.array.chunks)
+
+
+def read_metadata(location: Location) -> dict[str, Any] | None:
+    """The metadata document of the array at ``location`` (``zarr.json`` or ``.zarray``), if readable."""
+    found: list[bytes | None] = []
+    for name in ("zarr.json", ".zarray"):
+        try:
+            found.append(location.child(name).read_bytes())
+        except (OSError, ValueError):
+            found.append(None)
     try:
-        return _read_by_chunks(array, selection, into if into is not None else chunkio.Scratch())
-    except _UseZarr:
-        return np.asarray(array[selection])
+        return parse_metadata(*found)
+    except ValueError:  # not JSON: zarr will have said so when it opened the array
+        return None
 
 
-class _UseZarr(Exception):
-    """This array is read with ``array[selection]``."""
+def describe_stored(array: Any, location: Location | None, metadata: dict[str, Any] | None) -> StoredArray:
+    """Decide how the tasks read and write ``array`` (stored at ``location``)."""
+    if location is None or not location.is_local:
+        return StoredArray(array, None, "not on the local file system")
+    if metadata is None:
+        return StoredArray(array, None, "no metadata document readable")
+    described = describe_chunk_files(location.path, metadata)
+    if isinstance(described, NotDirect):
+        return StoredArray(array, None, described.reason)
+    return StoredArray(array, described)
 
 
-def _read_by_chunks(array: Any, selection: tuple[slice, ...], into: chunkio.Scratch) -> np.ndarray:
-    try:
-        from zarr.core.buffer import default_buffer_prototype
-        from zarr.core.codec_pipeline import fill_value_or_default
-        from zarr.core.sync import sync
+def read_block(stored: StoredArray, selection: tuple[slice, ...], into: chunkio.Scratch | None = None) -> np.ndarray:
+    """Read ``array[selection]`` a stored object (chunk or shard) at a time.
 
-        aa = array._async_array
-        metadata, pipeline, config = aa.metadata, aa.codec_pipeline, aa.config
-        grid_chunks = tuple(metadata.chunk_grid.chunk_shape)  # the stored unit: the shard if sharded
-    except (ImportError, AttributeError):
-        raise _UseZarr from None
-    if metadata.zarr_format == 2:
-        from dataclasses import replace
+    zarr's own read of a whole block fetches every chunk of the selection, decodes them
+    all, then copies each into a new output: about three times the block in memory at
+    once. Here each stored object is read and copied into the output before the next one
+    (unless it is the whole selection: then it is returned as is), so a task holds the
+    block plus one object's compressed and decoded bytes. Chunk files that
+    :mod:`relu_dask.chunkfiles` describes are decoded by :mod:`relu_dask.chunkio` straight
+    into the buffers of ``into``, which a task reuses from block to block; an unstored one
+    reads as the fill value. Anything else, and a chunk file chunkio declines (one of
+    another size), is read with zarr's ``array[...]``. Either way the values are the same bits.
 
-        config = replace(config, order=metadata.order)
-    direct = _chunk_files(aa)
-    prototype = default_buffer_prototype()
+    With ``into``, the result may be a view of its buffers: valid until ``into`` reads again.
+    """
+    into = into if into is not None else chunkio.Scratch()
+    grid = stored.files.format.chunk_shape if stored.files is not None else stored.stored_unit
     starts = tuple(s.start for s in selection)
     shape = tuple(s.stop - s.start for s in selection)
     ranges = [
-        range(a // c, max(a // c, (b - 1) // c) + 1)
-        for (a, b), c in zip(((s.start, s.stop) for s in selection), grid_chunks)
+        range(a // c, max(a // c, (b - 1) // c) + 1) for (a, b), c in zip(((s.start, s.stop) for s in selection), grid)
     ]
-    cells = list(_product(ranges))
+    cells = list(itertools.product(*ranges))
+    if not cells or 0 in shape:
+        return np.asarray(stored.array[selection])
     out: np.ndarray | None = None
     for coords in cells:
-        lo = tuple(i * c for i, c in zip(coords, grid_chunks))
-        inner = tuple(slice(max(a, b) - b, min(a + n, b + c) - b) for a, n, b, c in zip(starts, shape, lo, grid_chunks))
-        at = tuple(slice(max(a, b) - a, min(a + n, b + c) - a) for a, n, b, c in zip(starts, shape, lo, grid_chunks))
-        chunk = _read_chunk_file(direct, metadata, coords, into)
-        if chunk is _DECLINED:
-            try:
-                chunk = sync(_decode_chunk(aa, metadata, pipeline, config, prototype, coords))
-            except NotImplementedError:  # a codec pipeline without decode() (zarrs): zarr's own read
-                raise _UseZarr from None
-        if chunk is None:  # not stored: the fill value, as zarr reads it
-            part: np.ndarray | Any = fill_value_or_default(metadata.get_chunk_spec(coords, config, prototype))
-        else:
-            part = chunk[inner]
-        if len(cells) == 1 and chunk is not None:
-            return np.asarray(part)  # the whole selection is one chunk's region: no copy
+        lo = tuple(i * c for i, c in zip(coords, grid))
+        inner = tuple(slice(max(a, b) - b, min(a + n, b + c) - b) for a, n, b, c in zip(starts, shape, lo, grid))
+        at = tuple(slice(max(a, b) - a, min(a + n, b + c) - a) for a, n, b, c in zip(starts, shape, lo, grid))
+        part = _read_cell(stored, coords, lo, inner, into)
+        if len(cells) == 1 and isinstance(part, np.ndarray):
+            return part  # the whole selection is one stored object's region: no copy
         if out is None:
-            dtype = chunk.dtype if chunk is not None else np.dtype(array.dtype)
-            out = into.take(chunkio.BLOCK, shape, dtype)
+            out = into.take(chunkio.BLOCK, shape, part.dtype if isinstance(part, np.ndarray) else stored.array.dtype)
         out[at] = part
-        del chunk, part
-    if out is None:  # no cells: an empty selection
-        return np.asarray(array[selection])
+        del part
+    assert out is not None
     return out
 
 
-_DECLINED: Any = object()
+def _read_cell(
+    stored: StoredArray, coords: tuple[int, ...], lo: tuple[int, ...], inner: tuple[slice, ...], into: chunkio.Scratch
+) -> Any:
+    """The part ``inner`` of the stored object at ``coords``: an array, or the fill value (a scalar)."""
+    files = stored.files
+    if files is not None:
+        try:
+            chunk = chunkio.read_chunk(files.path(coords), files.format, into)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return files.fill_value  # not stored: the fill value, as the spec says
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot read chunk file {files.path(coords)}: {exc.strerror}") from exc
+        if chunk is not None:
+            return chunk[inner]
+    # zarr reads it (and raises its own error for a chunk file it cannot decode either)
+    region = tuple(slice(b + s.start, b + s.stop) for b, s in zip(lo, inner))
+    return np.asarray(stored.array[region])
 
 
-def _chunk_files(aa: Any) -> tuple[Path, chunkio.ChunkFormat] | None:
-    """Where a local array's chunk files are and how they are encoded, if chunkio can."""
-    import numcodecs
-    from zarr.codecs import BytesCodec
-    from zarr.storage import LocalStore
-
-    store, metadata = aa.store_path.store, aa.metadata
-    if not isinstance(store, LocalStore):
-        return None
-    codec: Any
-    if metadata.zarr_format == 3:
-        codecs = tuple(metadata.codecs)
-        if not codecs or type(codecs[0]) is not BytesCodec or len(codecs) > 2:
-            return None  # sharding, transpose or a chain of compressors: zarr decodes
-        codec = None if len(codecs) == 1 else _numcodecs_of(codecs[1])
-        if codec is None and len(codecs) == 2:
-            return None
-        dtype = np.dtype(metadata.data_type.to_native_dtype())
-        if codecs[0].endian is not None and dtype.itemsize > 1:
-            dtype = dtype.newbyteorder("<" if codecs[0].endian.value == "little" else ">")
-        order = "C"
-    else:
-        codec = metadata.compressor
-        if metadata.filters or not (codec is None or isinstance(codec, numcodecs.Zstd | numcodecs.Blosc)):
-            return None
-        dtype, order = np.dtype(metadata.dtype.to_native_dtype()), metadata.order
-    if dtype.kind not in "biuf":
-        return None
-    fmt = chunkio.ChunkFormat(tuple(metadata.chunk_grid.chunk_shape), dtype, order, codec)
-    return Path(store.root, *filter(None, aa.store_path.path.split("/"))), fmt
-
-
-def _numcodecs_of(codec: Any) -> Any:
-    """The numcodecs codec a zarr v3 blosc or zstd codec encodes with (as zarr builds it)."""
-    import numcodecs
-    from zarr.codecs import BloscCodec, ZstdCodec
-
-    if type(codec) is ZstdCodec:
-        return numcodecs.Zstd.from_config({"level": codec.level, "checksum": codec.checksum})
-    if type(codec) is BloscCodec:
-        config: dict[str, Any] = {
-            "cname": codec.cname.name,
-            "clevel": codec.clevel,
-            "shuffle": {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[codec.shuffle.name],
-            "blocksize": codec.blocksize,
-        }
-        from packaging.version import Version  # a dependency of zarr
-
-        if Version(numcodecs.__version__) >= Version("0.16.0"):  # as zarr does: numcodecs PR 713
-            config["typesize"] = codec.typesize
-        return numcodecs.Blosc.from_config(config)
-    return None
-
-
-def write_block(array: Any, selection: tuple[slice, ...], block: np.ndarray, into: chunkio.Scratch) -> None:
+def write_block(stored: StoredArray, selection: tuple[slice, ...], block: np.ndarray, into: chunkio.Scratch) -> None:
     """Write ``block`` to ``array[selection]``, a selection of whole chunks (or up to the edge).
 
-    The chunk files of a local, unsharded array with simple codecs are encoded and written
-    by :func:`chunkio.write_chunk` (atomically, the same bytes zarr writes), each chunk
-    straight from the block where it is one contiguous piece of it, else padded with the
-    fill value in ``into``. Any other array, or a selection that cuts a chunk, is written
-    by zarr. As zarr does by default, a chunk equal to the fill value is not stored, and
-    one stored before is removed.
+    Where :mod:`relu_dask.chunkfiles` describes the array's chunk files, each chunk is
+    encoded and written by :func:`chunkio.write_chunk` (atomically, the same bytes zarr
+    writes), straight from the block where it is one contiguous piece of it, else padded
+    with the fill value in ``into``. Any other array, or a selection that cuts a chunk, is
+    written by zarr. As zarr does by default, a chunk equal to the fill value is not
+    stored, and one stored before is removed.
     """
-    direct = _chunk_files(array._async_array) if array.metadata.zarr_format == 3 else None
-    if direct is None:
-        array[selection] = block
+    files = stored.files
+    if files is None or block.dtype != files.format.dtype.newbyteorder("="):
+        stored.array[selection] = block
         return
-    folder, fmt = direct
-    grid, shape = fmt.chunk_shape, tuple(array.shape)
+    grid, shape = files.format.chunk_shape, files.shape
     whole = all(s.start % c == 0 and (s.stop % c == 0 or s.stop == n) for s, c, n in zip(selection, grid, shape))
-    if not whole or block.dtype != fmt.dtype:  # a cut chunk needs zarr's read-modify-write
-        array[selection] = block
+    if not whole or files.format.dtype.byteorder == ">" or files.format.order != "C":
+        stored.array[selection] = block  # a cut chunk needs zarr's read-modify-write
         return
     ranges = [range(s.start // c, -(-s.stop // c)) for s, c in zip(selection, grid)]
-    for coords in _product(ranges):
+    for coords in itertools.product(*ranges):
         lo = tuple(i * c for i, c in zip(coords, grid))
         part = block[
             tuple(slice(a - s.start, min(a + c, n) - s.start) for a, c, n, s in zip(lo, grid, shape, selection))
         ]
-        path = folder.joinpath(*array.metadata.encode_chunk_key(coords).split("/"))
-        if _all_fill(part, array.fill_value):
+        path = files.path(coords)
+        if _all_fill(part, files.fill_value):
             path.unlink(missing_ok=True)
             continue
         if part.shape != grid or not part.flags.c_contiguous:
-            padded = into.take(chunkio.PADDED, grid, fmt.dtype)
-            padded[...] = array.fill_value
+            padded = into.take(chunkio.PADDED, grid, files.format.dtype)
+            padded[...] = files.fill_value
             padded[tuple(slice(0, k) for k in part.shape)] = part
             part = padded
-        chunkio.write_chunk(path, part, fmt)
+        chunkio.write_chunk(path, part, files.format)
 
 
 def _all_fill(part: np.ndarray, fill_value: Any) -> bool:
@@ -631,35 +636,3 @@ def _all_fill(part: np.ndarray, fill_value: Any) -> bool:
     if part.dtype.kind == "f" and np.isnan(fill_value):
         return bool(np.isnan(part).all())
     return bool((part == fill_value).all())
-
-
-def _read_chunk_file(
-    direct: tuple[Path, chunkio.ChunkFormat] | None, metadata: Any, coords: tuple[int, ...], into: chunkio.Scratch
-) -> np.ndarray | None:
-    """One chunk by :func:`chunkio.read_chunk`: None if not stored, _DECLINED for zarr to read."""
-    if direct is None:
-        return _DECLINED
-    folder, fmt = direct
-    try:
-        chunk = chunkio.read_chunk(folder.joinpath(*metadata.encode_chunk_key(coords).split("/")), fmt, into)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        return None  # as zarr's LocalStore: no file, no chunk
-    return _DECLINED if chunk is None else chunk
-
-
-async def _decode_chunk(
-    aa: Any, metadata: Any, pipeline: Any, config: Any, prototype: Any, coords: tuple[int, ...]
-) -> np.ndarray | None:
-    spec = metadata.get_chunk_spec(coords, config, prototype=prototype)
-    raw = await (aa.store_path / metadata.encode_chunk_key(coords)).get(prototype=prototype)
-    if raw is None:
-        return None
-    (decoded,) = await pipeline.decode([(raw, spec)])
-    del raw
-    return None if decoded is None else np.asarray(decoded.as_ndarray_like())
-
-
-def _product(ranges: list[range]) -> Any:
-    import itertools
-
-    return itertools.product(*ranges)

@@ -18,6 +18,13 @@ from relu_dask.errors import InputError, UnsupportedDtypeError
 from relu_dask.locations import parse_location
 
 
+def _stored(path: Path) -> storage.StoredArray:
+    """The one array at ``path`` as a run's tasks read it."""
+    (src,), _ = storage.open_source(parse_location(path))
+    assert src.stored is not None
+    return src.stored
+
+
 def _ts_write(path: Path, data: np.ndarray, chunks: list[int], driver: str) -> None:
     ts = pytest.importorskip("tensorstore")
     dtype = np.dtype(data.dtype).name
@@ -174,9 +181,9 @@ def test_read_block_gives_zarrs_bits_for_any_selection(tmp_path: Path, zarr_form
     }
     array = zarr.create_array(store=str(tmp_path / "a.zarr"), **kwargs)
     array[...] = x
-    array = zarr.open_array(str(tmp_path / "a.zarr"), mode="r")
-    # The case is read by the path it is meant to test: chunkio's, or zarr's codec pipeline.
-    assert (storage._chunk_files(array._async_array) is not None) == direct
+    array = _stored(tmp_path / "a.zarr")
+    # The case is read by the path it is meant to test: chunkio's, or zarr's public API.
+    assert array.io_path == ("direct" if direct else "zarr"), array.why_not_direct
     reused = chunkio.Scratch()  # one task's buffers, reused by every read below
 
     @settings(
@@ -186,7 +193,7 @@ def test_read_block_gives_zarrs_bits_for_any_selection(tmp_path: Path, zarr_form
     def check(r0: int, nr: int, c0: int, nc: int, reuse: bool) -> None:
         sel = (slice(r0, min(29, r0 + nr)), slice(c0, min(35, c0 + nc)))
         got = storage.read_block(array, sel, reused if reuse else None)
-        want = array[sel]
+        want = array.array[sel]
         assert got.shape == want.shape
         native = want.dtype.newbyteorder("=")
         assert got.dtype.newbyteorder("=") == native  # the byte order may be the stored one
@@ -194,7 +201,7 @@ def test_read_block_gives_zarrs_bits_for_any_selection(tmp_path: Path, zarr_form
 
     check()
     aligned = storage.read_block(array, (slice(4, 8), slice(6, 12)), reused)  # exactly one stored chunk
-    assert np.array_equal(aligned, array[4:8, 6:12], equal_nan=True)
+    assert np.array_equal(aligned, array.array[4:8, 6:12], equal_nan=True)
 
 
 @pytest.mark.parametrize("compressor", storage.COMPRESSORS)
@@ -217,10 +224,11 @@ def test_write_block_writes_the_chunk_files_zarr_writes(tmp_path: Path, compress
         )
         arrays.append(created)
     arrays[0][...] = x
-    assert storage._chunk_files(arrays[1]._async_array) is not None
+    mine = storage.open_mask_array(parse_location(tmp_path / "by-relu-dask.zarr"), "")
+    assert mine.io_path == "direct", mine.why_not_direct
     scratch = chunkio.Scratch()
     for sel in [(slice(0, 8), slice(0, 6)), (slice(8, 10), slice(0, 7)), (slice(0, 8), slice(6, 7))]:
-        storage.write_block(arrays[1], sel, x[sel], scratch)
+        storage.write_block(mine, sel, x[sel], scratch)
     files = [
         sorted(p.relative_to(tmp_path / n) for p in (tmp_path / n / "c").rglob("*") if p.is_file())
         for n in ("by-zarr.zarr", "by-relu-dask.zarr")
@@ -229,7 +237,7 @@ def test_write_block_writes_the_chunk_files_zarr_writes(tmp_path: Path, compress
     for f in files[0]:
         assert (tmp_path / "by-zarr.zarr" / f).read_bytes() == (tmp_path / "by-relu-dask.zarr" / f).read_bytes()
     # A chunk rewritten as all fill value is removed, as zarr removes it (a resumed block).
-    storage.write_block(arrays[1], (slice(0, 8), slice(0, 6)), np.zeros((8, 6), dtype), scratch)
+    storage.write_block(mine, (slice(0, 8), slice(0, 6)), np.zeros((8, 6), dtype), scratch)
     assert not (tmp_path / "by-relu-dask.zarr" / "c" / "1" / "1").exists()
     assert np.array_equal(zarr.open_array(str(tmp_path / "by-relu-dask.zarr"))[:8, :6], np.zeros((8, 6), dtype))
 
@@ -240,12 +248,15 @@ def test_write_block_leaves_a_cut_chunk_and_a_sharded_array_to_zarr(tmp_path: Pa
     x = np.arange(64, dtype=np.int8).reshape(8, 8)
     plain = zarr.create_array(store=str(tmp_path / "plain.zarr"), shape=(8, 8), chunks=(4, 4), dtype="i1")
     plain[...] = x
-    storage.write_block(plain, (slice(2, 6), slice(0, 8)), -x[2:6], chunkio.Scratch())  # cuts chunks: zarr merges
+    stored = storage.open_mask_array(parse_location(tmp_path / "plain.zarr"), "")
+    storage.write_block(stored, (slice(2, 6), slice(0, 8)), -x[2:6], chunkio.Scratch())  # cuts chunks: zarr merges
     want = x.copy()
     want[2:6] = -x[2:6]
     assert np.array_equal(plain[...], want)
     sharded = zarr.create_array(store=str(tmp_path / "s.zarr"), shape=(8, 8), chunks=(2, 2), shards=(4, 4), dtype="i1")
-    storage.write_block(sharded, (slice(0, 8), slice(0, 8)), x, chunkio.Scratch())
+    stored = storage.open_mask_array(parse_location(tmp_path / "s.zarr"), "")
+    assert stored.io_path == "zarr" and "sharding_indexed" in stored.why_not_direct
+    storage.write_block(stored, (slice(0, 8), slice(0, 8)), x, chunkio.Scratch())
     assert np.array_equal(sharded[...], x)
 
 
@@ -255,7 +266,6 @@ def test_read_block_refuses_a_chunk_file_of_the_wrong_size_as_zarr_does(tmp_path
     store = str(tmp_path / "a.zarr")
     array = zarr.create_array(store=store, shape=(8, 8), chunks=(4, 4), dtype="f8", compressors=compressors)
     array[...] = np.arange(64.0).reshape(8, 8)
-    assert storage._chunk_files(array._async_array) is not None
     short = np.arange(8.0)  # half a chunk, encoded as the array encodes
     chunk_file = tmp_path / "a.zarr" / "c" / "1" / "0"
     if compressors is None:
@@ -268,9 +278,10 @@ def test_read_block_refuses_a_chunk_file_of_the_wrong_size_as_zarr_does(tmp_path
         from numcodecs import Blosc
 
         chunk_file.write_bytes(Blosc("lz4", 5, Blosc.SHUFFLE).encode(short))
-    array = zarr.open_array(str(tmp_path / "a.zarr"), mode="r")
+    array = _stored(tmp_path / "a.zarr")
+    assert array.io_path == "direct", array.why_not_direct
     with pytest.raises(Exception) as zarrs_error:
-        array[4:8, 0:4]
+        array.array[4:8, 0:4]
     with pytest.raises(type(zarrs_error.value)):
         storage.read_block(array, (slice(4, 8), slice(0, 4)))
     assert np.array_equal(storage.read_block(array, (slice(0, 4), slice(0, 8))), np.arange(32.0).reshape(4, 8))

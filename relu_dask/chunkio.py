@@ -218,7 +218,9 @@ def write_chunk(path: str | os.PathLike[str], chunk: np.ndarray, fmt: ChunkForma
         raise ValueError(
             f"a chunk of {fmt.chunk_shape} {fmt.dtype}, C-ordered, is needed, got {chunk.shape} {chunk.dtype}"
         )
-    data = chunk if fmt.codec is None else fmt.codec.encode(chunk)
+    # The codec gets the chunk's bytes, as zarr hands them to it: a blosc that is not told
+    # the type size (numcodecs before 0.16) then shuffles as zarr's does.
+    data = chunk if fmt.codec is None else fmt.codec.encode(chunk.reshape(-1).view(np.uint8))
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(f".{uuid.uuid4().hex}.partial")

@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
             help="replace DEST and start over (once inputs are validated); without it, rerunning the same "
             "command resumes a partial DEST",
         )
+        if name == "run":
+            sub.add_argument(
+                "--verify",
+                action="store_true",
+                help="at the end, read every mask chunk back and check it against the journal (relu-dask verify)",
+            )
         sub.add_argument(
             "--config",
             type=Path,
@@ -127,6 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     status.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     status.add_argument("--log-format", default="text", help=argparse.SUPPRESS)
+    verify = commands.add_parser(
+        "verify",
+        help="read every mask chunk of DEST back and check it against the job's journal",
+        description="Read every chunk of every mask array in DEST, check that each decodes and that the ones "
+        "counted in each block equal those the run's tasks recorded. Exit 0 only if all hold; else a line per "
+        "problem and exit 1. `relu-dask status` then says `complete (verified ...)`.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    verify.add_argument("dest", metavar="DEST")
+    verify.add_argument("--storage-options", metavar="JSON", help="fsspec storage options for a URL DEST")
+    verify.add_argument("--log-format", choices=("text", "json"), default="text", help="text or json log lines")
+    verify.add_argument("--quiet", action="store_true", help="print only warnings, errors and the result")
+    verify.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     demo = commands.add_parser(
         "demo",
         help="the built-in job on synthetic data, for a first try",
@@ -287,6 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace, raw: list[str]) -> int:
     if args.command == "status":
         return _status(args.dest, as_json=args.json, storage_options=args.storage_options)
+    if args.command == "verify":
+        return _verify(args.dest, args.storage_options)
     if args.command == "stats":
         report = stats_of_masks(
             args.dest,
@@ -313,6 +335,24 @@ def _dispatch(args: argparse.Namespace, raw: list[str]) -> int:
         raise InputError(f"{args.command} needs SOURCE and DEST (or --config JOBS.toml)")
     report = run(args.source, args.dest, overwrite=args.overwrite, dry_run=args.command == "plan", **options)
     _print_summary(report)
+    if args.command == "run" and args.verify:
+        return _verify(args.dest, args.storage_options)
+    return EXIT_OK
+
+
+def _verify(dest: str, storage_options: str | None) -> int:
+    from relu_dask.verify import verify_dest
+
+    result = verify_dest(dest, storage_options=storage_options)
+    for problem in result.problems:
+        print(f"{PROG}: verify: {problem}", file=sys.stderr)
+    if not result.ok:
+        print(f"{dest}: NOT verified: {len(result.problems)} problem(s) in {result.num_chunks_read} chunk(s) read")
+        return EXIT_FAILED
+    print(
+        f"{dest}: verified: {result.num_arrays} array(s), {result.num_blocks} block(s), "
+        f"{result.num_chunks_read} chunk(s) read, every one decodes and matches the journal"
+    )
     return EXIT_OK
 
 
@@ -324,7 +364,14 @@ def _run_job_file(args: argparse.Namespace, raw: list[str]) -> int:
     base = _without_config(raw)
     worst = EXIT_OK
     outcomes = []
-    for number, job in enumerate(jobs, start=1):
+    parsed: list[argparse.Namespace | int] = []
+    for job in jobs:  # every job's options are checked before any job runs
+        argv = ["run", *job.argv[:2], *base, *job.argv[2:]]
+        try:
+            parsed.append(build_parser().parse_args(argv))
+        except SystemExit as exc:  # argparse said what was wrong with this job's options
+            parsed.append(int(exc.code or 0))
+    for number, (job, job_args) in enumerate(zip(jobs, parsed), start=1):
         argv = ["run", *job.argv[:2], *base, *job.argv[2:]]
         log.info(
             "job %d/%d (%s): relu-dask %s",
@@ -334,19 +381,28 @@ def _run_job_file(args: argparse.Namespace, raw: list[str]) -> int:
             " ".join(argv),
             extra={"event": "job", "fields": {"job": job.name, "number": number}},
         )
-        try:
-            code = _dispatch(build_parser().parse_args(argv), argv)
-        except SystemExit as exc:  # argparse said what was wrong with this job's options
-            code = int(exc.code or 0)
-        except ReluDaskError as exc:
-            _say_error(f"job {job.name}: {exc}", exc.exit_code)
-            code = exc.exit_code
+        code = job_args if isinstance(job_args, int) else _run_one_job(job.name, job_args, argv)
         outcomes.append(f"  job {number} {job.name}: {'ok' if code == 0 else 'failed'} (exit {code})")
         worst = max(worst, code)
     print(f"{len(jobs)} job(s) from {args.config}, worst exit code {worst}:")
     for line in outcomes:
         print(line)
     return worst
+
+
+def _run_one_job(name: str, args: argparse.Namespace, argv: list[str]) -> int:
+    """One job of a job file; whatever it raises, its exit code (the next job runs anyway)."""
+    try:
+        return _dispatch(args, argv)
+    except ReluDaskError as exc:
+        _say_error(f"job {name}: {exc}", exc.exit_code)
+        return exc.exit_code
+    except Exception as exc:  # one job's failure must not stop the others
+        log.debug("job %s failed", name, exc_info=True)
+        _say_error(
+            f"job {name}: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", EXIT_FAILED
+        )
+        return EXIT_FAILED
 
 
 def _without_config(raw: list[str]) -> list[str]:
@@ -370,12 +426,18 @@ def _status(dest: str, *, as_json: bool, storage_options: str | None = None) -> 
         print(json.dumps(status))
         return EXIT_OK
     state = status["state"]
-    if state == "partial":
+    if state == "partial" and status.get("missing"):
+        print(f"{dest}: partial (masks missing: {', '.join(status['missing'])}; rerun the same command to redo them)")
+    elif state == "partial":
         print(f"{dest}: partial ({status['tasks_done']} of {status['num_tasks']} tasks done)")
+    elif state == "complete" and status.get("verified_utc"):
+        print(f"{dest}: complete (verified {status['verified_utc']}; {status['num_tasks']} tasks)")
     elif state == "complete":
         print(f"{dest}: complete ({status['num_tasks']} tasks)")
     elif state == "absent":
         print(f"{dest}: absent")
+    elif status.get("replacing"):
+        print(f"{dest}: unknown (a run replacing it was stopped part way: rerun with --overwrite)")
     else:
         print(f"{dest}: unknown (it exists but holds no relu-dask job record)")
     if status.get("running"):

@@ -15,6 +15,7 @@ __all__ = [
     "EXIT_IN_USE",
     "EXIT_OK",
     "EXIT_USAGE",
+    "DamagedSourceError",
     "DestinationExistsError",
     "DestinationInUseError",
     "InputError",
@@ -67,3 +68,7 @@ class DestinationInUseError(ReluDaskError):
     """Another run holds DEST (exit 3)."""
 
     exit_code = EXIT_IN_USE
+
+
+class DamagedSourceError(ProcessingError):
+    """A stored chunk of SOURCE cannot be read or decoded (exit 1): rerunning will not help."""

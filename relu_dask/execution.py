@@ -10,6 +10,7 @@ SOURCE or result-changing options differ from DEST's job is refused unless ``ove
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import logging
@@ -19,6 +20,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -162,6 +164,7 @@ def run(
     """
     rule, nan_policy = parse_at_zero(at_zero), parse_nan_policy(nan)
     chunks_spec = chunking.parse_chunks(chunks)
+    check_output_files(report=report_path, plot=plot_path, performance_report=performance_report)
     spec = scheduler if isinstance(scheduler, SchedulerSpec) else parse_scheduler(scheduler)
     if performance_report is not None and spec.name not in ("local", "address"):
         raise InputError(
@@ -195,12 +198,13 @@ def run(
         if importlib.util.find_spec("matplotlib") is None:
             raise InputError("--plot needs matplotlib: pip install 'relu-dask[plot]'")
     if dry_run:
-        state, record = _dest_state(job, overwrite)
+        state, record = _dest_state(job, overwrite, under_lock=False)
         report, _plans = _planned_report(job, plan_session(spec), record)
         report.outcome = "already complete" if state == "complete" else "planned"
         return _finish(report, report_path)
     with journal.hold_lock(job.dest):
-        state, record = _dest_state(job, overwrite)
+        journal.reach_step("locked")
+        state, record = _dest_state(job, overwrite, under_lock=True)
         performance = str(performance_report) if performance_report is not None else None
         if state == "complete" and record is not None:
             report = _complete_report(job, record)
@@ -213,21 +217,43 @@ def run(
     return _finish(report, report_path)
 
 
+def check_output_files(**paths: str | os.PathLike[str] | None) -> None:
+    """Refuse, before any work, a ``--report``, ``--plot`` or ``--performance-report`` file
+    that could not be written at the end: its folder missing or not writable, or a folder
+    in its place."""
+    for option, value in paths.items():
+        if value is None:
+            continue
+        path, flag = Path(value), "--" + option.replace("_", "-")
+        if path.is_dir():
+            raise InputError(f"{flag} {path} is a folder: give a file name")
+        folder = path.parent
+        if not folder.is_dir():
+            raise InputError(f"{flag} {path}: the folder {folder} does not exist: create it first")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise InputError(f"{flag} {path}: cannot write in {folder} (permission denied)")
+
+
 def _as_list(value: Any) -> Any:
     if value is None:
         return None
     return list(chunking.parse_shape(value, what="shape")) if not isinstance(value, list) else value
 
 
-def _dest_state(job: _Job, overwrite: bool) -> tuple[DestState, journal.JobRecord | None]:
+def _dest_state(job: _Job, overwrite: bool, *, under_lock: bool) -> tuple[DestState, journal.JobRecord | None]:
     """Whether DEST is new (or to be replaced), a partial run to resume, or complete."""
     dest = job.dest
     if overwrite:
-        storage.check_replaceable(dest)
+        if not journal.is_being_replaced(dest):  # else: what is left of one relu-dask was deleting
+            storage.check_replaceable(dest)
         return "fresh", None
     if not dest.exists():
         return "fresh", None
     record = journal.read_record(dest)
+    if record is None and journal.is_being_replaced(dest):
+        raise DestinationExistsError(
+            f"DEST {dest} was being replaced when a run was stopped: pass --overwrite to finish replacing it"
+        )
     if record is None:
         raise DestinationExistsError(f"DEST {dest} already exists: pass --overwrite to replace it")
     changed = _differences(record.fingerprint, job.fingerprint)
@@ -235,7 +261,20 @@ def _dest_state(job: _Job, overwrite: bool) -> tuple[DestState, journal.JobRecor
         raise DestinationExistsError(
             f"DEST {dest} holds another job ({'; '.join(changed)}): pass --overwrite to replace it"
         )
+    if record.complete and not _outputs_present(job):
+        # A record that says complete is believed only beside every output it describes.
+        log.warning("DEST %s lacks masks its journal says are complete: computing them again", dest)
+        record = dataclasses.replace(record, complete=False, counts=None, unit_ones=None, unit_axes=None)
+        if under_lock:
+            journal.write_record(dest, record)  # before anything is recreated: a kill now resumes
     return ("complete" if record.complete else "resume"), record
+
+
+def _outputs_present(job: _Job) -> bool:
+    """Whether DEST holds the group (for a group SOURCE) and every mask array of the job."""
+    if _is_group(job) and not storage.is_group(job.dest):
+        return False
+    return all(storage.has_array(job.dest, src.path) for src in job.arrays)
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -379,6 +418,7 @@ def _execute(
                 f", {removed} half-written file(s) removed" if removed else "",
             )
             _create_outputs(job, plans, report)
+        journal.reach_step("outputs-created")
         jobs = _mask_jobs(job, plans, report)
         log.info(
             "start: %s -> %s, %d task(s) over %d array(s) on %s",
@@ -407,7 +447,8 @@ def _execute(
             finally:
                 _release_buffers(session)
         report.wall_s, report.cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
-    totals, units = _record_counts(report, job, jobs, tasks, iter(results))
+    journal.reach_step("tasks-done")
+    totals, units, block_ones = _record_counts(report, job, jobs, tasks, iter(results))
     journal.write_record(
         job.dest,
         journal.JobRecord(
@@ -417,8 +458,10 @@ def _execute(
             counts=totals,
             unit_ones=units,
             unit_axes=[j.unit_axis for j in jobs],
+            block_ones=block_ones,
         ),
     )
+    journal.reach_step("complete")
     journal.remove_done_markers(job.dest)
     return report
 
@@ -432,11 +475,22 @@ def _release_buffers(session: Session) -> None:
 
 
 def _start_fresh(job: _Job, plans: list[chunking.ChunkPlan], report: RunReport) -> None:
-    """Replace DEST (if any) and its journal, create the outputs, record the job."""
-    if job.dest.exists():
-        storage.remove_dest(job.dest, "--overwrite")
+    """Replace DEST (if any) and its journal, record the job, create the outputs.
+
+    The journal goes first: a kill while DEST is being deleted then leaves no record that
+    says "complete" beside a half-deleted DEST (see docs/design.md, "Crash consistency").
+    """
+    replacing = job.dest.exists()
+    if replacing:
+        journal.mark_replacing(job.dest)  # what a kill leaves of DEST from here on is ours to delete
     journal.remove_journal(job.dest)
+    journal.reach_step("journal-forgotten")
+    if replacing:
+        storage.remove_dest(job.dest, "--overwrite")
+    journal.reach_step("dest-removed")
+    journal.unmark_replacing(job.dest)
     journal.write_record(job.dest, journal.JobRecord(job.fingerprint, [list(p.block_shape) for p in plans]))
+    journal.reach_step("job-recorded")
     _create_outputs(job, plans, report)
 
 
@@ -446,8 +500,10 @@ def _processing_errors(dest: Location) -> Iterator[None]:
     try:
         yield
     except NaNFoundError:
-        storage.remove_dest(dest, "the source holds NaN and --nan is error")
+        journal.mark_replacing(dest)  # as in _start_fresh: the record first, then DEST
         journal.remove_journal(dest)
+        storage.remove_dest(dest, "the source holds NaN and --nan is error")
+        journal.unmark_replacing(dest)
         raise
     except ReluDaskError:
         raise
@@ -558,17 +614,19 @@ def _set_io_paths(entry: ArrayReport, source: storage.StoredArray, dest: storage
 
 def _record_counts(
     report: RunReport, job: _Job, jobs: list[MaskJob], tasks: list[Any], results: Iterator[Any]
-) -> tuple[list[list[int]], list[list[int] | None]]:
-    """Sum the tasks' rows into each array's report; return the totals and per-unit ones."""
-    totals, units = [], []
+) -> tuple[list[list[int]], list[list[int] | None], list[list[int]]]:
+    """Sum the tasks' rows into each array's report; return the totals, per-unit ones and per-block ones."""
+    totals, units, block_ones = [], [], []
     fields = len(COUNT_FIELDS)
     for entry, src, mask_job, task in zip(report.arrays, job.arrays, jobs, tasks):
         counts = dict.fromkeys(COUNT_FIELDS, 0)
         unit_ones: list[int] | None = None
+        ones: list[int] = []
         if task is not None:
             result = np.asarray(next(results))
             rows = result.reshape(-1, result.shape[-1])
             counts = dict(zip(COUNT_FIELDS, (int(v) for v in rows[:, :fields].sum(axis=0))))
+            ones = [int(v) for v in rows[:, COUNT_FIELDS.index("ones")]]
             if mask_job.unit_axis is not None:
                 unit_ones = _per_unit(result, mask_job)
         elif mask_job.unit_axis is not None:
@@ -581,7 +639,8 @@ def _record_counts(
         _warn_if_relu_outputs(report, entry)
         totals.append([counts[f] for f in COUNT_FIELDS])
         units.append(unit_ones)
-    return totals, units
+        block_ones.append(ones)
+    return totals, units, block_ones
 
 
 def _set_stats(entry: ArrayReport, src: storage.SourceArray, axis: int | None, unit_ones: list[int] | None) -> None:
@@ -631,8 +690,10 @@ def _finish(report: RunReport, report_path: str | os.PathLike[str] | None) -> Ru
 def job_status(dest: str | os.PathLike[str], storage_options: str | dict[str, Any] | None = None) -> dict[str, Any]:
     """What DEST holds: ``absent``, ``partial`` (n of m tasks done), ``complete`` or ``unknown``.
 
-    ``unknown`` is a DEST that exists without a relu-dask journal (made by another tool or
-    another version). ``running`` names the process holding DEST's lock, if any.
+    ``complete`` only where the journal says so and DEST holds every mask array it names
+    (else ``partial``, with ``missing`` naming the arrays that are not there). ``unknown``
+    is a DEST that exists without a relu-dask journal (made by another tool or another
+    version). ``running`` names the process holding DEST's lock, if any.
     """
     path = parse_location(dest, parse_storage_options(storage_options))
     record = journal.read_record(path)
@@ -640,15 +701,23 @@ def job_status(dest: str | os.PathLike[str], storage_options: str | dict[str, An
     status: dict[str, Any] = {"dest": str(dest), "running": journal.lock_holder(path)}
     if record is None or not exists:
         status["state"] = "unknown" if exists else "absent"
+        if exists and journal.is_being_replaced(path):
+            status["replacing"] = True  # a run deleting it to replace it was stopped
         return status
     arrays = record.fingerprint.get("arrays", [])
     total = 0
     for array, block in zip(arrays, record.block_shapes):
         if math.prod(array["shape"]) != 0:
             total += math.prod(-(-n // max(1, b)) for n, b in zip(array["shape"], block))
-    done = total if record.complete else sum(journal.count_done(path, i) for i in range(len(arrays)))
+    missing = [a["path"] or "(array)" for a in arrays if not storage.has_array(path, a["path"])]
+    complete = record.complete and not missing
+    done = total if complete else sum(journal.count_done(path, i) for i in range(len(arrays)))
+    if record.complete and missing:
+        status["missing"] = missing  # the journal says complete, DEST says otherwise: believe DEST
+    if complete and record.verified_utc:
+        status["verified_utc"] = record.verified_utc
     status.update(
-        state="complete" if record.complete else "partial",
+        state="complete" if complete else "partial",
         tasks_done=done,
         num_tasks=total,
         fingerprint=record.fingerprint,
@@ -679,6 +748,7 @@ def stats_of_masks(
     NaN and exact-zero counts need the source: they are reported only by ``run --stats``.
     """
     spec = scheduler if isinstance(scheduler, SchedulerSpec) else parse_scheduler(scheduler)
+    check_output_files(report=report_path, plot=plot_path)
     arrays, skipped = storage.open_source(parse_location(dest, parse_storage_options(storage_options)))
     report = RunReport(
         source=str(dest),

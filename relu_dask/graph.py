@@ -109,6 +109,11 @@ class MaskJob:
     token: str = ""
     """A stable identity of the job (source, dest, plan, rule) for the task names."""
 
+    @property
+    def marker_kind(self) -> str:
+        """What a done marker of this job's tasks holds: the counts, and per-unit ones along which axis."""
+        return f"units={'-' if self.unit_axis is None else self.unit_axis}"
+
 
 def process_block(job: MaskJob, block_id: tuple[int, ...] | None = None) -> np.ndarray:
     """Read one block, write its mask, return its counts (see :data:`COUNT_FIELDS`).
@@ -124,7 +129,7 @@ def process_block(job: MaskJob, block_id: tuple[int, ...] | None = None) -> np.n
     width = job.row_width
     recorded = width - 2  # a marker holds elements, ones, nans, zeros and the per-unit ones
     if job.done_dir is not None:
-        done = journal.read_done(job.done_dir, index)
+        done = journal.read_done(job.done_dir, index, job.marker_kind)
         if done is not None and len(done) == recorded:
             return _row([*done[:4], 1, 0], done[4:], width, ndim)
     slices = job.plan.block_slices(index)
@@ -145,7 +150,7 @@ def process_block(job: MaskJob, block_id: tuple[int, ...] | None = None) -> np.n
             others = tuple(a for a in range(ndim) if a != job.unit_axis)
             per_unit = _sum_ones(mask, others).tolist()
     if job.done_dir is not None:
-        journal.record_done(job.done_dir, index, [*counts, *per_unit])
+        journal.record_done(job.done_dir, index, [*counts, *per_unit], job.marker_kind)
     return _row([*counts, 0, block.size], per_unit, width, ndim)
 
 

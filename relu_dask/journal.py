@@ -35,15 +35,20 @@ from relu_dask.locations import Location
 __all__ = [
     "HEARTBEAT_S",
     "STALE_AFTER_S",
+    "STEPS",
     "JobRecord",
     "hold_lock",
+    "is_being_replaced",
     "journal_dir",
     "lock_holder",
+    "mark_replacing",
+    "reach_step",
     "read_done",
     "read_record",
     "record_done",
     "remove_done_markers",
     "remove_journal",
+    "unmark_replacing",
     "write_record",
 ]
 
@@ -56,9 +61,47 @@ STALE_AFTER_S = 120.0
 _FORMAT = 1
 
 
+#: The steps of a run, in order, as docs/design.md's crash-consistency table names them.
+STEPS = ("locked", "journal-forgotten", "dest-removed", "job-recorded", "outputs-created", "tasks-done", "complete")
+
+
+def reach_step(step: str) -> None:
+    """Mark that a run reached ``step`` (one of :data:`STEPS`).
+
+    For the tests of what a kill at each step leaves behind: with ``RELU_DASK_STOP_AT`` set
+    to ``step``, the process stops itself there (SIGSTOP), so that a test can kill it at
+    exactly that point. Unset, this does nothing.
+    """
+    assert step in STEPS, step
+    if os.environ.get("RELU_DASK_STOP_AT") == step:
+        import signal
+
+        log.warning("stopping at step %s (RELU_DASK_STOP_AT)", step)
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
 def journal_dir(dest: Location) -> Location:
     """The hidden folder beside DEST that records the job: ``.<name>.relu-dask``."""
     return dest.sibling(f".{dest.name}.relu-dask")
+
+
+def mark_replacing(dest: Location) -> None:
+    """Record that relu-dask is about to delete DEST to replace it (``replacing`` in the journal).
+
+    A run killed while it deletes DEST leaves part of it, perhaps without its metadata, which
+    would otherwise no longer look like a Zarr store relu-dask may delete: this record says it is.
+    """
+    journal_dir(dest).child("replacing").write_text(str(dest))
+
+
+def unmark_replacing(dest: Location) -> None:
+    """DEST is deleted: forget :func:`mark_replacing`."""
+    journal_dir(dest).child("replacing").remove()
+
+
+def is_being_replaced(dest: Location) -> bool:
+    """Whether a run was deleting DEST to replace it and did not finish."""
+    return journal_dir(dest).child("replacing").stat() is not None
 
 
 def remove_done_markers(dest: Location) -> None:
@@ -67,9 +110,13 @@ def remove_done_markers(dest: Location) -> None:
 
 
 def remove_journal(dest: Location) -> None:
-    """Forget the job of DEST (all but the lock, which its holder removes)."""
-    remove_done_markers(dest)
+    """Forget the job of DEST (all but the lock, which its holder removes).
+
+    ``job.json`` first: once it is gone nothing claims DEST is complete, whatever a kill
+    leaves of the markers.
+    """
     journal_dir(dest).child("job.json").remove()
+    remove_done_markers(dest)
 
 
 @dataclass
@@ -87,6 +134,11 @@ class JobRecord:
     """Per array, the per-unit ones of a ``--stats`` run, once complete."""
     unit_axes: list[int | None] | None = None
     """Per array, the unit axis those per-unit ones are along."""
+    block_ones: list[list[int]] | None = None
+    """Per array, the ones each task counted in its block (blocks in C order), once complete:
+    what ``relu-dask verify`` checks the masks against."""
+    verified_utc: str | None = None
+    """When ``relu-dask verify`` last found DEST whole (None: not since the run)."""
 
     def to_json(self) -> str:
         return json.dumps({"format": _FORMAT, **self.__dict__}, indent=1, sort_keys=True)
@@ -120,15 +172,23 @@ def marker_name(block_index: Sequence[int]) -> str:
     return ".".join(str(i) for i in block_index) or "0"
 
 
-def record_done(folder: Location, block_index: Sequence[int], counts: Sequence[int]) -> None:
-    """Mark one task done, with its counts (called by the task, after its write)."""
-    folder.child(marker_name(block_index)).write_text(" ".join(str(int(c)) for c in counts))
+def record_done(folder: Location, block_index: Sequence[int], counts: Sequence[int], what: str) -> None:
+    """Mark one task done, with its counts (called by the task, after its write).
+
+    ``what`` says what the counts are (for instance ``units=1``: per-unit ones along axis 1
+    follow the counts); :func:`read_done` gives them back only to a task that expects the same.
+    """
+    if not what or any(c.isspace() for c in what):
+        raise ValueError(f"a marker's description is one word, got {what!r}")
+    folder.child(marker_name(block_index)).write_text(" ".join([what, *(str(int(c)) for c in counts)]))
 
 
-def read_done(folder: Location, block_index: Sequence[int]) -> list[int] | None:
-    """The counts of a task marked done, or None if it is not done."""
+def read_done(folder: Location, block_index: Sequence[int], what: str) -> list[int] | None:
+    """The counts of a task marked done as ``what``, or None: not done, or done as something else
+    (a marker of another run's options is redone, never reused)."""
     try:
-        return [int(v) for v in folder.child(marker_name(block_index)).read_text().split()]
+        head, *counts = folder.child(marker_name(block_index)).read_text().split()
+        return [int(v) for v in counts] if head == what else None
     except (OSError, ValueError):
         return None
 

@@ -17,7 +17,10 @@ Schedulers, picked by name; distributed is imported only when asked for:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import os
+import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -356,7 +359,27 @@ def compute(
         kwargs: dict[str, Any] = {"scheduler": _local_get(session.spec.name)}
         if session.spec.name != "synchronous":
             kwargs["num_workers"] = session.num_threads
+        if session.spec.name == "processes":
+            kwargs["initializer"] = functools.partial(die_with_parent, os.getpid())
         return list(dask.compute(*collections, **kwargs))
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Make this process (a worker of the ``processes`` pool) die when relu-dask dies.
+
+    Run by each pool worker as it starts. A killed relu-dask otherwise leaves its workers
+    running (reparented to init) and writing chunk files and done markers into what the
+    next run on the same DEST is doing. On Linux the kernel sends the worker SIGKILL when
+    its parent dies (``prctl(PR_SET_PDEATHSIG)``); if the parent is already gone, the
+    worker ends at once.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1  # from <linux/prctl.h>
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _local_get(name: str) -> Any:

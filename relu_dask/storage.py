@@ -34,7 +34,7 @@ from relu_dask.chunkfiles import (
     format_chunk_key,
     parse_metadata,
 )
-from relu_dask.errors import DestinationExistsError, InputError, UnsupportedDtypeError
+from relu_dask.errors import DamagedSourceError, DestinationExistsError, InputError, UnsupportedDtypeError
 from relu_dask.kernel import check_dtype
 from relu_dask.locations import Location
 
@@ -493,6 +493,18 @@ class StoredArray:
     """Its chunk files, read and written by :mod:`relu_dask.chunkio`; None: through zarr."""
     why_not_direct: str = ""
     """Why ``files`` is None, in words."""
+    where: str = ""
+    """Where the array is (its URL), for messages."""
+    keys: tuple[str, str] | None = None
+    """Its chunk key encoding (prefix, separator), for messages; None if not one of the spec's."""
+
+    def describe_chunk(self, coords: tuple[int, ...]) -> str:
+        """The stored object at ``coords`` in words: its file where the key encoding is known."""
+        if self.files is not None:
+            return f"chunk file {self.files.path(coords)}"
+        if self.keys is not None:
+            return f"chunk {format_chunk_key(coords, *self.keys)} of {self.where}"
+        return f"chunk {coords} of {self.where}"
 
     @property
     def io_path(self) -> str:
@@ -522,14 +534,16 @@ def read_metadata(location: Location) -> dict[str, Any] | None:
 
 def describe_stored(array: Any, location: Location | None, metadata: dict[str, Any] | None) -> StoredArray:
     """Decide how the tasks read and write ``array`` (stored at ``location``)."""
+    where = str(location) if location is not None else "the array"
+    keys = chunk_key_encoding(metadata) if metadata is not None else None
     if location is None or not location.is_local:
-        return StoredArray(array, None, "not on the local file system")
+        return StoredArray(array, None, "not on the local file system", where, keys)
     if metadata is None:
-        return StoredArray(array, None, "no metadata document readable")
+        return StoredArray(array, None, "no metadata document readable", where, keys)
     described = describe_chunk_files(location.path, metadata)
     if isinstance(described, NotDirect):
-        return StoredArray(array, None, described.reason)
-    return StoredArray(array, described)
+        return StoredArray(array, None, described.reason, where, keys)
+    return StoredArray(array, described, "", where, keys)
 
 
 def read_block(stored: StoredArray, selection: tuple[slice, ...], into: chunkio.Scratch | None = None) -> np.ndarray:
@@ -585,11 +599,27 @@ def _read_cell(
             return files.fill_value  # not stored: the fill value, as the spec says
         except OSError as exc:
             raise OSError(exc.errno, f"cannot read chunk file {files.path(coords)}: {exc.strerror}") from exc
+        except _DECODE_ERRORS as exc:
+            raise _damaged(stored, coords, exc) from exc
         if chunk is not None:
             return chunk[inner]
     # zarr reads it (and raises its own error for a chunk file it cannot decode either)
     region = tuple(slice(b + s.start, b + s.stop) for b, s in zip(lo, inner))
-    return np.asarray(stored.array[region])
+    try:
+        return np.asarray(stored.array[region])
+    except _DECODE_ERRORS as exc:
+        raise _damaged(stored, coords, exc) from exc
+
+
+#: What a codec raises for bytes it cannot decode (numcodecs: RuntimeError; zarr: ValueError, TypeError).
+_DECODE_ERRORS = (RuntimeError, ValueError, TypeError)
+
+
+def _damaged(stored: StoredArray, coords: tuple[int, ...], exc: Exception) -> DamagedSourceError:
+    return DamagedSourceError(
+        f"cannot decode {stored.describe_chunk(coords)} ({type(exc).__name__}: {exc}): the source is damaged; "
+        "restore or rewrite that chunk (rerunning will not help)"
+    )
 
 
 def write_block(stored: StoredArray, selection: tuple[slice, ...], block: np.ndarray, into: chunkio.Scratch) -> None:

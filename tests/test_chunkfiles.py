@@ -291,7 +291,7 @@ def test_relu_dask_stands_on_no_zarr_internals() -> None:
             elif isinstance(node, ast.Import):
                 modules = [alias.name for alias in node.names]
             found += [f"{name}: imports {m}" for m in modules if m.startswith(("zarr.core", "zarr._"))]
-            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
-                if node.attr not in ours:
-                    found.append(f"{name}:{node.lineno}: .{node.attr}")
+            private = isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+            if private and node.attr not in ours:
+                found.append(f"{name}:{node.lineno}: .{node.attr}")
     assert not found, found

@@ -14,7 +14,7 @@ from numcodecs import Delta
 
 import relu_dask
 from relu_dask import storage
-from relu_dask.errors import InputError, UnsupportedDtypeError
+from relu_dask.errors import DamagedSourceError, InputError, UnsupportedDtypeError
 from relu_dask.locations import parse_location
 
 
@@ -282,6 +282,8 @@ def test_read_block_refuses_a_chunk_file_of_the_wrong_size_as_zarr_does(tmp_path
     assert array.io_path == "direct", array.why_not_direct
     with pytest.raises(Exception) as zarrs_error:
         array.array[4:8, 0:4]
-    with pytest.raises(type(zarrs_error.value)):
+    with pytest.raises(DamagedSourceError, match="restore or rewrite that chunk") as ours:
         storage.read_block(array, (slice(4, 8), slice(0, 4)))
+    assert str(chunk_file) in str(ours.value)  # named, with zarr's own error as the cause
+    assert isinstance(ours.value.__cause__, type(zarrs_error.value))
     assert np.array_equal(storage.read_block(array, (slice(0, 4), slice(0, 8))), np.arange(32.0).reshape(4, 8))

@@ -1,0 +1,286 @@
+"""Never exit 0 on a wrong or incomplete DEST: kills at each step, stale markers, checks up front.
+
+Each test reproduces a failure a user met (issue 17) with real processes, real signals and
+real stores on disk, and checks the outcome against the numpy oracle.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from _support import PYTHON, activations, chunk_files, cli_env, journal_folder, oracle, read_mask, write_zarr
+from test_batch import markers, run_cli, start_cli, wait_for, wait_until_stopped
+
+from relu_dask import journal
+
+#: Many small chunk files, so that deleting DEST takes long enough to be stopped part way.
+MANY = {"shape": (1024, 1024), "chunks": (32, 32)}
+
+
+@pytest.fixture(scope="module")
+def many_chunks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
+    folder = tmp_path_factory.mktemp("many")
+    x = activations(MANY["shape"], seed=11)
+    write_zarr(folder / "src.zarr", x, MANY["chunks"])
+    return folder / "src.zarr", x
+
+
+def _complete_dest(source: Path, dest: Path) -> None:
+    proc = run_cli("run", str(source), str(dest), "--scheduler", "synchronous")
+    assert proc.returncode == 0, proc.stderr
+
+
+def _stop_when(proc: subprocess.Popen[str], condition, tries_s: float = 120) -> bool:  # type: ignore[no-untyped-def]
+    """SIGSTOP ``proc`` once ``condition()`` holds, and check it still held once stopped."""
+    end = time.monotonic() + tries_s
+    while proc.poll() is None and time.monotonic() < end:
+        if condition():
+            proc.send_signal(signal.SIGSTOP)
+            wait_until_stopped(proc.pid)
+            if condition():
+                return True
+            proc.send_signal(signal.SIGCONT)
+        time.sleep(0.0002)
+    return False
+
+
+def _dest_damaged(dest: Path, num_files: int) -> bool:
+    """DEST is being deleted: it exists, but with files missing."""
+    try:
+        return dest.exists() and sum(1 for p in dest.rglob("*") if p.is_file()) < num_files
+    except FileNotFoundError:  # a folder vanished under rglob: deletion under way
+        return dest.exists()
+
+
+def _then_the_same_command(args: tuple[str, ...], dest: Path, x: np.ndarray) -> None:
+    """After a kill: ``status`` claims complete only for exact masks; the same command without
+    --overwrite (what a nightly job runs) finishes exactly or refuses with exit 2; never a
+    quiet exit 0 on a wrong DEST. Then --overwrite always gives the exact masks."""
+    status = json.loads(run_cli("status", str(dest), "--json").stdout)
+    if status["state"] == "complete":
+        assert np.array_equal(read_mask(dest), oracle(x))
+    again = run_cli(*args)
+    if again.returncode == 0:
+        assert np.array_equal(read_mask(dest), oracle(x))
+        assert json.loads(run_cli("status", str(dest), "--json").stdout)["state"] == "complete"
+    else:
+        assert again.returncode == 2 and "--overwrite" in again.stderr, again.stderr
+    fixed = run_cli(*args, "--overwrite")
+    assert fixed.returncode == 0, fixed.stderr
+    assert np.array_equal(read_mask(dest), oracle(x))
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["first-run", "overwrite"])
+@pytest.mark.parametrize("step", journal.STEPS)
+def test_a_kill_at_each_step_of_a_run_then_the_same_command(tmp_path: Path, step: str, overwrite: bool) -> None:
+    """Each row of docs/design.md's crash-consistency table, with a real SIGKILL at that step."""
+    import psutil
+
+    x = activations((64, 64), seed=12)
+    write_zarr(tmp_path / "src.zarr", x, (16, 16))
+    dest = tmp_path / "out.zarr"
+    args = ("run", str(tmp_path / "src.zarr"), str(dest), "--scheduler", "synchronous", "--chunks", "16,16")
+    if overwrite:
+        _complete_dest(tmp_path / "src.zarr", dest)  # an earlier DEST of the same job, being replaced
+    env = {**cli_env(), "RELU_DASK_STOP_AT": step}
+    argv = [PYTHON, "-m", "relu_dask", *args, *(["--overwrite"] if overwrite else []), "--progress", "none"]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    end = time.monotonic() + 120
+    while psutil.Process(proc.pid).status() != psutil.STATUS_STOPPED:
+        assert proc.poll() is None and time.monotonic() < end, f"the run never reached step {step}"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    _then_the_same_command(args, dest, x)
+
+
+def test_overwrite_killed_while_deleting_dest_never_ends_in_a_wrong_exit_0(
+    many_chunks: tuple[Path, np.ndarray], tmp_path: Path
+) -> None:
+    """The user's case: killed part way through deleting DEST (caught by polling, then SIGSTOP)."""
+    point = "dest-half-deleted"
+    source, x = many_chunks
+    dest = tmp_path / "out.zarr"
+    args = ("run", str(source), str(dest), "--scheduler", "synchronous", "--progress", "none")
+    for _attempt in range(20):
+        _complete_dest(source, dest)
+        num_files = sum(1 for p in dest.rglob("*") if p.is_file())
+        job = journal_folder(dest) / "job.json"
+        assert job.exists()
+        proc = start_cli(*args, "--overwrite")
+        condition = lambda: _dest_damaged(dest, num_files)  # noqa: B023, E731 - used in this attempt only
+        if _stop_when(proc, condition):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+            break
+        proc.wait(timeout=60)
+        subprocess.run(["rm", "-rf", str(dest), str(journal_folder(dest))], check=True)
+    else:
+        pytest.fail(f"never stopped an --overwrite at {point} in 20 runs")
+    assert json.loads(run_cli("status", str(dest), "--json").stdout)["state"] != "complete"
+    _then_the_same_command(args, dest, x)
+
+
+def test_a_complete_record_beside_a_dest_without_its_masks_is_not_believed(tmp_path: Path) -> None:
+    x = activations((40, 30), seed=2)
+    write_zarr(tmp_path / "src.zarr", x, (8, 8))
+    dest = tmp_path / "out.zarr"
+    _complete_dest(tmp_path / "src.zarr", dest)
+    want = chunk_files(dest)
+    (dest / "zarr.json").unlink()  # what an older relu-dask's killed --overwrite left behind
+    status = run_cli("status", str(dest))
+    assert "partial (masks missing" in status.stdout, status.stdout
+    again = run_cli("run", str(tmp_path / "src.zarr"), str(dest), "--scheduler", "synchronous")
+    assert again.returncode == 0, again.stderr
+    assert "computing them again" in again.stderr
+    assert np.array_equal(read_mask(dest), oracle(x))
+    assert chunk_files(dest) == want
+    assert run_cli("status", str(dest)).stdout.startswith(f"{dest}: complete")
+
+
+def test_resume_with_another_unit_axis_recounts_instead_of_reusing(tmp_path: Path) -> None:
+    """Square blocks make the done markers of --unit-axis 1 and 0 the same length."""
+    x = activations((2048, 2048), seed=5)
+    x[:, :100] -= 3.0  # units that differ along both axes
+    write_zarr(tmp_path / "src.zarr", x, (256, 256))
+    dest = tmp_path / "out.zarr"
+    base = ("run", str(tmp_path / "src.zarr"), str(dest), "--scheduler", "synchronous", "--chunks", "256,256")
+    proc = start_cli(*base, "--stats", "--unit-axis", "1")
+    assert wait_for(lambda: markers(dest) >= 10, proc), "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    again = run_cli(*base, "--stats", "--unit-axis", "0", "--report", str(tmp_path / "r.json"))
+    assert again.returncode == 0, again.stderr
+    stats = json.loads((tmp_path / "r.json").read_text())["arrays"][0]["stats"]
+    assert stats["unit_ones"] == oracle(x).sum(axis=1, dtype=np.int64).tolist()
+
+
+@pytest.mark.parametrize("option", ["--report", "--plot"])
+def test_an_output_file_in_a_missing_folder_is_refused_before_any_work(
+    small_source: tuple[Path, np.ndarray], tmp_path: Path, option: str
+) -> None:
+    source, _ = small_source
+    dest = tmp_path / "out.zarr"
+    proc = run_cli("run", str(source), str(dest), option, str(tmp_path / "reports" / "r.out"))
+    assert proc.returncode == 2
+    assert "does not exist: create it first" in proc.stderr
+    assert not dest.exists() and not journal_folder(dest).exists()
+
+
+def test_a_job_file_runs_every_job_whatever_one_raises(tmp_path: Path) -> None:
+    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+        write_zarr(tmp_path / f"{name}.zarr", activations((10, 10), seed=seed), (5, 5))
+    (tmp_path / "jobs.toml").write_text(
+        """
+[defaults]
+scheduler = "synchronous"
+
+[[job]]
+source = "a.zarr"
+dest = "a-masks.zarr"
+
+[[job]]
+source = "b.zarr"
+dest = "b-masks.zarr"
+plot = "b.notanimageformat"
+
+[[job]]
+source = "c.zarr"
+dest = "c-masks.zarr"
+"""
+    )
+    proc = run_cli("run", "--config", str(tmp_path / "jobs.toml"), "--quiet")
+    assert proc.returncode == 1, proc.stderr
+    assert "job 1 a-masks: ok (exit 0)" in proc.stdout
+    assert "job 2 b-masks: failed (exit 1)" in proc.stdout
+    assert "job 3 c-masks: ok (exit 0)" in proc.stdout
+    assert "worst exit code 1" in proc.stdout
+    assert len(proc.stderr.strip().splitlines()) == 1 and "job b-masks: unexpected" in proc.stderr
+    for name, seed in (("a", 1), ("c", 3)):
+        assert np.array_equal(read_mask(tmp_path / f"{name}-masks.zarr"), oracle(activations((10, 10), seed=seed)))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_an_undecodable_source_chunk_is_named_with_what_to_do(tmp_path: Path, damage: str) -> None:
+    x = activations((16, 16), seed=4)
+    write_zarr(tmp_path / "src.zarr", x, (8, 8))
+    chunk = tmp_path / "src.zarr" / "c" / "1" / "0"
+    stored = chunk.read_bytes()
+    chunk.write_bytes(stored[:5] + b"\xff" * 40 if damage == "garbage" else stored[: len(stored) // 2])
+    proc = run_cli(
+        "run", str(tmp_path / "src.zarr"), str(tmp_path / "out.zarr"), "--scheduler", "synchronous", "--quiet"
+    )
+    assert proc.returncode == 1
+    assert str(chunk) in proc.stderr
+    assert "restore or rewrite that chunk" in proc.stderr and "rerun the same command" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert zarr.open_array(str(tmp_path / "src.zarr"), mode="r").shape == (16, 16)  # the source untouched
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_process_pool_workers_die_with_a_killed_run(tmp_path: Path, sig: signal.Signals) -> None:
+    import psutil
+
+    pytest.importorskip("ctypes")
+    x = activations((96 * 512, 512), seed=8)
+    write_zarr(tmp_path / "src.zarr", x, (512, 512))
+    dest = tmp_path / "out.zarr"
+    args = ("run", str(tmp_path / "src.zarr"), str(dest), "--scheduler", "processes", "--chunks", "512,512")
+    proc = start_cli(*args)
+    assert wait_for(lambda: markers(dest) >= 5, proc), "the run ended before it could be killed"
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert children, "the processes scheduler started no worker processes"
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    _, alive = psutil.wait_procs(children, timeout=3)
+    alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"still running 3 s after the kill: {[p.cmdline()[:3] for p in alive]}"
+    again = run_cli(*args, "--overwrite", "--dest-compressor", "zstd")
+    assert again.returncode == 0, again.stderr
+    assert np.array_equal(read_mask(dest), oracle(x))
+
+
+def _verified_dest(tmp_path: Path) -> tuple[Path, Path, np.ndarray]:
+    x = activations((64, 48), seed=9)
+    write_zarr(tmp_path / "src.zarr", x, (16, 16))
+    dest = tmp_path / "out.zarr"
+    proc = run_cli("run", str(tmp_path / "src.zarr"), str(dest), "--scheduler", "synchronous", "--verify")
+    assert proc.returncode == 0, proc.stderr
+    assert f"{dest}: verified: 1 array(s), 1 block(s), 12 chunk(s) read" in proc.stdout
+    assert run_cli("status", str(dest)).stdout.startswith(f"{dest}: complete (verified ")
+    return tmp_path / "src.zarr", dest, x
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated", "replaced"])
+def test_verify_catches_a_damaged_chunk_file(tmp_path: Path, damage: str) -> None:
+    _, dest, x = _verified_dest(tmp_path)
+    mask = oracle(x)
+    victim, other = dest / "c" / "1" / "2", dest / "c" / "3" / "0"
+    assert mask[16:32, 32:48].sum() != mask[48:64, 0:16].sum()  # replacing one by the other changes its count
+    if damage == "deleted":
+        victim.unlink()
+    elif damage == "truncated":
+        victim.write_bytes(victim.read_bytes()[:20])
+    else:
+        victim.write_bytes(other.read_bytes())
+    proc = run_cli("verify", str(dest))
+    assert proc.returncode == 1, proc.stdout
+    assert "NOT verified: 1 problem(s)" in proc.stdout
+    (problem,) = [line for line in proc.stderr.splitlines() if line.startswith("relu-dask: verify:")]
+    assert str(victim) in problem if damage == "truncated" else "block (0, 0) holds" in problem
+    assert not run_cli("status", str(dest)).stdout.startswith(f"{dest}: complete (verified")
+
+
+def test_verify_of_a_whole_dest_and_of_no_dest(tmp_path: Path) -> None:
+    _, dest, _ = _verified_dest(tmp_path)
+    again = run_cli("verify", str(dest))
+    assert again.returncode == 0 and "verified" in again.stdout
+    absent = run_cli("verify", str(tmp_path / "nothing.zarr"))
+    assert absent.returncode == 2 and "no relu-dask job record" in absent.stderr

@@ -6,6 +6,7 @@ The public API:
 * :func:`derivative_mask` -- lazy dask array in, lazy int8 dask array out;
 * :func:`run` -- SOURCE Zarr in, DEST Zarr masks out, :class:`RunReport` back;
 * :func:`job_status` and :func:`stats_of_masks` -- what a DEST holds, and what its masks say;
+* :func:`verify_dest` -- every mask chunk of a DEST read back and checked against its journal;
 * :func:`plan_chunks` and :class:`ChunkPlan` -- how an array is cut into tasks;
 * :class:`ReluDaskError` and its subclasses, each with its ``exit_code``.
 
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from relu_dask.chunking import ChunkPlan, plan_chunks
     from relu_dask.errors import (
+        DamagedSourceError,
         DestinationExistsError,
         DestinationInUseError,
         InputError,
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     from relu_dask.kernel import relu_derivative
     from relu_dask.report import ArrayReport, RunReport
     from relu_dask.schedulers import parse_scheduler
+    from relu_dask.verify import VerifyResult, verify_dest
 
     __version__: str
 
@@ -41,6 +44,7 @@ if TYPE_CHECKING:
 _HOMES = {
     "ArrayReport": "report",
     "ChunkPlan": "chunking",
+    "DamagedSourceError": "errors",
     "DestinationExistsError": "errors",
     "DestinationInUseError": "errors",
     "InputError": "errors",
@@ -48,6 +52,7 @@ _HOMES = {
     "ReluDaskError": "errors",
     "RunReport": "report",
     "UnsupportedDtypeError": "errors",
+    "VerifyResult": "verify",
     "derivative_mask": "graph",
     "job_status": "execution",
     "parse_scheduler": "schedulers",
@@ -55,11 +60,13 @@ _HOMES = {
     "relu_derivative": "kernel",
     "run": "execution",
     "stats_of_masks": "execution",
+    "verify_dest": "verify",
 }
 
 __all__ = [
     "ArrayReport",
     "ChunkPlan",
+    "DamagedSourceError",
     "DestinationExistsError",
     "DestinationInUseError",
     "InputError",
@@ -67,6 +74,7 @@ __all__ = [
     "ReluDaskError",
     "RunReport",
     "UnsupportedDtypeError",
+    "VerifyResult",
     "__version__",
     "derivative_mask",
     "job_status",
@@ -75,6 +83,7 @@ __all__ = [
     "relu_derivative",
     "run",
     "stats_of_masks",
+    "verify_dest",
 ]
 
 

@@ -8,6 +8,7 @@ ones the direct path is meant to handle must be read directly, with zarr's bits.
 from __future__ import annotations
 
 import json
+import subprocess
 import warnings
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,9 @@ from typing import Any
 import numpy as np
 import pytest
 import zarr
-from _support import activations
+from _support import PYTHON, activations, cli_env, oracle, read_mask, write_zarr
 
+import relu_dask
 from relu_dask import chunkio, storage
 from relu_dask.chunkfiles import ChunkFiles, NotDirect, chunk_key_encoding, describe_chunk_files, format_chunk_key
 from relu_dask.locations import parse_location
@@ -295,3 +297,64 @@ def test_relu_dask_stands_on_no_zarr_internals() -> None:
             if private and node.attr not in ours:
                 found.append(f"{name}:{node.lineno}: .{node.attr}")
     assert not found, found
+
+
+_DEBUG_RUN = ("--scheduler", "synchronous", "--debug", "--report")
+
+
+def test_the_path_each_array_took_is_in_the_report_the_summary_and_the_debug_log(tmp_path: Path) -> None:
+    x = activations((40, 30), "float32", seed=7)
+    write_zarr(tmp_path / "g.zarr", x, (8, 10), name="plain")
+    write_zarr(tmp_path / "g.zarr", x, (4, 5), shards=(8, 10), name="sharded")
+    proc = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "relu_dask",
+            "run",
+            str(tmp_path / "g.zarr"),
+            str(tmp_path / "out.zarr"),
+            *_DEBUG_RUN,
+            str(tmp_path / "r.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    arrays = {a["path"]: a for a in json.loads((tmp_path / "r.json").read_text())["arrays"]}
+    assert (arrays["plain"]["read_path"], arrays["plain"]["read_path_reason"]) == ("direct", "")
+    assert arrays["sharded"]["read_path"] == "zarr" and "sharding_indexed" in arrays["sharded"]["read_path_reason"]
+    # DEST keeps the source's shards: written through zarr too, and the report says so
+    assert arrays["sharded"]["write_path"] == "zarr" and arrays["plain"]["write_path"] == "direct"
+    assert "plain: read direct, written direct" in proc.stderr
+    assert "sharded: read zarr (codecs sharding_indexed" in proc.stderr
+    assert "    read through zarr, not directly: codecs sharding_indexed" in proc.stdout
+    for name in ("plain", "sharded"):
+        assert np.array_equal(read_mask(tmp_path / "out.zarr", name), oracle(x))
+
+
+def test_xarray_consolidated_v2_and_tensorstore_sharded_v3_give_numpys_masks(tmp_path: Path) -> None:
+    xr = pytest.importorskip("xarray")
+    ts = pytest.importorskip("tensorstore")
+    acts = activations((30, 20), "float64", seed=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        xr.Dataset({"fc1": (("step", "unit"), acts)}).chunk({"step": 8}).to_zarr(
+            tmp_path / "xr.zarr", zarr_format=2, consolidated=True
+        )
+    relu_dask.run(tmp_path / "xr.zarr", tmp_path / "xr-masks.zarr")
+    assert np.array_equal(read_mask(tmp_path / "xr-masks.zarr", "fc1"), oracle(acts))
+    metadata = {
+        "shape": [30, 20],
+        "data_type": "float64",
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [16, 16]}},
+        "codecs": [
+            {"name": "sharding_indexed", "configuration": {"chunk_shape": [4, 8], "codecs": [{"name": "bytes"}]}}
+        ],
+    }
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / "ts.zarr")}, "metadata": metadata}
+    ts.open(spec, create=True).result().write(acts).result()
+    relu_dask.run(tmp_path / "ts.zarr", tmp_path / "ts-masks.zarr")
+    assert np.array_equal(read_mask(tmp_path / "ts-masks.zarr"), oracle(acts))

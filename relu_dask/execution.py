@@ -244,7 +244,9 @@ def _dest_state(job: _Job, overwrite: bool, *, under_lock: bool) -> tuple[DestSt
     """Whether DEST is new (or to be replaced), a partial run to resume, or complete."""
     dest = job.dest
     if overwrite:
-        if not journal.is_being_replaced(dest):  # else: what is left of one relu-dask was deleting
+        if journal.is_being_replaced(dest):  # a run deleting DEST was killed: what it left
+            storage.check_replaceable_remains(dest)
+        else:
             storage.check_replaceable(dest)
         return "fresh", None
     if not dest.exists():
@@ -264,9 +266,12 @@ def _dest_state(job: _Job, overwrite: bool, *, under_lock: bool) -> tuple[DestSt
     if record.complete and not _outputs_present(job):
         # A record that says complete is believed only beside every output it describes.
         log.warning("DEST %s lacks masks its journal says are complete: computing them again", dest)
-        record = dataclasses.replace(record, complete=False, counts=None, unit_ones=None, unit_axes=None)
-        if under_lock:
-            journal.write_record(dest, record)  # before anything is recreated: a kill now resumes
+        record = dataclasses.replace(
+            record, complete=False, counts=None, unit_ones=None, unit_axes=None, block_ones=None, verified_utc=None
+        )
+        if under_lock:  # before anything is recreated: a kill from now on resumes, and redoes every task
+            journal.remove_done_markers(dest)
+            journal.write_record(dest, record)
     return ("complete" if record.complete else "resume"), record
 
 
@@ -554,13 +559,16 @@ def _is_group(job: _Job) -> bool:
 def _create_outputs(job: _Job, plans: list[chunking.ChunkPlan], report: RunReport) -> None:
     """Create DEST's group (for a group SOURCE) and every mask array that is not there yet.
 
-    On a fresh start that is all of them; on resume, those a kill stopped from being made.
+    On a fresh start that is all of them; on resume, those a kill stopped from being made, or
+    that went missing since: an array made now holds no mask yet, so any done markers of its
+    tasks are dropped first (they would otherwise be trusted, and leave it empty).
     """
     if _is_group(job) and not storage.is_group(job.dest):
         storage.create_dest_group(job.dest, _provenance(job, None))
-    for src, plan in zip(job.arrays, plans):
+    for index, (src, plan) in enumerate(zip(job.arrays, plans)):
         if storage.has_array(job.dest, src.path):
             continue
+        journal.done_dir(job.dest, index).remove_tree()
         storage.create_mask_array(
             job.dest,
             src.path,

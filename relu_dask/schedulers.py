@@ -360,26 +360,34 @@ def compute(
         if session.spec.name != "synchronous":
             kwargs["num_workers"] = session.num_threads
         if session.spec.name == "processes":
-            kwargs["initializer"] = functools.partial(die_with_parent, os.getpid())
+            kwargs["initializer"] = functools.partial(
+                die_with_parent,
+                os.getpid() if dask.config.get("multiprocessing.context", "spawn") in ("spawn", "fork") else None,
+                dask.config.get("multiprocessing.initializer", None),  # the user's, still run
+            )
         return list(dask.compute(*collections, **kwargs))
 
 
-def die_with_parent(parent_pid: int) -> None:
-    """Make this process (a worker of the ``processes`` pool) die when relu-dask dies.
+def die_with_parent(parent_pid: int | None, then: Any = None) -> None:
+    """Make this process (a worker of the ``processes`` pool) die when its parent dies.
 
     Run by each pool worker as it starts. A killed relu-dask otherwise leaves its workers
     running (reparented to init) and writing chunk files and done markers into what the
     next run on the same DEST is doing. On Linux the kernel sends the worker SIGKILL when
-    its parent dies (``prctl(PR_SET_PDEATHSIG)``); if the parent is already gone, the
-    worker ends at once.
+    its parent dies (``prctl(PR_SET_PDEATHSIG)``). ``parent_pid``: relu-dask's pid where it
+    is the workers' parent (the spawn and fork contexts; under forkserver the parent is the
+    fork server, which ends with relu-dask): if it is gone already, the worker ends at once.
+    ``then``: the user's own initializer (dask's ``multiprocessing.initializer``), run after.
     """
     if sys.platform.startswith("linux"):
         import ctypes
 
         pr_set_pdeathsig = 1  # from <linux/prctl.h>
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
-    if os.getppid() != parent_pid:
+    if parent_pid is not None and os.getppid() != parent_pid:
         os.kill(os.getpid(), signal.SIGKILL)
+    if then is not None:
+        then()
 
 
 def _local_get(name: str) -> Any:

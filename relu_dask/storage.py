@@ -15,6 +15,7 @@ import itertools
 import logging
 import math
 import os
+import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ __all__ = [
     "SourceArray",
     "StoredArray",
     "check_replaceable",
+    "check_replaceable_remains",
     "create_dest_group",
     "create_mask_array",
     "describe_stored",
@@ -138,7 +140,9 @@ class SourceArray:
 
     @property
     def zarr_format(self) -> int:
-        return int((self.metadata or {}).get("zarr_format", 3))
+        if self.metadata:
+            return int(self.metadata["zarr_format"])
+        return int(self.array.metadata.zarr_format)
 
     @property
     def location(self) -> Location | None:
@@ -288,6 +292,27 @@ def check_replaceable(dest: Location) -> None:
         raise DestinationExistsError(
             f"DEST {dest} exists and is not a Zarr store; relu-dask will not delete it: choose another DEST"
         )
+
+
+def check_replaceable_remains(dest: Location) -> None:
+    """Raise unless DEST is absent, a Zarr store, or what a deletion of one left behind.
+
+    For a DEST that relu-dask was deleting when it was killed (see
+    :func:`relu_dask.journal.mark_replacing`): its metadata may be gone already, but every
+    file left is still one of a Zarr store's (metadata, chunk keys, ``*.partial`` writes).
+    Anything else found there is the user's, and is never deleted.
+    """
+    if not dest.exists() or _is_zarr_store(dest):
+        return
+    local_folder = dest.is_local and dest.path.is_dir() and not dest.path.is_symlink()
+    if local_folder and all(_ZARR_FILE.fullmatch(p.name) for p in dest.path.rglob("*") if not p.is_dir()):
+        return
+    check_replaceable(dest)
+
+
+#: The names of the files a Zarr store holds: metadata, chunk keys (v3 ``c/1/0``, ``c`` for
+#: 0-d; v2 ``1.0`` or ``1/0``), and zarr's and chunkio's temporary ``*.partial`` writes.
+_ZARR_FILE = re.compile(r"zarr\.json|\.zarray|\.zattrs|\.zgroup|\.zmetadata|c|[0-9.]+|.*\.partial")
 
 
 def _is_zarr_store(dest: Location) -> bool:
@@ -520,16 +545,16 @@ class StoredArray:
 
 def read_metadata(location: Location) -> dict[str, Any] | None:
     """The metadata document of the array at ``location`` (``zarr.json`` or ``.zarray``), if readable."""
-    found: list[bytes | None] = []
-    for name in ("zarr.json", ".zarray"):
+    for name in ("zarr.json", ".zarray"):  # one read where it is v3: a request each on object stores
         try:
-            found.append(location.child(name).read_bytes())
+            raw = location.child(name).read_bytes()
         except (OSError, ValueError):
-            found.append(None)
-    try:
-        return parse_metadata(*found)
-    except ValueError:  # not JSON: zarr will have said so when it opened the array
-        return None
+            continue
+        try:
+            return parse_metadata(raw if name == "zarr.json" else None, raw if name == ".zarray" else None)
+        except ValueError:  # not JSON: zarr will have said so when it opened the array
+            return None
+    return None
 
 
 def describe_stored(array: Any, location: Location | None, metadata: dict[str, Any] | None) -> StoredArray:
@@ -543,7 +568,27 @@ def describe_stored(array: Any, location: Location | None, metadata: dict[str, A
     described = describe_chunk_files(location.path, metadata)
     if isinstance(described, NotDirect):
         return StoredArray(array, None, described.reason, where, keys)
+    if not _agrees(described, array):
+        reason = "its metadata document differs from what zarr opened (consolidated metadata out of date?)"
+        return StoredArray(array, None, reason, where, keys)
     return StoredArray(array, described, "", where, keys)
+
+
+def _agrees(files: ChunkFiles, array: Any) -> bool:
+    """Whether the array's own metadata document says what zarr's Array says (shape, chunks,
+    dtype, fill value): a group's consolidated metadata, which zarr reads instead, may be stale."""
+    native = files.format.dtype.newbyteorder("=")
+    try:
+        fill = np.asarray(0 if array.fill_value is None else array.fill_value, dtype=native)
+    except (TypeError, ValueError):
+        return False
+    return (
+        tuple(array.shape) == files.shape
+        and not getattr(array, "shards", None)
+        and tuple(array.chunks) == files.format.chunk_shape
+        and np.dtype(array.dtype).newbyteorder("=") == native
+        and fill.tobytes() == np.asarray(files.fill_value, dtype=native).tobytes()
+    )
 
 
 def read_block(stored: StoredArray, selection: tuple[slice, ...], into: chunkio.Scratch | None = None) -> np.ndarray:
@@ -607,6 +652,8 @@ def _read_cell(
     region = tuple(slice(b + s.start, b + s.stop) for b, s in zip(lo, inner))
     try:
         return np.asarray(stored.array[region])
+    except zarr.errors.BaseZarrError:
+        raise  # zarr's own (metadata, store): not a damaged chunk
     except _DECODE_ERRORS as exc:
         raise _damaged(stored, coords, exc) from exc
 

@@ -114,7 +114,7 @@ def _count_block(
     mask: storage.StoredArray, coords: tuple[int, ...], block: list[int], name: str
 ) -> tuple[int, list[str], int]:
     """The ones of one block, read a stored chunk at a time; the chunks that do not decode."""
-    shape, unit = mask.array.shape, tuple(mask.array.chunks)
+    shape, unit = mask.array.shape, mask.stored_unit  # a shard at a time where sharded: its key names it
     lo = [c * b for c, b in zip(coords, block)]
     hi = [min(a + b, n) for a, b, n in zip(lo, block, shape)]
     ones, problems, num_chunks = 0, [], 0

@@ -7,6 +7,7 @@ ones the direct path is meant to handle must be read directly, with zarr's bits.
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import warnings
@@ -195,11 +196,17 @@ def _v2(**overrides: Any) -> dict[str, Any]:
         (_v3(fill_value="0xbf800000"), np.float32(-1.0).tobytes()),
         (_v3(fill_value=-0.0), np.float32(-0.0).tobytes()),
         (_v3(fill_value=3), np.float32(3.0).tobytes()),
+        (_v3(data_type="float16", fill_value="0x7e00"), np.float32(np.float16(np.nan)).tobytes()),
+        (_v3(data_type="float16", fill_value="0x3c00"), np.float32(1.0).tobytes()),
+        (_v3(data_type="float64", fill_value="0x3ff0000000000000"), np.float32(1.0).tobytes()),
         (_v2(fill_value="NaN"), np.float32(np.nan).tobytes()),
         (_v2(fill_value=None), np.float32(0.0).tobytes()),
         (_v2(fill_value=-2.5), np.float32(-2.5).tobytes()),
     ],
-    ids=["nan", "inf", "-inf", "hex-nan", "hex-neg-one", "neg-zero", "int", "v2-nan", "v2-null", "v2-number"],
+    ids=[
+        *("nan", "inf", "-inf", "hex-nan", "hex-neg-one", "neg-zero", "int"),
+        *("f16-hex-nan", "f16-hex-one", "f64-hex-one", "v2-nan", "v2-null", "v2-number"),
+    ],
 )
 def test_fill_values_as_the_specs_spell_them(doc: dict[str, Any], fill_bits: bytes) -> None:
     files = describe_chunk_files(Path("a"), doc)
@@ -266,13 +273,24 @@ def test_the_described_files_are_where_zarr_put_them(tmp_path: Path) -> None:
     assert all(files.path((i, j)).is_file() for i in range(2) for j in range(2))
 
 
+def _dotted(node: ast.AST) -> list[str]:
+    """``zarr.core.sync`` as ["zarr", "core", "sync"]; [] for anything but names and attributes."""
+    parts: list[str] = []
+    while isinstance(node, ast.Attribute):
+        parts.insert(0, node.attr)
+        node = node.value
+    return [node.id, *parts] if isinstance(node, ast.Name) else []
+
+
+def _private_zarr(parts: list[str]) -> bool:
+    """Whether a dotted name reaches into zarr's private parts: ``zarr.core`` or an underscore name."""
+    return parts[:1] == ["zarr"] and any(p == "core" or (p.startswith("_") and not p.startswith("__")) for p in parts)
+
+
 def test_relu_dask_stands_on_no_zarr_internals() -> None:
-    """No module imports from ``zarr.core`` (or any private zarr module), and no attribute
-    whose name starts with ``_`` is read off anything but relu_dask's own objects."""
-    import ast
-
-    import relu_dask
-
+    """No module imports ``zarr.core`` or a private zarr module, reaches one as ``zarr.core.x``,
+    or reads an attribute whose name starts with ``_`` off anything but relu_dask's own objects
+    (by name or by ``getattr``)."""
     package = Path(relu_dask.__file__).parent
     trees = {path.name: ast.parse(path.read_text()) for path in sorted(package.glob("*.py"))}
     ours: set[str] = set()  # every private name relu_dask defines: its own, free to use
@@ -289,14 +307,50 @@ def test_relu_dask_stands_on_no_zarr_internals() -> None:
         for node in ast.walk(tree):
             modules = []
             if isinstance(node, ast.ImportFrom) and node.module:
-                modules = [node.module]
+                modules = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
             elif isinstance(node, ast.Import):
                 modules = [alias.name for alias in node.names]
-            found += [f"{name}: imports {m}" for m in modules if m.startswith(("zarr.core", "zarr._"))]
-            private = isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
-            if private and node.attr not in ours:
-                found.append(f"{name}:{node.lineno}: .{node.attr}")
+            found += [f"{name}:{node.lineno}: imports {m}" for m in modules if _private_zarr(m.split("."))]
+            if isinstance(node, ast.Attribute):
+                if _private_zarr(_dotted(node)):
+                    found.append(f"{name}:{node.lineno}: {'.'.join(_dotted(node))}")
+                elif node.attr.startswith("_") and not node.attr.startswith("__") and node.attr not in ours:
+                    found.append(f"{name}:{node.lineno}: .{node.attr}")
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in ("getattr", "hasattr")
+            ):
+                literal = node.args[1] if len(node.args) > 1 else None
+                if isinstance(literal, ast.Constant) and str(literal.value).startswith("_"):
+                    found.append(f"{name}:{node.lineno}: {node.func.id}(..., {literal.value!r})")
     assert not found, found
+
+
+@pytest.mark.parametrize(
+    ("source", "caught"),
+    [
+        ("from zarr.core.sync import sync", True),
+        ("import zarr.storage._local", True),
+        ("from zarr.codecs import _v2", True),
+        ("x = zarr.core.buffer.default_buffer_prototype()", True),
+        ("x = array._async_array", True),
+        ("x = getattr(array, '_async_array')", True),
+        ("x = zarr.open_array(path).fill_value", False),
+    ],
+)
+def test_the_internals_check_catches_each_form(source: str, caught: bool) -> None:
+    """The check above, on one line each: it would fail on every way of reaching zarr's internals."""
+    tree = ast.parse(source)
+    hits = [
+        n
+        for n in ast.walk(tree)
+        if (isinstance(n, ast.Attribute) and (_private_zarr(_dotted(n)) or n.attr.startswith("_")))
+        or (isinstance(n, ast.ImportFrom) and _private_zarr(f"{n.module}.{n.names[0].name}".split(".")))
+        or (isinstance(n, ast.Import) and _private_zarr(n.names[0].name.split(".")))
+        or (isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "getattr")
+    ]
+    assert bool(hits) == caught
 
 
 _DEBUG_RUN = ("--scheduler", "synchronous", "--debug", "--report")

@@ -19,6 +19,7 @@ from _support import PYTHON, activations, chunk_files, cli_env, journal_folder, 
 from test_batch import markers, run_cli, start_cli, wait_for, wait_until_stopped
 
 from relu_dask import journal
+from relu_dask.locations import parse_location
 
 #: Many small chunk files, so that deleting DEST takes long enough to be stopped part way.
 MANY = {"shape": (1024, 1024), "chunks": (32, 32)}
@@ -115,7 +116,8 @@ def test_overwrite_killed_while_deleting_dest_never_ends_in_a_wrong_exit_0(
         job = journal_folder(dest) / "job.json"
         assert job.exists()
         proc = start_cli(*args, "--overwrite")
-        condition = lambda: _dest_damaged(dest, num_files)  # noqa: B023, E731 - used in this attempt only
+        replacing = journal_folder(dest) / "replacing"
+        condition = lambda: replacing.exists() and _dest_damaged(dest, num_files)  # noqa: B023, E731 - this attempt
         if _stop_when(proc, condition):
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=60)
@@ -228,7 +230,6 @@ def test_an_undecodable_source_chunk_is_named_with_what_to_do(tmp_path: Path, da
 def test_process_pool_workers_die_with_a_killed_run(tmp_path: Path, sig: signal.Signals) -> None:
     import psutil
 
-    pytest.importorskip("ctypes")
     x = activations((96 * 512, 512), seed=8)
     write_zarr(tmp_path / "src.zarr", x, (512, 512))
     dest = tmp_path / "out.zarr"
@@ -251,9 +252,10 @@ def _verified_dest(tmp_path: Path) -> tuple[Path, Path, np.ndarray]:
     x = activations((64, 48), seed=9)
     write_zarr(tmp_path / "src.zarr", x, (16, 16))
     dest = tmp_path / "out.zarr"
-    proc = run_cli("run", str(tmp_path / "src.zarr"), str(dest), "--scheduler", "synchronous", "--verify")
+    args = ("--scheduler", "synchronous", "--chunks", "32,16", "--verify")
+    proc = run_cli("run", str(tmp_path / "src.zarr"), str(dest), *args)
     assert proc.returncode == 0, proc.stderr
-    assert f"{dest}: verified: 1 array(s), 1 block(s), 12 chunk(s) read" in proc.stdout
+    assert f"{dest}: verified: 1 array(s), 6 block(s), 12 chunk(s) read" in proc.stdout
     assert run_cli("status", str(dest)).stdout.startswith(f"{dest}: complete (verified ")
     return tmp_path / "src.zarr", dest, x
 
@@ -262,7 +264,7 @@ def _verified_dest(tmp_path: Path) -> tuple[Path, Path, np.ndarray]:
 def test_verify_catches_a_damaged_chunk_file(tmp_path: Path, damage: str) -> None:
     _, dest, x = _verified_dest(tmp_path)
     mask = oracle(x)
-    victim, other = dest / "c" / "1" / "2", dest / "c" / "3" / "0"
+    victim, other = dest / "c" / "1" / "2", dest / "c" / "3" / "0"  # in blocks (0, 2) and (1, 0)
     assert mask[16:32, 32:48].sum() != mask[48:64, 0:16].sum()  # replacing one by the other changes its count
     if damage == "deleted":
         victim.unlink()
@@ -274,7 +276,7 @@ def test_verify_catches_a_damaged_chunk_file(tmp_path: Path, damage: str) -> Non
     assert proc.returncode == 1, proc.stdout
     assert "NOT verified: 1 problem(s)" in proc.stdout
     (problem,) = [line for line in proc.stderr.splitlines() if line.startswith("relu-dask: verify:")]
-    assert str(victim) in problem if damage == "truncated" else "block (0, 0) holds" in problem
+    assert str(victim) in problem if damage == "truncated" else "block (0, 2) holds" in problem
     assert not run_cli("status", str(dest)).stdout.startswith(f"{dest}: complete (verified")
 
 
@@ -284,3 +286,50 @@ def test_verify_of_a_whole_dest_and_of_no_dest(tmp_path: Path) -> None:
     assert again.returncode == 0 and "verified" in again.stdout
     absent = run_cli("verify", str(tmp_path / "nothing.zarr"))
     assert absent.returncode == 2 and "no relu-dask job record" in absent.stderr
+
+
+def test_a_mask_array_gone_after_a_kill_at_complete_is_computed_again(tmp_path: Path) -> None:
+    """Done markers outlive a kill right after "complete" is recorded: never trusted for an array made anew."""
+    import psutil
+
+    a, b = activations((32, 32), seed=1), activations((32, 32), seed=2)
+    write_zarr(tmp_path / "g.zarr", a, (8, 8), name="a")
+    write_zarr(tmp_path / "g.zarr", b, (8, 8), name="b")
+    dest = tmp_path / "out.zarr"
+    args = ("run", str(tmp_path / "g.zarr"), str(dest), "--scheduler", "synchronous", "--chunks", "8,8")
+    env = {**cli_env(), "RELU_DASK_STOP_AT": "complete"}
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "relu_dask", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    while psutil.Process(proc.pid).status() != psutil.STATUS_STOPPED:
+        assert proc.poll() is None
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert (journal_folder(dest) / "done" / "1").is_dir()  # the markers of b are still there
+    subprocess.run(["rm", "-rf", str(dest / "b")], check=True)  # and b is lost
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert np.array_equal(read_mask(dest, "a"), oracle(a))
+    assert np.array_equal(read_mask(dest, "b"), oracle(b))
+    assert run_cli("verify", str(dest)).returncode == 0
+
+
+def test_what_a_killed_replacement_left_is_deleted_but_nothing_of_the_users(tmp_path: Path) -> None:
+    x = activations((32, 32), seed=3)
+    write_zarr(tmp_path / "src.zarr", x, (8, 8))
+    dest = tmp_path / "out.zarr"
+    args = ("run", str(tmp_path / "src.zarr"), str(dest), "--scheduler", "synchronous")
+    _complete_dest(tmp_path / "src.zarr", dest)
+    journal.mark_replacing(parse_location(dest))
+    (dest / "zarr.json").unlink()  # what a kill part way through deleting it left: chunk files only
+    assert run_cli(*args, "--overwrite").returncode == 0
+    assert np.array_equal(read_mask(dest), oracle(x))
+    # the same record, but the user put a folder of their own at DEST meanwhile: never deleted
+    journal.mark_replacing(parse_location(dest))
+    subprocess.run(["rm", "-rf", str(dest)], check=True)
+    dest.mkdir()
+    (dest / "notes.txt").write_text("mine")
+    refused = run_cli(*args, "--overwrite")
+    assert refused.returncode == 2 and "will not delete it" in refused.stderr
+    assert (dest / "notes.txt").read_text() == "mine"

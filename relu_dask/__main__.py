@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import sys
@@ -38,6 +39,29 @@ def prepare_process() -> None:
     the library (``import relu_dask`` in someone else's process) changes nothing.
     """
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    return_freed_blocks_to_the_os()
+
+
+def return_freed_blocks_to_the_os() -> None:
+    """Keep every block-sized buffer out of glibc's heap arenas (Linux only).
+
+    Blocks are tens of MiB. glibc raises its mmap threshold after such buffers are freed
+    and from then on serves them from its arenas, which keep the memory: peak RSS creeps up
+    by about a block per thread. A fixed threshold (``mallopt(M_MMAP_THRESHOLD)``, which
+    also stops that adjustment) keeps them mmapped and gives them back when freed (peak RSS
+    of a 1 GiB run with 2 threads, a one-off measurement: 522 MB without, 437 MB with).
+    The process's own setting: here, not in :func:`relu_dask.cli.main`, which others may
+    call in a process of theirs.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+
+
+_M_MMAP_THRESHOLD = -3  # from glibc's <malloc.h>
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ Exit codes: 0 done, 1 failed while processing, 2 bad usage or input (nothing wri
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import sys
@@ -285,7 +284,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     raw = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(raw)
-    _return_freed_blocks_to_the_os()
     _configure_logging(debug=args.debug, quiet=args.quiet, json_lines=args.log_format == "json")
     try:
         return _dispatch(args, raw)
@@ -515,26 +513,6 @@ def _print_summary(report: RunReport) -> None:
             f"  nothing written; about {format_bytes(max((a.memory_per_task_bytes for a in report.arrays), default=0))}"
             f" per task at most, {report.num_threads or 'all the cluster'} task(s) at once"
         )
-
-
-def _return_freed_blocks_to_the_os() -> None:
-    """Keep every block-sized buffer out of glibc's heap arenas (Linux only).
-
-    Blocks are tens of MiB. glibc raises its mmap threshold after such buffers are freed
-    and from then on serves them from its arenas, which keep the memory: peak RSS creeps up
-    by about a block per thread. A fixed threshold (``mallopt(M_MMAP_THRESHOLD)``, which
-    also stops that adjustment) keeps them mmapped and gives them back when freed. Measured
-    on a 1 GiB run with 2 threads: peak RSS 522 MB without, 437 MB with.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 1 << 20)
-
-
-_M_MMAP_THRESHOLD = -3
 
 
 def _say_error(message: str, exit_code: int) -> None:

@@ -18,7 +18,6 @@ per task: on fewer, single-threaded numpy is faster (see ``scripts/bench_kernel.
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 import numexpr
@@ -33,7 +32,6 @@ __all__ = [
     "Engine",
     "check_dtype",
     "choose_engine",
-    "count_cores",
     "numexpr_threads_for",
     "parse_at_zero",
     "parse_nan_policy",
@@ -182,17 +180,8 @@ def choose_engine(engine: Engine, numexpr_threads: int) -> Literal["numpy", "num
     return engine
 
 
-def count_cores() -> int:
-    """Cores this process may run on (its CPU affinity), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def numexpr_threads_for(task_threads: int, cores: int | None = None) -> int:
+def numexpr_threads_for(task_threads: int, cores: int) -> int:
     """numexpr threads per task so that ``task_threads * result <= cores`` (at least 1)."""
-    cores = count_cores() if cores is None else cores
     return max(1, cores // max(1, task_threads))
 
 

@@ -34,7 +34,7 @@ from dask.callbacks import Callback
 from relu_dask import chunking
 from relu_dask.errors import InputError
 from relu_dask.graph import TASK_PREFIX
-from relu_dask.kernel import count_cores, numexpr_threads_for
+from relu_dask.kernel import numexpr_threads_for
 
 __all__ = [
     "CONNECT_TIMEOUT_S",
@@ -45,6 +45,8 @@ __all__ = [
     "Session",
     "check_workers_see",
     "compute",
+    "count_cores",
+    "memory_limit_bytes",
     "open_session",
     "parse_scheduler",
     "plan_session",
@@ -176,7 +178,7 @@ class Session:
 def plan_session(spec: SchedulerSpec) -> Session:
     """A session's sizing, without starting anything (what a dry run shows)."""
     cores = count_cores()
-    memory = _total_memory_bytes()
+    memory = memory_limit_bytes()
     if spec.name == "synchronous":
         return Session(spec, 1, cores, memory)
     if spec.name in ("threads", "processes"):
@@ -202,10 +204,49 @@ def _local_sizes(spec: SchedulerSpec, cores: int) -> tuple[int, int]:
     return int(workers), int(threads)
 
 
-def _total_memory_bytes() -> int:
+def count_cores() -> int:
+    """Cores this process may use: its CPU affinity (``taskset``, a Slurm allocation's cpuset)
+    and a cgroup CPU quota (a container's ``--cpus``), as dask reckons them, at least 1."""
+    from dask.system import cpu_count
+
+    return max(1, int(cpu_count()))
+
+
+#: Memory limits a process may be under, as ``distributed.system.memory_limit`` reads them:
+#: cgroup v1 hard and soft limits, cgroup v2 ``max``, ``high`` and ``low``.
+_CGROUP_MEMORY_FILES = (
+    "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    "/sys/fs/cgroup/memory/memory.soft_limit_in_bytes",
+    "/sys/fs/cgroup/memory.max",
+    "/sys/fs/cgroup/memory.high",
+    "/sys/fs/cgroup/memory.low",
+)
+
+
+def memory_limit_bytes() -> int:
+    """Memory this process may use: the machine's, or less under a cgroup limit or RLIMIT_RSS.
+
+    The same sources, in the same way, as ``distributed.system.memory_limit`` (which a
+    LocalCluster's ``memory_limit="auto"`` uses), without importing distributed, which would
+    cost every local run about 0.25 s of start-up; ``tests/test_schedulers.py`` checks that
+    the two agree.
+    """
     import psutil  # a dependency of distributed
 
-    return int(psutil.virtual_memory().total)
+    limit = int(psutil.virtual_memory().total)
+    if sys.platform == "linux":
+        for path in _CGROUP_MEMORY_FILES:
+            with contextlib.suppress(OSError, ValueError):
+                value = int(Path(path).read_text())  # "max" (no limit) is not a number
+                if value > 0:
+                    limit = min(limit, value)
+    with contextlib.suppress(ImportError, OSError, ValueError):
+        import resource
+
+        hard = resource.getrlimit(resource.RLIMIT_RSS)[1]
+        if 0 < hard < limit:
+            limit = hard
+    return limit
 
 
 @contextlib.contextmanager

@@ -24,7 +24,6 @@ import numpy as np
 
 from relu_dask import journal, storage
 from relu_dask.errors import InputError
-from relu_dask.kernel import count_cores
 from relu_dask.locations import Location, parse_location, parse_storage_options
 
 __all__ = ["VerifyResult", "verify_dest"]
@@ -69,6 +68,8 @@ def verify_dest(
             result.problems.append("the job is not complete: rerun the same `relu-dask run` command to finish it")
             return result
         arrays = record.fingerprint.get("arrays", [])
+        from relu_dask.schedulers import count_cores
+
         with ThreadPoolExecutor(num_threads or count_cores()) as pool:
             for index, array in enumerate(arrays):
                 _verify_array(location, record, index, array, pool, result)

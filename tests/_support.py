@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,24 @@ def cli_env() -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m relu_dask ARGS`` as a real subprocess; its exit code and output."""
+    return subprocess.run(
+        [PYTHON, "-m", "relu_dask", *args], capture_output=True, text=True, timeout=timeout, env=env or cli_env()
+    )
+
+
+def start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """Start the CLI in the background (its output is not needed: it is killed part way)."""
+    return subprocess.Popen(
+        [PYTHON, "-m", "relu_dask", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env or cli_env(),
+    )
 
 
 def journal_folder(dest: Path) -> Path:

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from _support import activations, write_zarr
+from hypothesis import settings
+
+# One hypothesis profile for every property test: enough examples to find edge cases in the
+# planner and the kernel, no deadline (the machines are shared and noisy), no example
+# database left in the checkout. HYPOTHESIS_PROFILE=quick for a fast local loop.
+settings.register_profile("relu-dask", max_examples=200, deadline=None, database=None)
+settings.register_profile("quick", max_examples=20, deadline=None, database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "relu-dask"))
 
 
 @pytest.fixture

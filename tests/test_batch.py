@@ -12,7 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _support import PYTHON, activations, chunk_files, cli_env, journal_folder, oracle, read_mask, write_zarr
+from _support import (
+    activations,
+    chunk_files,
+    journal_folder,
+    oracle,
+    read_mask,
+    run_cli,
+    start_cli,
+    write_zarr,
+)
 
 from relu_dask import journal
 from relu_dask.locations import parse_location
@@ -34,23 +43,6 @@ def big_source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     proc = run_cli("run", str(folder / "src.zarr"), str(reference), "--scheduler", "synchronous", *TASKS)
     assert proc.returncode == 0, proc.stderr
     return folder / "src.zarr", reference
-
-
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [PYTHON, "-m", "relu_dask", *args], capture_output=True, text=True, timeout=timeout, env=cli_env()
-    )
-
-
-def start_cli(*args: str) -> subprocess.Popen[str]:
-    """Start the CLI in the background (its output is not needed: it is killed part way)."""
-    return subprocess.Popen(
-        [PYTHON, "-m", "relu_dask", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=cli_env(),
-    )
 
 
 def markers(dest: Path) -> int:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from relu_dask.chunking import (
@@ -506,10 +506,6 @@ def problems(
     return Problem(shape, itemsize, source, dest, shards, chunks)
 
 
-PLAN_SETTINGS = settings(max_examples=200, deadline=None, database=None)
-
-
-@PLAN_SETTINGS
 @given(problem=problems())
 def test_plan_invariants(problem: Problem) -> None:
     plan = problem.plan()
@@ -532,7 +528,6 @@ def test_plan_invariants(problem: Problem) -> None:
         assert any("do not nest" in note for note in plan.notes)
 
 
-@PLAN_SETTINGS
 @given(problem=problems(), memory_limit_bytes=st.integers(1, 20_000))
 def test_plan_memory_limit(problem: Problem, memory_limit_bytes: int) -> None:
     unlimited = problem.plan()
@@ -548,7 +543,6 @@ def test_plan_memory_limit(problem: Problem, memory_limit_bytes: int) -> None:
         assert plan.num_tasks == 0 or plan.memory_per_task_bytes <= memory_limit_bytes
 
 
-@PLAN_SETTINGS
 @given(problem=problems(kinds=("shape",), explicit_any=True))
 def test_explicit_chunks_refused_iff_not_on_write_unit(problem: Problem) -> None:
     misaligned = any(b < n and b % w for b, n, w in zip(problem.chunks, problem.shape, problem.write))
@@ -559,7 +553,6 @@ def test_explicit_chunks_refused_iff_not_on_write_unit(problem: Problem) -> None
         check_invariants(problem.plan())
 
 
-@PLAN_SETTINGS
 @given(
     shape=_axes(2, 1, 4000),
     itemsize=st.sampled_from([1, 2, 4, 8]),

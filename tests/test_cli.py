@@ -13,19 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _support import PYTHON, activations, cli_env, oracle, read_mask, snapshot, write_zarr
+from _support import PYTHON, activations, cli_env, oracle, read_mask, run_cli, snapshot, write_zarr
 
 from relu_dask import __version__
 from relu_dask.cli import main
 from relu_dask.errors import EXIT_OK, EXIT_USAGE
 
 CONSOLE_SCRIPT = Path(sys.executable).with_name("relu-dask")
-
-
-def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [PYTHON, "-m", "relu_dask", *args], capture_output=True, text=True, timeout=timeout, env=cli_env()
-    )
 
 
 def assert_one_line_error(stderr: str, *needles: str) -> None:

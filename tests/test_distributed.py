@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from _support import PYTHON, chunk_files, cli_env, journal_folder, write_zarr
+from _support import PYTHON, chunk_files, cli_env, journal_folder, run_cli, write_zarr
 
 DASK = str(Path(sys.executable).with_name("dask"))
 SHAPE, CHUNK = (96 * 512, 2048), (512, 2048)
@@ -34,12 +34,6 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     proc = run_cli("run", str(folder / "src.zarr"), str(reference), *TASKS)
     assert proc.returncode == 0, proc.stderr
     return folder / "src.zarr", reference
-
-
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [PYTHON, "-m", "relu_dask", *args], capture_output=True, text=True, timeout=timeout, env=cli_env()
-    )
 
 
 def markers(dest: Path) -> int:

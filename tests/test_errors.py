@@ -11,17 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _support import PYTHON, activations, cli_env, oracle, read_mask, snapshot, write_zarr
+from _support import PYTHON, activations, cli_env, oracle, read_mask, run_cli, snapshot, write_zarr
 
 import relu_dask
 from relu_dask.errors import NaNFoundError
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [PYTHON, "-m", "relu_dask", *args], capture_output=True, text=True, timeout=180, env=cli_env()
-    )
-
 
 #: Run the CLI as the user nobody: the interpreter lives in root's home, out of nobody's
 #: reach, so it starts as root, loads what it needs, then drops to nobody for good.

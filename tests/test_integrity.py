@@ -15,8 +15,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from _support import PYTHON, activations, chunk_files, cli_env, journal_folder, oracle, read_mask, write_zarr
-from test_batch import markers, run_cli, start_cli, wait_for, wait_until_stopped
+from _support import (
+    activations,
+    chunk_files,
+    cli_env,
+    journal_folder,
+    oracle,
+    read_mask,
+    run_cli,
+    start_cli,
+    write_zarr,
+)
+from test_batch import markers, wait_for, wait_until_stopped
 
 from relu_dask import journal
 from relu_dask.locations import parse_location
@@ -91,8 +101,7 @@ def test_a_kill_at_each_step_of_a_run_then_the_same_command(tmp_path: Path, step
     if overwrite:
         _complete_dest(tmp_path / "src.zarr", dest)  # an earlier DEST of the same job, being replaced
     env = {**cli_env(), "RELU_DASK_STOP_AT": step}
-    argv = [PYTHON, "-m", "relu_dask", *args, *(["--overwrite"] if overwrite else []), "--progress", "none"]
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_cli(*args, *(["--overwrite"] if overwrite else []), "--progress", "none", env=env)
     end = time.monotonic() + 120
     while psutil.Process(proc.pid).status() != psutil.STATUS_STOPPED:
         assert proc.poll() is None and time.monotonic() < end, f"the run never reached step {step}"
@@ -298,9 +307,7 @@ def test_a_mask_array_gone_after_a_kill_at_complete_is_computed_again(tmp_path: 
     dest = tmp_path / "out.zarr"
     args = ("run", str(tmp_path / "g.zarr"), str(dest), "--scheduler", "synchronous", "--chunks", "8,8")
     env = {**cli_env(), "RELU_DASK_STOP_AT": "complete"}
-    proc = subprocess.Popen(
-        [PYTHON, "-m", "relu_dask", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    proc = start_cli(*args, env=env)
     while psutil.Process(proc.pid).status() != psutil.STATUS_STOPPED:
         assert proc.poll() is None
         time.sleep(0.01)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from _support import PYTHON, activations, cli_env, oracle
+from _support import activations, oracle, run_cli
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
@@ -53,12 +53,6 @@ def s3() -> Iterator[dict[str, str]]:
     finally:
         server.terminate()
         server.wait(timeout=30)
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [PYTHON, "-m", "relu_dask", *args], capture_output=True, text=True, timeout=300, env=cli_env()
-    )
 
 
 def test_s3_round_trip_through_the_cli(s3: dict[str, str], tmp_path: Path) -> None:

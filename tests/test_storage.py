@@ -186,9 +186,7 @@ def test_read_block_gives_zarrs_bits_for_any_selection(tmp_path: Path, zarr_form
     assert array.io_path == ("direct" if direct else "zarr"), array.why_not_direct
     reused = chunkio.Scratch()  # one task's buffers, reused by every read below
 
-    @settings(
-        max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-    )
+    @settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])  # a few per case
     @given(st.integers(0, 28), st.integers(1, 29), st.integers(0, 34), st.integers(1, 35), st.booleans())
     def check(r0: int, nr: int, c0: int, nc: int, reuse: bool) -> None:
         sel = (slice(r0, min(29, r0 + nr)), slice(c0, min(35, c0 + nc)))

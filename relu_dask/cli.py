@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--config",
             type=Path,
             metavar="JOBS.toml",
-            help="run the jobs of a TOML job file in order (see README); the exit code is the worst of them",
+            help="run the jobs of a TOML job file in order (see docs/cli.md); the exit code is the worst of them",
         )
         _add_job_options(sub)
     stats = commands.add_parser(

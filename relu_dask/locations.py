@@ -6,7 +6,7 @@ file operations the journal and the storage module need. Local paths get POSIX g
 (atomic rename, exclusive create); object stores get what they offer: a single object is
 written whole or not at all, but "create if absent" is a check then a write, so two runs
 started in the same instant on one DEST in an object store may both take its lock (see the
-README).
+docs/cli.md, Object storage).
 """
 
 from __future__ import annotations

@@ -100,24 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
             help="run the jobs of a TOML job file in order (see docs/cli.md); the exit code is the worst of them",
         )
         _add_job_options(sub)
-    stats = commands.add_parser(
+    stats = _add_dest_command(
+        commands,
         "stats",
-        help="unit activity (dead, always-on units) of masks already written in DEST",
-        description="Compute from the masks in DEST what `run --stats` computes while writing them: per array the "
+        "unit activity (dead, always-on units) of masks already written in DEST",
+        "Compute from the masks in DEST what `run --stats` computes while writing them: per array the "
         "active fraction, per unit along --unit-axis the active fraction, the dead and always-on units. "
         "NaN and exact-zero counts need the source: `run --stats` gives them.",
-        epilog=EXIT_CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    stats.add_argument("dest", metavar="DEST")
-    stats.add_argument("--storage-options", metavar="JSON", help="fsspec storage options for a URL DEST")
     stats.add_argument("--unit-axis", type=int, default=-1, help="the axis of the units (default: -1, the last)")
     stats.add_argument("--plot", metavar="PATH.png", help="draw the per-unit active fractions")
     stats.add_argument("--report", type=Path, metavar="PATH", help="also write the statistics as JSON")
     stats.add_argument("--scheduler", default="threads", help="synchronous | threads (default) | processes | local")
-    stats.add_argument("--log-format", choices=("text", "json"), default="text", help="text or json log lines")
-    stats.add_argument("--quiet", action="store_true", help="print only warnings, errors and the summary")
-    stats.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     status = commands.add_parser(
         "status",
         help="is DEST complete, partial (n of m tasks) or absent; and its job's fingerprint",
@@ -132,20 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     status.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     status.add_argument("--log-format", default="text", help=argparse.SUPPRESS)
-    verify = commands.add_parser(
+    _add_dest_command(
+        commands,
         "verify",
-        help="read every mask chunk of DEST back and check it against the job's journal",
-        description="Read every chunk of every mask array in DEST, check that each decodes and that the ones "
+        "read every mask chunk of DEST back and check it against the job's journal",
+        "Read every chunk of every mask array in DEST, check that each decodes and that the ones "
         "counted in each block equal those the run's tasks recorded. Exit 0 only if all hold; else a line per "
         "problem and exit 1. `relu-dask status` then says `complete (verified ...)`.",
-        epilog=EXIT_CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    verify.add_argument("dest", metavar="DEST")
-    verify.add_argument("--storage-options", metavar="JSON", help="fsspec storage options for a URL DEST")
-    verify.add_argument("--log-format", choices=("text", "json"), default="text", help="text or json log lines")
-    verify.add_argument("--quiet", action="store_true", help="print only warnings, errors and the result")
-    verify.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     demo = commands.add_parser(
         "demo",
         help="the built-in job on synthetic data, for a first try",
@@ -159,6 +147,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data-dir", default="data", type=Path, help="where the demo's data goes (default: ./data)")
     _add_job_options(demo)
     return parser
+
+
+def _add_dest_command(commands: Any, name: str, help_text: str, description: str) -> argparse.ArgumentParser:
+    """A command on DEST alone (``stats``, ``verify``), with the options every such command takes."""
+    sub: argparse.ArgumentParser = commands.add_parser(
+        name,
+        help=help_text,
+        description=description,
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub.add_argument("dest", metavar="DEST")
+    sub.add_argument("--storage-options", metavar="JSON", help="fsspec storage options for a URL DEST")
+    sub.add_argument("--log-format", choices=("text", "json"), default="text", help="text or json log lines")
+    sub.add_argument("--quiet", action="store_true", help="print only warnings, errors and the result")
+    sub.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    return sub
 
 
 def _add_job_options(sub: argparse.ArgumentParser) -> None:

@@ -28,7 +28,7 @@ from dask.base import tokenize
 
 from relu_dask import chunking, chunkio, journal, storage
 from relu_dask.errors import DestinationExistsError, InputError, NaNFoundError, ProcessingError, ReluDaskError
-from relu_dask.graph import COUNT_FIELDS, MaskJob, build_mask_tasks, unit_ones_of_mask
+from relu_dask.graph import build_mask_tasks, unit_ones_of_mask
 from relu_dask.kernel import Engine, choose_engine, parse_at_zero, parse_nan_policy, rule_for
 from relu_dask.locations import Location, parse_location, parse_storage_options
 from relu_dask.report import ArrayReport, RunReport, collect_versions, write_report
@@ -44,6 +44,7 @@ from relu_dask.schedulers import (
     plan_session,
 )
 from relu_dask.stats import parse_unit_axis, summarize_units
+from relu_dask.task import COUNT_FIELDS, MaskJob
 
 __all__ = ["DestState", "job_status", "mask_unit_ones", "run", "stats_of_masks"]
 

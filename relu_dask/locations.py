@@ -123,7 +123,7 @@ class Location:
             info = fs.info(path)
         except FileNotFoundError:
             return None
-        modified = info.get("LastModified") or info.get("mtime") or info.get("updated") or 0
+        modified = info.get("LastModified") or info.get("mtime") or info.get("updated") or info.get("created") or 0
         stamp = modified.timestamp() if hasattr(modified, "timestamp") else float(modified or 0)
         return int(info.get("size") or 0), stamp
 

@@ -33,7 +33,6 @@ from dask.callbacks import Callback
 
 from relu_dask import chunking
 from relu_dask.errors import InputError
-from relu_dask.graph import TASK_PREFIX
 from relu_dask.kernel import numexpr_threads_for
 
 __all__ = [
@@ -389,14 +388,14 @@ def compute(
             with saved(filename=performance_report):
                 return _compute_distributed(session, collections, mode, progress_interval_s)
         return _compute_distributed(session, collections, mode, progress_interval_s)
-    num_tasks = sum(len(_block_keys(c)) for c in collections)
+    outputs = _output_keys(collections)
     with contextlib.ExitStack() as stack:
         if mode == "bar":
             from dask.diagnostics import ProgressBar
 
             stack.enter_context(ProgressBar(out=sys.stderr))
         elif mode == "log":
-            stack.enter_context(_LogProgress(num_tasks, progress_interval_s))
+            stack.enter_context(_LogProgress(outputs, progress_interval_s))
         kwargs: dict[str, Any] = {"scheduler": _local_get(session.spec.name)}
         if session.spec.name != "synchronous":
             kwargs["num_workers"] = session.num_threads
@@ -458,13 +457,11 @@ def _progress_mode(progress: Progress) -> str:
     return progress
 
 
-def _is_block_key(key: Any) -> bool:
-    name = key[0] if isinstance(key, tuple) else key
-    return isinstance(name, str) and name.startswith(TASK_PREFIX)
+def _output_keys(collections: Sequence[Any]) -> set[Any]:
+    """The keys the collections hand back (for relu_dask's tasks, one per block): what progress counts."""
+    from dask.core import flatten
 
-
-def _block_keys(collection: Any) -> list[Any]:
-    return [k for k in collection.__dask_graph__() if _is_block_key(k)]
+    return {key for c in collections for key in flatten(c.__dask_keys__())}
 
 
 def _log_progress(done: int, total: int) -> None:
@@ -480,15 +477,16 @@ def _log_progress(done: int, total: int) -> None:
 class _LogProgress(Callback):
     """Plain progress lines at a steady interval, for logs that are not a terminal."""
 
-    def __init__(self, num_tasks: int, interval_s: float = PROGRESS_INTERVAL_S) -> None:
+    def __init__(self, outputs: set[Any], interval_s: float = PROGRESS_INTERVAL_S) -> None:
         super().__init__()
-        self.num_tasks = num_tasks
+        self.outputs = outputs
+        self.num_tasks = len(outputs)
         self.interval_s = interval_s
         self.done = 0
         self.last = time.monotonic()
 
     def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, id: Any) -> None:
-        if not _is_block_key(key):
+        if key not in self.outputs:
             return  # dask's own bookkeeping tasks (finalize, concatenate) are not blocks
         self.done += 1
         now = time.monotonic()

@@ -175,7 +175,7 @@ def test_summarize_units_edges() -> None:
 @pytest.mark.parametrize("rows", [1, 32767, 32768, 70000])
 def test_unit_sums_are_exact_in_whatever_type_they_use(rows: int) -> None:
     """A block's per-unit ones, summed in the narrowest type that cannot overflow."""
-    from relu_dask.graph import _sum_ones
+    from relu_dask.task import _sum_ones
 
     mask = np.ones((rows, 3), dtype=np.int8)
     mask[0, 1] = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import signal
 import sys
 
 
@@ -22,11 +23,24 @@ def main() -> int:
     tests call in process.
     """
     prepare_process()
+    signal.signal(signal.SIGTERM, _stop_requested)
     from relu_dask.cli import main as cli_main
 
     code = cli_main()
     gc.freeze()
     return code
+
+
+def _stop_requested(signum: int, frame: object) -> None:
+    """SIGTERM (Slurm's walltime, systemd's stop): stop as Ctrl-C does, cleanly.
+
+    The run stops starting tasks, lets the running ones finish, records them, releases
+    DEST's lock and exits 143 with one line. A second SIGTERM meanwhile is let through.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    from relu_dask.errors import StopRequested
+
+    raise StopRequested(signum)
 
 
 def prepare_process() -> None:

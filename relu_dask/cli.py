@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from typing import Any, NoReturn
 
 from relu_dask import __version__
 from relu_dask.chunking import format_bytes, parse_bytes
-from relu_dask.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, InputError, ReluDaskError
+from relu_dask.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, InputError, ReluDaskError, RunStopped
 from relu_dask.execution import job_status, run, stats_of_masks
 from relu_dask.jobfile import read_job_file
 from relu_dask.kernel import ENGINES
@@ -37,7 +38,6 @@ __all__ = ["build_parser", "main"]
 
 PROG = "relu-dask"
 log = logging.getLogger("relu_dask.cli")
-EXIT_INTERRUPTED = 130
 
 EXIT_CODES = """\
 exit codes:
@@ -45,7 +45,8 @@ exit codes:
   1  failed while processing (I/O error, disk full, a failed task)
   2  bad usage or input: nothing was written, SOURCE and DEST untouched
   3  DEST is in use by another run
-  130 interrupted (Ctrl-C)
+  130 stopped by Ctrl-C, 143 by SIGTERM: the running tasks finished and were recorded,
+      DEST's lock released; rerun the same command to finish the rest
 """
 
 MASK_RULE = "the mask is int8: 1 where x >= 0 (or x > 0 with --at-zero 0), else 0; NaN gives 0."
@@ -297,9 +298,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _say_error(str(exc), exc.exit_code)
         return exc.exit_code
-    except KeyboardInterrupt:
-        _say_error("interrupted", EXIT_INTERRUPTED)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as stop:  # before or after the tasks (during them: RunStopped)
+        signum = getattr(stop, "signum", signal.SIGINT)
+        code = 128 + signum
+        _say_error(f"stopped by {signal.Signals(signum).name}; rerun the same command to finish the rest", code)
+        return code
     except Exception as exc:
         if args.debug:
             raise
@@ -397,6 +400,8 @@ def _run_one_job(name: str, args: argparse.Namespace, argv: list[str]) -> int:
     """One job of a job file; whatever it raises, its exit code (the next job runs anyway)."""
     try:
         return _dispatch(args, argv)
+    except RunStopped:
+        raise  # SIGTERM or Ctrl-C stops the whole job file, not one job
     except ReluDaskError as exc:
         _say_error(f"job {name}: {exc}", exc.exit_code)
         return exc.exit_code

@@ -6,6 +6,7 @@ Exit codes (README, ``relu-dask --help``):
 * 1 -- failed while processing (:class:`ProcessingError`)
 * 2 -- bad usage or input; nothing was written (:class:`InputError`)
 * 3 -- DEST is in use by another run (:class:`DestinationInUseError`)
+* 130 / 143 -- stopped by Ctrl-C / SIGTERM; what finished is recorded (:class:`RunStopped`)
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ __all__ = [
     "NaNFoundError",
     "ProcessingError",
     "ReluDaskError",
+    "RunStopped",
+    "StopRequested",
     "UnsupportedDtypeError",
 ]
 
@@ -72,3 +75,20 @@ class DestinationInUseError(ReluDaskError):
 
 class DamagedSourceError(ProcessingError):
     """A stored chunk of SOURCE cannot be read or decoded (exit 1): rerunning will not help."""
+
+
+class StopRequested(KeyboardInterrupt):
+    """SIGTERM reached the ``relu-dask`` command (Slurm at the end of a walltime, systemd's
+    stop): raised in its main thread, as Ctrl-C raises KeyboardInterrupt."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+class RunStopped(ReluDaskError):
+    """A run stopped on SIGTERM or Ctrl-C once its running tasks were done (exit 143 or 130)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

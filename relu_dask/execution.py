@@ -16,6 +16,7 @@ import functools
 import logging
 import math
 import os
+import signal
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,14 @@ import numpy as np
 from dask.base import tokenize
 
 from relu_dask import chunking, chunkio, journal, storage
-from relu_dask.errors import DestinationExistsError, InputError, NaNFoundError, ProcessingError, ReluDaskError
+from relu_dask.errors import (
+    DestinationExistsError,
+    InputError,
+    NaNFoundError,
+    ProcessingError,
+    ReluDaskError,
+    RunStopped,
+)
 from relu_dask.graph import build_mask_tasks, unit_ones_of_mask
 from relu_dask.kernel import Engine, choose_engine, parse_at_zero, parse_nan_policy, rule_for
 from relu_dask.locations import Location, parse_location, parse_storage_options
@@ -44,7 +52,7 @@ from relu_dask.schedulers import (
     plan_session,
 )
 from relu_dask.stats import parse_unit_axis, summarize_units
-from relu_dask.task import COUNT_FIELDS, MaskJob
+from relu_dask.task import COUNT_FIELDS, MaskJob, wait_for_running_tasks
 
 __all__ = ["DestState", "job_status", "mask_unit_ones", "run", "stats_of_masks"]
 
@@ -447,7 +455,7 @@ def _execute(
         tasks = [build_mask_tasks(j) for j in jobs]
         to_compute = [t for t in tasks if t is not None]
         start, start_cpu = time.perf_counter(), time.process_time()
-        with _processing_errors(job.dest):
+        with _processing_errors(job.dest), _stopping(job, report):
             try:
                 results = compute(session, to_compute, progress, interval_s, performance_report)
             finally:
@@ -498,6 +506,29 @@ def _start_fresh(job: _Job, plans: list[chunking.ChunkPlan], report: RunReport) 
     journal.write_record(job.dest, journal.JobRecord(job.fingerprint, [list(p.block_shape) for p in plans]))
     journal.reach_step("job-recorded")
     _create_outputs(job, plans, report)
+
+
+#: Seconds a stopped run waits for its running tasks to finish before it lets them go.
+STOP_GRACE_S = 20.0
+
+
+@contextlib.contextmanager
+def _stopping(job: _Job, report: RunReport) -> Iterator[None]:
+    """On SIGTERM or Ctrl-C: no new task starts; those running may finish (up to
+    :data:`STOP_GRACE_S`) and mark themselves done; then one line says how far it got."""
+    try:
+        yield
+    except KeyboardInterrupt as stop:
+        signum = getattr(stop, "signum", signal.SIGINT)
+        still = wait_for_running_tasks(STOP_GRACE_S)
+        done = sum(journal.count_done(job.dest, i) for i in range(len(job.arrays)))
+        name = signal.Signals(signum).name
+        left = f"; {still} task(s) still running were let go" if still else ""
+        raise RunStopped(
+            f"stopped by {name}: {done} of {report.num_tasks} task(s) done{left}; "
+            "rerun the same command to finish the rest",
+            128 + signum,
+        ) from None
 
 
 @contextlib.contextmanager

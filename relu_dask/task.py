@@ -9,6 +9,10 @@ done (:mod:`relu_dask.journal`). It returns only a few counts, never the block.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numexpr
@@ -20,7 +24,7 @@ from relu_dask.errors import NaNFoundError
 from relu_dask.kernel import Engine, relu_derivative, set_numexpr_threads
 from relu_dask.locations import Location
 
-__all__ = ["COUNT_FIELDS", "MaskJob", "process_block"]
+__all__ = ["COUNT_FIELDS", "MaskJob", "process_block", "wait_for_running_tasks"]
 
 #: What each task returns about its block, in this order.
 COUNT_FIELDS: tuple[str, ...] = ("elements", "ones", "nans", "zeros", "resumed", "elements_read")
@@ -73,6 +77,40 @@ def process_block(job: MaskJob, block_id: tuple[int, ...] | None = None) -> np.n
     counts of all blocks into one small array.
     """
     assert block_id is not None, "dask passes block_id"
+    with _running():
+        return _process_block(job, block_id)
+
+
+_RUNNING = [0]
+_RUNNING_CHANGED = threading.Condition()
+
+
+@contextlib.contextmanager
+def _running() -> Iterator[None]:
+    with _RUNNING_CHANGED:
+        _RUNNING[0] += 1
+    try:
+        yield
+    finally:
+        with _RUNNING_CHANGED:
+            _RUNNING[0] -= 1
+            _RUNNING_CHANGED.notify_all()
+
+
+def wait_for_running_tasks(timeout_s: float) -> int:
+    """Wait until no task runs in this process, at most ``timeout_s``; how many still run.
+
+    A run told to stop (SIGTERM, Ctrl-C) lets the tasks that have started finish, so that
+    they write their masks and mark themselves done, before it lets go of DEST's lock.
+    """
+    end = time.monotonic() + timeout_s
+    with _RUNNING_CHANGED:
+        while _RUNNING[0] and (left := end - time.monotonic()) > 0:
+            _RUNNING_CHANGED.wait(left)
+        return _RUNNING[0]
+
+
+def _process_block(job: MaskJob, block_id: tuple[int, ...]) -> np.ndarray:
     ndim = len(job.plan.shape)
     index = block_id[:ndim]
     width = job.row_width

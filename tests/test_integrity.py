@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import zarr
 from _support import (
+    PYTHON,
     activations,
     chunk_files,
     cli_env,
@@ -340,3 +341,48 @@ def test_what_a_killed_replacement_left_is_deleted_but_nothing_of_the_users(tmp_
     refused = run_cli(*args, "--overwrite")
     assert refused.returncode == 2 and "will not delete it" in refused.stderr
     assert (dest / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "sig"),
+    [
+        ("synchronous", signal.SIGTERM),
+        ("threads", signal.SIGTERM),
+        ("processes", signal.SIGTERM),
+        ("local", signal.SIGTERM),
+        ("threads", signal.SIGINT),  # Ctrl-C
+    ],
+    ids=["synchronous", "threads", "processes", "local", "threads-ctrl-c"],
+)
+def test_sigterm_stops_a_run_cleanly_and_the_same_command_finishes_it(
+    big_source_for_stop: tuple[Path, Path], tmp_path: Path, scheduler: str, sig: signal.Signals
+) -> None:
+    """Slurm at the end of a walltime, systemd's stop: one line, exit 143, no lock left, then an exact rerun."""
+    source, reference = big_source_for_stop
+    dest = tmp_path / "out.zarr"
+    args = ("run", str(source), str(dest), "--scheduler", scheduler, "--chunks", "256,512", "--progress", "none")
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "relu_dask", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env()
+    )
+    assert wait_for(lambda: markers(dest) >= 4, proc), "the run ended before it could be stopped"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err
+    (line,) = [x for x in err.splitlines() if x.startswith("relu-dask: error:")]
+    assert f"stopped by {sig.name}" in line and "rerun the same command to finish the rest" in line
+    assert "Traceback" not in err
+    assert not (journal_folder(dest) / "lock").exists()
+    again = run_cli(*args[:-2])
+    assert again.returncode == 0, again.stderr
+    assert chunk_files(dest) == chunk_files(reference)
+
+
+@pytest.fixture(scope="module")
+def big_source_for_stop(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("stop")
+    x = activations((64 * 256, 512), seed=13)
+    write_zarr(folder / "src.zarr", x, (256, 512))
+    reference = folder / "reference.zarr"
+    proc = run_cli("run", str(folder / "src.zarr"), str(reference), "--scheduler", "synchronous", "--chunks", "256,512")
+    assert proc.returncode == 0, proc.stderr
+    return folder / "src.zarr", reference

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
         InputError,
         ProcessingError,
         ReluDaskError,
+        RunStopped,
         UnsupportedDtypeError,
     )
     from relu_dask.execution import job_status, run, stats_of_masks
@@ -51,6 +52,7 @@ _HOMES = {
     "ProcessingError": "errors",
     "ReluDaskError": "errors",
     "RunReport": "report",
+    "RunStopped": "errors",
     "UnsupportedDtypeError": "errors",
     "VerifyResult": "verify",
     "derivative_mask": "graph",
@@ -73,6 +75,7 @@ __all__ = [
     "ProcessingError",
     "ReluDaskError",
     "RunReport",
+    "RunStopped",
     "UnsupportedDtypeError",
     "VerifyResult",
     "__version__",

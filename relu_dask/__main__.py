@@ -24,9 +24,13 @@ def main() -> int:
     """
     prepare_process()
     signal.signal(signal.SIGTERM, _stop_requested)
-    from relu_dask.cli import main as cli_main
+    try:
+        from relu_dask.cli import main as cli_main
 
-    code = cli_main()
+        code = cli_main()
+    except KeyboardInterrupt as stop:  # a stop before or after cli.main's own handling
+        code = 128 + int(getattr(stop, "signum", signal.SIGINT))
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     gc.freeze()
     return code
 

@@ -3,7 +3,7 @@ the ``relu-dask`` command and ``python -m relu_dask`` run it through
 :mod:`relu_dask.__main__`, which sets up the process first and exits quickly after.
 
 Exit codes: 0 done, 1 failed while processing, 2 bad usage or input (nothing written),
-3 DEST in use by another run, 130 interrupted.
+3 DEST in use by another run, 130 and 143 stopped by Ctrl-C and SIGTERM.
 """
 
 from __future__ import annotations
@@ -298,16 +298,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _say_error(str(exc), exc.exit_code)
         return exc.exit_code
-    except KeyboardInterrupt as stop:  # before or after the tasks (during them: RunStopped)
-        signum = getattr(stop, "signum", signal.SIGINT)
-        code = 128 + signum
-        _say_error(f"stopped by {signal.Signals(signum).name}; rerun the same command to finish the rest", code)
+    except KeyboardInterrupt as stop:
+        code, message = _how_stopped(stop)
+        _say_error(message, code)
         return code
     except Exception as exc:
         if args.debug:
             raise
         _say_error(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", EXIT_FAILED)
         return EXIT_FAILED
+
+
+def _how_stopped(stop: KeyboardInterrupt) -> tuple[int, str]:
+    """The exit code and the line for a run stopped by SIGTERM or Ctrl-C."""
+    if isinstance(stop, RunStopped):  # stopped while tasks ran: it says how far it got
+        return stop.exit_code, str(stop)
+    signum = getattr(stop, "signum", signal.SIGINT)
+    return 128 + signum, f"stopped by {signal.Signals(signum).name}; rerun the same command to finish the rest"
 
 
 def _dispatch(args: argparse.Namespace, raw: list[str]) -> int:
@@ -387,21 +394,29 @@ def _run_job_file(args: argparse.Namespace, raw: list[str]) -> int:
             " ".join(argv),
             extra={"event": "job", "fields": {"job": job.name, "number": number}},
         )
-        code = job_args if isinstance(job_args, int) else _run_one_job(job.name, job_args, argv)
+        try:
+            code = job_args if isinstance(job_args, int) else _run_one_job(job.name, job_args, argv)
+        except KeyboardInterrupt as stop:  # SIGTERM or Ctrl-C stops the whole job file
+            outcomes.append(f"  job {number} {job.name}: stopped (exit {_how_stopped(stop)[0]})")
+            outcomes.extend(f"  job {n} {j.name}: not run" for n, j in enumerate(jobs[number:], start=number + 1))
+            _print_job_outcomes(args.config, outcomes, _how_stopped(stop)[0])
+            raise
         outcomes.append(f"  job {number} {job.name}: {'ok' if code == 0 else 'failed'} (exit {code})")
         worst = max(worst, code)
-    print(f"{len(jobs)} job(s) from {args.config}, worst exit code {worst}:")
+    _print_job_outcomes(args.config, outcomes, worst)
+    return worst
+
+
+def _print_job_outcomes(config: Path, outcomes: list[str], worst: int) -> None:
+    print(f"{len(outcomes)} job(s) from {config}, worst exit code {worst}:")
     for line in outcomes:
         print(line)
-    return worst
 
 
 def _run_one_job(name: str, args: argparse.Namespace, argv: list[str]) -> int:
     """One job of a job file; whatever it raises, its exit code (the next job runs anyway)."""
     try:
         return _dispatch(args, argv)
-    except RunStopped:
-        raise  # SIGTERM or Ctrl-C stops the whole job file, not one job
     except ReluDaskError as exc:
         _say_error(f"job {name}: {exc}", exc.exit_code)
         return exc.exit_code

@@ -86,8 +86,13 @@ class StopRequested(KeyboardInterrupt):
         self.signum = signum
 
 
-class RunStopped(ReluDaskError):
-    """A run stopped on SIGTERM or Ctrl-C once its running tasks were done (exit 143 or 130)."""
+class RunStopped(KeyboardInterrupt):
+    """A run stopped on SIGTERM or Ctrl-C once its running tasks were done (exit 143 or 130).
+
+    A KeyboardInterrupt, so that a caller of :func:`relu_dask.run` sees an interrupt as an
+    interrupt (``except ReluDaskError`` does not swallow it); its message says how far the
+    run got.
+    """
 
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)

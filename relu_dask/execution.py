@@ -42,6 +42,7 @@ from relu_dask.locations import Location, parse_location, parse_storage_options
 from relu_dask.report import ArrayReport, RunReport, collect_versions, write_report
 from relu_dask.schedulers import (
     PROGRESS_INTERVAL_S,
+    STOP_GRACE_S,
     Progress,
     SchedulerSpec,
     Session,
@@ -52,7 +53,7 @@ from relu_dask.schedulers import (
     plan_session,
 )
 from relu_dask.stats import parse_unit_axis, summarize_units
-from relu_dask.task import COUNT_FIELDS, MaskJob, wait_for_running_tasks
+from relu_dask.task import COUNT_FIELDS, MaskJob, allow_tasks, wait_for_running_tasks
 
 __all__ = ["DestState", "job_status", "mask_unit_ones", "run", "stats_of_masks"]
 
@@ -455,6 +456,7 @@ def _execute(
         tasks = [build_mask_tasks(j) for j in jobs]
         to_compute = [t for t in tasks if t is not None]
         start, start_cpu = time.perf_counter(), time.process_time()
+        allow_tasks()
         with _processing_errors(job.dest), _stopping(job, report):
             try:
                 results = compute(session, to_compute, progress, interval_s, performance_report)
@@ -506,10 +508,6 @@ def _start_fresh(job: _Job, plans: list[chunking.ChunkPlan], report: RunReport) 
     journal.write_record(job.dest, journal.JobRecord(job.fingerprint, [list(p.block_shape) for p in plans]))
     journal.reach_step("job-recorded")
     _create_outputs(job, plans, report)
-
-
-#: Seconds a stopped run waits for its running tasks to finish before it lets them go.
-STOP_GRACE_S = 20.0
 
 
 @contextlib.contextmanager

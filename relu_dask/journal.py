@@ -245,22 +245,44 @@ def hold_lock(
         "pid_started": _process_start_time(os.getpid()),
         "started": time.time(),
     }
-    _acquire(lock, me, stale_after_s, dest)
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(lock, stop, heartbeat_s), name="relu-dask-lock", daemon=True)
-    beat.start()
     try:
+        _acquire(lock, me, stale_after_s, dest)
+        beat.start()
         yield
     finally:
-        stop.set()
+        _finish_even_if_stopped(_release, lock, me, dest, stop, beat)
+
+
+def _release(lock: Location, me: dict[str, Any], dest: Location, stop: threading.Event, beat: threading.Thread) -> None:
+    stop.set()
+    if beat.is_alive():
         beat.join()
-        with contextlib.suppress(OSError, ValueError):
-            if json.loads(lock.read_text()).get("pid") == me["pid"]:
-                lock.remove()
-        folder = journal_dir(dest)
-        if folder.is_local:  # a run refused under the lock leaves nothing behind
-            with contextlib.suppress(OSError):
-                folder.path.rmdir()
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(lock.read_text()).get("pid") == me["pid"]:
+            lock.remove()
+    folder = journal_dir(dest)
+    if folder.is_local:  # a run refused under the lock leaves nothing behind
+        with contextlib.suppress(OSError):
+            folder.path.rmdir()
+
+
+def _finish_even_if_stopped(step: Any, *args: Any) -> None:
+    """Run ``step`` to its end even if SIGTERM or Ctrl-C arrives meanwhile; then let the stop through.
+
+    A lock left behind by a stopped run would refuse the next one (from another host, for
+    ``STALE_AFTER_S``).
+    """
+    stopped: BaseException | None = None
+    while True:
+        try:
+            step(*args)
+            break
+        except KeyboardInterrupt as exc:  # StopRequested too: finish first
+            stopped = exc
+    if stopped is not None:
+        raise stopped
 
 
 def _acquire(lock: Location, me: dict[str, Any], stale_after_s: float, dest: Location) -> None:

@@ -39,6 +39,7 @@ __all__ = [
     "CONNECT_TIMEOUT_S",
     "LOCAL_SCHEDULERS",
     "PROGRESS_INTERVAL_S",
+    "STOP_GRACE_S",
     "Progress",
     "SchedulerSpec",
     "Session",
@@ -426,6 +427,10 @@ def die_with_parent(parent_pid: int | None, then: Any = None) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
     if parent_pid is not None and os.getppid() != parent_pid:
         os.kill(os.getpid(), signal.SIGKILL)
+    # SIGTERM and Ctrl-C reach every process of the group (Slurm, systemd, a terminal): the
+    # parent decides, and lets the running task finish; the worker is not cut short.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if then is not None:
         then()
 
@@ -496,11 +501,37 @@ class _LogProgress(Callback):
 
 
 def _compute_distributed(session: Session, collections: Sequence[Any], mode: str, interval_s: float) -> list[Any]:
-    from distributed import futures_of, progress, wait
+    from distributed import futures_of
 
     client = session.client
     persisted = client.persist(list(collections), retries=session.spec.retries)
     futures = futures_of(persisted)
+    try:
+        _wait_with_progress(futures, mode, interval_s)
+    except KeyboardInterrupt:
+        _let_running_tasks_finish(client, futures)
+        raise
+    return list(client.gather(client.compute(persisted)))
+
+
+#: Seconds a stopped run waits for its running tasks (threads, or a cluster's workers).
+STOP_GRACE_S = 20.0
+
+
+def _let_running_tasks_finish(client: Any, futures: list[Any]) -> None:
+    """On a stop: cancel the tasks not yet running; wait (up to :data:`STOP_GRACE_S`) for
+    those running, so that they write their masks and mark themselves done."""
+    from distributed import wait
+
+    with contextlib.suppress(Exception):  # a cluster that went away has nothing running
+        running = {key for keys in client.processing().values() for key in keys}
+        client.cancel([f for f in futures if f.key not in running])
+        wait([f for f in futures if f.key in running], timeout=STOP_GRACE_S)
+
+
+def _wait_with_progress(futures: list[Any], mode: str, interval_s: float) -> None:
+    from distributed import progress, wait
+
     if mode == "bar":
         progress(futures, notebook=False)
     elif mode == "log":
@@ -517,4 +548,3 @@ def _compute_distributed(session: Session, collections: Sequence[Any], mode: str
                     _log_progress(done, len(futures))
     else:
         wait(futures)
-    return list(client.gather(client.compute(persisted)))

@@ -24,7 +24,7 @@ from relu_dask.errors import NaNFoundError
 from relu_dask.kernel import Engine, relu_derivative, set_numexpr_threads
 from relu_dask.locations import Location
 
-__all__ = ["COUNT_FIELDS", "MaskJob", "process_block", "wait_for_running_tasks"]
+__all__ = ["COUNT_FIELDS", "MaskJob", "TaskNotStarted", "allow_tasks", "process_block", "wait_for_running_tasks"]
 
 #: What each task returns about its block, in this order.
 COUNT_FIELDS: tuple[str, ...] = ("elements", "ones", "nans", "zeros", "resumed", "elements_read")
@@ -82,12 +82,25 @@ def process_block(job: MaskJob, block_id: tuple[int, ...] | None = None) -> np.n
 
 
 _RUNNING = [0]
+_STOPPING = [False]
 _RUNNING_CHANGED = threading.Condition()
+
+
+class TaskNotStarted(Exception):
+    """The run was told to stop before this task began: it did nothing."""
+
+
+def allow_tasks() -> None:
+    """Let tasks start (again) in this process: at the start of every run's computation."""
+    with _RUNNING_CHANGED:
+        _STOPPING[0] = False
 
 
 @contextlib.contextmanager
 def _running() -> Iterator[None]:
     with _RUNNING_CHANGED:
+        if _STOPPING[0]:  # handed to a pool thread just before the stop: it must not write now
+            raise TaskNotStarted("the run was stopped")
         _RUNNING[0] += 1
     try:
         yield
@@ -98,13 +111,15 @@ def _running() -> Iterator[None]:
 
 
 def wait_for_running_tasks(timeout_s: float) -> int:
-    """Wait until no task runs in this process, at most ``timeout_s``; how many still run.
+    """Stop tasks from starting in this process, and wait until none runs (at most ``timeout_s``);
+    return how many still run.
 
     A run told to stop (SIGTERM, Ctrl-C) lets the tasks that have started finish, so that
     they write their masks and mark themselves done, before it lets go of DEST's lock.
     """
     end = time.monotonic() + timeout_s
     with _RUNNING_CHANGED:
+        _STOPPING[0] = True  # from now on no task of this process starts
         while _RUNNING[0] and (left := end - time.monotonic()) > 0:
             _RUNNING_CHANGED.wait(left)
         return _RUNNING[0]

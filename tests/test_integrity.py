@@ -7,6 +7,7 @@ real stores on disk, and checks the outcome against the numpy oracle.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -362,16 +363,26 @@ def test_sigterm_stops_a_run_cleanly_and_the_same_command_finishes_it(
     dest = tmp_path / "out.zarr"
     args = ("run", str(source), str(dest), "--scheduler", scheduler, "--chunks", "256,512", "--progress", "none")
     proc = subprocess.Popen(
-        [PYTHON, "-m", "relu_dask", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env()
+        [PYTHON, "-m", "relu_dask", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+        start_new_session=True,  # a group of its own: signalled whole, as Slurm, systemd and a terminal do
     )
     assert wait_for(lambda: markers(dest) >= 4, proc), "the run ended before it could be stopped"
-    proc.send_signal(sig)
+    os.killpg(proc.pid, sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, err
     (line,) = [x for x in err.splitlines() if x.startswith("relu-dask: error:")]
     assert f"stopped by {sig.name}" in line and "rerun the same command to finish the rest" in line
     assert "Traceback" not in err
     assert not (journal_folder(dest) / "lock").exists()
+    # What it says it did is what the journal holds, and nothing writes after it has gone.
+    done = int(line.split(f"stopped by {sig.name}: ")[1].split(" of ")[0])
+    time.sleep(1.0)
+    assert markers(dest) == done
+    assert not list(dest.rglob("*.partial"))
     again = run_cli(*args[:-2])
     assert again.returncode == 0, again.stderr
     assert chunk_files(dest) == chunk_files(reference)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from _support import PYTHON, cli_env
 
-from relu_dask.schedulers import count_cores, memory_limit_bytes, parse_scheduler, plan_session
+from relu_dask.schedulers import memory_limit_bytes, parse_scheduler, plan_session
 
 
 def test_memory_limit_agrees_with_distributeds() -> None:
@@ -20,12 +20,6 @@ def test_memory_limit_agrees_with_distributeds() -> None:
     from distributed.system import memory_limit
 
     assert memory_limit_bytes() == memory_limit()
-
-
-def test_count_cores_agrees_with_dask() -> None:
-    from dask.system import cpu_count
-
-    assert count_cores() == cpu_count() >= 1
 
 
 def _plan_in_child(tmp_path: Path, small_source: tuple[Path, np.ndarray], preexec, *extra: str) -> dict:  # type: ignore[no-untyped-def]

@@ -4,8 +4,9 @@ Use this module to decode one chunk file of a local Zarr array whose codecs are 
 raw bytes, or bytes with one zstd or blosc compressor (zarr's defaults for v3 and v2) --
 without zarr's codec pipeline and without fresh memory for every chunk, or to encode and
 write one (:func:`write_chunk`). It imports numpy and numcodecs only:
-:mod:`relu_dask.storage` describes the array (:class:`ChunkFormat`) and falls back to
-zarr's own read and write wherever this module does not apply.
+:mod:`relu_dask.chunkfiles` describes the array from its metadata document
+(:class:`ChunkFormat`), and :mod:`relu_dask.storage` falls back to zarr's public API
+wherever this module does not apply.
 
 Why: a fresh buffer of tens of MiB is page-faulted in and zeroed by the kernel every
 time, which costs more CPU than decoding it. For one 4096 x 4096 float32 chunk (64 MiB,

@@ -1,8 +1,11 @@
-"""Zarr in and out: the only module that imports zarr.
+"""Zarr in and out: the only module that imports zarr, and only its public API.
 
 Use :func:`open_source` to find the arrays to process (one array, or every real-numbered
 array of a group, recursively), :func:`prepare_dest` to check where DEST goes, and
 :func:`create_mask_array` to create each output array before any task writes to it.
+:func:`read_block` and :func:`write_block` move one block in or out of a
+:class:`StoredArray`: through its chunk files where :mod:`relu_dask.chunkfiles` says
+relu_dask can do the byte work itself, else through zarr's ``Array[...]``.
 SOURCE and DEST are :class:`~relu_dask.locations.Location` s: local paths, or fsspec URLs
 (``s3://...``) opened through zarr's fsspec store with their storage options.
 """

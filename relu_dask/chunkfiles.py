@@ -99,16 +99,17 @@ def describe_chunk_files(folder: Path, document: dict[str, Any]) -> ChunkFiles |
     return NotDirect(f"zarr_format {document.get('zarr_format')!r} is not 2 or 3")
 
 
-def parse_metadata(zarr_json: bytes | None, zarray: bytes | None) -> dict[str, Any] | None:
-    """The array metadata document from the bytes of ``zarr.json`` or ``.zarray`` (None if neither).
+def parse_metadata(raw: bytes) -> dict[str, Any]:
+    """The array metadata document from the bytes of its ``zarr.json`` or ``.zarray``.
 
     JSON as the Zarr specs write it: ``NaN`` and ``Infinity`` may appear as bare words in
-    documents written by older v2 libraries, which Python's json reads as floats.
+    documents written by older v2 libraries, which Python's json reads as floats. Raises
+    ValueError for what is not a JSON object.
     """
-    for raw in (zarr_json, zarray):
-        if raw is not None:
-            return json.loads(raw)
-    return None
+    document = json.loads(raw)
+    if not isinstance(document, dict):
+        raise ValueError("a metadata document is a JSON object")
+    return document
 
 
 def _describe_v3(folder: Path, doc: dict[str, Any]) -> ChunkFiles | NotDirect:

@@ -377,15 +377,9 @@ def _run_job_file(args: argparse.Namespace, raw: list[str]) -> int:
     base = _without_config(raw)
     worst = EXIT_OK
     outcomes = []
-    parsed: list[argparse.Namespace | int] = []
-    for job in jobs:  # every job's options are checked before any job runs
-        argv = ["run", *job.argv[:2], *base, *job.argv[2:]]
-        try:
-            parsed.append(build_parser().parse_args(argv))
-        except SystemExit as exc:  # argparse said what was wrong with this job's options
-            parsed.append(int(exc.code or 0))
-    for number, (job, job_args) in enumerate(zip(jobs, parsed), start=1):
-        argv = ["run", *job.argv[:2], *base, *job.argv[2:]]
+    argvs = [["run", *job.argv[:2], *base, *job.argv[2:]] for job in jobs]
+    parsed = [_parse_job(argv) for argv in argvs]  # every job's options are checked before any job runs
+    for number, (job, argv, job_args) in enumerate(zip(jobs, argvs, parsed), start=1):
         log.info(
             "job %d/%d (%s): relu-dask %s",
             number,
@@ -397,14 +391,23 @@ def _run_job_file(args: argparse.Namespace, raw: list[str]) -> int:
         try:
             code = job_args if isinstance(job_args, int) else _run_one_job(job.name, job_args, argv)
         except KeyboardInterrupt as stop:  # SIGTERM or Ctrl-C stops the whole job file
-            outcomes.append(f"  job {number} {job.name}: stopped (exit {_how_stopped(stop)[0]})")
+            stopped = _how_stopped(stop)[0]
+            outcomes.append(f"  job {number} {job.name}: stopped (exit {stopped})")
             outcomes.extend(f"  job {n} {j.name}: not run" for n, j in enumerate(jobs[number:], start=number + 1))
-            _print_job_outcomes(args.config, outcomes, _how_stopped(stop)[0])
+            _print_job_outcomes(args.config, outcomes, stopped)
             raise
         outcomes.append(f"  job {number} {job.name}: {'ok' if code == 0 else 'failed'} (exit {code})")
         worst = max(worst, code)
     _print_job_outcomes(args.config, outcomes, worst)
     return worst
+
+
+def _parse_job(argv: list[str]) -> argparse.Namespace | int:
+    """One job's options parsed, or the exit code of argparse's one-line complaint about them."""
+    try:
+        return build_parser().parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
 
 
 def _print_job_outcomes(config: Path, outcomes: list[str], worst: int) -> None:

@@ -496,18 +496,27 @@ def _start_fresh(job: _Job, plans: list[chunking.ChunkPlan], report: RunReport) 
     The journal goes first: a kill while DEST is being deleted then leaves no record that
     says "complete" beside a half-deleted DEST (see docs/design.md, "Crash consistency").
     """
-    replacing = job.dest.exists()
-    if replacing:
-        journal.mark_replacing(job.dest)  # what a kill leaves of DEST from here on is ours to delete
-    journal.remove_journal(job.dest)
-    journal.reach_step("journal-forgotten")
-    if replacing:
-        storage.remove_dest(job.dest, "--overwrite")
-    journal.reach_step("dest-removed")
-    journal.unmark_replacing(job.dest)
+    _remove_dest_and_journal(job.dest, "--overwrite")
     journal.write_record(job.dest, journal.JobRecord(job.fingerprint, [list(p.block_shape) for p in plans]))
     journal.reach_step("job-recorded")
     _create_outputs(job, plans, report)
+
+
+def _remove_dest_and_journal(dest: Location, reason: str) -> None:
+    """Forget DEST's job, then delete DEST, in the order that keeps a kill safe at every step.
+
+    The record of the replacement first (what a kill leaves of DEST is then ours to
+    delete), then ``job.json`` and the markers (nothing claims DEST is complete), then DEST.
+    """
+    replacing = dest.exists()
+    if replacing:
+        journal.mark_replacing(dest)
+    journal.remove_journal(dest)
+    journal.reach_step("journal-forgotten")
+    if replacing:
+        storage.remove_dest(dest, reason)
+    journal.reach_step("dest-removed")
+    journal.unmark_replacing(dest)
 
 
 @contextlib.contextmanager
@@ -535,10 +544,7 @@ def _processing_errors(dest: Location) -> Iterator[None]:
     try:
         yield
     except NaNFoundError:
-        journal.mark_replacing(dest)  # as in _start_fresh: the record first, then DEST
-        journal.remove_journal(dest)
-        storage.remove_dest(dest, "the source holds NaN and --nan is error")
-        journal.unmark_replacing(dest)
+        _remove_dest_and_journal(dest, "the source holds NaN and --nan is error")
         raise
     except ReluDaskError:
         raise
@@ -703,7 +709,7 @@ def _set_counts(entry: ArrayReport, counts: dict[str, int], src: storage.SourceA
     entry.num_ones = counts["ones"]
     entry.num_nans = counts["nans"]
     entry.num_zeros = counts["zeros"]
-    entry.bytes_written = (dest.child(*src.path.split("/")) if src.path else dest).disk_bytes()
+    entry.bytes_written = storage.array_location(dest, src.path).disk_bytes()
 
 
 def _warn_if_relu_outputs(report: RunReport, entry: ArrayReport) -> None:

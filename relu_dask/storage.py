@@ -49,6 +49,7 @@ __all__ = [
     "Skipped",
     "SourceArray",
     "StoredArray",
+    "array_location",
     "check_replaceable",
     "check_replaceable_remains",
     "create_dest_group",
@@ -150,9 +151,7 @@ class SourceArray:
     @property
     def location(self) -> Location | None:
         """Where the array itself is stored."""
-        if self.root is None:
-            return None
-        return self.root.child(*self.path.split("/")) if self.path else self.root
+        return None if self.root is None else array_location(self.root, self.path)
 
 
 @dataclass(frozen=True)
@@ -238,19 +237,18 @@ def _open_node(source: Location) -> Any:
 
 
 def _source_array(path: str, array: Any, root: Location) -> SourceArray:
-    location = root.child(*path.split("/")) if path else root
+    location = array_location(root, path)
     metadata = read_metadata(location)
     names = (metadata or {}).get("dimension_names")
     if names is None:
         names = array.attrs.get("_ARRAY_DIMENSIONS")
     dims = tuple(str(n) for n in names) if names and all(n is not None for n in names) else None
-    stored = describe_stored(array, location, metadata)
-    log.debug(
-        "%s: chunk files read %s",
-        path or root,
-        "directly" if stored.files is not None else f"through zarr ({stored.why_not_direct})",
-    )
-    return SourceArray(path, array, dims, root, metadata, stored)
+    return SourceArray(path, array, dims, root, metadata, describe_stored(array, location, metadata))
+
+
+def array_location(root: Location, path: str) -> Location:
+    """Where the array at ``path`` inside ``root`` is stored (``root`` itself for "")."""
+    return root.child(*path.split("/")) if path else root
 
 
 def _skip_reason(src: SourceArray) -> str:
@@ -388,10 +386,10 @@ def has_array(dest: Location, path: str) -> bool:
         return False
 
 
-def open_mask_array(dest: Location, path: str) -> StoredArray:
-    """Open a mask array of DEST for writing, with how the tasks write it."""
-    node: Any = zarr.open(mode="r+", **_zarr_kwargs(dest))
-    location = dest.child(*path.split("/")) if path else dest
+def open_mask_array(dest: Location, path: str, *, writable: bool = True) -> StoredArray:
+    """Open a mask array of DEST (for writing, unless not ``writable``), with how its chunks are written and read."""
+    node: Any = zarr.open(mode="r+" if writable else "r", **_zarr_kwargs(dest))
+    location = array_location(dest, path)
     return describe_stored(node[path] if path else node, location, read_metadata(location))
 
 
@@ -554,7 +552,7 @@ def read_metadata(location: Location) -> dict[str, Any] | None:
         except (OSError, ValueError):
             continue
         try:
-            return parse_metadata(raw if name == "zarr.json" else None, raw if name == ".zarray" else None)
+            return parse_metadata(raw)
         except ValueError:  # not JSON: zarr will have said so when it opened the array
             return None
     return None

@@ -25,6 +25,7 @@ import numpy as np
 from relu_dask import journal, storage
 from relu_dask.errors import InputError
 from relu_dask.locations import Location, parse_location, parse_storage_options
+from relu_dask.schedulers import count_cores
 
 __all__ = ["VerifyResult", "verify_dest"]
 
@@ -68,8 +69,6 @@ def verify_dest(
             result.problems.append("the job is not complete: rerun the same `relu-dask run` command to finish it")
             return result
         arrays = record.fingerprint.get("arrays", [])
-        from relu_dask.schedulers import count_cores
-
         with ThreadPoolExecutor(num_threads or count_cores()) as pool:
             for index, array in enumerate(arrays):
                 _verify_array(location, record, index, array, pool, result)
@@ -88,8 +87,7 @@ def _verify_array(
     if not storage.has_array(dest, path):
         result.problems.append(f"{name}: missing from DEST (no metadata)")
         return
-    location = dest.child(*path.split("/")) if path else dest
-    mask = storage.describe_stored(storage.open_array(dest, path), location, storage.read_metadata(location))
+    mask = storage.open_mask_array(dest, path, writable=False)
     if list(mask.array.shape) != list(array["shape"]) or np.dtype(mask.array.dtype) != np.int8:
         result.problems.append(f"{name}: {mask.array.dtype} {list(mask.array.shape)}, expected int8 {array['shape']}")
         return

@@ -4,7 +4,8 @@ The public API:
 
 * :func:`relu_derivative` -- numpy block in, int8 mask out (the kernel);
 * :func:`derivative_mask` -- lazy dask array in, lazy int8 dask array out;
-* :func:`run` -- SOURCE Zarr in, DEST Zarr masks out, :class:`RunReport` back;
+* :func:`run` -- SOURCE Zarr in, DEST Zarr masks out, :class:`RunReport` back; in steps,
+  :class:`RunOptions` -> :func:`plan_run` -> :class:`RunPlan` -> :func:`execute`;
 * :func:`job_status` and :func:`stats_of_masks` -- what a DEST holds, and what its masks say;
 * :func:`verify_dest` -- every mask chunk of a DEST read back and checked against its journal;
 * :func:`plan_chunks` and :class:`ChunkPlan` -- how an array is cut into tasks;
@@ -32,10 +33,14 @@ if TYPE_CHECKING:
         RunStopped,
         UnsupportedDtypeError,
     )
-    from relu_dask.execution import job_status, run, stats_of_masks
+    from relu_dask.execution import execute, run
     from relu_dask.graph import derivative_mask
     from relu_dask.kernel import relu_derivative
+    from relu_dask.mask_stats import stats_of_masks
+    from relu_dask.options import RunOptions
+    from relu_dask.planning import RunPlan, plan_run
     from relu_dask.report import ArrayReport, RunReport
+    from relu_dask.resume import JobStatus, job_status
     from relu_dask.schedulers import parse_scheduler
     from relu_dask.verify import VerifyResult, verify_dest
 
@@ -44,6 +49,11 @@ if TYPE_CHECKING:
 #: The module each public name comes from.
 _HOMES = {
     "ArrayReport": "report",
+    "JobStatus": "resume",
+    "RunOptions": "options",
+    "RunPlan": "planning",
+    "execute": "execution",
+    "plan_run": "planning",
     "ChunkPlan": "chunking",
     "DamagedSourceError": "errors",
     "DestinationExistsError": "errors",
@@ -56,12 +66,12 @@ _HOMES = {
     "UnsupportedDtypeError": "errors",
     "VerifyResult": "verify",
     "derivative_mask": "graph",
-    "job_status": "execution",
+    "job_status": "resume",
     "parse_scheduler": "schedulers",
     "plan_chunks": "chunking",
     "relu_derivative": "kernel",
     "run": "execution",
-    "stats_of_masks": "execution",
+    "stats_of_masks": "mask_stats",
     "verify_dest": "verify",
 }
 
@@ -72,17 +82,22 @@ __all__ = [
     "DestinationExistsError",
     "DestinationInUseError",
     "InputError",
+    "JobStatus",
     "ProcessingError",
     "ReluDaskError",
+    "RunOptions",
+    "RunPlan",
     "RunReport",
     "RunStopped",
     "UnsupportedDtypeError",
     "VerifyResult",
     "__version__",
     "derivative_mask",
+    "execute",
     "job_status",
     "parse_scheduler",
     "plan_chunks",
+    "plan_run",
     "relu_derivative",
     "run",
     "stats_of_masks",

@@ -19,12 +19,16 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from relu_dask import __version__
-from relu_dask.chunking import format_bytes, parse_bytes
+from relu_dask.chunking import parse_bytes
 from relu_dask.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, InputError, ReluDaskError, RunStopped
-from relu_dask.execution import job_status, run, stats_of_masks
-from relu_dask.jobfile import read_job_file
+from relu_dask.execution import deliver, run_with
+from relu_dask.jobfile import FileJob, read_job_file
 from relu_dask.kernel import ENGINES
+from relu_dask.mask_stats import stats_of_masks
+from relu_dask.options import RunOptions
+from relu_dask.planning import plan_run
 from relu_dask.report import RunReport, render_summary
+from relu_dask.resume import job_status
 from relu_dask.schedulers import (
     CONNECT_TIMEOUT_S,
     DASHBOARD_ADDRESS,
@@ -288,11 +292,10 @@ def _add_job_options(sub: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
-    raw = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(raw)
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     _configure_logging(debug=args.debug, quiet=args.quiet, json_lines=args.log_format == "json")
     try:
-        return _dispatch(args, raw)
+        return _dispatch(args)
     except ReluDaskError as exc:
         if args.debug:
             raise
@@ -317,7 +320,7 @@ def _how_stopped(stop: KeyboardInterrupt) -> tuple[int, str]:
     return 128 + signum, f"stopped by {signal.Signals(signum).name}; rerun the same command to finish the rest"
 
 
-def _dispatch(args: argparse.Namespace, raw: list[str]) -> int:
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "status":
         return _status(args.dest, as_json=args.json, storage_options=args.storage_options)
     if args.command == "verify":
@@ -334,21 +337,26 @@ def _dispatch(args: argparse.Namespace, raw: list[str]) -> int:
         _print_summary(report)
         return EXIT_OK
     if args.command == "run" and args.config is not None:
-        return _run_job_file(args, raw)
-    options = _job_options(args)
+        return _run_job_file(args)
+    values = _option_values(args)
     if args.command == "demo":
         from relu_dask.demo import run_demo
 
         size = parse_bytes(args.size, what="--size")
-        report, checked = run_demo(args.data_dir, size, **options)
+        report, checked = run_demo(args.data_dir, size, **values)
         _print_summary(report)
         print(f"  checked {checked:,} mask values against numpy: all equal")
         return EXIT_OK
     if args.source is None or args.dest is None:
         raise InputError(f"{args.command} needs SOURCE and DEST (or --config JOBS.toml)")
-    report = run(args.source, args.dest, overwrite=args.overwrite, dry_run=args.command == "plan", **options)
-    _print_summary(report)
-    if args.command == "run" and args.verify:
+    options = RunOptions.create(args.source, args.dest, overwrite=args.overwrite, **values)
+    if args.command == "plan":
+        plan = plan_run(options)
+        report = deliver(plan.report(), options, plot=False)
+        _print_summary(report, plan.describe())
+        return EXIT_OK
+    _print_summary(run_with(options))
+    if args.verify:
         return _verify(args.dest, args.storage_options)
     return EXIT_OK
 
@@ -369,27 +377,25 @@ def _verify(dest: str, storage_options: str | None) -> int:
     return EXIT_OK
 
 
-def _run_job_file(args: argparse.Namespace, raw: list[str]) -> int:
+def _run_job_file(args: argparse.Namespace) -> int:
     """Run every job of ``--config`` in order; return the worst exit code."""
     if args.source is not None:
         raise InputError("give either SOURCE and DEST or --config JOBS.toml, not both")
     jobs = read_job_file(args.config)
-    base = _without_config(raw)
     worst = EXIT_OK
     outcomes = []
-    argvs = [["run", *job.argv[:2], *base, *job.argv[2:]] for job in jobs]
-    parsed = [_parse_job(argv) for argv in argvs]  # every job's options are checked before any job runs
-    for number, (job, argv, job_args) in enumerate(zip(jobs, argvs, parsed), start=1):
+    parsed = [_parse_job(job, args) for job in jobs]  # every job's options are checked before any job runs
+    for number, (job, job_args) in enumerate(zip(jobs, parsed), start=1):
         log.info(
-            "job %d/%d (%s): relu-dask %s",
+            "job %d/%d (%s): relu-dask run %s",
             number,
             len(jobs),
             job.name,
-            " ".join(argv),
+            " ".join(job.argv),
             extra={"event": "job", "fields": {"job": job.name, "number": number}},
         )
         try:
-            code = job_args if isinstance(job_args, int) else _run_one_job(job.name, job_args, argv)
+            code = job_args if isinstance(job_args, int) else _run_one_job(job.name, job_args)
         except KeyboardInterrupt as stop:  # SIGTERM or Ctrl-C stops the whole job file
             stopped = _how_stopped(stop)[0]
             outcomes.append(f"  job {number} {job.name}: stopped (exit {stopped})")
@@ -402,12 +408,21 @@ def _run_job_file(args: argparse.Namespace, raw: list[str]) -> int:
     return worst
 
 
-def _parse_job(argv: list[str]) -> argparse.Namespace | int:
-    """One job's options parsed, or the exit code of argparse's one-line complaint about them."""
+def _parse_job(job: FileJob, command_line: argparse.Namespace) -> argparse.Namespace | int:
+    """One job's options: the job file's, else the command line's, else the defaults; or the
+    exit code of argparse's one-line complaint about them."""
+    parser = build_parser()
     try:
-        return build_parser().parse_args(argv)
+        own = parser.parse_args(["run", *job.argv])
     except SystemExit as exc:
         return int(exc.code or 0)
+    defaults = vars(parser.parse_args(["run"]))
+    merged = {
+        key: value if key in job.keys or command_line_value == defaults[key] else command_line_value
+        for key, value in vars(own).items()
+        for command_line_value in [getattr(command_line, key, defaults[key])]
+    }
+    return argparse.Namespace(**{**merged, "config": None})
 
 
 def _print_job_outcomes(config: Path, outcomes: list[str], worst: int) -> None:
@@ -416,10 +431,10 @@ def _print_job_outcomes(config: Path, outcomes: list[str], worst: int) -> None:
         print(line)
 
 
-def _run_one_job(name: str, args: argparse.Namespace, argv: list[str]) -> int:
+def _run_one_job(name: str, args: argparse.Namespace) -> int:
     """One job of a job file; whatever it raises, its exit code (the next job runs anyway)."""
     try:
-        return _dispatch(args, argv)
+        return _dispatch(args)
     except ReluDaskError as exc:
         _say_error(f"job {name}: {exc}", exc.exit_code)
         return exc.exit_code
@@ -431,44 +446,29 @@ def _run_one_job(name: str, args: argparse.Namespace, argv: list[str]) -> int:
         return EXIT_FAILED
 
 
-def _without_config(raw: list[str]) -> list[str]:
-    """The command line's options, minus the command and --config."""
-    out, skip = [], False
-    for index, arg in enumerate(raw):
-        if skip:
-            skip = False
-        elif arg == "--config":
-            skip = True
-        elif arg.startswith("--config=") or (arg == "run" and "run" not in raw[:index]):
-            continue
-        else:
-            out.append(arg)
-    return out
-
-
 def _status(dest: str, *, as_json: bool, storage_options: str | None = None) -> int:
     status = job_status(dest, storage_options)
     if as_json:
-        print(json.dumps(status))
+        print(json.dumps(status.to_dict()))
         return EXIT_OK
-    state = status["state"]
-    if state == "partial" and status.get("missing"):
-        print(f"{dest}: partial (masks missing: {', '.join(status['missing'])}; rerun the same command to redo them)")
+    state = status.state
+    if state == "partial" and status.missing:
+        print(f"{dest}: partial (masks missing: {', '.join(status.missing)}; rerun the same command to redo them)")
     elif state == "partial":
-        print(f"{dest}: partial ({status['tasks_done']} of {status['num_tasks']} tasks done)")
-    elif state == "complete" and status.get("verified_utc"):
-        print(f"{dest}: complete (verified {status['verified_utc']}; {status['num_tasks']} tasks)")
+        print(f"{dest}: partial ({status.tasks_done} of {status.num_tasks} tasks done)")
+    elif state == "complete" and status.verified_utc:
+        print(f"{dest}: complete (verified {status.verified_utc}; {status.num_tasks} tasks)")
     elif state == "complete":
-        print(f"{dest}: complete ({status['num_tasks']} tasks)")
+        print(f"{dest}: complete ({status.num_tasks} tasks)")
     elif state == "absent":
         print(f"{dest}: absent")
-    elif status.get("replacing"):
+    elif status.replacing:
         print(f"{dest}: unknown (a run replacing it was stopped part way: rerun with --overwrite)")
     else:
         print(f"{dest}: unknown (it exists but holds no relu-dask job record)")
-    if status.get("running"):
-        print(f"  running now: {status['running']}")
-    fingerprint = status.get("fingerprint")
+    if status.running:
+        print(f"  running now: {status.running}")
+    fingerprint = status.fingerprint
     if fingerprint:
         print(f"  source: {fingerprint['source']}")
         print(f"  rule: {fingerprint['rule']}, nan: {fingerprint['nan']}")
@@ -478,7 +478,9 @@ def _status(dest: str, *, as_json: bool, storage_options: str | None = None) -> 
     return EXIT_OK
 
 
-def _job_options(args: argparse.Namespace) -> dict[str, Any]:
+def _option_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of ``run``, ``plan`` and ``demo`` but SOURCE, DEST and ``--overwrite``,
+    as :meth:`RunOptions.create` takes them."""
     scheduler = parse_scheduler(
         args.scheduler,
         num_workers=args.workers,
@@ -510,8 +512,9 @@ def _job_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _print_summary(report: RunReport) -> None:
-    for line in render_summary(report):
+def _print_summary(report: RunReport, lines: list[str] | None = None) -> None:
+    """Print ``lines`` (default: the report's summary) and log the finish event."""
+    for line in render_summary(report) if lines is None else lines:
         print(line)
     if report.outcome == "stats":
         return
@@ -536,11 +539,6 @@ def _print_summary(report: RunReport) -> None:
             },
         },
     )
-    if report.outcome == "planned":
-        print(
-            f"  nothing written; about {format_bytes(max((a.memory_per_task_bytes for a in report.arrays), default=0))}"
-            f" per task at most, {report.num_threads or 'all the cluster'} task(s) at once"
-        )
 
 
 def _say_error(message: str, exit_code: int) -> None:

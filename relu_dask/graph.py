@@ -25,7 +25,7 @@ from dask.base import tokenize
 
 from relu_dask.chunking import ChunkPlan
 from relu_dask.kernel import Engine, check_dtype, parse_at_zero, relu_derivative
-from relu_dask.task import MaskJob, process_block
+from relu_dask.task import ArrayTasks, process_block
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -62,19 +62,19 @@ def derivative_mask(darr: da.Array, *, at_zero: int = 1, engine: Engine = "numpy
 
 
 class MaskTasks:
-    """The tasks of one array's job: a dask collection of one task per block.
+    """The tasks of one array: a dask collection of one task per block.
 
     Computing it writes every mask block and gives back the tasks' counts as one array of
-    shape ``plan.numblocks + (job.row_width,)``. It follows dask's collection protocol, so
+    shape ``plan.numblocks + (tasks.row_width,)``. It follows dask's collection protocol, so
     ``dask.compute``, ``Client.persist`` and ``distributed.futures_of`` take it as they take
     a dask array; its keys are ``(name, *block_index)``, its name ``relu-mask-<token>``.
     """
 
-    def __init__(self, job: MaskJob, name: str, graph: dict[Any, Any] | None = None) -> None:
-        self.job = job
+    def __init__(self, tasks: ArrayTasks, name: str, graph: dict[Any, Any] | None = None) -> None:
+        self.tasks = tasks
         self.name = name
-        self._keys = [(name, *index) for index in job.plan.iter_block_indices()]
-        self._graph = graph if graph is not None else {key: (process_block, job, tuple(key[1:])) for key in self._keys}
+        self._keys = [(name, *index) for index in tasks.plan.iter_block_indices()]
+        self._graph = graph if graph is not None else {k: (process_block, tasks, tuple(k[1:])) for k in self._keys}
 
     def __dask_graph__(self) -> dict[Any, Any]:
         return self._graph
@@ -89,10 +89,10 @@ class MaskTasks:
         return self.name
 
     def __dask_postcompute__(self) -> tuple[Any, tuple[Any, ...]]:
-        return _assemble, (self.job.plan.numblocks, self.job.row_width)
+        return _assemble, (self.tasks.plan.numblocks, self.tasks.row_width)
 
     def __dask_postpersist__(self) -> tuple[Any, tuple[Any, ...]]:
-        return _rebuild, (self.job, self.name)
+        return _rebuild, (self.tasks, self.name)
 
     @staticmethod
     def __dask_optimize__(dsk: Any, keys: Any, **kwargs: Any) -> Any:
@@ -109,18 +109,18 @@ def _assemble(rows: list[np.ndarray], numblocks: tuple[int, ...], width: int) ->
     return np.stack([np.asarray(r).reshape(width) for r in rows]).reshape(*numblocks, width)
 
 
-def _rebuild(dsk: Any, job: MaskJob, name: str, rename: Any = None) -> MaskTasks:
-    return MaskTasks(job, name, dict(dsk))
+def _rebuild(dsk: Any, tasks: ArrayTasks, name: str, rename: Any = None) -> MaskTasks:
+    return MaskTasks(tasks, name, dict(dsk))
 
 
-def build_mask_tasks(job: MaskJob) -> MaskTasks | None:
-    """The tasks that write every mask block of ``job`` and count what they saw.
+def build_mask_tasks(tasks: ArrayTasks) -> MaskTasks | None:
+    """The tasks that write every mask block of ``tasks`` and count what they saw.
 
     Returns None for an empty array (nothing to compute).
     """
-    if job.plan.num_tasks == 0:
+    if tasks.plan.num_tasks == 0:
         return None
-    return MaskTasks(job, f"{TASK_PREFIX}-{job.token or tokenize(job.plan, job.at_zero, job.engine)}")
+    return MaskTasks(tasks, f"{TASK_PREFIX}-{tasks.token or tokenize(tasks.plan, tasks.at_zero, tasks.engine)}")
 
 
 def unit_ones_of_mask(mask: Any, plan: ChunkPlan, axis: int) -> da.Array:

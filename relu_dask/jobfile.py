@@ -41,6 +41,10 @@ class FileJob:
 
     name: str
     argv: list[str]
+    """SOURCE, DEST and the job's own options, as ``relu-dask run`` takes them."""
+    keys: frozenset[str] = frozenset()
+    """The options the job (or the file's ``[defaults]``) sets, by their names in the file:
+    these win over the command line's."""
 
 
 def read_job_file(path: Path) -> list[FileJob]:
@@ -76,6 +80,7 @@ def _file_job(path: Path, index: int, table: dict[str, Any]) -> FileJob:
             text = str(table[key]).replace("{name}", name)
             table[key] = str(path.parent / text) if not Path(text).is_absolute() else text
     argv = [table.pop("source"), table.pop("dest")]
+    keys = frozenset(k.replace("-", "_") for k in table)
     for key, value in table.items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
@@ -89,4 +94,4 @@ def _file_job(path: Path, index: int, table: dict[str, Any]) -> FileJob:
             argv += [flag, str(value)]
         else:
             raise InputError(f"{where}: {key} must be a string, number, boolean or list, got {value!r}")
-    return FileJob(name, argv)
+    return FileJob(name, argv, keys)

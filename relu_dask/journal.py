@@ -29,6 +29,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from relu_dask.counts import BlockCounts
 from relu_dask.errors import DestinationInUseError
 from relu_dask.locations import Location
 
@@ -129,7 +130,7 @@ class JobRecord:
     """The block shape of each array, so that a resumed run cuts the same tasks."""
     complete: bool = False
     counts: list[list[int]] | None = None
-    """Per array, the summed task counts, once complete."""
+    """Per array, the summed task counts (:meth:`BlockCounts.as_row`), once complete."""
     unit_ones: list[list[int] | None] | None = None
     """Per array, the per-unit ones of a ``--stats`` run, once complete."""
     unit_axes: list[int | None] | None = None
@@ -139,6 +140,11 @@ class JobRecord:
     what ``relu-dask verify`` checks the masks against."""
     verified_utc: str | None = None
     """When ``relu-dask verify`` last found DEST whole (None: not since the run)."""
+
+    def counts_of(self, index: int) -> BlockCounts:
+        """The summed counts of array ``index`` (all zero where none are recorded)."""
+        rows = self.counts or []
+        return BlockCounts.from_row(rows[index]) if index < len(rows) else BlockCounts()
 
     def to_json(self) -> str:
         return json.dumps({"format": _FORMAT, **self.__dict__}, indent=1, sort_keys=True)
@@ -172,25 +178,33 @@ def marker_name(block_index: Sequence[int]) -> str:
     return ".".join(str(i) for i in block_index) or "0"
 
 
-def record_done(folder: Location, block_index: Sequence[int], counts: Sequence[int], what: str) -> None:
+def record_done(
+    folder: Location, block_index: Sequence[int], counts: BlockCounts, per_unit: Sequence[int], what: str
+) -> None:
     """Mark one task done, with its counts (called by the task, after its write).
 
-    ``what`` says what the counts are (for instance ``units=1``: per-unit ones along axis 1
-    follow the counts); :func:`read_done` gives them back only to a task that expects the same.
+    The marker keeps ``counts.recorded()`` and the per-unit ones. ``what`` says what they
+    are (for instance ``units=1``: per-unit ones along axis 1 follow the counts);
+    :func:`read_done` gives them back only to a task that expects the same.
     """
     if not what or any(c.isspace() for c in what):
         raise ValueError(f"a marker's description is one word, got {what!r}")
-    folder.child(marker_name(block_index)).write_text(" ".join([what, *(str(int(c)) for c in counts)]))
+    values = [*counts.recorded(), *per_unit]
+    folder.child(marker_name(block_index)).write_text(" ".join([what, *(str(int(c)) for c in values)]))
 
 
-def read_done(folder: Location, block_index: Sequence[int], what: str) -> list[int] | None:
-    """The counts of a task marked done as ``what``, or None: not done, or done as something else
-    (a marker of another run's options is redone, never reused)."""
+def read_done(folder: Location, block_index: Sequence[int], what: str) -> tuple[BlockCounts, list[int]] | None:
+    """The counts (``resumed`` set) and per-unit ones of a task marked done as ``what``, or
+    None: not done, or done as something else (a marker of another run's options is redone,
+    never reused)."""
     try:
-        head, *counts = folder.child(marker_name(block_index)).read_text().split()
-        return [int(v) for v in counts] if head == what else None
+        head, *values = folder.child(marker_name(block_index)).read_text().split()
+        numbers = [int(v) for v in values]
     except (OSError, ValueError):
         return None
+    if head != what or len(numbers) < BlockCounts.NUM_RECORDED:
+        return None
+    return BlockCounts.resumed_from(numbers), numbers[BlockCounts.NUM_RECORDED :]
 
 
 def count_done(dest: Location, array_index: int) -> int:

@@ -2,7 +2,7 @@
 
 Use :func:`process_block` through :mod:`relu_dask.graph`, which makes one task of it per
 block (dask calls it with the block's index). Everything a task needs travels in its
-:class:`MaskJob`: the source and mask arrays with how their chunks are read and written
+:class:`ArrayTasks`: the source and mask arrays with how their chunks are read and written
 (:class:`relu_dask.storage.StoredArray`), the plan, the rule, and where to mark itself
 done (:mod:`relu_dask.journal`). It returns only a few counts, never the block.
 """
@@ -20,19 +20,17 @@ import numpy as np
 
 from relu_dask import chunkio, journal, storage
 from relu_dask.chunking import ChunkPlan
+from relu_dask.counts import BlockCounts
 from relu_dask.errors import NaNFoundError
 from relu_dask.kernel import Engine, relu_derivative, set_numexpr_threads
 from relu_dask.locations import Location
 
-__all__ = ["COUNT_FIELDS", "MaskJob", "TaskNotStarted", "allow_tasks", "process_block", "wait_for_running_tasks"]
-
-#: What each task returns about its block, in this order.
-COUNT_FIELDS: tuple[str, ...] = ("elements", "ones", "nans", "zeros", "resumed", "elements_read")
+__all__ = ["ArrayTasks", "TaskNotStarted", "allow_tasks", "process_block", "wait_for_running_tasks"]
 
 
 @dataclass(frozen=True)
-class MaskJob:
-    """One array's work: where to read, where to write, how to cut, which rule."""
+class ArrayTasks:
+    """The tasks of one array: where to read, where to write, how to cut, which rule."""
 
     source: storage.StoredArray
     """The source array (read-only) and how its chunks are read."""
@@ -42,7 +40,7 @@ class MaskJob:
     at_zero: int = 1
     engine: Engine = "numpy"
     numexpr_threads: int = 1
-    """numexpr threads for this job's tasks (set in whichever process runs them)."""
+    """numexpr threads for these tasks (set in whichever process runs them)."""
     nan_policy: str = "zero"
     """``zero``: NaN gives 0; ``error``: a block holding NaN stops the run."""
     name: str = ""
@@ -56,29 +54,29 @@ class MaskJob:
     def row_width(self) -> int:
         """Length of a task's result row: the counts, then the per-unit ones (with stats)."""
         if self.unit_axis is None:
-            return len(COUNT_FIELDS)
-        return len(COUNT_FIELDS) + min(self.plan.block_shape[self.unit_axis], self.plan.shape[self.unit_axis])
+            return len(BlockCounts.FIELDS)
+        return len(BlockCounts.FIELDS) + min(self.plan.block_shape[self.unit_axis], self.plan.shape[self.unit_axis])
 
     token: str = ""
-    """A stable identity of the job (source, dest, plan, rule) for the task names."""
+    """A stable identity of the tasks (source, dest, plan, rule) for the task names."""
 
     @property
     def marker_kind(self) -> str:
-        """What a done marker of this job's tasks holds: the counts, and per-unit ones along which axis."""
+        """What a done marker of these tasks holds: the counts, and per-unit ones along which axis."""
         return f"units={'-' if self.unit_axis is None else self.unit_axis}"
 
 
-def process_block(job: MaskJob, block_id: tuple[int, ...] | None = None) -> np.ndarray:
-    """Read one block, write its mask, return its counts (see :data:`COUNT_FIELDS`).
+def process_block(tasks: ArrayTasks, block_id: tuple[int, ...] | None = None) -> np.ndarray:
+    """Read one block, write its mask, return its counts (a :class:`BlockCounts` row).
 
-    A block already marked done in ``job.done_dir`` is not read again: its recorded counts
+    A block already marked done in ``tasks.done_dir`` is not read again: its recorded counts
     come back with ``resumed`` set. A block is marked done only after its mask is written.
-    The result has shape ``(1,) * ndim + (job.row_width,)`` so that dask assembles the
+    The result has shape ``(1,) * ndim + (tasks.row_width,)`` so that dask assembles the
     counts of all blocks into one small array.
     """
     assert block_id is not None, "dask passes block_id"
     with _running():
-        return _process_block(job, block_id)
+        return _process_block(tasks, block_id)
 
 
 _RUNNING = [0]
@@ -125,35 +123,34 @@ def wait_for_running_tasks(timeout_s: float) -> int:
         return _RUNNING[0]
 
 
-def _process_block(job: MaskJob, block_id: tuple[int, ...]) -> np.ndarray:
-    ndim = len(job.plan.shape)
+def _process_block(tasks: ArrayTasks, block_id: tuple[int, ...]) -> np.ndarray:
+    ndim = len(tasks.plan.shape)
     index = block_id[:ndim]
-    width = job.row_width
-    recorded = width - 2  # a marker holds elements, ones, nans, zeros and the per-unit ones
-    if job.done_dir is not None:
-        done = journal.read_done(job.done_dir, index, job.marker_kind)
-        if done is not None and len(done) == recorded:
-            return _row([*done[:4], 1, 0], done[4:], width, ndim)
-    slices = job.plan.block_slices(index)
-    if job.engine != "numpy" and numexpr.get_num_threads() != job.numexpr_threads:
-        set_numexpr_threads(job.numexpr_threads)
+    width = tasks.row_width
+    if tasks.done_dir is not None:
+        done = journal.read_done(tasks.done_dir, index, tasks.marker_kind)
+        if done is not None and len(done[1]) == width - len(BlockCounts.FIELDS):
+            return _row(*done, width, ndim)
+    slices = tasks.plan.block_slices(index)
+    if tasks.engine != "numpy" and numexpr.get_num_threads() != tasks.numexpr_threads:
+        set_numexpr_threads(tasks.numexpr_threads)
     with chunkio.scratch() as into:  # buffers reused from block to block, one set per running task
-        block = storage.read_block(job.source, slices, into)
+        block = storage.read_block(tasks.source, slices, into)
         nans, zeros = _count_nans_and_zeros(block, into.take(chunkio.FLAGS, (min(block.size, _SLAB),), np.bool_))
-        if nans and job.nan_policy == "error":
-            raise NaNFoundError(_describe_nan(job, block, slices))
+        if nans and tasks.nan_policy == "error":
+            raise NaNFoundError(_describe_nan(tasks, block, slices))
         # The mask takes the buffer of the compressed bytes, free once the block is read.
         mask = into.take(chunkio.STORED, block.shape, np.int8)
-        relu_derivative(block, mask, at_zero=job.at_zero, engine=job.engine)
-        counts = [block.size, int(np.count_nonzero(mask)), nans, zeros]
-        storage.write_block(job.dest, slices, mask, into)
+        relu_derivative(block, mask, at_zero=tasks.at_zero, engine=tasks.engine)
+        counts = BlockCounts(block.size, int(np.count_nonzero(mask)), nans, zeros, elements_read=block.size)
+        storage.write_block(tasks.dest, slices, mask, into)
         per_unit: list[int] = []
-        if job.unit_axis is not None:
-            others = tuple(a for a in range(ndim) if a != job.unit_axis)
+        if tasks.unit_axis is not None:
+            others = tuple(a for a in range(ndim) if a != tasks.unit_axis)
             per_unit = _sum_ones(mask, others).tolist()
-    if job.done_dir is not None:
-        journal.record_done(job.done_dir, index, [*counts, *per_unit], job.marker_kind)
-    return _row([*counts, 0, block.size], per_unit, width, ndim)
+    if tasks.done_dir is not None:
+        journal.record_done(tasks.done_dir, index, counts, per_unit, tasks.marker_kind)
+    return _row(counts, per_unit, width, ndim)
 
 
 def _sum_ones(mask: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
@@ -186,20 +183,21 @@ def _count_nans_and_zeros(block: np.ndarray, scratch: np.ndarray) -> tuple[int, 
     return nans, zeros
 
 
-def _row(counts: list[int], per_unit: list[int], width: int, ndim: int) -> np.ndarray:
+def _row(counts: BlockCounts, per_unit: list[int], width: int, ndim: int) -> np.ndarray:
     """One task's result: its counts, then its per-unit ones padded to the full block width."""
     row = np.zeros(width, dtype=np.int64)
-    row[: len(counts)] = counts
-    row[len(counts) : len(counts) + len(per_unit)] = per_unit
+    head = counts.as_row()
+    row[: len(head)] = head
+    row[len(head) : len(head) + len(per_unit)] = per_unit
     return row.reshape((1,) * ndim + (width,))
 
 
-def _describe_nan(job: MaskJob, block: np.ndarray, slices: tuple[slice, ...]) -> str:
+def _describe_nan(tasks: ArrayTasks, block: np.ndarray, slices: tuple[slice, ...]) -> str:
     """Name the array, the source chunk and the element of the first NaN in ``block``."""
     first = np.unravel_index(int(np.argmax(np.isnan(block))), block.shape)
     where = tuple(int(s.start + i) for s, i in zip(slices, first))
-    chunk = tuple(w // c for w, c in zip(where, job.plan.source_chunk_shape))
-    name = job.name or "the source"
+    chunk = tuple(w // c for w, c in zip(where, tasks.plan.source_chunk_shape))
+    name = tasks.name or "the source"
     return (
         f"{name} holds NaN in chunk {chunk} (first at element {where}); "
         "--nan error stops on NaN: fix the data upstream, or use --nan zero to map NaN to 0"

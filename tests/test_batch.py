@@ -363,3 +363,34 @@ def test_refused_run_leaves_nothing_beside_dest(tmp_path: Path) -> None:
     proc = run_cli("run", str(tmp_path / "s.zarr"), str(tmp_path / "out.zarr"))
     assert proc.returncode == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_job_files_options_win_over_the_command_lines_which_win_over_the_defaults(tmp_path: Path) -> None:
+    x = activations((10, 8), seed=3)
+    write_zarr(tmp_path / "a.zarr", x, (5, 4))
+    (tmp_path / "jobs.toml").write_text(
+        """
+[defaults]
+scheduler = "synchronous"
+report = "{name}.json"
+
+[[job]]
+source = "a.zarr"
+dest = "plain.zarr"
+
+[[job]]
+source = "a.zarr"
+dest = "own.zarr"
+at-zero = 1
+stats = false
+"""
+    )
+    proc = run_cli("run", "--config", str(tmp_path / "jobs.toml"), "--at-zero", "0", "--stats", "--chunks", "5,8")
+    assert proc.returncode == 0, proc.stderr
+    plain = json.loads((tmp_path / "plain.json").read_text())
+    own = json.loads((tmp_path / "own.json").read_text())
+    assert plain["rule"] == "x > 0" and plain["arrays"][0]["stats"] is not None
+    assert own["rule"] == "x >= 0" and own["arrays"][0]["stats"] is None
+    assert plain["arrays"][0]["block_shape"] == own["arrays"][0]["block_shape"] == [5, 8]
+    assert np.array_equal(read_mask(tmp_path / "plain.zarr"), oracle(x, at_zero=0))
+    assert np.array_equal(read_mask(tmp_path / "own.zarr"), oracle(x))

@@ -11,10 +11,10 @@ from _support import activations, oracle, read_mask, write_zarr
 from relu_dask import chunking, storage
 from relu_dask.graph import TASK_PREFIX, build_mask_tasks, derivative_mask
 from relu_dask.locations import parse_location
-from relu_dask.task import MaskJob
+from relu_dask.task import ArrayTasks
 
 
-def _job(tmp_path: Path, x: np.ndarray) -> MaskJob:
+def _job(tmp_path: Path, x: np.ndarray) -> ArrayTasks:
     write_zarr(tmp_path / "src.zarr", x, (8, 8))
     (src,), _ = storage.open_source(parse_location(tmp_path / "src.zarr"))
     plan = chunking.plan_chunks(src.shape, src.dtype.itemsize, src.chunk_shape, src.chunk_shape, None, chunks=(8, 8))
@@ -23,7 +23,7 @@ def _job(tmp_path: Path, x: np.ndarray) -> MaskJob:
         dest, "", shape=src.shape, chunk_shape=(8, 8), shard_shape=None, dimension_names=None, attributes={}
     )
     assert src.stored is not None
-    return MaskJob(src.stored, storage.open_mask_array(dest, ""), plan, token="t")
+    return ArrayTasks(src.stored, storage.open_mask_array(dest, ""), plan, token="t")
 
 
 def test_building_the_tasks_computes_nothing_and_computing_them_writes_every_mask(tmp_path: Path) -> None:

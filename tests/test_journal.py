@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from relu_dask import journal
+from relu_dask.counts import BlockCounts
 from relu_dask.locations import parse_location
 
 
@@ -47,8 +48,11 @@ def test_a_marker_is_reused_only_by_a_task_that_expects_what_it_holds(
     tmp_path: Path, written_as: str, read_as: str, reused: bool
 ) -> None:
     folder = parse_location(tmp_path / "done" / "0")
-    journal.record_done(folder, (1, 2), [10, 4, 0, 1], written_as)
-    assert journal.read_done(folder, (1, 2), read_as) == ([10, 4, 0, 1] if reused else None)
+    counts = BlockCounts(elements=10, ones=4, nans=0, zeros=1, elements_read=10)
+    journal.record_done(folder, (1, 2), counts, [3, 1], written_as)
+    assert (tmp_path / "done" / "0" / journal.marker_name((1, 2))).read_text() == f"{written_as} 10 4 0 1 3 1"
+    resumed = BlockCounts(elements=10, ones=4, nans=0, zeros=1, resumed=1, elements_read=0)
+    assert journal.read_done(folder, (1, 2), read_as) == ((resumed, [3, 1]) if reused else None)
     assert journal.read_done(folder, (2, 2), read_as) is None  # not done
 
 
@@ -61,7 +65,7 @@ def test_a_marker_of_the_old_format_or_garbage_is_redone(tmp_path: Path) -> None
     for index in ((0, 0), (0, 1), (0, 2)):
         assert journal.read_done(parse_location(folder), index, "units=-") is None
     with pytest.raises(ValueError, match="one word"):
-        journal.record_done(parse_location(folder), (0, 3), [1], "two words")
+        journal.record_done(parse_location(folder), (0, 3), BlockCounts(), [], "two words")
 
 
 def test_replacing_is_recorded_until_unmarked(tmp_path: Path) -> None:
@@ -83,3 +87,13 @@ def test_reach_step_knows_only_the_documented_steps(monkeypatch: pytest.MonkeyPa
         journal.reach_step("no-such-step")
     design = (Path(__file__).parents[1] / "docs" / "design.md").read_text()
     assert all(f"`{step}`" in design for step in journal.STEPS)  # each has its row in the table
+
+
+def test_block_counts_keep_their_order_through_a_row_a_sum_and_a_marker() -> None:
+    a = BlockCounts(elements=6, ones=2, nans=1, zeros=3, elements_read=6)
+    b = BlockCounts.resumed_from([4, 4, 0, 0, 9, 9])  # a marker's four counts, then per-unit ones
+    assert b == BlockCounts(elements=4, ones=4, resumed=1)
+    assert a.as_row() == [6, 2, 1, 3, 0, 6]
+    assert BlockCounts.from_row([*a.as_row(), 7, 7]) == a  # the per-unit tail of a task's row is not a count
+    assert (a + b).as_row() == [10, 6, 1, 3, 1, 6]
+    assert a.recorded() == [6, 2, 1, 3]

@@ -1,0 +1,176 @@
+"""What a run is asked to do: :class:`RunOptions`, one frozen, self-validating value.
+
+The command line (:mod:`relu_dask.cli`), a job file (through the same parser) and the
+Python API (:func:`relu_dask.run`) all build one with :meth:`RunOptions.create`, which
+parses text such as ``"256MiB"``, ``"8192,4096"`` or ``'{"anon": true}'`` at this edge.
+Below it (:mod:`relu_dask.planning`, :mod:`relu_dask.execution`) only numbers, tuples and
+parsed specs travel.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args
+
+from relu_dask import chunking
+from relu_dask.errors import InputError
+from relu_dask.kernel import ENGINES, Engine, parse_at_zero, parse_nan_policy
+from relu_dask.locations import Location, parse_location, parse_storage_options
+from relu_dask.schedulers import PROGRESS_INTERVAL_S, Progress, SchedulerSpec, parse_scheduler
+from relu_dask.storage import DEFAULT_COMPRESSOR, parse_compressor
+
+__all__ = ["RunOptions", "check_output_files"]
+
+_PROGRESS: tuple[str, ...] = get_args(Progress)
+
+
+def _threads() -> SchedulerSpec:
+    return parse_scheduler("threads")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """SOURCE, DEST and every option of ``relu-dask run``, parsed and checked.
+
+    Build it with :meth:`create` (which takes the text forms); the constructor takes the
+    parsed forms and checks them again, so that no invalid value exists.
+    """
+
+    source: str
+    dest: str
+    chunks: str | int | tuple[int, ...] = "auto"
+    """The processing block: ``"auto"``, a byte count, or a block shape."""
+    dest_chunks: tuple[int, ...] | None = None
+    """The masks' chunk shape (None: the source's)."""
+    dest_shards: tuple[int, ...] | None = None
+    """The masks' shard shape (None: the source's, unless ``dest_chunks`` is given)."""
+    at_zero: int = 1
+    nan: str = "zero"
+    engine: Engine = "auto"
+    scheduler: SchedulerSpec = field(default_factory=_threads)
+    overwrite: bool = False
+    progress: Progress = "none"
+    progress_interval_s: float = PROGRESS_INTERVAL_S
+    report_path: str | None = None
+    performance_report: str | None = None
+    unit_axis: int | None = None
+    """With statistics: the unit axis as given (-1: the last); None: no statistics."""
+    plot_path: str | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    dest_compressor: str = DEFAULT_COMPRESSOR
+
+    @classmethod
+    def create(
+        cls,
+        source: str | os.PathLike[str],
+        dest: str | os.PathLike[str],
+        *,
+        chunks: chunking.ChunksSpec = "auto",
+        dest_chunks: str | Sequence[int] | None = None,
+        dest_shards: str | Sequence[int] | None = None,
+        at_zero: int | str = 1,
+        nan: str = "zero",
+        engine: Engine = "auto",
+        scheduler: str | SchedulerSpec = "threads",
+        overwrite: bool = False,
+        progress: Progress = "none",
+        progress_interval_s: float = PROGRESS_INTERVAL_S,
+        report_path: str | os.PathLike[str] | None = None,
+        performance_report: str | os.PathLike[str] | None = None,
+        stats: bool = False,
+        unit_axis: int = -1,
+        plot_path: str | os.PathLike[str] | None = None,
+        storage_options: str | dict[str, Any] | None = None,
+        dest_compressor: str = DEFAULT_COMPRESSOR,
+    ) -> RunOptions:
+        """Parse the text forms the CLI, a job file and :func:`relu_dask.run` take.
+
+        ``stats`` (or a ``plot_path``) turns statistics on along ``unit_axis``.
+        """
+        return cls(
+            source=os.fspath(source),
+            dest=os.fspath(dest),
+            chunks=chunking.parse_chunks(chunks),
+            dest_chunks=None if dest_chunks is None else chunking.parse_shape(dest_chunks, what="dest chunks"),
+            dest_shards=None if dest_shards is None else chunking.parse_shape(dest_shards, what="dest shards"),
+            at_zero=parse_at_zero(at_zero),
+            nan=nan,
+            engine=engine,
+            scheduler=scheduler if isinstance(scheduler, SchedulerSpec) else parse_scheduler(scheduler),
+            overwrite=overwrite,
+            progress=progress,
+            progress_interval_s=progress_interval_s,
+            report_path=_path_or_none(report_path),
+            performance_report=_path_or_none(performance_report),
+            unit_axis=unit_axis if (stats or plot_path is not None) else None,
+            plot_path=_path_or_none(plot_path),
+            storage_options=parse_storage_options(storage_options),
+            dest_compressor=dest_compressor,
+        )
+
+    def __post_init__(self) -> None:
+        if chunking.parse_chunks(self.chunks) != self.chunks:
+            raise InputError(f"chunks must be 'auto', a byte count or a block shape, got {self.chunks!r}")
+        for what, shape in (("dest chunks", self.dest_chunks), ("dest shards", self.dest_shards)):
+            if shape is not None and chunking.parse_shape(shape, what=what) != shape:
+                raise InputError(f"{what} must be a tuple of positive integers, got {shape!r}")
+        parse_at_zero(self.at_zero)
+        parse_nan_policy(self.nan)
+        if self.engine not in ENGINES:
+            raise InputError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.progress not in _PROGRESS:
+            raise InputError(f"progress must be one of {', '.join(_PROGRESS)}, got {self.progress!r}")
+        if not self.progress_interval_s >= 0:
+            raise InputError(f"the progress interval must be 0 or more seconds, got {self.progress_interval_s}")
+        parse_compressor(self.dest_compressor)
+        if self.unit_axis is not None and (isinstance(self.unit_axis, bool) or not isinstance(self.unit_axis, int)):
+            raise InputError(f"the unit axis must be an integer, got {self.unit_axis!r}")
+        if self.performance_report is not None and self.scheduler.name not in ("local", "address"):
+            raise InputError(
+                "--performance-report needs a distributed scheduler: --scheduler local, tcp://... or --scheduler-file"
+            )
+        if self.plot_path is not None:
+            import importlib.util
+
+            if importlib.util.find_spec("matplotlib") is None:
+                raise InputError("--plot needs matplotlib: pip install 'relu-dask[plot]'")
+        if self.storage_options and self.source_location.is_local and self.dest_location.is_local:
+            raise InputError("--storage-options only apply to URLs such as s3://bucket/path")
+
+    @property
+    def stats(self) -> bool:
+        """Whether the run also counts the ones of every unit."""
+        return self.unit_axis is not None
+
+    @property
+    def source_location(self) -> Location:
+        return parse_location(self.source, self.storage_options)
+
+    @property
+    def dest_location(self) -> Location:
+        """DEST as given (for a group SOURCE, :func:`relu_dask.storage.prepare_dest` may refine it)."""
+        return parse_location(self.dest, self.storage_options)
+
+
+def _path_or_none(value: str | os.PathLike[str] | None) -> str | None:
+    return None if value is None else os.fspath(value)
+
+
+def check_output_files(**paths: str | os.PathLike[str] | None) -> None:
+    """Refuse, before any work, a ``--report``, ``--plot`` or ``--performance-report`` file
+    that could not be written at the end: its folder missing or not writable, or a folder
+    in its place."""
+    for option, value in paths.items():
+        if value is None:
+            continue
+        path, flag = Path(value), "--" + option.replace("_", "-")
+        if path.is_dir():
+            raise InputError(f"{flag} {path} is a folder: give a file name")
+        folder = path.parent
+        if not folder.is_dir():
+            raise InputError(f"{flag} {path}: the folder {folder} does not exist: create it first")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise InputError(f"{flag} {path}: cannot write in {folder} (permission denied)")

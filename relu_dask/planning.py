@@ -1,0 +1,241 @@
+"""A run's plan: what will be read, how it is cut into tasks, and what DEST already holds.
+
+:func:`plan_run` turns :class:`~relu_dask.options.RunOptions` into a frozen
+:class:`RunPlan`: it opens SOURCE (:func:`open_inputs`), reads DEST's state and journal
+(:mod:`relu_dask.resume`), sizes the scheduler without starting it, resolves the engine
+and plans every array once (:func:`relu_dask.chunking.plan_chunks`). ``relu-dask plan``
+prints :meth:`RunPlan.describe`; :func:`relu_dask.execution.execute` runs the plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from relu_dask import chunking, journal, storage
+from relu_dask.chunking import format_bytes
+from relu_dask.errors import ReluDaskError
+from relu_dask.kernel import choose_engine, rule_for
+from relu_dask.locations import Location
+from relu_dask.options import RunOptions, check_output_files
+from relu_dask.report import ArrayReport, RunReport, collect_versions, render_summary
+from relu_dask.resume import DestState, dest_state
+from relu_dask.schedulers import Session, plan_session
+from relu_dask.stats import parse_unit_axis
+
+__all__ = ["RunInputs", "RunPlan", "open_inputs", "plan_run"]
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """SOURCE opened and DEST located: everything about a run that does not depend on DEST's state."""
+
+    source: Location
+    dest: Location
+    arrays: tuple[storage.SourceArray, ...]
+    skipped: tuple[storage.Skipped, ...]
+    unit_axes: tuple[int | None, ...]
+    """Per array, the unit axis of the statistics (None: no statistics, or a scalar)."""
+    fingerprint: dict[str, Any]
+    """Source identity and the options that change the result, as found at the start."""
+
+    @property
+    def is_group(self) -> bool:
+        """Whether SOURCE is a group (DEST then is one too)."""
+        return not (len(self.arrays) == 1 and self.arrays[0].path == "")
+
+    @property
+    def array_paths(self) -> list[str]:
+        return [a.path for a in self.arrays]
+
+
+def open_inputs(options: RunOptions) -> RunInputs:
+    """Open SOURCE, locate DEST, check the unit axis against every array; touch nothing."""
+    check_output_files(
+        report=options.report_path, plot=options.plot_path, performance_report=options.performance_report
+    )
+    source = options.source_location
+    arrays, skipped = storage.open_source(source)
+    dest = storage.prepare_dest(source, options.dest_location)
+    unit_axes = tuple(_unit_axis(options.unit_axis, src) for src in arrays)
+    fingerprint = {
+        "source": source.url,
+        "arrays": [storage.fingerprint_array(a) for a in arrays],
+        "rule": rule_for(options.at_zero),
+        "nan": options.nan,
+        "dest_chunks": _as_list(options.dest_chunks),
+        "dest_shards": _as_list(options.dest_shards),
+        "compressor": options.dest_compressor,
+    }
+    return RunInputs(source, dest, tuple(arrays), tuple(skipped), unit_axes, fingerprint)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything decided before the first task: frozen, and described by :meth:`describe`."""
+
+    options: RunOptions
+    inputs: RunInputs
+    state: DestState
+    """``fresh`` (DEST new, or replaced with ``overwrite``), ``resume`` or ``complete``."""
+    record: journal.JobRecord | None
+    """The job DEST's journal holds (None when fresh)."""
+    session: Session
+    """The scheduler's sizing: tasks at once, cores and memory per task."""
+    engine: Literal["numpy", "numexpr"]
+    chunk_plans: tuple[chunking.ChunkPlan, ...]
+    """Per array, how it is cut into tasks (a resumed run: exactly as the first run cut it)."""
+    tasks_already_done: tuple[int, ...]
+    """Per array, the tasks DEST's journal marks done."""
+    under_lock: bool = False
+    """Whether DEST's state was read under DEST's lock, held by the caller (as
+    :func:`relu_dask.run` does); :func:`relu_dask.execution.execute` reads it again under
+    the lock otherwise."""
+
+    @property
+    def dest(self) -> Location:
+        return self.inputs.dest
+
+    @property
+    def num_tasks(self) -> int:
+        return sum(p.num_tasks for p in self.chunk_plans)
+
+    def for_session(self, session: Session) -> RunPlan:
+        """This plan for a scheduler now started (or connected to): planned again only if
+        its sizing differs from the one planned for (an existing cluster is known only once
+        connected)."""
+        sized = (session.num_threads, session.cores_per_thread, session.memory_per_thread_bytes)
+        if sized == (self.session.num_threads, self.session.cores_per_thread, self.session.memory_per_thread_bytes):
+            return replace(self, session=session)
+        return _plan(self.options, self.inputs, self.state, self.record, session, under_lock=self.under_lock)
+
+    def report(self) -> RunReport:
+        """A new report of this plan, before any task ran (the run fills in the rest)."""
+        report = RunReport(
+            source=str(self.inputs.source),
+            dest=str(self.dest),
+            rule=rule_for(self.options.at_zero),
+            scheduler=self.options.scheduler.label,
+            engine=self.engine,
+            num_threads=self.session.num_threads,
+            numexpr_threads=self.session.cores_per_thread,
+            chunks=str(self.options.chunks),
+            skipped=[{"path": s.path, "reason": s.reason} for s in self.inputs.skipped],
+            versions=collect_versions(),
+            nan_policy=self.options.nan,
+            dashboard_link=self.session.dashboard_link,
+            outcome="already complete" if self.state == "complete" else "planned",
+        )
+        for src, plan, done in zip(self.inputs.arrays, self.chunk_plans, self.tasks_already_done):
+            report.arrays.append(
+                ArrayReport(
+                    path=src.path,
+                    shape=list(src.shape),
+                    dtype=str(src.dtype),
+                    source_chunk_shape=list(src.chunk_shape),
+                    dest_chunk_shape=list(plan.dest_chunk_shape),
+                    dest_shard_shape=list(plan.dest_shard_shape) if plan.dest_shard_shape else None,
+                    block_shape=list(plan.block_shape),
+                    num_tasks=plan.num_tasks,
+                    read_aligned=plan.read_aligned,
+                    memory_per_task_bytes=plan.memory_per_task_bytes,
+                    read_path=src.stored.io_path if src.stored else "",
+                    read_path_reason=src.stored.why_not_direct if src.stored else "",
+                    tasks_already_done=done,
+                )
+            )
+            report.warnings.extend(f"{src.path}: {n}" if src.path else n for n in plan.notes)
+        return report
+
+    def describe(self) -> list[str]:
+        """The plan in the lines ``relu-dask plan`` prints."""
+        report = self.report()
+        lines = render_summary(report)
+        if report.outcome == "planned":
+            memory = format_bytes(max((a.memory_per_task_bytes for a in report.arrays), default=0))
+            threads = report.num_threads or "all the cluster"
+            lines.append(f"  nothing written; about {memory} per task at most, {threads} task(s) at once")
+        return lines
+
+
+def plan_run(options: RunOptions, inputs: RunInputs | None = None, *, under_lock: bool = False) -> RunPlan:
+    """Plan a run: open SOURCE (unless ``inputs`` are given), read DEST's state, size the
+    scheduler without starting it, plan every array.
+
+    Raises the run's one-line errors (:class:`~relu_dask.errors.InputError`,
+    :class:`~relu_dask.errors.DestinationExistsError`, a plan that cannot fit in memory)
+    before anything is written. ``under_lock``: the caller holds DEST's lock, and a journal
+    that claims more than DEST holds is corrected on the spot (see
+    :func:`relu_dask.resume.dest_state`).
+    """
+    inputs = inputs if inputs is not None else open_inputs(options)
+    state, record = dest_state(
+        inputs.dest,
+        inputs.fingerprint,
+        inputs.array_paths,
+        is_group=inputs.is_group,
+        overwrite=options.overwrite,
+        under_lock=under_lock,
+    )
+    return _plan(options, inputs, state, record, plan_session(options.scheduler), under_lock=under_lock)
+
+
+def _plan(
+    options: RunOptions,
+    inputs: RunInputs,
+    state: DestState,
+    record: journal.JobRecord | None,
+    session: Session,
+    *,
+    under_lock: bool,
+) -> RunPlan:
+    block_shapes = record.block_shapes if record is not None else None
+    plans = tuple(
+        _plan_array(options, src, session.memory_per_thread_bytes, block_shapes[i] if block_shapes else None)
+        for i, src in enumerate(inputs.arrays)
+    )
+    done = tuple(journal.count_done(inputs.dest, i) if record is not None else 0 for i in range(len(inputs.arrays)))
+    engine = choose_engine(options.engine, session.cores_per_thread)
+    return RunPlan(options, inputs, state, record, session, engine, plans, done, under_lock)
+
+
+def _plan_array(
+    options: RunOptions, src: storage.SourceArray, memory_limit: int | None, block_shape: list[int] | None
+) -> chunking.ChunkPlan:
+    where = f" of {src.path}" if src.path else ""
+    ndim = len(src.shape)
+    chunk_shape = (
+        chunking.parse_shape(options.dest_chunks, what=f"dest chunks{where}", ndim=ndim)
+        if options.dest_chunks is not None
+        else src.chunk_shape
+    )
+    shard_shape = (
+        chunking.parse_shape(options.dest_shards, what=f"dest shards{where}", ndim=ndim)
+        if options.dest_shards is not None
+        else (src.shard_shape if options.dest_chunks is None else None)
+    )
+    # A resumed run cuts exactly the tasks of the first run, whatever --chunks says now.
+    spec = tuple(block_shape) if block_shape else options.chunks
+    try:
+        return chunking.plan_chunks(
+            src.shape,
+            src.dtype.itemsize,
+            src.chunk_shape,
+            chunk_shape,
+            shard_shape,
+            chunks=spec,
+            memory_limit_bytes=memory_limit,
+        )
+    except ReluDaskError as exc:
+        raise type(exc)(f"{src.path}: {exc}" if src.path else str(exc)) from None
+
+
+def _unit_axis(unit_axis: int | None, src: storage.SourceArray) -> int | None:
+    """The unit axis of ``src`` (a bad ``--unit-axis`` is refused before anything runs)."""
+    if unit_axis is None or not src.shape:
+        return None
+    return parse_unit_axis(unit_axis, len(src.shape), where=src.path or "the source")
+
+
+def _as_list(shape: tuple[int, ...] | None) -> list[int] | None:
+    return None if shape is None else list(shape)

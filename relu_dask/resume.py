@@ -1,0 +1,190 @@
+"""What DEST holds, and what a run may do with it: start fresh, resume, or nothing.
+
+A run reads DEST's journal (:mod:`relu_dask.journal`) and compares the job recorded there
+with its own (:func:`dest_state`); ``relu-dask status`` reads the same
+(:func:`job_status`). :func:`remove_dest_and_journal` is the one way DEST is replaced,
+in the order that keeps a kill safe at every step (docs/design.md, "Crash consistency").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from relu_dask import journal, storage
+from relu_dask.errors import DestinationExistsError
+from relu_dask.locations import Location, parse_location, parse_storage_options
+
+__all__ = ["DestState", "JobStatus", "dest_state", "differences", "job_status", "remove_dest_and_journal"]
+
+log = logging.getLogger(__name__)
+
+DestState = Literal["fresh", "resume", "complete"]
+
+
+def dest_state(
+    dest: Location,
+    fingerprint: dict[str, Any],
+    array_paths: list[str],
+    *,
+    is_group: bool,
+    overwrite: bool,
+    under_lock: bool,
+) -> tuple[DestState, journal.JobRecord | None]:
+    """Whether DEST is new (or to be replaced), a partial run of this job to resume, or complete.
+
+    Refuses (:class:`DestinationExistsError`) a DEST that holds anything else, unless
+    ``overwrite``. A record that says complete is believed only beside every mask array it
+    names; ``under_lock``, such a record is rewritten as incomplete and its markers dropped
+    before anything is recreated, so that a kill from then on resumes and redoes every task.
+    """
+    if overwrite:
+        if journal.is_being_replaced(dest):  # a run deleting DEST was killed: what it left
+            storage.check_replaceable_remains(dest)
+        else:
+            storage.check_replaceable(dest)
+        return "fresh", None
+    if not dest.exists():
+        return "fresh", None
+    record = journal.read_record(dest)
+    if record is None and journal.is_being_replaced(dest):
+        raise DestinationExistsError(
+            f"DEST {dest} was being replaced when a run was stopped: pass --overwrite to finish replacing it"
+        )
+    if record is None:
+        raise DestinationExistsError(f"DEST {dest} already exists: pass --overwrite to replace it")
+    changed = differences(record.fingerprint, fingerprint)
+    if changed:
+        raise DestinationExistsError(
+            f"DEST {dest} holds another job ({'; '.join(changed)}): pass --overwrite to replace it"
+        )
+    if record.complete and not outputs_present(dest, array_paths, is_group=is_group):
+        log.warning("DEST %s lacks masks its journal says are complete: computing them again", dest)
+        record = dataclasses.replace(
+            record, complete=False, counts=None, unit_ones=None, unit_axes=None, block_ones=None, verified_utc=None
+        )
+        if under_lock:
+            journal.remove_done_markers(dest)
+            journal.write_record(dest, record)
+    return ("complete" if record.complete else "resume"), record
+
+
+def outputs_present(dest: Location, array_paths: list[str], *, is_group: bool) -> bool:
+    """Whether DEST holds the group (for a group SOURCE) and every mask array of the job."""
+    if is_group and not storage.is_group(dest):
+        return False
+    return all(storage.has_array(dest, path) for path in array_paths)
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between the job recorded in DEST and this one, said for the user."""
+    said = []
+    if old.get("source") != new["source"]:
+        said.append(f"its source was {old.get('source')}")
+    old_arrays = {a["path"]: a for a in old.get("arrays", [])}
+    for array in new["arrays"]:
+        before = old_arrays.pop(array["path"], None)
+        name = array["path"] or "the source array"
+        if before is None:
+            said.append(f"{name} is new")
+        elif before != array:
+            what = [k for k in array if before.get(k) != array[k]]
+            said.append(f"{name} changed ({', '.join(what)})")
+    said.extend(f"{path or 'the source array'} is gone" for path in old_arrays)
+    for option in ("rule", "nan", "dest_chunks", "dest_shards", "compressor"):
+        if old.get(option) != new[option]:
+            said.append(f"it was made with {option} {old.get(option)}, now {new[option]}")
+    return said
+
+
+def remove_dest_and_journal(dest: Location, reason: str) -> None:
+    """Forget DEST's job, then delete DEST, in the order that keeps a kill safe at every step.
+
+    The record of the replacement first (what a kill leaves of DEST is then ours to
+    delete), then ``job.json`` and the markers (nothing claims DEST is complete), then DEST.
+    """
+    replacing = dest.exists()
+    if replacing:
+        journal.mark_replacing(dest)
+    journal.remove_journal(dest)
+    journal.reach_step("journal-forgotten")
+    if replacing:
+        storage.remove_dest(dest, reason)
+    journal.reach_step("dest-removed")
+    journal.unmark_replacing(dest)
+
+
+JobState = Literal["absent", "unknown", "partial", "complete"]
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """What :func:`job_status` found in DEST."""
+
+    dest: str
+    state: JobState
+    running: str | None = None
+    """The process holding DEST's lock (``pid N on HOST (since ...)``), if any."""
+    replacing: bool = False
+    """``unknown``: a run deleting DEST to replace it was stopped part way."""
+    tasks_done: int = 0
+    num_tasks: int = 0
+    missing: list[str] = field(default_factory=list)
+    """``partial``: the arrays the journal says are complete but DEST lacks."""
+    verified_utc: str | None = None
+    """``complete``: when ``relu-dask verify`` last found DEST whole."""
+    fingerprint: dict[str, Any] | None = None
+    """The job recorded in DEST: its source, rule, NaN policy and arrays."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object ``relu-dask status --json`` prints (keys that do not apply left out)."""
+        out: dict[str, Any] = {"dest": self.dest, "running": self.running, "state": self.state}
+        if self.replacing:
+            out["replacing"] = True
+        if self.missing:
+            out["missing"] = list(self.missing)
+        if self.verified_utc:
+            out["verified_utc"] = self.verified_utc
+        if self.fingerprint is not None:
+            out.update(tasks_done=self.tasks_done, num_tasks=self.num_tasks, fingerprint=self.fingerprint)
+        return out
+
+
+def job_status(dest: str | os.PathLike[str], storage_options: str | dict[str, Any] | None = None) -> JobStatus:
+    """What DEST holds: ``absent``, ``partial`` (n of m tasks done), ``complete`` or ``unknown``.
+
+    ``complete`` only where the journal says so and DEST holds every mask array it names
+    (else ``partial``, with ``missing`` naming the arrays that are not there). ``unknown``
+    is a DEST that exists without a relu-dask journal (made by another tool or another
+    version). ``running`` names the process holding DEST's lock, if any.
+    """
+    path = parse_location(dest, parse_storage_options(storage_options))
+    record = journal.read_record(path)
+    exists = path.exists()
+    running = journal.lock_holder(path)
+    if record is None or not exists:
+        replacing = exists and journal.is_being_replaced(path)
+        return JobStatus(str(dest), "unknown" if exists else "absent", running, replacing=replacing)
+    arrays = record.fingerprint.get("arrays", [])
+    total = 0
+    for array, block in zip(arrays, record.block_shapes):
+        if math.prod(array["shape"]) != 0:
+            total += math.prod(-(-n // max(1, b)) for n, b in zip(array["shape"], block))
+    missing = [a["path"] or "(array)" for a in arrays if not storage.has_array(path, a["path"])]
+    complete = record.complete and not missing
+    done = total if complete else sum(journal.count_done(path, i) for i in range(len(arrays)))
+    return JobStatus(
+        str(dest),
+        "complete" if complete else "partial",
+        running,
+        tasks_done=done,
+        num_tasks=total,
+        # The journal says complete, DEST says otherwise: believe DEST.
+        missing=missing if record.complete else [],
+        verified_utc=record.verified_utc if complete else None,
+        fingerprint=record.fingerprint,
+    )

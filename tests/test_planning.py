@@ -1,0 +1,171 @@
+"""Options, then a plan, then execution: each step on its own, and the import order between them."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _support import activations, run_cli, write_zarr
+
+import relu_dask
+from relu_dask import journal, storage
+from relu_dask.errors import DestinationExistsError, InputError
+from relu_dask.options import RunOptions
+from relu_dask.planning import plan_run
+
+PACKAGE = Path(relu_dask.__file__).parent
+
+
+def test_options_parse_text_at_the_edge_and_are_frozen(tmp_path: Path) -> None:
+    options = RunOptions.create(
+        tmp_path / "a.zarr",
+        tmp_path / "b.zarr",
+        chunks="256MiB",
+        dest_chunks="8,16",
+        at_zero="0",
+        storage_options=None,
+        stats=True,
+        unit_axis=0,
+    )
+    assert options.chunks == 256 * 2**20
+    assert options.dest_chunks == (8, 16)
+    assert options.at_zero == 0
+    assert options.unit_axis == 0 and options.stats
+    assert options.source == str(tmp_path / "a.zarr")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.overwrite = True  # type: ignore[misc]
+    assert RunOptions.create("a", "b").unit_axis is None  # statistics only when asked for
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"chunks": "256MiBB"}, "chunks"),
+        ({"at_zero": 2}, "at_zero must be 1"),
+        ({"nan": "ignore"}, "nan must be zero"),
+        ({"engine": "cuda"}, "engine must be one of"),
+        ({"progress": "loud"}, "progress must be one of"),
+        ({"dest_compressor": "lzma"}, "--dest-compressor must be one of"),
+        ({"dest_chunks": (8, 0)}, "dest chunks must be positive"),
+        ({"performance_report": "p.html"}, "needs a distributed scheduler"),
+    ],
+)
+def test_options_refuse_what_the_command_line_refuses(changes: dict[str, object], message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        RunOptions.create("a.zarr", "b.zarr", **changes)  # type: ignore[arg-type]
+
+
+def test_the_constructor_checks_parsed_values_too() -> None:
+    with pytest.raises(InputError, match="chunks"):
+        RunOptions("a", "b", chunks="lots")
+    with pytest.raises(InputError, match="unit axis must be an integer"):
+        RunOptions("a", "b", unit_axis=True)
+
+
+def _source(tmp_path: Path) -> Path:
+    path = tmp_path / "src.zarr"
+    write_zarr(path, activations((45, 37)), (8, 16))
+    return path
+
+
+def test_a_plan_touches_nothing_and_says_what_plan_prints(tmp_path: Path) -> None:
+    source, dest = _source(tmp_path), tmp_path / "out.zarr"
+    options = RunOptions.create(source, dest, chunks="8,16", scheduler="synchronous")
+    plan = plan_run(options)
+    assert not dest.exists()
+    assert plan.state == "fresh" and plan.record is None
+    assert plan.num_tasks == 6 * 3 and plan.tasks_already_done == (0,)
+    assert [p.block_shape for p in plan.chunk_plans] == [(8, 16)]
+    printed = run_cli("plan", str(source), str(dest), "--chunks", "8,16", "--scheduler", "synchronous")
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout.splitlines() == plan.describe()
+    assert plan.describe()[-1].startswith("  nothing written; about ")
+    assert not dest.exists()
+
+
+def test_execute_writes_exact_masks_and_a_second_plan_sees_it_complete(tmp_path: Path) -> None:
+    source, dest = _source(tmp_path), tmp_path / "out.zarr"
+    options = RunOptions.create(source, dest, chunks="8,16", scheduler="synchronous", stats=True)
+    plan = plan_run(options)  # read without DEST's lock: execute reads DEST again under it
+    assert not plan.under_lock
+    report = relu_dask.execute(plan)
+    assert report.outcome == "done" and report.tasks_done_now == plan.num_tasks
+    x = storage.open_array(source)[...]
+    mask = storage.open_array(dest)[...]
+    assert mask.dtype == np.int8
+    np.testing.assert_array_equal(mask, (x >= 0).astype(np.int8))
+    assert report.arrays[0].num_ones == int(np.count_nonzero(x >= 0))
+    assert report.arrays[0].stats is not None
+    assert report.arrays[0].stats.unit_ones == np.count_nonzero(x >= 0, axis=0).tolist()
+    again = plan_run(options)
+    assert again.state == "complete" and again.record is not None and again.record.complete
+    assert again.record.counts_of(0).ones == report.arrays[0].num_ones
+    assert relu_dask.execute(again).outcome == "already complete"
+    status = relu_dask.job_status(dest)
+    assert (status.state, status.tasks_done, status.num_tasks) == ("complete", 18, 18)
+    assert status.to_dict()["state"] == "complete" and "missing" not in status.to_dict()
+
+
+def test_a_plan_for_another_job_in_dest_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    source, dest = _source(tmp_path), tmp_path / "out.zarr"
+    relu_dask.run(source, dest, scheduler="synchronous")
+    with pytest.raises(DestinationExistsError, match="rule"):
+        plan_run(RunOptions.create(source, dest, at_zero=0))
+    overwrite = plan_run(RunOptions.create(source, dest, at_zero=0, overwrite=True))
+    assert overwrite.state == "fresh"
+    assert journal.read_record(overwrite.dest) is not None  # planning deleted nothing
+
+
+def test_job_status_of_absent_and_foreign_dest(tmp_path: Path) -> None:
+    assert relu_dask.job_status(tmp_path / "none.zarr").to_dict() == {
+        "dest": str(tmp_path / "none.zarr"),
+        "running": None,
+        "state": "absent",
+    }
+    (tmp_path / "other").mkdir()
+    assert relu_dask.job_status(tmp_path / "other").state == "unknown"
+
+
+def _imports(module: str) -> set[str]:
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("relu_dask"):
+            found.add(node.module.removeprefix("relu_dask").lstrip(".") or "")
+            found.update(a.name for a in node.names if node.module == "relu_dask")
+        elif isinstance(node, ast.Import):
+            found.update(a.name.removeprefix("relu_dask.") for a in node.names if a.name.startswith("relu_dask."))
+    return found - {"", "__version__"}
+
+
+#: Each layer may import only from the layers after it.
+LAYERS = [
+    {"cli"},
+    {"demo"},
+    {"execution"},
+    {"mask_stats", "planning"},
+    {"options", "resume", "verify", "plot", "jobfile"},
+    {"graph"},
+    {"task"},
+    {"schedulers", "storage", "journal", "report"},
+    {"chunkfiles"},
+    {"chunkio", "kernel", "stats", "locations", "chunking", "counts"},
+    {"errors"},
+]
+
+
+def test_imports_go_one_way() -> None:
+    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__"}
+    assert modules == set().union(*LAYERS), "every module has its place in LAYERS"
+    rank = {m: i for i, layer in enumerate(LAYERS) for m in layer}
+    backwards = [
+        f"{module} imports {imported}"
+        for module in sorted(modules)
+        for imported in sorted(_imports(module))
+        if imported in rank and rank[imported] <= rank[module] and imported != module
+    ]
+    assert backwards == []
+    assert "graph" not in _imports("schedulers") and "task" not in _imports("schedulers")

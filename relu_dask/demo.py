@@ -69,9 +69,9 @@ def check_sample(source: Path, dest: Path, *, at_zero: int = 1, num_blocks: int 
     )
     checked = 0
     for start in sorted(int(s) for s in starts):
-        x = src[start : start + step]
+        x = np.asarray(src[start : start + step])
         expected = (x >= 0) if at_zero == 1 else (x > 0)
-        got = out[start : start + step]
+        got = np.asarray(out[start : start + step])
         if got.dtype != np.int8 or not np.array_equal(got, expected.astype(np.int8)):
             bad = int(np.count_nonzero(got != expected))
             raise ProcessingError(f"demo check failed: {bad} mask values differ from numpy in rows {start}..")

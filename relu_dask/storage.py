@@ -23,7 +23,7 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import zarr
@@ -113,7 +113,7 @@ class SourceArray:
 
     path: str
     """Path inside SOURCE ("" when SOURCE is the array itself)."""
-    array: Any
+    array: zarr.Array
     """The zarr Array, opened read-only."""
     dimension_names: tuple[str, ...] | None
     """Dimension names (v3 metadata or xarray's ``_ARRAY_DIMENSIONS``), if any."""
@@ -219,7 +219,7 @@ def _exists(location: Location) -> bool:
         raise InputError(f"cannot reach {location}: {type(exc).__name__}: {exc}") from None
 
 
-def _open_node(source: Location) -> Any:
+def _open_node(source: Location) -> zarr.Array | zarr.Group:
     try:
         with warnings.catch_warnings():
             # Opening is read-only: warnings about how other dtypes *would* be written
@@ -236,10 +236,10 @@ def _open_node(source: Location) -> Any:
         raise InputError(f"SOURCE {source} could not be opened as Zarr: {exc}") from exc
 
 
-def _source_array(path: str, array: Any, root: Location) -> SourceArray:
+def _source_array(path: str, array: zarr.Array, root: Location) -> SourceArray:
     location = array_location(root, path)
     metadata = read_metadata(location)
-    names = (metadata or {}).get("dimension_names")
+    names: Any = (metadata or {}).get("dimension_names")  # JSON, as the writer left it
     if names is None:
         names = array.attrs.get("_ARRAY_DIMENSIONS")
     dims = tuple(str(n) for n in names) if names and all(n is not None for n in names) else None
@@ -329,7 +329,7 @@ def remove_dest(dest: Location, reason: str) -> None:
         dest.remove_tree()
 
 
-def create_dest_group(dest: Location, attributes: dict[str, Any]) -> Any:
+def create_dest_group(dest: Location, attributes: dict[str, Any]) -> zarr.Group:
     """Create DEST as a Zarr v3 group with ``attributes``."""
     return zarr.open_group(mode="w-", zarr_format=3, attributes=attributes, **_zarr_kwargs(dest))
 
@@ -344,7 +344,7 @@ def create_mask_array(
     dimension_names: tuple[str, ...] | None,
     attributes: dict[str, Any],
     compressor: str = DEFAULT_COMPRESSOR,
-) -> Any:
+) -> zarr.Array:
     """Create the int8 mask array at ``path`` under DEST (Zarr v3, fill value 0).
 
     Chunks equal to the fill value are not stored (zarr's default, which
@@ -380,24 +380,40 @@ def is_group(dest: Location) -> bool:
 def has_array(dest: Location, path: str) -> bool:
     """Whether DEST holds an array at ``path`` ("" for DEST itself)."""
     try:
-        node: Any = zarr.open(mode="r", **_zarr_kwargs(dest))
-        return isinstance(node[path] if path else node, zarr.Array)
+        node = zarr.open(mode="r", **_zarr_kwargs(dest))
+        return isinstance(_member(node, path), zarr.Array)
     except (KeyError, zarr.errors.NodeNotFoundError, FileNotFoundError, ValueError):
         return False
 
 
+def _member(node: zarr.Array | zarr.Group, path: str) -> zarr.Array | zarr.Group:
+    """The node at ``path`` inside ``node`` (``node`` itself for ""); KeyError if there is none."""
+    if not path:
+        return node
+    if not isinstance(node, zarr.Group):
+        raise KeyError(path)  # a lone array has no members: missing, as a group says of one it lacks
+    return node[path]
+
+
+def _array_at(where: Location, path: str, *, mode: Literal["r", "r+"]) -> zarr.Array:
+    """Open the array at ``path`` inside ``where``; :class:`InputError` where a group is there instead."""
+    found = _member(zarr.open(mode=mode, **_zarr_kwargs(where)), path)
+    if not isinstance(found, zarr.Array):
+        raise InputError(f"{array_location(where, path)} is a Zarr group, not an array")
+    return found
+
+
 def open_mask_array(dest: Location, path: str, *, writable: bool = True) -> StoredArray:
     """Open a mask array of DEST (for writing, unless not ``writable``), with how its chunks are written and read."""
-    node: Any = zarr.open(mode="r+" if writable else "r", **_zarr_kwargs(dest))
+    array = _array_at(dest, path, mode="r+" if writable else "r")
     location = array_location(dest, path)
-    return describe_stored(node[path] if path else node, location, read_metadata(location))
+    return describe_stored(array, location, read_metadata(location))
 
 
-def open_array(location: Location | str | os.PathLike[str], array_path: str = "") -> Any:
+def open_array(location: Location | str | os.PathLike[str], array_path: str = "") -> zarr.Array:
     """Open one array read-only (``array_path`` inside a group, if given)."""
     where = location if isinstance(location, Location) else Location(os.fspath(location))
-    node: Any = zarr.open(mode="r", **_zarr_kwargs(where))
-    return node[array_path] if array_path else node
+    return _array_at(where, array_path, mode="r")
 
 
 def write_synthetic_activations(
@@ -513,7 +529,7 @@ class StoredArray:
     else asks which one it is.
     """
 
-    array: Any
+    array: zarr.Array
     """The zarr Array (read-only for a source)."""
     files: ChunkFiles | None
     """Its chunk files, read and written by :mod:`relu_dask.chunkio`; None: through zarr."""
@@ -558,7 +574,7 @@ def read_metadata(location: Location) -> dict[str, Any] | None:
     return None
 
 
-def describe_stored(array: Any, location: Location | None, metadata: dict[str, Any] | None) -> StoredArray:
+def describe_stored(array: zarr.Array, location: Location | None, metadata: dict[str, Any] | None) -> StoredArray:
     """Decide how the tasks read and write ``array`` (stored at ``location``)."""
     where = str(location) if location is not None else "the array"
     keys = chunk_key_encoding(metadata) if metadata is not None else None
@@ -575,7 +591,7 @@ def describe_stored(array: Any, location: Location | None, metadata: dict[str, A
     return StoredArray(array, described, "", where, keys)
 
 
-def _agrees(files: ChunkFiles, array: Any) -> bool:
+def _agrees(files: ChunkFiles, array: zarr.Array) -> bool:
     """Whether the array's own metadata document says what zarr's Array says (shape, chunks,
     dtype, fill value): a group's consolidated metadata, which zarr reads instead, may be stale."""
     native = files.format.dtype.newbyteorder("=")

@@ -285,3 +285,23 @@ def test_read_block_refuses_a_chunk_file_of_the_wrong_size_as_zarr_does(tmp_path
     assert str(chunk_file) in str(ours.value)  # named, with zarr's own error as the cause
     assert isinstance(ours.value.__cause__, type(zarrs_error.value))
     assert np.array_equal(storage.read_block(array, (slice(0, 4), slice(0, 8))), np.arange(32.0).reshape(4, 8))
+
+
+def test_opening_an_array_where_there_is_a_group_or_nothing(tmp_path: Path) -> None:
+    """zarr.open gives an Array or a Group: only an Array is opened as one; a group says so."""
+    x = activations((6, 5))
+    write_zarr(tmp_path / "g.zarr", x, (3, 5), name="inner/fc1")
+    write_zarr(tmp_path / "a.zarr", x, (3, 5))
+    group, single = parse_location(tmp_path / "g.zarr"), parse_location(tmp_path / "a.zarr")
+    opened = storage.open_array(group, "inner/fc1")
+    assert isinstance(opened, zarr.Array) and np.array_equal(opened[...], x, equal_nan=True)
+    assert isinstance(storage.open_mask_array(group, "inner/fc1", writable=False).array, zarr.Array)
+    assert storage.has_array(group, "inner/fc1") and storage.has_array(single, "")
+    assert not storage.has_array(group, "inner") and not storage.has_array(group, "")
+    assert not storage.has_array(group, "missing") and not storage.has_array(single, "fc1")
+    for open_one in (storage.open_array, storage.open_mask_array):
+        with pytest.raises(InputError, match="inner is a Zarr group, not an array"):
+            open_one(group, "inner")
+        with pytest.raises(KeyError):
+            open_one(single, "fc1")  # an array has no members
+    assert isinstance(storage.create_dest_group(parse_location(tmp_path / "d.zarr"), {"k": 1}), zarr.Group)

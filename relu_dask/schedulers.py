@@ -269,7 +269,10 @@ def _local_cluster(spec: SchedulerSpec, session: Session) -> Iterator[Session]:
     from distributed import Client, LocalCluster
 
     workers, threads = _local_sizes(spec, count_cores())
-    limit: int | str = spec.memory_limit_bytes or "auto"
+    # Each worker gets the memory the plan counted on (distributed's "auto" would give
+    # memory x threads / cores, less than that where workers x threads < cores).
+    assert session.memory_per_thread_bytes is not None
+    limit = session.memory_per_thread_bytes * threads
     cluster = LocalCluster(
         n_workers=workers,
         threads_per_worker=threads,

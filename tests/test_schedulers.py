@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from _support import PYTHON, cli_env
 
-from relu_dask.schedulers import count_cores, memory_limit_bytes, parse_scheduler, plan_session
+from relu_dask.schedulers import count_cores, memory_limit_bytes, open_session, parse_scheduler, plan_session
 
 
 def test_memory_limit_agrees_with_distributeds() -> None:
@@ -83,7 +83,7 @@ def test_a_memory_limited_process_plans_within_its_limit(tmp_path: Path) -> None
 #: Prints, as JSON, how relu_dask sizes itself in the process it runs in.
 _SIZING = """
 import json
-from relu_dask.schedulers import count_cores, memory_limit_bytes, parse_scheduler, plan_session
+from relu_dask.schedulers import count_cores, memory_limit_bytes, open_session, parse_scheduler, plan_session
 threads = plan_session(parse_scheduler("threads"))
 local = plan_session(parse_scheduler("local", dashboard_address="127.0.0.1:0"))
 print(json.dumps({
@@ -353,3 +353,15 @@ def test_a_local_cluster_in_a_memory_limited_cgroup_is_sized_from_its_limit() ->
     for nthreads, memory in workers:  # and each thread has what the plan said
         assert memory // nthreads == pytest.approx(cluster["per_thread"], abs=1)
     assert memory_limit_bytes() > limit  # outside the cgroup: more
+
+
+def test_a_local_cluster_gives_each_worker_the_memory_the_plan_counted_on() -> None:
+    """One worker of one thread on a machine of more cores: distributed's "auto" would give it
+    memory / cores; the plan counts on all the memory for its one thread."""
+    spec = parse_scheduler("local", num_workers=1, threads_per_worker=1, dashboard_address="127.0.0.1:0")
+    planned = plan_session(spec)
+    with open_session(spec) as session:
+        assert session.client is not None
+        workers = session.client.scheduler_info()["workers"]
+        assert [int(w["memory_limit"]) for w in workers.values()] == [planned.memory_per_thread_bytes]
+    assert planned.memory_per_thread_bytes == memory_limit_bytes()

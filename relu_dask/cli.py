@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 
 from relu_dask import __version__
 from relu_dask.chunking import parse_bytes
+from relu_dask.computing import PROGRESS_INTERVAL_S
 from relu_dask.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, InputError, ReluDaskError, RunStopped
 from relu_dask.execution import deliver, run_with
 from relu_dask.jobfile import FileJob, read_job_file
@@ -33,7 +34,6 @@ from relu_dask.schedulers import (
     CONNECT_TIMEOUT_S,
     DASHBOARD_ADDRESS,
     DEFAULT_RETRIES,
-    PROGRESS_INTERVAL_S,
     parse_scheduler,
 )
 from relu_dask.storage import COMPRESSORS, DEFAULT_COMPRESSOR

@@ -26,6 +26,7 @@ import numpy as np
 from dask.base import tokenize
 
 from relu_dask import chunking, chunkio, journal, storage
+from relu_dask.computing import PROGRESS_INTERVAL_S, STOP_GRACE_S, Progress, compute
 from relu_dask.counts import BlockCounts
 from relu_dask.errors import NaNFoundError, ProcessingError, ReluDaskError, RunStopped
 from relu_dask.graph import MaskTasks, build_mask_tasks
@@ -36,16 +37,7 @@ from relu_dask.options import RunOptions
 from relu_dask.planning import RunPlan, open_inputs, plan_run
 from relu_dask.report import ArrayReport, RunReport, write_report
 from relu_dask.resume import remove_dest_and_journal
-from relu_dask.schedulers import (
-    PROGRESS_INTERVAL_S,
-    STOP_GRACE_S,
-    Progress,
-    SchedulerSpec,
-    Session,
-    check_workers_see,
-    compute,
-    open_session,
-)
+from relu_dask.schedulers import SchedulerSpec, Session, check_workers_see, open_session
 from relu_dask.stats import summarize_units
 from relu_dask.task import ArrayTasks, allow_tasks, wait_for_running_tasks
 

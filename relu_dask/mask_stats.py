@@ -15,11 +15,12 @@ from typing import Any
 import numpy as np
 
 from relu_dask import chunking, storage
+from relu_dask.computing import compute
 from relu_dask.graph import unit_ones_of_mask
 from relu_dask.locations import Location, parse_location, parse_storage_options
 from relu_dask.options import check_output_files
 from relu_dask.report import ArrayReport, RunReport, collect_versions, write_report
-from relu_dask.schedulers import SchedulerSpec, compute, open_session, parse_scheduler
+from relu_dask.schedulers import SchedulerSpec, open_session, parse_scheduler
 from relu_dask.stats import parse_unit_axis, summarize_units
 
 __all__ = ["mask_unit_ones", "stats_of_masks"]

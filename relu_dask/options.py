@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any, get_args
 
 from relu_dask import chunking
+from relu_dask.computing import PROGRESS_INTERVAL_S, Progress
 from relu_dask.errors import InputError
 from relu_dask.kernel import ENGINES, Engine, parse_at_zero, parse_nan_policy
 from relu_dask.locations import Location, parse_location, parse_storage_options
-from relu_dask.schedulers import PROGRESS_INTERVAL_S, Progress, SchedulerSpec, parse_scheduler
+from relu_dask.schedulers import SchedulerSpec, parse_scheduler
 from relu_dask.storage import DEFAULT_COMPRESSOR, parse_compressor
 
 __all__ = ["RunOptions", "check_output_files"]

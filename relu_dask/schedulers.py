@@ -1,8 +1,9 @@
-"""Schedulers: picking one by name, sizing it, starting it, computing on it with progress.
+"""Schedulers: picking one by name, sizing it for the machine, starting it.
 
 Use :func:`parse_scheduler` to turn ``--scheduler`` into a :class:`SchedulerSpec`,
-:func:`open_session` to get a scheduler ready (starting or connecting to a cluster) and
-:func:`compute` to compute dask collections on it with a progress display.
+:func:`plan_session` to size it without starting anything, and :func:`open_session` to get
+it ready (starting or connecting to a cluster); :func:`relu_dask.computing.compute`
+computes dask collections on the session.
 
 Schedulers, picked by name; distributed is imported only when asked for:
 
@@ -17,19 +18,13 @@ Schedulers, picked by name; distributed is imported only when asked for:
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
-import signal
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
-
-import dask
-from dask.callbacks import Callback
+from typing import Any
 
 from relu_dask import chunking
 from relu_dask.errors import InputError
@@ -38,13 +33,9 @@ from relu_dask.kernel import numexpr_threads_for
 __all__ = [
     "CONNECT_TIMEOUT_S",
     "LOCAL_SCHEDULERS",
-    "PROGRESS_INTERVAL_S",
-    "STOP_GRACE_S",
-    "Progress",
     "SchedulerSpec",
     "Session",
     "check_workers_see",
-    "compute",
     "count_cores",
     "memory_limit_bytes",
     "open_session",
@@ -56,10 +47,6 @@ log = logging.getLogger(__name__)
 
 LOCAL_SCHEDULERS = ("synchronous", "threads", "processes")
 _SCHEDULERS = (*LOCAL_SCHEDULERS, "local")
-Progress = Literal["auto", "bar", "log", "none"]
-
-#: Seconds between progress lines when the output is not a terminal.
-PROGRESS_INTERVAL_S = 10.0
 #: Seconds to wait for an existing scheduler to answer before giving up.
 CONNECT_TIMEOUT_S = 10.0
 #: Seconds to wait for a LocalCluster and its client to close.
@@ -363,191 +350,7 @@ def check_workers_see(session: Session, read_paths: Sequence[str], write_paths: 
 
 def _probe_paths(read_paths: list[str], write_paths: list[str]) -> list[str]:
     """Run on each worker: the paths it cannot read (or, for DEST's folder, write)."""
-    import os
 
     missing = [p for p in read_paths if not os.access(p, os.R_OK)]
     missing += [f"{p} (to write)" for p in write_paths if not os.access(p, os.W_OK | os.X_OK)]
     return missing
-
-
-def compute(
-    session: Session,
-    collections: Sequence[Any],
-    progress: Progress = "auto",
-    progress_interval_s: float = PROGRESS_INTERVAL_S,
-    performance_report: str | None = None,
-) -> list[Any]:
-    """Compute dask ``collections`` on ``session`` with a progress display; return the results.
-
-    On a distributed scheduler, ``performance_report`` saves dask's performance report of
-    the computation there (an HTML file).
-    """
-    if not collections:
-        return []
-    mode = _progress_mode(progress)
-    if session.client is not None:
-        if performance_report:
-            from distributed import performance_report as saved
-
-            with saved(filename=performance_report):
-                return _compute_distributed(session, collections, mode, progress_interval_s)
-        return _compute_distributed(session, collections, mode, progress_interval_s)
-    outputs = _output_keys(collections)
-    with contextlib.ExitStack() as stack:
-        if mode == "bar":
-            from dask.diagnostics import ProgressBar
-
-            stack.enter_context(ProgressBar(out=sys.stderr))
-        elif mode == "log":
-            stack.enter_context(_LogProgress(outputs, progress_interval_s))
-        kwargs: dict[str, Any] = {"scheduler": _local_get(session.spec.name)}
-        if session.spec.name != "synchronous":
-            kwargs["num_workers"] = session.num_threads
-        if session.spec.name == "processes":
-            kwargs["initializer"] = functools.partial(
-                die_with_parent,
-                os.getpid() if dask.config.get("multiprocessing.context", "spawn") in ("spawn", "fork") else None,
-                dask.config.get("multiprocessing.initializer", None),  # the user's, still run
-            )
-        return list(dask.compute(*collections, **kwargs))
-
-
-def die_with_parent(parent_pid: int | None, then: Any = None) -> None:
-    """Make this process (a worker of the ``processes`` pool) die when its parent dies.
-
-    Run by each pool worker as it starts. A killed relu-dask otherwise leaves its workers
-    running (reparented to init) and writing chunk files and done markers into what the
-    next run on the same DEST is doing. On Linux the kernel sends the worker SIGKILL when
-    its parent dies (``prctl(PR_SET_PDEATHSIG)``). ``parent_pid``: relu-dask's pid where it
-    is the workers' parent (the spawn and fork contexts; under forkserver the parent is the
-    fork server, which ends with relu-dask): if it is gone already, the worker ends at once.
-    ``then``: the user's own initializer (dask's ``multiprocessing.initializer``), run after.
-    """
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1  # from <linux/prctl.h>
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
-    if parent_pid is not None and os.getppid() != parent_pid:
-        os.kill(os.getpid(), signal.SIGKILL)
-    # SIGTERM and Ctrl-C reach every process of the group (Slurm, systemd, a terminal): the
-    # parent decides, and lets the running task finish; the worker is not cut short.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if then is not None:
-        then()
-
-
-def _local_get(name: str) -> Any:
-    """dask's get function for a local scheduler.
-
-    Passed as a function, not a name: given a name, dask imports distributed to look for a
-    default client, which costs a local run about 0.3 s of start-up.
-    """
-    if name == "synchronous":
-        from dask.local import get_sync
-
-        return get_sync
-    if name == "processes":
-        from dask.multiprocessing import get as get_processes
-
-        return get_processes
-    from dask.threaded import get as get_threads
-
-    return get_threads
-
-
-def _progress_mode(progress: Progress) -> str:
-    if progress == "auto":
-        return "bar" if sys.stderr.isatty() else "log"
-    if progress not in ("bar", "log", "none"):
-        raise InputError(f"progress must be auto, bar, log or none, got {progress!r}")
-    return progress
-
-
-def _output_keys(collections: Sequence[Any]) -> set[Any]:
-    """The keys the collections hand back (for relu_dask's tasks, one per block): what progress counts."""
-    from dask.core import flatten
-
-    return {key for c in collections for key in flatten(c.__dask_keys__())}
-
-
-def _log_progress(done: int, total: int) -> None:
-    log.info(
-        "progress: %d/%d tasks (%.0f%%)",
-        done,
-        total,
-        100 * done / max(1, total),
-        extra={"event": "progress", "fields": {"done": done, "total": total}},
-    )
-
-
-class _LogProgress(Callback):
-    """Plain progress lines at a steady interval, for logs that are not a terminal."""
-
-    def __init__(self, outputs: set[Any], interval_s: float = PROGRESS_INTERVAL_S) -> None:
-        super().__init__()
-        self.outputs = outputs
-        self.num_tasks = len(outputs)
-        self.interval_s = interval_s
-        self.done = 0
-        self.last = time.monotonic()
-
-    def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, id: Any) -> None:
-        if key not in self.outputs:
-            return  # dask's own bookkeeping tasks (finalize, concatenate) are not blocks
-        self.done += 1
-        now = time.monotonic()
-        if now - self.last >= self.interval_s:
-            self.last = now
-            _log_progress(self.done, self.num_tasks)
-
-
-def _compute_distributed(session: Session, collections: Sequence[Any], mode: str, interval_s: float) -> list[Any]:
-    from distributed import futures_of
-
-    client = session.client
-    persisted = client.persist(list(collections), retries=session.spec.retries)
-    futures = futures_of(persisted)
-    try:
-        _wait_with_progress(futures, mode, interval_s)
-    except KeyboardInterrupt:
-        _let_running_tasks_finish(client, futures)
-        raise
-    return list(client.gather(client.compute(persisted)))
-
-
-#: Seconds a stopped run waits for its running tasks (threads, or a cluster's workers).
-STOP_GRACE_S = 20.0
-
-
-def _let_running_tasks_finish(client: Any, futures: list[Any]) -> None:
-    """On a stop: cancel the tasks not yet running; wait (up to :data:`STOP_GRACE_S`) for
-    those running, so that they write their masks and mark themselves done."""
-    from distributed import wait
-
-    with contextlib.suppress(Exception):  # a cluster that went away has nothing running
-        running = {key for keys in client.processing().values() for key in keys}
-        client.cancel([f for f in futures if f.key not in running])
-        wait([f for f in futures if f.key in running], timeout=STOP_GRACE_S)
-
-
-def _wait_with_progress(futures: list[Any], mode: str, interval_s: float) -> None:
-    from distributed import progress, wait
-
-    if mode == "bar":
-        progress(futures, notebook=False)
-    elif mode == "log":
-        last = time.monotonic()
-        while True:
-            try:
-                wait(futures, timeout=1.0)
-                _log_progress(len(futures), len(futures))
-                break
-            except TimeoutError:
-                if time.monotonic() - last >= interval_s:
-                    last = time.monotonic()
-                    done = sum(f.done() for f in futures)
-                    _log_progress(done, len(futures))
-    else:
-        wait(futures)

@@ -1,0 +1,219 @@
+"""Computing dask collections on a session: a progress display, and a clean stop.
+
+:func:`compute` runs collections on a :class:`~relu_dask.schedulers.Session` (dask's local
+schedulers or a ``distributed`` client), with a progress bar on a terminal or log lines
+otherwise. On SIGTERM or Ctrl-C a distributed computation cancels what has not started and
+lets the running tasks finish (up to :data:`STOP_GRACE_S`); on the ``processes`` pool every
+worker dies with relu-dask (:func:`die_with_parent`). It knows nothing of relu_dask's
+tasks: progress counts the keys the collections hand back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import dask
+from dask.callbacks import Callback
+
+from relu_dask.errors import InputError
+from relu_dask.schedulers import Session
+
+__all__ = ["PROGRESS_INTERVAL_S", "STOP_GRACE_S", "Progress", "compute", "die_with_parent"]
+
+log = logging.getLogger(__name__)
+
+Progress = Literal["auto", "bar", "log", "none"]
+
+#: Seconds between progress lines when the output is not a terminal.
+PROGRESS_INTERVAL_S = 10.0
+
+
+def compute(
+    session: Session,
+    collections: Sequence[Any],
+    progress: Progress = "auto",
+    progress_interval_s: float = PROGRESS_INTERVAL_S,
+    performance_report: str | None = None,
+) -> list[Any]:
+    """Compute dask ``collections`` on ``session`` with a progress display; return the results.
+
+    On a distributed scheduler, ``performance_report`` saves dask's performance report of
+    the computation there (an HTML file).
+    """
+    if not collections:
+        return []
+    mode = _progress_mode(progress)
+    if session.client is not None:
+        if performance_report:
+            from distributed import performance_report as saved
+
+            with saved(filename=performance_report):
+                return _compute_distributed(session, collections, mode, progress_interval_s)
+        return _compute_distributed(session, collections, mode, progress_interval_s)
+    outputs = _output_keys(collections)
+    with contextlib.ExitStack() as stack:
+        if mode == "bar":
+            from dask.diagnostics import ProgressBar
+
+            stack.enter_context(ProgressBar(out=sys.stderr))
+        elif mode == "log":
+            stack.enter_context(_LogProgress(outputs, progress_interval_s))
+        kwargs: dict[str, Any] = {"scheduler": _local_get(session.spec.name)}
+        if session.spec.name != "synchronous":
+            kwargs["num_workers"] = session.num_threads
+        if session.spec.name == "processes":
+            kwargs["initializer"] = functools.partial(
+                die_with_parent,
+                os.getpid() if dask.config.get("multiprocessing.context", "spawn") in ("spawn", "fork") else None,
+                dask.config.get("multiprocessing.initializer", None),  # the user's, still run
+            )
+        return list(dask.compute(*collections, **kwargs))
+
+
+def die_with_parent(parent_pid: int | None, then: Any = None) -> None:
+    """Make this process (a worker of the ``processes`` pool) die when its parent dies.
+
+    Run by each pool worker as it starts. A killed relu-dask otherwise leaves its workers
+    running (reparented to init) and writing chunk files and done markers into what the
+    next run on the same DEST is doing. On Linux the kernel sends the worker SIGKILL when
+    its parent dies (``prctl(PR_SET_PDEATHSIG)``). ``parent_pid``: relu-dask's pid where it
+    is the workers' parent (the spawn and fork contexts; under forkserver the parent is the
+    fork server, which ends with relu-dask): if it is gone already, the worker ends at once.
+    ``then``: the user's own initializer (dask's ``multiprocessing.initializer``), run after.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1  # from <linux/prctl.h>
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGKILL)
+    # SIGTERM and Ctrl-C reach every process of the group (Slurm, systemd, a terminal): the
+    # parent decides, and lets the running task finish; the worker is not cut short.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if then is not None:
+        then()
+
+
+def _local_get(name: str) -> Any:
+    """dask's get function for a local scheduler.
+
+    Passed as a function, not a name: given a name, dask imports distributed to look for a
+    default client, which costs a local run about 0.3 s of start-up.
+    """
+    if name == "synchronous":
+        from dask.local import get_sync
+
+        return get_sync
+    if name == "processes":
+        from dask.multiprocessing import get as get_processes
+
+        return get_processes
+    from dask.threaded import get as get_threads
+
+    return get_threads
+
+
+def _progress_mode(progress: Progress) -> str:
+    if progress == "auto":
+        return "bar" if sys.stderr.isatty() else "log"
+    if progress not in ("bar", "log", "none"):
+        raise InputError(f"progress must be auto, bar, log or none, got {progress!r}")
+    return progress
+
+
+def _output_keys(collections: Sequence[Any]) -> set[Any]:
+    """The keys the collections hand back (for relu_dask's tasks, one per block): what progress counts."""
+    from dask.core import flatten
+
+    return {key for c in collections for key in flatten(c.__dask_keys__())}
+
+
+def _log_progress(done: int, total: int) -> None:
+    log.info(
+        "progress: %d/%d tasks (%.0f%%)",
+        done,
+        total,
+        100 * done / max(1, total),
+        extra={"event": "progress", "fields": {"done": done, "total": total}},
+    )
+
+
+class _LogProgress(Callback):
+    """Plain progress lines at a steady interval, for logs that are not a terminal."""
+
+    def __init__(self, outputs: set[Any], interval_s: float = PROGRESS_INTERVAL_S) -> None:
+        super().__init__()
+        self.outputs = outputs
+        self.num_tasks = len(outputs)
+        self.interval_s = interval_s
+        self.done = 0
+        self.last = time.monotonic()
+
+    def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, id: Any) -> None:
+        if key not in self.outputs:
+            return  # dask's own bookkeeping tasks (finalize, concatenate) are not blocks
+        self.done += 1
+        now = time.monotonic()
+        if now - self.last >= self.interval_s:
+            self.last = now
+            _log_progress(self.done, self.num_tasks)
+
+
+def _compute_distributed(session: Session, collections: Sequence[Any], mode: str, interval_s: float) -> list[Any]:
+    from distributed import futures_of
+
+    client = session.client
+    persisted = client.persist(list(collections), retries=session.spec.retries)
+    futures = futures_of(persisted)
+    try:
+        _wait_with_progress(futures, mode, interval_s)
+    except KeyboardInterrupt:
+        _let_running_tasks_finish(client, futures)
+        raise
+    return list(client.gather(client.compute(persisted)))
+
+
+#: Seconds a stopped run waits for its running tasks (threads, or a cluster's workers).
+STOP_GRACE_S = 20.0
+
+
+def _let_running_tasks_finish(client: Any, futures: list[Any]) -> None:
+    """On a stop: cancel the tasks not yet running; wait (up to :data:`STOP_GRACE_S`) for
+    those running, so that they write their masks and mark themselves done."""
+    from distributed import wait
+
+    with contextlib.suppress(Exception):  # a cluster that went away has nothing running
+        running = {key for keys in client.processing().values() for key in keys}
+        client.cancel([f for f in futures if f.key not in running])
+        wait([f for f in futures if f.key in running], timeout=STOP_GRACE_S)
+
+
+def _wait_with_progress(futures: list[Any], mode: str, interval_s: float) -> None:
+    from distributed import progress, wait
+
+    if mode == "bar":
+        progress(futures, notebook=False)
+    elif mode == "log":
+        last = time.monotonic()
+        while True:
+            try:
+                wait(futures, timeout=1.0)
+                _log_progress(len(futures), len(futures))
+                break
+            except TimeoutError:
+                if time.monotonic() - last >= interval_s:
+                    last = time.monotonic()
+                    done = sum(f.done() for f in futures)
+                    _log_progress(done, len(futures))
+    else:
+        wait(futures)

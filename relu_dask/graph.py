@@ -24,7 +24,8 @@ import numpy as np
 from dask.base import tokenize
 
 from relu_dask.chunking import ChunkPlan
-from relu_dask.kernel import Engine, check_dtype, parse_at_zero, relu_derivative
+from relu_dask.errors import NaNFoundError
+from relu_dask.kernel import Engine, check_dtype, parse_at_zero, parse_nan_policy, relu_derivative
 from relu_dask.task import ArrayTasks, process_block
 
 if TYPE_CHECKING:
@@ -36,8 +37,12 @@ __all__ = ["TASK_PREFIX", "MaskTasks", "build_mask_tasks", "derivative_mask", "u
 TASK_PREFIX = "relu-mask"
 
 
-def derivative_mask(darr: da.Array, *, at_zero: int = 1, engine: Engine = "numpy") -> da.Array:
+def derivative_mask(darr: da.Array, *, at_zero: int = 1, engine: Engine = "numpy", nan: str = "zero") -> da.Array:
     """The ReLU derivative mask of a dask array, lazily: int8, same shape and chunks.
+
+    ``nan``: ``"zero"`` (NaN gives 0) or ``"error"`` (computing a block that holds NaN
+    raises :class:`~relu_dask.errors.NaNFoundError`, naming the block), as in
+    :func:`relu_dask.run`.
 
     Examples
     --------
@@ -49,16 +54,26 @@ def derivative_mask(darr: da.Array, *, at_zero: int = 1, engine: Engine = "numpy
     import dask.array as da
 
     check_dtype(darr.dtype, where="the dask array")
-    rule = parse_at_zero(at_zero)
+    rule, policy = parse_at_zero(at_zero), parse_nan_policy(nan)
     return da.map_blocks(
-        relu_derivative,
+        _mask_block,
         darr,
         at_zero=rule,
         engine=engine,
+        nan=policy,
         dtype=np.int8,
         meta=np.empty((0,) * darr.ndim, dtype=np.int8),
-        name=f"{TASK_PREFIX}-{tokenize(darr.name, rule, engine)}",
+        name=f"{TASK_PREFIX}-{tokenize(darr.name, rule, engine, policy)}",
     )
+
+
+def _mask_block(
+    x: np.ndarray, *, at_zero: int, engine: Engine, nan: str, block_info: dict[Any, Any] | None = None
+) -> np.ndarray:
+    if nan == "error" and x.dtype.kind == "f" and np.isnan(x).any():
+        where = block_info[0]["chunk-location"] if block_info else "?"
+        raise NaNFoundError(f"block {tuple(where)} holds NaN; nan='error' stops on NaN: use nan='zero' to map NaN to 0")
+    return relu_derivative(x, at_zero=at_zero, engine=engine)
 
 
 class MaskTasks:

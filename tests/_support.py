@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +105,38 @@ def start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen
     )
 
 
+def kill_at_step(step: str, *args: str) -> None:
+    """Run the CLI with ``args`` until it stops itself at ``step`` (``RELU_DASK_STOP_AT``, one of
+    ``relu_dask.journal.STEPS``), then SIGKILL it there: what a kill at exactly that point leaves."""
+    import psutil
+
+    proc = start_cli(*args, env={**cli_env(), "RELU_DASK_STOP_AT": step})
+    end = time.monotonic() + 120
+    while psutil.Process(proc.pid).status() != psutil.STATUS_STOPPED:
+        assert proc.poll() is None and time.monotonic() < end, f"the run never reached step {step}"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
 def journal_folder(dest: Path) -> Path:
     """The hidden folder beside DEST where relu-dask keeps the job's record."""
     return dest.parent / f".{dest.name}.relu-dask"
+
+
+@dataclass(frozen=True)
+class SchedulerCase:
+    """One scheduler the contract runs on (conftest's ``scheduler`` fixture), as each interface names it."""
+
+    id: str
+    """synchronous, threads, processes, local or external (the test id)."""
+    api: Any
+    """What ``relu_dask.run(scheduler=...)`` gets: a name, an address or a ``SchedulerSpec``."""
+    cli: tuple[str, ...]
+    """The same scheduler as options of ``relu-dask run``."""
+    label: str
+    """What the run report's ``scheduler`` says."""
+    num_threads: int
+    """Tasks it runs at once, as the run report's ``num_threads`` says."""
+    distributed: bool
+    """Whether it is a ``dask.distributed`` cluster (it has a dashboard)."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _support import activations, write_zarr
+from _support import SchedulerCase, activations, write_zarr
 from hypothesis import settings
 
 # One hypothesis profile for every property test: enough examples to find edge cases in the
@@ -44,3 +44,28 @@ def dask_cluster() -> Iterator[str]:
     ) as cluster:
         cluster.wait_for_workers(2, timeout=60)
         yield cluster.scheduler_address
+
+
+#: The schedulers the contract (tests/test_scheduler_contract.py) runs on, each small: two tasks at once.
+SCHEDULERS = ("synchronous", "threads", "processes", "local", "external")
+
+
+@pytest.fixture(scope="session", params=SCHEDULERS, ids=[f"scheduler={name}" for name in SCHEDULERS])
+def scheduler(request: pytest.FixtureRequest) -> SchedulerCase:
+    """Each scheduler in turn: dask's three local ones, a LocalCluster relu-dask starts itself
+    (``--scheduler local``), and an existing cluster it connects to (``dask_cluster``'s address)."""
+    from relu_dask.schedulers import parse_scheduler
+
+    name = request.param
+    if name == "synchronous":
+        return SchedulerCase(name, "synchronous", ("--scheduler", "synchronous"), "synchronous", 1, False)
+    if name in ("threads", "processes"):
+        spec = parse_scheduler(name, num_workers=2)
+        return SchedulerCase(name, spec, ("--scheduler", name, "--workers", "2"), name, 2, False)
+    if name == "local":
+        spec = parse_scheduler("local", num_workers=2, threads_per_worker=1, dashboard_address="127.0.0.1:0")
+        sizes = ("--workers", "2", "--threads-per-worker", "1", "--dashboard-address", "127.0.0.1:0")
+        cli = ("--scheduler", "local", *sizes)
+        return SchedulerCase(name, spec, cli, "local", 2, True)
+    address = request.getfixturevalue("dask_cluster")  # two workers of one thread each
+    return SchedulerCase(name, address, ("--scheduler", address), address, 2, True)

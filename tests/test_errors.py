@@ -38,15 +38,25 @@ def one_error_line(stderr: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("scheduler", ["threads", "processes", "local"])
-def test_nan_error_names_array_and_chunk_and_leaves_nothing(tmp_path: Path, scheduler: str) -> None:
+def test_nan_error_is_one_line_exit_2_and_leaves_nothing(tmp_path: Path) -> None:
+    """The command's side of ``--nan error`` (every scheduler: tests/test_scheduler_contract.py), on
+    a LocalCluster: its worker processes log the failed task to the command's stderr, which must
+    still hold one error line and no traceback."""
     x = np.ones((40, 30), np.float32)
     x[27, 13] = np.nan
     write_zarr(tmp_path / "g.zarr", x, (10, 10), name="layer3/relu")
     before = snapshot(tmp_path)
-    proc = run_cli(
-        "run", str(tmp_path / "g.zarr"), str(tmp_path / "out.zarr"), "--nan", "error", "--scheduler", scheduler
+    small = (
+        "--scheduler",
+        "local",
+        "--workers",
+        "2",
+        "--threads-per-worker",
+        "1",
+        "--dashboard-address",
+        "127.0.0.1:0",
     )
+    proc = run_cli("run", str(tmp_path / "g.zarr"), str(tmp_path / "out.zarr"), "--nan", "error", *small)
     assert proc.returncode == 2
     line = one_error_line(proc.stderr)
     assert "layer3/relu holds NaN in chunk (2, 1) (first at element (27, 13))" in line

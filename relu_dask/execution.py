@@ -197,7 +197,9 @@ def _complete_report(plan: RunPlan) -> RunReport:
         axis, unit_ones = plan.inputs.unit_axes[index], recorded_units[index]
         if axis is not None and (unit_ones is None or recorded_axes[index] != axis):
             unit_ones = mask_unit_ones(plan.dest, src.path, axis, plan.options.scheduler)  # no --stats the first time
-        _set_stats(entry, src, axis, unit_ones)
+        _set_stats(entry, src, axis, unit_ones, plan.inputs.coordinates)
+    if plan.inputs.is_group and not storage.is_consolidated(plan.dest):  # a kill came between the two
+        storage.consolidate(plan.dest)
     log.info("DEST %s is already complete: nothing to do", plan.dest)
     return report
 
@@ -212,6 +214,7 @@ def _execute(plan: RunPlan) -> RunReport:
     if plan.state == "fresh":
         _start_fresh(plan)
     else:
+        storage.unconsolidate(inputs.dest)  # DEST is about to change: no longer a finished group
         removed = storage.remove_partial_writes(inputs.dest)
         log.info(
             "resuming DEST %s: %d of %d tasks already done%s",
@@ -251,6 +254,12 @@ def _execute(plan: RunPlan) -> RunReport:
             results = compute(
                 session, to_compute, options.progress, options.progress_interval_s, options.performance_report
             )
+        except Exception:
+            # A task failed (a NaN with --nan error, a disk full): the pool's other threads may
+            # still run theirs. None starts now, and those running finish, before DEST is
+            # removed or its lock let go.
+            wait_for_running_tasks(STOP_GRACE_S)
+            raise
         finally:
             _release_buffers(session)
     report.wall_s, report.cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
@@ -270,6 +279,8 @@ def _execute(plan: RunPlan) -> RunReport:
     )
     journal.reach_step("complete")
     journal.remove_done_markers(inputs.dest)
+    if inputs.is_group:
+        storage.consolidate(inputs.dest)
     return report
 
 
@@ -366,7 +377,7 @@ def _create_outputs(plan: RunPlan) -> None:
     """
     dest = plan.dest
     if plan.inputs.is_group and not storage.is_group(dest):
-        storage.create_dest_group(dest, _provenance(plan, None))
+        storage.create_dest_group(dest, {**plan.inputs.attributes, **_provenance(plan, None)})
     for index, (src, chunk_plan) in enumerate(zip(plan.inputs.arrays, plan.chunk_plans)):
         if storage.has_array(dest, src.path):
             continue
@@ -378,9 +389,11 @@ def _create_outputs(plan: RunPlan) -> None:
             chunk_shape=chunk_plan.dest_chunk_shape,
             shard_shape=chunk_plan.dest_shard_shape,
             dimension_names=src.dimension_names,
-            attributes=_provenance(plan, src),
+            attributes={**storage.mask_attributes(src), **_provenance(plan, src)},
             compressor=plan.options.dest_compressor,
         )
+    for coordinate in plan.inputs.coordinates:  # small, and copied again whole after a kill
+        storage.copy_array(dest, coordinate)
 
 
 def _array_tasks(plan: RunPlan, report: RunReport) -> list[ArrayTasks]:
@@ -451,7 +464,7 @@ def _record_counts(
         entry.bytes_read = counts.elements_read * src.dtype.itemsize
         entry.tasks_skipped = counts.resumed
         entry.tasks_done_now = entry.num_tasks - counts.resumed
-        _set_stats(entry, src, array.unit_axis, unit_ones)
+        _set_stats(entry, src, array.unit_axis, unit_ones, plan.inputs.coordinates)
         _warn_if_relu_outputs(report, entry)
         totals.append(counts)
         units.append(unit_ones)
@@ -459,10 +472,17 @@ def _record_counts(
     return totals, units, block_ones
 
 
-def _set_stats(entry: ArrayReport, src: storage.SourceArray, axis: int | None, unit_ones: list[int] | None) -> None:
+def _set_stats(
+    entry: ArrayReport,
+    src: storage.SourceArray,
+    axis: int | None,
+    unit_ones: list[int] | None,
+    coordinates: Sequence[storage.SourceArray] = (),
+) -> None:
     if axis is not None and unit_ones is not None:
         samples = math.prod(n for a, n in enumerate(src.shape) if a != axis)
-        entry.stats = summarize_units(np.asarray(unit_ones), samples, axis)
+        labels = storage.unit_labels(src, axis, coordinates)
+        entry.stats = summarize_units(np.asarray(unit_ones), samples, axis, labels)
 
 
 def _per_unit(result: np.ndarray, array: ArrayTasks) -> list[int]:

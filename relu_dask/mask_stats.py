@@ -50,7 +50,8 @@ def stats_of_masks(
     """
     spec = scheduler if isinstance(scheduler, SchedulerSpec) else parse_scheduler(scheduler)
     check_output_files(report=report_path, plot=plot_path)
-    arrays, skipped = storage.open_source(parse_location(dest, parse_storage_options(storage_options)))
+    contents = storage.open_source(parse_location(dest, parse_storage_options(storage_options)))
+    arrays, skipped = contents.arrays, contents.skipped
     report = RunReport(
         source=str(dest),
         dest=str(dest),
@@ -91,7 +92,8 @@ def stats_of_masks(
                 (ones,) = compute(session, [unit_ones_of_mask(src.array, plan, axis)], progress="none")
                 unit_ones = np.asarray(ones)
                 samples = math.prod(n for a, n in enumerate(src.shape) if a != axis)
-                entry.stats = summarize_units(unit_ones, samples, axis)
+                labels = storage.unit_labels(src, axis, contents.coordinates)
+                entry.stats = summarize_units(unit_ones, samples, axis, labels)
                 entry.num_ones = int(unit_ones.sum())
             report.arrays.append(entry)
     report.wall_s, report.cpu_s = time.perf_counter() - start, time.process_time() - start_cpu

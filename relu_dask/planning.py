@@ -34,6 +34,10 @@ class RunInputs:
     dest: Location
     arrays: tuple[storage.SourceArray, ...]
     skipped: tuple[storage.Skipped, ...]
+    coordinates: tuple[storage.SourceArray, ...]
+    """xarray's coordinates of a group SOURCE: copied into DEST unchanged."""
+    attributes: dict[str, Any]
+    """The SOURCE group's attributes (DEST's group keeps them)."""
     unit_axes: tuple[int | None, ...]
     """Per array, the unit axis of the statistics (None: no statistics, or a scalar)."""
     fingerprint: dict[str, Any]
@@ -55,19 +59,30 @@ def open_inputs(options: RunOptions) -> RunInputs:
         report=options.report_path, plot=options.plot_path, performance_report=options.performance_report
     )
     source = options.source_location
-    arrays, skipped = storage.open_source(source)
+    contents = storage.open_source(source)
+    arrays = contents.arrays
     dest = storage.prepare_dest(source, options.dest_location)
     unit_axes = tuple(_unit_axis(options.unit_axis, src) for src in arrays)
     fingerprint = {
         "source": source.url,
         "arrays": [storage.fingerprint_array(a) for a in arrays],
+        "coordinates": [storage.fingerprint_array(c) for c in contents.coordinates],
         "rule": rule_for(options.at_zero),
         "nan": options.nan,
         "dest_chunks": _as_list(options.dest_chunks),
         "dest_shards": _as_list(options.dest_shards),
         "compressor": options.dest_compressor,
     }
-    return RunInputs(source, dest, tuple(arrays), tuple(skipped), unit_axes, fingerprint)
+    return RunInputs(
+        source,
+        dest,
+        tuple(arrays),
+        tuple(contents.skipped),
+        tuple(contents.coordinates),
+        contents.attributes,
+        unit_axes,
+        fingerprint,
+    )
 
 
 @dataclass(frozen=True)
@@ -121,6 +136,7 @@ class RunPlan:
             numexpr_threads=self.session.cores_per_thread,
             chunks=str(self.options.chunks),
             skipped=[{"path": s.path, "reason": s.reason} for s in self.inputs.skipped],
+            coordinates=[c.path for c in self.inputs.coordinates],
             versions=collect_versions(),
             nan_policy=self.options.nan,
             dashboard_link=self.session.dashboard_link,

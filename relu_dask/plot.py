@@ -56,8 +56,8 @@ def _histograms(plt: Any, arrays: list[Any], report: RunReport) -> Any:
             0.95,
             f"{stats.num_units} units, {stats.samples_per_unit} samples each\n"
             f"overall active: {array.active_fraction:.1%}\n"
-            f"dead (never active): {len(stats.dead_units)}\n"
-            f"always active: {len(stats.always_on_units)}",
+            f"dead (never active): {len(stats.dead_units)}{_named(stats, stats.dead_units)}\n"
+            f"always active: {len(stats.always_on_units)}{_named(stats, stats.always_on_units)}",
             transform=ax.transAxes,
             ha="right",
             va="top",
@@ -91,3 +91,11 @@ def _layer_summary(plt: Any, arrays: list[Any], report: RunReport) -> Any:
 def _title(report: RunReport) -> str:
     rule = f"mask rule {report.rule}" if report.rule else "masks as written"
     return f"ReLU unit activity, {rule}\n{report.source}"
+
+
+def _named(stats: Any, units: list[int], most: int = 4) -> str:
+    """The first few of ``units`` by label, where the units have labels."""
+    if stats.unit_labels is None or not units:
+        return ""
+    shown = ", ".join(stats.unit_labels[u] for u in units[:most])
+    return f" ({shown}{', ...' if len(units) > most else ''})"

@@ -110,6 +110,8 @@ class RunReport:
     """One entry per array processed."""
     skipped: list[dict[str, str]] = field(default_factory=list)
     """Arrays of a SOURCE group not processed, each with its reason."""
+    coordinates: list[str] = field(default_factory=list)
+    """xarray's coordinates of a SOURCE group, copied into DEST unchanged (never masked)."""
     warnings: list[str] = field(default_factory=list)
     """What the user should know: plan notes, data that looks like ReLU outputs, ..."""
     dashboard_link: str | None = None
@@ -245,6 +247,8 @@ def render_summary(report: RunReport) -> list[str]:
         ):
             if path == "zarr":
                 lines.append(f"    {what} through zarr, not directly: {reason}")
+    if report.coordinates:
+        lines.append(f"  coordinates copied as they are: {', '.join(report.coordinates)}")
     for s in report.skipped:
         lines.append(f"  skipped {s['path']}: {s['reason']}")
     stats = [(a.path or "(array)", a.stats, a.active_fraction) for a in report.arrays if a.stats is not None]

@@ -95,6 +95,8 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             what = [k for k in array if before.get(k) != array[k]]
             said.append(f"{name} changed ({', '.join(what)})")
     said.extend(f"{path or 'the source array'} is gone" for path in old_arrays)
+    if "coordinates" in old and old["coordinates"] != new.get("coordinates"):  # older journals have none
+        said.append("its coordinates changed")
     for option in ("rule", "nan", "dest_chunks", "dest_shards", "compressor"):
         if old.get(option) != new[option]:
             said.append(f"it was made with {option} {old.get(option)}, now {new[option]}")

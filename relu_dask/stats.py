@@ -54,6 +54,12 @@ class UnitStats:
     """Units whose mask is always 1."""
     least_active: list[tuple[int, float]]
     """The least active units that are not dead, with their active fraction."""
+    unit_labels: list[str] | None = None
+    """Each unit's label, where the unit axis has a coordinate (xarray's ``unit`` = ``u0``...)."""
+
+    def label(self, unit: int) -> str:
+        """``u17 (#17)`` where units have labels, else ``17``."""
+        return f"{self.unit_labels[unit]} (#{unit})" if self.unit_labels is not None else str(unit)
 
     @property
     def unit_active_fraction(self) -> np.ndarray:
@@ -63,14 +69,24 @@ class UnitStats:
         data = asdict(self)
         data["num_dead"] = len(self.dead_units)
         data["num_always_on"] = len(self.always_on_units)
+        if self.unit_labels is not None:
+            data["dead_unit_labels"] = [self.unit_labels[u] for u in self.dead_units]
+            data["always_on_unit_labels"] = [self.unit_labels[u] for u in self.always_on_units]
+            data["least_active_labels"] = [self.unit_labels[u] for u, _ in self.least_active]
+        else:
+            data.pop("unit_labels")
         if not inline_units:
-            for key in ("unit_ones", "dead_units", "always_on_units"):
-                data.pop(key)
+            for key in ("unit_ones", "dead_units", "always_on_units", "unit_labels", "dead_unit_labels"):
+                data.pop(key, None)
+            data.pop("always_on_unit_labels", None)
         return data
 
 
-def summarize_units(unit_ones: np.ndarray, samples_per_unit: int, unit_axis: int) -> UnitStats:
-    """Dead, always-on and least active units from the per-unit counts of ones.
+def summarize_units(
+    unit_ones: np.ndarray, samples_per_unit: int, unit_axis: int, labels: list[str] | None = None
+) -> UnitStats:
+    """Dead, always-on and least active units from the per-unit counts of ones (``labels``:
+    the units' labels, where the unit axis has a coordinate).
 
     >>> s = summarize_units(np.array([0, 3, 4, 1]), samples_per_unit=4, unit_axis=1)
     >>> s.dead_units, s.always_on_units, s.least_active[0]
@@ -82,8 +98,10 @@ def summarize_units(unit_ones: np.ndarray, samples_per_unit: int, unit_axis: int
     alive = np.flatnonzero(ones > 0)
     order = alive[np.argsort(ones[alive], kind="stable")][:_WORST]
     least = [(int(u), float(ones[u]) / samples_per_unit) for u in order]
+    if labels is not None and len(labels) != ones.size:
+        labels = None  # a coordinate of another length labels something else
     return UnitStats(
-        unit_axis, int(ones.size), int(samples_per_unit), ones.tolist(), dead.tolist(), always.tolist(), least
+        unit_axis, int(ones.size), int(samples_per_unit), ones.tolist(), dead.tolist(), always.tolist(), least, labels
     )
 
 
@@ -91,7 +109,7 @@ def render_stats(name: str, stats: UnitStats, active_fraction: float) -> list[st
     """Lines for the summary: active fraction, dead and always-on units, the least active."""
 
     def listed(units: list[int]) -> str:
-        shown = ", ".join(str(u) for u in units[:10])
+        shown = ", ".join(stats.label(u) for u in units[:10])
         return f" [{shown}{', ...' if len(units) > 10 else ''}]" if units else ""
 
     lines = [
@@ -100,6 +118,8 @@ def render_stats(name: str, stats: UnitStats, active_fraction: float) -> list[st
         f"{len(stats.always_on_units)} always on{listed(stats.always_on_units)}"
     ]
     if stats.least_active:
-        worst = ", ".join(f"{u} ({f:.2%})" for u, f in stats.least_active)
+        worst = ", ".join(
+            f"{stats.label(u)}: {f:.2%}" if stats.unit_labels else f"{u} ({f:.2%})" for u, f in stats.least_active
+        )
         lines.append(f"    least active live units: {worst}")
     return lines

@@ -15,13 +15,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import json
 import logging
 import math
 import os
 import re
 import shutil
 import warnings
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -162,6 +164,20 @@ class Skipped:
     reason: str
 
 
+@dataclass(frozen=True)
+class SourceContents:
+    """What SOURCE holds: the arrays to mask, the coordinates to copy, what is skipped."""
+
+    arrays: list[SourceArray]
+    """The real-numbered arrays whose masks are computed (SOURCE itself, for an array)."""
+    skipped: list[Skipped] = field(default_factory=list)
+    """Arrays of a group neither masked nor copied: other dtypes."""
+    coordinates: list[SourceArray] = field(default_factory=list)
+    """xarray's coordinates in a group: copied into DEST unchanged, never masked."""
+    attributes: dict[str, Any] = field(default_factory=dict)
+    """The group's attributes (empty for a lone array)."""
+
+
 def _zarr_kwargs(location: Location) -> dict[str, Any]:
     """How zarr opens ``location``: a local path, or a URL with its storage options."""
     if location.is_local:
@@ -169,12 +185,12 @@ def _zarr_kwargs(location: Location) -> dict[str, Any]:
     return {"store": location.url, "storage_options": location.storage_options}
 
 
-def open_source(source: Location) -> tuple[list[SourceArray], list[Skipped]]:
-    """Open SOURCE read-only and list the arrays to process and those skipped.
+def open_source(source: Location) -> SourceContents:
+    """Open SOURCE read-only: the arrays to mask, the coordinates to copy, those skipped.
 
-    For a group, every real-numbered array (recursively) is processed; xarray
-    dimension-coordinate arrays (1-D, named after their own dimension) and arrays of other
-    dtypes are skipped. Raises :class:`InputError` if SOURCE is missing, not Zarr,
+    For a group, every real-numbered array (recursively) is masked, but for xarray's
+    coordinates (:func:`coordinate_paths`), which are copied, and arrays of other dtypes,
+    which are skipped. Raises :class:`InputError` if SOURCE is missing, not Zarr,
     unreadable, or has nothing to process; :class:`UnsupportedDtypeError` for a single
     array of a dtype without a ReLU derivative.
     """
@@ -190,26 +206,53 @@ def open_source(source: Location) -> tuple[list[SourceArray], list[Skipped]]:
     if isinstance(node, zarr.Array):
         src = _source_array("", node, source)
         check_dtype(src.dtype, where=f"SOURCE {source}")
-        return [src], []
-    arrays: list[SourceArray] = []
-    skipped: list[Skipped] = []
+        return SourceContents([src])
+    contents = SourceContents([], attributes=dict(node.attrs))
     try:
         members = sorted(node.members(max_depth=None), key=lambda m: m[0])
     except (PermissionError, OSError) as exc:
         raise InputError(f"SOURCE {source} could not be read: {exc}") from exc
-    for name, member in members:
-        if not isinstance(member, zarr.Array):
-            continue
-        src = _source_array(name, member, source)
-        reason = _skip_reason(src)
-        if reason:
-            skipped.append(Skipped(name, reason))
+    found = [_source_array(name, member, source) for name, member in members if isinstance(member, zarr.Array)]
+    groups = {"": contents.attributes, **{name: dict(g.attrs) for name, g in members if isinstance(g, zarr.Group)}}
+    coordinates = coordinate_paths(found, groups)
+    for src in found:
+        if src.path in coordinates:
+            contents.coordinates.append(src)
+        elif reason := _skip_reason(src):
+            contents.skipped.append(Skipped(src.path, reason))
         else:
-            arrays.append(src)
-    if not arrays:
-        said = "; ".join(f"{s.path}: {s.reason}" for s in skipped) or "it holds no arrays"
-        raise InputError(f"SOURCE {source} is a Zarr group with nothing to process ({said})")
-    return arrays, skipped
+            contents.arrays.append(src)
+    if not contents.arrays:
+        said = "; ".join(f"{s.path}: {s.reason}" for s in contents.skipped) or "it holds no arrays"
+        if contents.coordinates:
+            said += f"; coordinates {', '.join(c.path for c in contents.coordinates)}"
+        raise InputError(f"SOURCE {source} is a Zarr group with nothing to process ({said.lstrip('; ')})")
+    return contents
+
+
+def coordinate_paths(arrays: list[SourceArray], groups: dict[str, dict[str, Any]]) -> set[str]:
+    """The arrays xarray reads as coordinates: dimension coordinates (1-D, named after their
+    own dimension) and those a variable's or a group's ``coordinates`` attribute names.
+
+    ``groups``: the attributes of each group by path (``""``: SOURCE's own).
+    """
+    paths = {a.path for a in arrays}
+    found = set()
+    for src in arrays:
+        parent, _, leaf = src.path.rpartition("/")
+        if len(src.shape) == 1 and src.dimension_names == (leaf,):
+            found.add(src.path)
+        found.update(_named(parent, src.array.attrs.get("coordinates"), paths))
+    for group, attributes in groups.items():
+        found.update(_named(group, attributes.get("coordinates"), paths))
+    return found
+
+
+def _named(group: str, names: Any, paths: set[str]) -> set[str]:
+    """The arrays of ``group`` that a ``coordinates`` attribute (space-separated names) names."""
+    if not isinstance(names, str):
+        return set()
+    return {p for p in (f"{group}/{n}" if group else n for n in names.split()) if p in paths}
 
 
 def _exists(location: Location) -> bool:
@@ -252,9 +295,6 @@ def array_location(root: Location, path: str) -> Location:
 
 
 def _skip_reason(src: SourceArray) -> str:
-    leaf = src.path.rsplit("/", 1)[-1]
-    if len(src.shape) == 1 and src.dimension_names == (leaf,):
-        return "dimension coordinate"
     try:
         check_dtype(src.dtype)
     except UnsupportedDtypeError:
@@ -369,6 +409,122 @@ def create_mask_array(
     return zarr.create_array(zarr_format=3, **_zarr_kwargs(dest), **options)
 
 
+#: Attributes of a source array that say how to decode *its* values (CF encoding, xarray's
+#: v2 dimension names): a mask that kept them would be decoded wrongly (a scale factor applied
+#: to 0 and 1, 0 read as a fill value), so they are not copied to it.
+ENCODING_ATTRIBUTES = frozenset(
+    {
+        "_ARRAY_DIMENSIONS",
+        "_FillValue",
+        "missing_value",
+        "scale_factor",
+        "add_offset",
+        "_Unsigned",
+        "valid_min",
+        "valid_max",
+        "valid_range",
+        "dtype",
+    }
+)
+
+
+def mask_attributes(src: SourceArray) -> dict[str, Any]:
+    """A source array's attributes that its mask keeps: all but :data:`ENCODING_ATTRIBUTES`,
+    and a CF time's ``units`` and ``calendar`` (``"hours since ..."`` would make the mask a date)."""
+    attributes = {k: v for k, v in src.array.attrs.items() if k not in ENCODING_ATTRIBUTES}
+    if " since " in str(attributes.get("units", "")):
+        attributes.pop("units")
+        attributes.pop("calendar", None)
+    return attributes
+
+
+def copy_array(dest: Location, src: SourceArray) -> zarr.Array:
+    """Copy ``src`` (a coordinate) to the same path under DEST, as a Zarr v3 array.
+
+    Same dtype, shape, chunks, fill value, dimension names and attributes (xarray's v2
+    ``_ARRAY_DIMENSIONS`` become v3 ``dimension_names``); a v3 source's codecs too, so that
+    its chunk files come out byte for byte the same. Fixed-width text (numpy ``<U``) is
+    stored as Zarr's variable-length ``string``: the same values, where zarr-python warns on
+    every open of fixed-width text in v3 that its format may change. Whatever was at that
+    path is replaced (a copy a kill cut short is made again whole). Read and written a shard
+    (or chunk) at a time.
+    """
+    a = src.array
+    text = np.dtype(a.dtype).kind == "U"
+    options: dict[str, Any] = {
+        "shape": a.shape,
+        "dtype": str if text else a.dtype,
+        "chunks": a.chunks,
+        "fill_value": "" if text else a.fill_value,
+        "dimension_names": src.dimension_names,
+        "attributes": {k: v for k, v in a.attrs.items() if k != "_ARRAY_DIMENSIONS"},
+        "overwrite": True,
+    }
+    if src.zarr_format == 3 and not text:
+        options.update(shards=a.shards, filters=a.filters, compressors=a.compressors, serializer=a.serializer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zarr's notes on dtypes and codecs not yet in the v3 spec
+        root = zarr.open_group(mode="a", zarr_format=3, **_zarr_kwargs(dest))
+        parent, _, name = src.path.rpartition("/")
+        out = (root.require_group(parent) if parent else root).create_array(name, **options)
+        step = a.shards or a.chunks
+        for index in np.ndindex(*(-(-n // c) for n, c in zip(a.shape, step))):
+            region = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(index, step, a.shape))
+            out[region] = a[region]
+    return out
+
+
+def unit_labels(src: SourceArray, axis: int, coordinates: Sequence[SourceArray]) -> list[str] | None:
+    """The labels of ``src``'s units along ``axis``: the values of the dimension coordinate
+    of that axis (in the same group), as text; None where there is none."""
+    if src.dimension_names is None:
+        return None
+    parent = src.path.rpartition("/")[0]
+    name = src.dimension_names[axis]
+    path = f"{parent}/{name}" if parent else name
+    for coordinate in coordinates:
+        if coordinate.path == path and coordinate.shape == (src.shape[axis],):
+            return [str(v) for v in np.asarray(coordinate.array[...]).tolist()]
+    return None
+
+
+def consolidate(dest: Location) -> None:
+    """Write DEST's consolidated metadata (one read for ``xarray.open_zarr``): at the end of
+    a complete run only."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "not part of the Zarr v3 spec yet": we know, and xarray reads it
+        root = zarr.open_group(mode="r+", zarr_format=3, **_zarr_kwargs(dest))
+        zarr.consolidate_metadata(root.store)
+
+
+def is_consolidated(dest: Location) -> bool:
+    """Whether DEST's group holds consolidated metadata."""
+    try:
+        document = json.loads(dest.child("zarr.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(document, dict) and document.get("consolidated_metadata") is not None
+
+
+def unconsolidate(dest: Location) -> bool:
+    """Drop DEST's consolidated metadata, if any, before a run changes DEST (a partial DEST
+    is never consolidated); return whether there was some.
+
+    zarr-python keeps it under ``consolidated_metadata`` in the group's ``zarr.json``; the
+    document is otherwise left as it is.
+    """
+    node = dest.child("zarr.json")
+    try:
+        document = json.loads(node.read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(document, dict) or document.get("consolidated_metadata") is None:
+        return False
+    document.pop("consolidated_metadata")
+    node.write_text(json.dumps(document, indent=2))
+    return True
+
+
 def is_group(dest: Location) -> bool:
     """Whether ``dest`` holds a Zarr v3 group at its root."""
     try:
@@ -380,24 +536,31 @@ def is_group(dest: Location) -> bool:
 def has_array(dest: Location, path: str) -> bool:
     """Whether DEST holds an array at ``path`` ("" for DEST itself)."""
     try:
-        node = zarr.open(mode="r", **_zarr_kwargs(dest))
-        return isinstance(_member(node, path), zarr.Array)
+        return isinstance(_node_at(dest, path, mode="r"), zarr.Array)
     except (KeyError, zarr.errors.NodeNotFoundError, FileNotFoundError, ValueError):
         return False
 
 
-def _member(node: zarr.Array | zarr.Group, path: str) -> zarr.Array | zarr.Group:
-    """The node at ``path`` inside ``node`` (``node`` itself for ""); KeyError if there is none."""
-    if not path:
-        return node
-    if not isinstance(node, zarr.Group):
-        raise KeyError(path)  # a lone array has no members: missing, as a group says of one it lacks
-    return node[path]
+def _node_at(where: Location, path: str, *, mode: Literal["r", "r+"]) -> zarr.Array | zarr.Group:
+    """The node at ``path`` inside ``where`` (``where`` itself for ""); KeyError if there is none.
+
+    Read from the node's own metadata document, never from a group's consolidated metadata:
+    that lists what DEST held when it was last complete, and a mask array deleted since
+    must be seen as missing.
+    """
+    try:
+        if path:
+            return zarr.open(mode=mode, path=path, **_zarr_kwargs(where))
+        return zarr.open(mode=mode, **_zarr_kwargs(where))
+    except (zarr.errors.NodeNotFoundError, FileNotFoundError) as exc:
+        if path:  # missing, as a group says of a member it lacks (a lone array has none)
+            raise KeyError(path) from exc
+        raise
 
 
 def _array_at(where: Location, path: str, *, mode: Literal["r", "r+"]) -> zarr.Array:
     """Open the array at ``path`` inside ``where``; :class:`InputError` where a group is there instead."""
-    found = _member(zarr.open(mode=mode, **_zarr_kwargs(where)), path)
+    found = _node_at(where, path, mode=mode)
     if not isinstance(found, zarr.Array):
         raise InputError(f"{array_location(where, path)} is a Zarr group, not an array")
     return found

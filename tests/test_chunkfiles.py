@@ -26,7 +26,7 @@ from relu_dask.locations import parse_location
 
 
 def _stored(path: Path, name: str = "") -> storage.StoredArray:
-    arrays, _ = storage.open_source(parse_location(path))
+    arrays = storage.open_source(parse_location(path)).arrays
     (src,) = [a for a in arrays if a.path == name]
     assert src.stored is not None
     return src.stored

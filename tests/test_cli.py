@@ -246,13 +246,13 @@ def test_demo_small(tmp_path: Path) -> None:
     assert snapshot(source) == first
 
 
-def test_group_summary_names_skipped_arrays(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_group_summary_names_copied_coordinates(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     write_zarr(tmp_path / "g.zarr", activations((6, 4)), (3, 4), name="relu1", dimension_names=("s", "unit"))
     write_zarr(tmp_path / "g.zarr", np.arange(4), (4,), name="unit", dimension_names=("unit",))
     assert main(["run", str(tmp_path / "g.zarr"), str(tmp_path / "out.zarr"), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "relu1: 6x4 float32" in out
-    assert "skipped unit: dimension coordinate" in out
+    assert "coordinates copied as they are: unit" in out
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in Linux /proc")

@@ -16,7 +16,7 @@ from relu_dask.task import ArrayTasks
 
 def _job(tmp_path: Path, x: np.ndarray) -> ArrayTasks:
     write_zarr(tmp_path / "src.zarr", x, (8, 8))
-    (src,), _ = storage.open_source(parse_location(tmp_path / "src.zarr"))
+    (src,) = storage.open_source(parse_location(tmp_path / "src.zarr")).arrays
     plan = chunking.plan_chunks(src.shape, src.dtype.itemsize, src.chunk_shape, src.chunk_shape, None, chunks=(8, 8))
     dest = parse_location(tmp_path / "out.zarr")
     storage.create_mask_array(

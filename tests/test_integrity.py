@@ -22,6 +22,7 @@ from _support import (
     chunk_files,
     cli_env,
     journal_folder,
+    kill_at_step,
     oracle,
     read_mask,
     run_cli,
@@ -94,7 +95,6 @@ def _then_the_same_command(args: tuple[str, ...], dest: Path, x: np.ndarray) -> 
 @pytest.mark.parametrize("step", journal.STEPS)
 def test_a_kill_at_each_step_of_a_run_then_the_same_command(tmp_path: Path, step: str, overwrite: bool) -> None:
     """Each row of docs/design.md's crash-consistency table, with a real SIGKILL at that step."""
-    import psutil
 
     x = activations((64, 64), seed=12)
     write_zarr(tmp_path / "src.zarr", x, (16, 16))
@@ -102,14 +102,7 @@ def test_a_kill_at_each_step_of_a_run_then_the_same_command(tmp_path: Path, step
     args = ("run", str(tmp_path / "src.zarr"), str(dest), "--scheduler", "synchronous", "--chunks", "16,16")
     if overwrite:
         _complete_dest(tmp_path / "src.zarr", dest)  # an earlier DEST of the same job, being replaced
-    env = {**cli_env(), "RELU_DASK_STOP_AT": step}
-    proc = start_cli(*args, *(["--overwrite"] if overwrite else []), "--progress", "none", env=env)
-    end = time.monotonic() + 120
-    while psutil.Process(proc.pid).status() != psutil.STATUS_STOPPED:
-        assert proc.poll() is None and time.monotonic() < end, f"the run never reached step {step}"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    kill_at_step(step, *args, *(["--overwrite"] if overwrite else []), "--progress", "none")
     _then_the_same_command(args, dest, x)
 
 
@@ -301,20 +294,13 @@ def test_verify_of_a_whole_dest_and_of_no_dest(tmp_path: Path) -> None:
 
 def test_a_mask_array_gone_after_a_kill_at_complete_is_computed_again(tmp_path: Path) -> None:
     """Done markers outlive a kill right after "complete" is recorded: never trusted for an array made anew."""
-    import psutil
 
     a, b = activations((32, 32), seed=1), activations((32, 32), seed=2)
     write_zarr(tmp_path / "g.zarr", a, (8, 8), name="a")
     write_zarr(tmp_path / "g.zarr", b, (8, 8), name="b")
     dest = tmp_path / "out.zarr"
     args = ("run", str(tmp_path / "g.zarr"), str(dest), "--scheduler", "synchronous", "--chunks", "8,8")
-    env = {**cli_env(), "RELU_DASK_STOP_AT": "complete"}
-    proc = start_cli(*args, env=env)
-    while psutil.Process(proc.pid).status() != psutil.STATUS_STOPPED:
-        assert proc.poll() is None
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    kill_at_step("complete", *args)
     assert (journal_folder(dest) / "done" / "1").is_dir()  # the markers of b are still there
     subprocess.run(["rm", "-rf", str(dest / "b")], check=True)  # and b is lost
     again = run_cli(*args)

@@ -1,4 +1,4 @@
-"""relu_dask.run end to end on real Zarr stores: one contract, every scheduler."""
+"""relu_dask.run end to end on real Zarr stores (every scheduler: tests/test_scheduler_contract.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ from _support import activations, chunk_files, oracle, read_mask, snapshot, writ
 
 import relu_dask
 from relu_dask.errors import DestinationExistsError, InputError, UnsupportedDtypeError
-
-LOCAL = ["synchronous", "threads", "processes"]
 
 
 def make_group(path: Path, zarr_format: int = 3) -> dict[str, np.ndarray]:
@@ -36,36 +34,21 @@ def make_group(path: Path, zarr_format: int = 3) -> dict[str, np.ndarray]:
     return arrays
 
 
-@pytest.mark.parametrize("scheduler", [*LOCAL, "local"])
-def test_every_scheduler_gives_numpys_masks_and_the_same_bytes(tmp_path: Path, scheduler: str) -> None:
+def test_group_of_every_rank_and_dtype_gives_numpys_masks_and_the_same_bytes(tmp_path: Path) -> None:
+    """1-D, 2-D, 4-D, float and int arrays, one nested, a coordinate skipped; the same chunk files
+    whatever the processing blocks. (Every scheduler: tests/test_scheduler_contract.py.)"""
     source = tmp_path / "acts.zarr"
     arrays = make_group(source)
     reference = tmp_path / "reference.zarr"
     relu_dask.run(source, reference, scheduler="synchronous", chunks="1KiB")
     dest = tmp_path / "masks.zarr"
-    report = relu_dask.run(source, dest, scheduler=scheduler)
+    report = relu_dask.run(source, dest)
     for name, data in arrays.items():
         assert np.array_equal(read_mask(dest, name), oracle(data)), name
     assert chunk_files(dest) == chunk_files(reference)
     assert report.outcome == "done"
     assert {a.path for a in report.arrays} == set(arrays)
-    assert report.skipped == [{"path": "unit", "reason": "dimension coordinate"}]
-    if scheduler == "local":
-        assert report.dashboard_link is not None
-        assert report.dashboard_link.startswith("http://127.0.0.1:")
-
-
-def test_an_existing_cluster_gives_the_same_bytes(tmp_path: Path, dask_cluster: str) -> None:
-    source = tmp_path / "acts.zarr"
-    arrays = make_group(source)
-    reference, dest = tmp_path / "reference.zarr", tmp_path / "masks.zarr"
-    relu_dask.run(source, reference, scheduler="threads")
-    report = relu_dask.run(source, dest, scheduler=dask_cluster)
-    for name, data in arrays.items():
-        assert np.array_equal(read_mask(dest, name), oracle(data)), name
-    assert chunk_files(dest) == chunk_files(reference)
-    assert report.scheduler == dask_cluster
-    assert report.num_threads == 2
+    assert report.skipped == [] and report.coordinates == ["unit"]
 
 
 @pytest.mark.parametrize("zarr_format", [2, 3])

@@ -20,7 +20,7 @@ from relu_dask.locations import parse_location
 
 def _stored(path: Path) -> storage.StoredArray:
     """The one array at ``path`` as a run's tasks read it."""
-    (src,), _ = storage.open_source(parse_location(path))
+    (src,) = storage.open_source(parse_location(path)).arrays
     assert src.stored is not None
     return src.stored
 
@@ -72,9 +72,10 @@ def test_dataset_written_by_xarray(tmp_path: Path, zarr_format: int) -> None:
     report = relu_dask.run(tmp_path / "xr.zarr", tmp_path / "out.zarr")
     assert np.array_equal(read_mask(tmp_path / "out.zarr", "layer1"), oracle(acts[:, :, 0]))
     assert np.array_equal(read_mask(tmp_path / "out.zarr", "conv"), oracle(acts))
-    assert sorted(s["path"] for s in report.skipped) == ["channel", "sample", "unit"]
-    masks = xr.open_zarr(tmp_path / "out.zarr", consolidated=False)
+    assert sorted(report.coordinates) == ["channel", "sample", "unit"] and report.skipped == []
+    masks = xr.open_zarr(tmp_path / "out.zarr")
     assert masks["conv"].dims == ("sample", "unit", "channel")
+    assert masks["unit"].values.tolist() == [f"u{i}" for i in range(12)]
 
 
 @pytest.mark.parametrize("zarr_format", [2, 3])
@@ -100,9 +101,9 @@ def test_group_skips_what_has_no_relu_derivative(tmp_path: Path) -> None:
     write_zarr(tmp_path / "g.zarr", activations((6,)), (3,), name="acts")
     write_zarr(tmp_path / "g.zarr", np.array([True, False]), (2,), name="flags")
     write_zarr(tmp_path / "g.zarr", np.array([1 + 1j]), (1,), name="phase")
-    arrays, skipped = storage.open_source(parse_location(tmp_path / "g.zarr"))
-    assert [a.path for a in arrays] == ["acts"]
-    assert {s.path: s.reason for s in skipped} == {
+    contents = storage.open_source(parse_location(tmp_path / "g.zarr"))
+    assert [a.path for a in contents.arrays] == ["acts"] and contents.coordinates == []
+    assert {s.path: s.reason for s in contents.skipped} == {
         "flags": "dtype bool is not a real number type",
         "phase": "dtype complex128 is not a real number type",
     }

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import warnings
+from pathlib import Path
+
 import numpy as np
 import pytest
+import zarr
+from _support import kill_at_step, run_cli
 
+import relu_dask
 import relu_dask.xarray as rx
-from relu_dask.errors import InputError, NaNFoundError, UnsupportedDtypeError
+from relu_dask import storage
+from relu_dask.errors import DestinationExistsError, InputError, NaNFoundError, UnsupportedDtypeError
+from relu_dask.locations import parse_location
 
 xr = pytest.importorskip("xarray")
 pd = pytest.importorskip("pandas")
@@ -18,6 +28,8 @@ def toy_dataset(seed: int = 0) -> xr.Dataset:
     rng = np.random.default_rng(seed)
     fc1 = rng.standard_normal((100, 64)).astype(np.float32)
     fc1[3, 5], fc1[7, :4] = np.nan, 0.0
+    fc1[:, 17] = -np.abs(fc1[:, 17]) - 1  # a dead unit
+    fc1[:, 40] = np.abs(np.nan_to_num(fc1[:, 40]))  # an always-on unit
     conv = rng.standard_normal((100, 8, 4, 4)).astype(np.float32)
     conv[:, 2] = np.abs(conv[:, 2])  # an always-on channel
     ds = xr.Dataset(
@@ -70,3 +82,108 @@ def test_non_real_data_variables_are_left_out_and_rules_hold() -> None:
         rx.derivative_mask(ds["fc1"], nan="error").compute()
     with pytest.raises(InputError, match="DataArray or Dataset"):
         rx.derivative_mask(np.zeros(3))  # type: ignore[call-overload]
+
+
+def _write(ds: xr.Dataset, path: Path, zarr_format: int, mode: str = "w-") -> None:
+    """``ds.to_zarr``, as a user would (zarr warns that v3 fixed-width text is not in the spec yet)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.to_zarr(path, zarr_format=zarr_format, mode=mode)
+
+
+def _opened(path: Path) -> xr.Dataset:
+    """A source written by xarray, opened (v3 fixed-width text warns on every open)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return xr.open_zarr(path).compute()
+
+
+def _open_quietly(path: Path) -> xr.Dataset:
+    """``xr.open_zarr``, failing on any warning (a missing consolidated metadata warns)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return xr.open_zarr(path).compute()
+
+
+def _chunk_files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_a_dataset_written_by_xarray_comes_out_with_its_coordinates_and_attributes(
+    tmp_path: Path, zarr_format: int
+) -> None:
+    ds = toy_dataset()
+    source, dest = tmp_path / "acts.zarr", tmp_path / "masks.zarr"
+    _write(ds, source, zarr_format)
+    report = relu_dask.run(source, dest, stats=True, scheduler="synchronous", report_path=tmp_path / "r.json")
+
+    assert sorted(a.path for a in report.arrays) == ["conv", "fc1"]  # epoch and time are not masked
+    assert sorted(report.coordinates) == ["epoch", "step", "time", "unit"] and report.skipped == []
+    masks, opened = _open_quietly(dest), _opened(source)
+    assert list(masks.data_vars) == list(opened.data_vars)
+    xr.testing.assert_equal(masks, (opened >= 0).astype(np.int8))
+    for name in ("fc1", "conv"):  # bit for bit, with numpy's oracle
+        got = masks[name].values
+        assert got.dtype == np.int8 and np.array_equal(got, (ds[name].values >= 0).astype(np.int8)), name
+    for name in opened.coords:
+        xr.testing.assert_identical(masks[name], opened[name])
+        stored, copied = zarr.open_array(source / name, mode="r"), zarr.open_array(dest / name, mode="r")
+        assert copied.chunks == stored.chunks and copied.metadata.dimension_names == opened[name].dims
+        if name == "unit":  # text: the same values, as variable-length strings
+            assert np.asarray(copied[...]).tolist() == np.asarray(stored[...]).tolist()
+            continue
+        assert copied.dtype == stored.dtype, name
+        assert np.asarray(copied[...]).tobytes() == np.asarray(stored[...]).tobytes(), name
+        if zarr_format == 3:  # the same codecs: the same chunk files, byte for byte
+            files = {k: v for k, v in _chunk_files(source / name).items() if k != "zarr.json"}
+            assert files == {k: v for k, v in _chunk_files(dest / name).items() if k != "zarr.json"}, name
+    assert masks.attrs["model"] == "toy" and "relu_dask" in masks.attrs
+    assert masks.fc1.attrs["layer"] == "fc1" and "_FillValue" not in zarr.open_array(dest / "fc1").attrs
+    assert masks.fc1.dims == ("step", "unit") and masks.conv.dims == ("step", "channel", "h", "w")
+    assert storage.is_consolidated(parse_location(dest))
+
+    fc1 = next(a for a in report.arrays if a.path == "fc1").stats
+    assert fc1 is not None and fc1.unit_labels == [f"u{i}" for i in range(64)]
+    assert fc1.dead_units == [17] and fc1.always_on_units == [40]
+    saved = next(a for a in json.loads((tmp_path / "r.json").read_text())["arrays"] if a["path"] == "fc1")
+    assert saved["stats"]["dead_unit_labels"] == ["u17"] and saved["stats"]["always_on_unit_labels"] == ["u40"]
+    summary = "\n".join(relu_dask.report.render_summary(report))
+    assert "1 dead [u17 (#17)], 1 always on [u40 (#40)]" in summary
+
+    xr.testing.assert_equal(rx.derivative_mask(opened).compute(), masks)  # the Python API: the same masks
+    xr.testing.assert_equal(rx.derivative_mask(opened["fc1"]).compute(), masks["fc1"])
+
+
+def test_stats_of_masks_name_units_by_label_and_a_changed_coordinate_is_refused(tmp_path: Path) -> None:
+    source, dest = tmp_path / "acts.zarr", tmp_path / "masks.zarr"
+    _write(toy_dataset(), source, 3)
+    relu_dask.run(source, dest, scheduler="synchronous")
+    stats = relu_dask.stats_of_masks(dest)
+    fc1 = next(a for a in stats.arrays if a.path == "fc1").stats
+    assert fc1 is not None and fc1.unit_labels is not None and fc1.dead_units == [17]
+    assert [a.path for a in stats.arrays] == ["conv", "fc1"] and stats.skipped == []
+    assert relu_dask.run(source, dest, scheduler="synchronous").outcome == "already complete"
+    relabelled = toy_dataset().assign_coords(unit=[f"n{i}" for i in range(64)])
+    _write(relabelled, source, 3, mode="w")
+    with pytest.raises(DestinationExistsError, match="its coordinates changed"):
+        relu_dask.run(source, dest, scheduler="synchronous")
+
+
+def test_a_partial_dest_is_never_consolidated(tmp_path: Path) -> None:
+    source, dest = tmp_path / "acts.zarr", tmp_path / "masks.zarr"
+    _write(toy_dataset(), source, 2)
+    args = ("run", str(source), str(dest), "--scheduler", "synchronous", "--progress", "none")
+    where = parse_location(dest)
+    kill_at_step("tasks-done", *args)  # a first run, killed before it completed
+    assert dest.exists() and not storage.is_consolidated(where)
+    assert run_cli(*args).returncode == 0 and storage.is_consolidated(where)
+    shutil.rmtree(dest / "fc1")  # a complete DEST loses an array: the next run redoes it
+    kill_at_step("outputs-created", *args)
+    assert not storage.is_consolidated(where)  # dropped before anything changed
+    kill_at_step("complete", *args)  # complete, but killed before consolidating
+    assert not storage.is_consolidated(where)
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert storage.is_consolidated(where)
+    xr.testing.assert_equal(_open_quietly(dest), (_opened(source) >= 0).astype(np.int8))

@@ -412,11 +412,17 @@ def _parse_job(job: FileJob, command_line: argparse.Namespace) -> argparse.Names
     """One job's options: the job file's, else the command line's, else the defaults; or the
     exit code of argparse's one-line complaint about them."""
     parser = build_parser()
+    defaults = vars(parser.parse_args(["run"]))
+    unknown = sorted(job.keys - set(defaults))
+    if unknown:  # argparse would take a prefix (dest_chunk) for the option, and the merge would miss it
+        _say_error(
+            f"job {job.name}: unknown option(s) {', '.join(unknown)}: spell out an option of relu-dask run", EXIT_USAGE
+        )
+        return EXIT_USAGE
     try:
         own = parser.parse_args(["run", *job.argv])
     except SystemExit as exc:
         return int(exc.code or 0)
-    defaults = vars(parser.parse_args(["run"]))
     merged = {
         key: value if key in job.keys or command_line_value == defaults[key] else command_line_value
         for key, value in vars(own).items()

@@ -177,10 +177,10 @@ def _compute_distributed(session: Session, collections: Sequence[Any], mode: str
     futures = futures_of(persisted)
     try:
         _wait_with_progress(futures, mode, interval_s)
-    except KeyboardInterrupt:
+        return list(client.gather(client.compute(persisted)))
+    except BaseException:  # stopped, or a task failed: nothing starts now, and what runs finishes
         _let_running_tasks_finish(client, futures)
         raise
-    return list(client.gather(client.compute(persisted)))
 
 
 #: Seconds a stopped run waits for its running tasks (threads, or a cluster's workers).

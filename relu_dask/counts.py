@@ -17,7 +17,7 @@ __all__ = ["BlockCounts"]
 
 @dataclass(frozen=True)
 class BlockCounts:
-    """The counts of one block, or the sum of many (``a + b``)."""
+    """The counts of one block, or their sums over an array."""
 
     elements: int = 0
     """Values in the block."""
@@ -55,9 +55,6 @@ class BlockCounts:
     def recorded(self) -> list[int]:
         """What a done marker keeps of them."""
         return self.as_row()[: self.NUM_RECORDED]
-
-    def __add__(self, other: BlockCounts) -> BlockCounts:
-        return BlockCounts(*(a + b for a, b in zip(self.as_row(), other.as_row())))
 
 
 assert tuple(f.name for f in fields(BlockCounts)) == BlockCounts.FIELDS

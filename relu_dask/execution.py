@@ -1,8 +1,9 @@
 """Running a plan: SOURCE in, masks in DEST out, a :class:`RunReport` back.
 
-Use :func:`run` (the CLI's ``run`` calls it): it builds the
-:class:`~relu_dask.options.RunOptions`, plans under DEST's lock
-(:func:`relu_dask.planning.plan_run`) and calls :func:`execute`. A run is resumable and
+Use :func:`run` (or :func:`run_with` for options already built, as the CLI does): it
+builds the :class:`~relu_dask.options.RunOptions`, plans under DEST's lock
+(:func:`relu_dask.planning.plan_run`), calls :func:`execute`, then writes the report and
+plot the options ask for (:func:`deliver`). A run is resumable and
 exclusive: it holds DEST's lock (:mod:`relu_dask.journal`) while it works, every task marks
 itself done once its block is written, and rerunning the same command after a kill finishes
 only the tasks that are missing. A rerun of a complete job is a quick no-op; a rerun whose
@@ -214,7 +215,8 @@ def _execute(plan: RunPlan) -> RunReport:
     if plan.state == "fresh":
         _start_fresh(plan)
     else:
-        storage.unconsolidate(inputs.dest)  # DEST is about to change: no longer a finished group
+        if storage.unconsolidate(inputs.dest):  # DEST is about to change: no longer a finished group
+            log.info("DEST %s: consolidated metadata dropped until the run completes", inputs.dest)
         removed = storage.remove_partial_writes(inputs.dest)
         log.info(
             "resuming DEST %s: %d of %d tasks already done%s",
@@ -378,6 +380,8 @@ def _create_outputs(plan: RunPlan) -> None:
     dest = plan.dest
     if plan.inputs.is_group and not storage.is_group(dest):
         storage.create_dest_group(dest, {**plan.inputs.attributes, **_provenance(plan, None)})
+    for path, attributes in sorted(plan.inputs.groups.items()):
+        storage.create_subgroup(dest, path, attributes)
     for index, (src, chunk_plan) in enumerate(zip(plan.inputs.arrays, plan.chunk_plans)):
         if storage.has_array(dest, src.path):
             continue

@@ -9,6 +9,7 @@ parsed specs travel.
 
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -106,7 +107,7 @@ class RunOptions:
             progress_interval_s=progress_interval_s,
             report_path=_path_or_none(report_path),
             performance_report=_path_or_none(performance_report),
-            unit_axis=unit_axis if (stats or plot_path is not None) else None,
+            unit_axis=_axis(unit_axis) if (stats or plot_path is not None) else None,
             plot_path=_path_or_none(plot_path),
             storage_options=parse_storage_options(storage_options),
             dest_compressor=dest_compressor,
@@ -124,6 +125,8 @@ class RunOptions:
             raise InputError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.progress not in _PROGRESS:
             raise InputError(f"progress must be one of {', '.join(_PROGRESS)}, got {self.progress!r}")
+        if isinstance(self.progress_interval_s, bool) or not isinstance(self.progress_interval_s, int | float):
+            raise InputError(f"the progress interval must be a number of seconds, got {self.progress_interval_s!r}")
         if not self.progress_interval_s >= 0:
             raise InputError(f"the progress interval must be 0 or more seconds, got {self.progress_interval_s}")
         parse_compressor(self.dest_compressor)
@@ -142,11 +145,6 @@ class RunOptions:
             raise InputError("--storage-options only apply to URLs such as s3://bucket/path")
 
     @property
-    def stats(self) -> bool:
-        """Whether the run also counts the ones of every unit."""
-        return self.unit_axis is not None
-
-    @property
     def source_location(self) -> Location:
         return parse_location(self.source, self.storage_options)
 
@@ -154,6 +152,14 @@ class RunOptions:
     def dest_location(self) -> Location:
         """DEST as given (for a group SOURCE, :func:`relu_dask.storage.prepare_dest` may refine it)."""
         return parse_location(self.dest, self.storage_options)
+
+
+def _axis(value: int | str) -> int:
+    """An integer axis as a Python int (``1``, ``"1"``, ``np.int64(1)``)."""
+    try:
+        return operator.index(value) if not isinstance(value, str) else int(value)
+    except (TypeError, ValueError):
+        raise InputError(f"--unit-axis must be an integer axis such as -1, got {value!r}") from None
 
 
 def _path_or_none(value: str | os.PathLike[str] | None) -> str | None:

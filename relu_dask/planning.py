@@ -38,6 +38,8 @@ class RunInputs:
     """xarray's coordinates of a group SOURCE: copied into DEST unchanged."""
     attributes: dict[str, Any]
     """The SOURCE group's attributes (DEST's group keeps them)."""
+    groups: dict[str, dict[str, Any]]
+    """The SOURCE group's subgroups and their attributes, by path."""
     unit_axes: tuple[int | None, ...]
     """Per array, the unit axis of the statistics (None: no statistics, or a scalar)."""
     fingerprint: dict[str, Any]
@@ -80,6 +82,7 @@ def open_inputs(options: RunOptions) -> RunInputs:
         tuple(contents.skipped),
         tuple(contents.coordinates),
         contents.attributes,
+        contents.groups,
         unit_axes,
         fingerprint,
     )

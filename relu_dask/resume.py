@@ -94,7 +94,13 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         elif before != array:
             what = [k for k in array if before.get(k) != array[k]]
             said.append(f"{name} changed ({', '.join(what)})")
-    said.extend(f"{path or 'the source array'} is gone" for path in old_arrays)
+    now_coordinates = {c["path"] for c in new.get("coordinates", [])}
+    said.extend(
+        f"{path} is now read as xarray's coordinate: copied, no longer masked"
+        if path in now_coordinates
+        else f"{path or 'the source array'} is gone"
+        for path in old_arrays
+    )
     if "coordinates" in old and old["coordinates"] != new.get("coordinates"):  # older journals have none
         said.append("its coordinates changed")
     for option in ("rule", "nan", "dest_chunks", "dest_shards", "compressor"):

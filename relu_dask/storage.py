@@ -176,6 +176,8 @@ class SourceContents:
     """xarray's coordinates in a group: copied into DEST unchanged, never masked."""
     attributes: dict[str, Any] = field(default_factory=dict)
     """The group's attributes (empty for a lone array)."""
+    groups: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Each subgroup's attributes, by path (DEST's subgroups keep them)."""
 
 
 def _zarr_kwargs(location: Location) -> dict[str, Any]:
@@ -213,12 +215,12 @@ def open_source(source: Location) -> SourceContents:
     except (PermissionError, OSError) as exc:
         raise InputError(f"SOURCE {source} could not be read: {exc}") from exc
     found = [_source_array(name, member, source) for name, member in members if isinstance(member, zarr.Array)]
-    groups = {"": contents.attributes, **{name: dict(g.attrs) for name, g in members if isinstance(g, zarr.Group)}}
-    coordinates = coordinate_paths(found, groups)
+    contents.groups.update({name: dict(g.attrs) for name, g in members if isinstance(g, zarr.Group)})
+    coordinates = coordinate_paths(found, {"": contents.attributes, **contents.groups})
     for src in found:
-        if src.path in coordinates:
+        if src.path in coordinates and not (reason := _not_copied(src)):
             contents.coordinates.append(src)
-        elif reason := _skip_reason(src):
+        elif src.path in coordinates or (reason := _encoded(src) or _skip_reason(src)):
             contents.skipped.append(Skipped(src.path, reason))
         else:
             contents.arrays.append(src)
@@ -236,7 +238,7 @@ def coordinate_paths(arrays: list[SourceArray], groups: dict[str, dict[str, Any]
 
     ``groups``: the attributes of each group by path (``""``: SOURCE's own).
     """
-    paths = {a.path for a in arrays}
+    paths = {a.path for a in arrays if a.dimension_names is not None}  # xarray names every dimension
     found = set()
     for src in arrays:
         parent, _, leaf = src.path.rpartition("/")
@@ -255,6 +257,73 @@ def _named(group: str, names: Any, paths: set[str]) -> set[str]:
     return {p for p in (f"{group}/{n}" if group else n for n in names.split()) if p in paths}
 
 
+#: CF attributes that say a variable's stored numbers are not its values.
+_PACKED = ("scale_factor", "add_offset", "_Unsigned")
+
+
+def _encoded(src: SourceArray) -> str:
+    """Why the stored numbers of ``src`` are not the values xarray shows, or "" (plain).
+
+    relu-dask masks what is stored. A packed variable (``scale_factor``, ``add_offset``) or
+    one whose missing values are a number (``_FillValue``, ``missing_value``) would give
+    masks that disagree with the decoded values; a CF time is not an activation.
+    """
+    attrs = src.array.attrs
+    packed = [k for k in _PACKED if k in attrs]
+    if packed:
+        return f"stored packed ({', '.join(packed)}): its stored numbers are not its values; unpack it first"
+    for key in ("_FillValue", "missing_value"):
+        if key in attrs and not _is_nan(attrs[key]):
+            return f"its missing values are stored as {key} {attrs[key]!r}: write them as NaN first"
+    fill = src.array.fill_value
+    if src.zarr_format == 2 and "_ARRAY_DIMENSIONS" in attrs and fill is not None and not _is_nan(fill):
+        # xarray reads a v2 array's fill value as its missing value
+        shown = fill.item() if isinstance(fill, np.generic) else fill
+        return f"its missing values are stored as fill value {shown!r}: write them as NaN first"
+    if " since " in str(attrs.get("units", "")):
+        return f"a CF time ({attrs['units']}), not an activation"
+    return ""
+
+
+def _is_nan(value: Any) -> bool:
+    """Whether a ``_FillValue`` attribute is NaN (xarray writes floats in v3 as base64 of a float64)."""
+    if isinstance(value, str):
+        import base64
+        import binascii
+
+        try:
+            raw = base64.standard_b64decode(value)
+        except (binascii.Error, ValueError):
+            return value.lower() == "nan"
+        return len(raw) in (4, 8) and bool(np.isnan(np.frombuffer(raw, dtype="<f8" if len(raw) == 8 else "<f4")[0]))
+    try:
+        return bool(np.isnan(float(value)))
+    except (TypeError, ValueError):
+        return False
+
+
+def _not_copied(src: SourceArray) -> str:
+    """Why the coordinate ``src`` cannot be copied into a Zarr v3 DEST, or "": numbers,
+    booleans, dates and text are copied; raw bytes and other objects are not."""
+    if _is_text(src) or np.dtype(src.array.dtype).kind in "biufcmM":
+        return ""
+    return f"coordinate of dtype {src.array.dtype}: not copied (relu-dask copies numbers, dates and text)"
+
+
+def _is_text(src: SourceArray) -> bool:
+    """Whether ``src`` holds text: fixed-width (``<U``), numpy's ``StringDType``, or objects
+    that v2's ``vlen-utf8`` or v3's ``string`` say are text."""
+    kind = np.dtype(src.array.dtype).kind
+    if kind in "UT":
+        return True
+    if kind != "O":
+        return False
+    metadata = src.metadata or {}
+    if metadata.get("zarr_format") == 3:
+        return metadata.get("data_type") == "string"
+    return any(isinstance(f, dict) and f.get("id") == "vlen-utf8" for f in metadata.get("filters") or [])
+
+
 def _exists(location: Location) -> bool:
     try:
         return location.exists()
@@ -268,7 +337,10 @@ def _open_node(source: Location) -> zarr.Array | zarr.Group:
             # Opening is read-only: warnings about how other dtypes *would* be written
             # are not the user's concern here.
             warnings.simplefilter("ignore")
-            return zarr.open(mode="r", **_zarr_kwargs(source))
+            node = zarr.open(mode="r", **_zarr_kwargs(source))
+            if isinstance(node, zarr.Group):  # members as they are, not as consolidated metadata last saw them
+                node = zarr.open_group(mode="r", use_consolidated=False, **_zarr_kwargs(source))
+            return node
     except PermissionError as exc:
         raise InputError(f"SOURCE {source} is not readable (permission denied: {exc.filename})") from exc
     except (zarr.errors.NodeNotFoundError, FileNotFoundError, NotADirectoryError):
@@ -353,7 +425,7 @@ def check_replaceable_remains(dest: Location) -> None:
 
 #: The names of the files a Zarr store holds: metadata, chunk keys (v3 ``c/1/0``, ``c`` for
 #: 0-d; v2 ``1.0`` or ``1/0``), and zarr's and chunkio's temporary ``*.partial`` writes.
-_ZARR_FILE = re.compile(r"zarr\.json|\.zarray|\.zattrs|\.zgroup|\.zmetadata|c|[0-9.]+|.*\.partial")
+_ZARR_FILE = re.compile(r"zarr\.json|\.zarray|\.zattrs|\.zgroup|\.zmetadata|c|[0-9.]+|.*\.partial|\..*\.tmp-[0-9-]+")
 
 
 def _is_zarr_store(dest: Location) -> bool:
@@ -372,6 +444,14 @@ def remove_dest(dest: Location, reason: str) -> None:
 def create_dest_group(dest: Location, attributes: dict[str, Any]) -> zarr.Group:
     """Create DEST as a Zarr v3 group with ``attributes``."""
     return zarr.open_group(mode="w-", zarr_format=3, attributes=attributes, **_zarr_kwargs(dest))
+
+
+def create_subgroup(dest: Location, path: str, attributes: dict[str, Any]) -> None:
+    """Create (or keep) the group at ``path`` under DEST, with ``attributes``."""
+    root = zarr.open_group(mode="a", zarr_format=3, **_zarr_kwargs(dest))
+    group = root.require_group(path)
+    if dict(group.attrs) != attributes:
+        group.attrs.update(attributes)
 
 
 def create_mask_array(
@@ -450,14 +530,18 @@ def copy_array(dest: Location, src: SourceArray) -> zarr.Array:
     (or chunk) at a time.
     """
     a = src.array
-    text = np.dtype(a.dtype).kind == "U"
+    text = _is_text(src)
+    attributes = {k: v for k, v in a.attrs.items() if k != "_ARRAY_DIMENSIONS"}
+    if src.zarr_format == 2 and a.fill_value is not None and not text and "_FillValue" not in attributes:
+        # xarray reads a v2 array's missing values from its fill value, a v3 one's from this attribute
+        attributes["_FillValue"] = _fill_value_attribute(a.fill_value, np.dtype(a.dtype))
     options: dict[str, Any] = {
         "shape": a.shape,
         "dtype": str if text else a.dtype,
         "chunks": a.chunks,
         "fill_value": "" if text else a.fill_value,
         "dimension_names": src.dimension_names,
-        "attributes": {k: v for k, v in a.attrs.items() if k != "_ARRAY_DIMENSIONS"},
+        "attributes": attributes,
         "overwrite": True,
     }
     if src.zarr_format == 3 and not text:
@@ -486,6 +570,16 @@ def unit_labels(src: SourceArray, axis: int, coordinates: Sequence[SourceArray])
         if coordinate.path == path and coordinate.shape == (src.shape[axis],):
             return [str(v) for v in np.asarray(coordinate.array[...]).tolist()]
     return None
+
+
+def _fill_value_attribute(value: Any, dtype: np.dtype) -> Any:
+    """A fill value as xarray writes ``_FillValue`` for Zarr v3: a float as the base64 of
+    its float64 bytes, anything else as it is."""
+    if dtype.kind == "f":
+        import base64
+
+        return base64.standard_b64encode(np.float64(value).astype("<f8").tobytes()).decode("ascii")
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def consolidate(dest: Location) -> None:

@@ -302,8 +302,13 @@ dest_chunks = [4, 3]
 
 @pytest.mark.parametrize(
     ("text", "needle"),
-    [("[[job]]\nsource = 'a'\n", "dest missing"), ("[[job]\n", "not valid TOML"), ("[other]\n", "unknown table")],
-    ids=["no-dest", "bad-toml", "unknown-table"],
+    [
+        ("[[job]]\nsource = 'a'\n", "dest missing"),
+        ("[[job]\n", "not valid TOML"),
+        ("[other]\n", "unknown table"),
+        ("[[job]]\nsource = 'a'\ndest = 'b'\ndest_chunk = [2, 2]\n", "unknown option(s) dest_chunk"),
+    ],
+    ids=["no-dest", "bad-toml", "unknown-table", "abbreviated-key"],
 )
 def test_bad_job_file_is_exit_2(tmp_path: Path, text: str, needle: str) -> None:
     (tmp_path / "jobs.toml").write_text(text)

@@ -33,11 +33,13 @@ def test_options_parse_text_at_the_edge_and_are_frozen(tmp_path: Path) -> None:
     assert options.chunks == 256 * 2**20
     assert options.dest_chunks == (8, 16)
     assert options.at_zero == 0
-    assert options.unit_axis == 0 and options.stats
+    assert options.unit_axis == 0
     assert options.source == str(tmp_path / "a.zarr")
     with pytest.raises(dataclasses.FrozenInstanceError):
         options.overwrite = True  # type: ignore[misc]
     assert RunOptions.create("a", "b").unit_axis is None  # statistics only when asked for
+    assert RunOptions.create("a", "b", stats=True, unit_axis=np.int64(1)).unit_axis == 1  # type: ignore[arg-type]
+    assert RunOptions.create("a", "b", stats=True, unit_axis="-1").unit_axis == -1  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -50,6 +52,8 @@ def test_options_parse_text_at_the_edge_and_are_frozen(tmp_path: Path) -> None:
         ({"progress": "loud"}, "progress must be one of"),
         ({"dest_compressor": "lzma"}, "--dest-compressor must be one of"),
         ({"dest_chunks": (8, 0)}, "dest chunks must be positive"),
+        ({"stats": True, "unit_axis": "last"}, "--unit-axis must be an integer"),
+        ({"progress_interval_s": None}, "progress interval must be a number"),
         ({"performance_report": "p.html"}, "needs a distributed scheduler"),
     ],
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import warnings
@@ -14,7 +15,7 @@ from _support import kill_at_step, run_cli
 
 import relu_dask
 import relu_dask.xarray as rx
-from relu_dask import storage
+from relu_dask import journal, storage
 from relu_dask.errors import DestinationExistsError, InputError, NaNFoundError, UnsupportedDtypeError
 from relu_dask.locations import parse_location
 
@@ -187,3 +188,58 @@ def test_a_partial_dest_is_never_consolidated(tmp_path: Path) -> None:
     assert again.returncode == 0, again.stderr
     assert storage.is_consolidated(where)
     xr.testing.assert_equal(_open_quietly(dest), (_opened(source) >= 0).astype(np.int8))
+
+
+def test_what_cannot_be_masked_or_copied_as_it_is_is_said_and_missing_values_survive(tmp_path: Path) -> None:
+    ds = toy_dataset()
+    ds["packed"] = ds["fc1"].copy()
+    ds["packed"].encoding = {"dtype": "int16", "scale_factor": 0.1, "add_offset": -5.0, "_FillValue": -32768}
+    ds["sentinel"] = ds["fc1"].copy()
+    ds["sentinel"].encoding = {"_FillValue": 9.97e36}
+    ds["stamp"] = ("step", pd.date_range("2025-01-01", periods=100, freq="D"))  # a CF time data variable
+    lr = np.linspace(0.1, 1.0, 100)
+    lr[5] = np.nan
+    ds = ds.assign_coords(lr=("step", lr), tag=("step", np.array([b"x"] * 100, dtype=object)))
+    ds["lr"].encoding = {"_FillValue": -999.0}
+    source, dest = tmp_path / "acts.zarr", tmp_path / "masks.zarr"
+    _write(ds, source, 2)
+    report = relu_dask.run(source, dest, scheduler="synchronous")
+    reasons = {s["path"]: s["reason"] for s in report.skipped}
+    assert set(reasons) == {"packed", "sentinel", "stamp", "tag"}
+    assert "stored packed" in reasons["packed"] and "missing values are stored as" in reasons["sentinel"]
+    assert "CF time" in reasons["stamp"] and "not copied" in reasons["tag"]
+    assert sorted(a.path for a in report.arrays) == ["conv", "fc1"]
+    masks = _open_quietly(dest)
+    assert np.isnan(masks["lr"].values[5]) and masks["lr"].values[4] == pytest.approx(lr[4])  # -999 read as missing
+    expected = (_opened(source)[["fc1", "conv"]] >= 0).astype(np.int8).drop_vars("tag")  # tag: not copied
+    xr.testing.assert_equal(masks[["fc1", "conv"]], expected)
+
+
+def test_subgroups_keep_their_attributes_and_coordinates(tmp_path: Path) -> None:
+    source, dest = tmp_path / "tree.zarr", tmp_path / "masks.zarr"
+    layer = toy_dataset().drop_vars("conv").assign_attrs(layer="dense")
+    _write(xr.Dataset(attrs={"model": "toy"}), source, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer.to_zarr(source, group="layer1", zarr_format=3, mode="a")
+    relu_dask.run(source, dest, scheduler="synchronous")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        masks = xr.open_zarr(dest, group="layer1").compute()
+    assert masks.attrs["layer"] == "dense"
+    assert set(masks.coords) == {"step", "unit", "epoch", "time"} and list(masks.data_vars) == ["fc1"]
+    assert np.array_equal(masks["fc1"].values, (layer["fc1"].values >= 0).astype(np.int8))
+
+
+def test_a_dest_whose_arrays_are_now_coordinates_is_refused_with_the_reason(tmp_path: Path) -> None:
+    source, dest = tmp_path / "acts.zarr", tmp_path / "masks.zarr"
+    _write(toy_dataset(), source, 3)
+    relu_dask.run(source, dest, scheduler="synchronous")
+    record = journal.read_record(parse_location(dest))
+    assert record is not None
+    old = dict(record.fingerprint)  # as an earlier relu-dask recorded it: epoch masked as an array
+    old["arrays"] = [*old["arrays"], {"path": "epoch"}]
+    old.pop("coordinates")
+    journal.write_record(parse_location(dest), dataclasses.replace(record, fingerprint=old))
+    with pytest.raises(DestinationExistsError, match="epoch is now read as xarray's coordinate"):
+        relu_dask.run(source, dest, scheduler="synchronous")

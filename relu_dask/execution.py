@@ -19,6 +19,7 @@ import math
 import os
 import signal
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -227,7 +228,8 @@ def _execute(plan: RunPlan) -> RunReport:
         )
         _create_outputs(plan)
     journal.reach_step("outputs-created")
-    array_tasks = _array_tasks(plan, report)
+    run = uuid.uuid4().hex  # this run's tasks, apart from any other run's in this process
+    array_tasks = _array_tasks(plan, report, run)
     log.info(
         "start: %s -> %s, %d task(s) over %d array(s) on %s",
         inputs.source,
@@ -250,8 +252,8 @@ def _execute(plan: RunPlan) -> RunReport:
     to_compute = [t for t in tasks if t is not None]
     options = plan.options
     start, start_cpu = time.perf_counter(), time.process_time()
-    allow_tasks()
-    with _processing_errors(inputs.dest), _stopping(plan):
+    allow_tasks(run)
+    with _processing_errors(inputs.dest), _stopping(plan, run):
         try:
             results = compute(
                 session, to_compute, options.progress, options.progress_interval_s, options.performance_report
@@ -260,7 +262,7 @@ def _execute(plan: RunPlan) -> RunReport:
             # A task failed (a NaN with --nan error, a disk full): the pool's other threads may
             # still run theirs. None starts now, and those running finish, before DEST is
             # removed or its lock let go.
-            wait_for_running_tasks(STOP_GRACE_S)
+            wait_for_running_tasks(run, STOP_GRACE_S)
             raise
         finally:
             _release_buffers(session)
@@ -308,14 +310,14 @@ def _start_fresh(plan: RunPlan) -> None:
 
 
 @contextlib.contextmanager
-def _stopping(plan: RunPlan) -> Iterator[None]:
+def _stopping(plan: RunPlan, run: str) -> Iterator[None]:
     """On SIGTERM or Ctrl-C: no new task starts; those running may finish (up to
     :data:`STOP_GRACE_S`) and mark themselves done; then one line says how far it got."""
     try:
         yield
     except KeyboardInterrupt as stop:
         signum = getattr(stop, "signum", signal.SIGINT)
-        still = wait_for_running_tasks(STOP_GRACE_S)
+        still = wait_for_running_tasks(run, STOP_GRACE_S)
         done = sum(journal.count_done(plan.dest, i) for i in range(len(plan.inputs.arrays)))
         name = signal.Signals(signum).name
         left = f"; {still} task(s) still running were let go" if still else ""
@@ -400,7 +402,7 @@ def _create_outputs(plan: RunPlan) -> None:
         storage.copy_array(dest, coordinate)
 
 
-def _array_tasks(plan: RunPlan, report: RunReport) -> list[ArrayTasks]:
+def _array_tasks(plan: RunPlan, report: RunReport, run: str) -> list[ArrayTasks]:
     """Each array's tasks, with the mask arrays opened as they are now in DEST."""
     out = []
     options, inputs = plan.options, plan.inputs
@@ -422,6 +424,7 @@ def _array_tasks(plan: RunPlan, report: RunReport) -> list[ArrayTasks]:
                 done_dir=journal.done_dir(inputs.dest, index),
                 unit_axis=inputs.unit_axes[index],
                 token=token,
+                run=run,
             )
         )
     return out

@@ -49,6 +49,8 @@ class ArrayTasks:
     """Where tasks mark themselves done (see :mod:`relu_dask.journal`); None for nowhere."""
     unit_axis: int | None = None
     """With ``--stats``: the axis of the units, whose ones each task also counts per unit."""
+    run: str = ""
+    """The run the tasks belong to (an id of its own), for stopping them: see :func:`wait_for_running_tasks`."""
 
     @property
     def row_width(self) -> int:
@@ -75,12 +77,13 @@ def process_block(tasks: ArrayTasks, block_id: tuple[int, ...] | None = None) ->
     counts of all blocks into one small array.
     """
     assert block_id is not None, "dask passes block_id"
-    with _running():
+    with _running(tasks.run):
         return _process_block(tasks, block_id)
 
 
-_RUNNING = [0]
-_STOPPING = [False]
+#: Per run (its id): tasks running in this process, and whether the run was told to stop.
+_RUNNING: dict[str, int] = {}
+_STOPPED: set[str] = set()
 _RUNNING_CHANGED = threading.Condition()
 
 
@@ -88,39 +91,42 @@ class TaskNotStarted(Exception):
     """The run was told to stop before this task began: it did nothing."""
 
 
-def allow_tasks() -> None:
-    """Let tasks start (again) in this process: at the start of every run's computation."""
+def allow_tasks(run: str) -> None:
+    """Let the tasks of ``run`` start in this process: at the start of its computation."""
     with _RUNNING_CHANGED:
-        _STOPPING[0] = False
+        _STOPPED.discard(run)
 
 
 @contextlib.contextmanager
-def _running() -> Iterator[None]:
+def _running(run: str) -> Iterator[None]:
     with _RUNNING_CHANGED:
-        if _STOPPING[0]:  # handed to a pool thread just before the stop: it must not write now
+        if run in _STOPPED:  # handed to a pool thread just before the stop: it must not write now
             raise TaskNotStarted("the run was stopped")
-        _RUNNING[0] += 1
+        _RUNNING[run] = _RUNNING.get(run, 0) + 1
     try:
         yield
     finally:
         with _RUNNING_CHANGED:
-            _RUNNING[0] -= 1
+            _RUNNING[run] -= 1
+            if not _RUNNING[run]:
+                del _RUNNING[run]
             _RUNNING_CHANGED.notify_all()
 
 
-def wait_for_running_tasks(timeout_s: float) -> int:
-    """Stop tasks from starting in this process, and wait until none runs (at most ``timeout_s``);
-    return how many still run.
+def wait_for_running_tasks(run: str, timeout_s: float) -> int:
+    """Stop the tasks of ``run`` from starting in this process, and wait until none of them
+    runs (at most ``timeout_s``); return how many still run.
 
-    A run told to stop (SIGTERM, Ctrl-C) lets the tasks that have started finish, so that
-    they write their masks and mark themselves done, before it lets go of DEST's lock.
+    A run told to stop (SIGTERM, Ctrl-C), or one of whose tasks failed, lets the tasks that
+    have started finish, so that they write their masks and mark themselves done, before it
+    removes DEST or lets go of its lock. Other runs in the same process go on.
     """
     end = time.monotonic() + timeout_s
     with _RUNNING_CHANGED:
-        _STOPPING[0] = True  # from now on no task of this process starts
-        while _RUNNING[0] and (left := end - time.monotonic()) > 0:
+        _STOPPED.add(run)  # from now on no task of this run starts in this process
+        while _RUNNING.get(run) and (left := end - time.monotonic()) > 0:
             _RUNNING_CHANGED.wait(left)
-        return _RUNNING[0]
+        return _RUNNING.get(run, 0)
 
 
 def _process_block(tasks: ArrayTasks, block_id: tuple[int, ...]) -> np.ndarray:

@@ -31,7 +31,9 @@ from _support import (
 )
 from test_batch import markers, wait_for, wait_until_stopped
 
+import relu_dask
 from relu_dask import journal
+from relu_dask.errors import NaNFoundError
 from relu_dask.locations import parse_location
 
 #: Many small chunk files, so that deleting DEST takes long enough to be stopped part way.
@@ -383,3 +385,30 @@ def big_source_for_stop(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
     proc = run_cli("run", str(folder / "src.zarr"), str(reference), "--scheduler", "synchronous", "--chunks", "256,512")
     assert proc.returncode == 0, proc.stderr
     return folder / "src.zarr", reference
+
+
+def test_a_failing_run_does_not_stop_another_run_in_the_same_process(tmp_path: Path) -> None:
+    """Runs in threads of one process: one stopping on NaN lets its own tasks finish, not the other's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    x = activations((512, 512), seed=3)
+    y = activations((64, 64), seed=4)
+    y[40, 3] = np.nan
+    write_zarr(tmp_path / "a.zarr", x, (16, 16))
+    write_zarr(tmp_path / "b.zarr", y, (16, 16))
+    with ThreadPoolExecutor(2) as pool:
+        long_run = pool.submit(
+            relu_dask.run, tmp_path / "a.zarr", tmp_path / "a-masks.zarr", scheduler="threads", chunks="16,16"
+        )
+        while not (tmp_path / "a-masks.zarr").exists():  # the long run is under way
+            time.sleep(0.005)
+        failing = pool.submit(
+            relu_dask.run, tmp_path / "b.zarr", tmp_path / "b-masks.zarr", scheduler="threads", nan="error"
+        )
+        with pytest.raises(NaNFoundError):
+            failing.result()
+        assert not long_run.done(), "the failure came after the long run: nothing was tested"
+        report = long_run.result()
+    assert report.outcome == "done" and report.tasks_done_now == 32 * 32
+    assert np.array_equal(read_mask(tmp_path / "a-masks.zarr"), oracle(x))
+    assert not (tmp_path / "b-masks.zarr").exists()

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from dask.base import tokenize
 
-from relu_dask import chunking, chunkio, journal, storage
+from relu_dask import chunking, chunkio, conventions, journal, storage
 from relu_dask.computing import PROGRESS_INTERVAL_S, STOP_GRACE_S, Progress, compute
 from relu_dask.counts import BlockCounts
 from relu_dask.errors import NaNFoundError, ProcessingError, ReluDaskError, RunStopped
@@ -395,7 +395,7 @@ def _create_outputs(plan: RunPlan) -> None:
             chunk_shape=chunk_plan.dest_chunk_shape,
             shard_shape=chunk_plan.dest_shard_shape,
             dimension_names=src.dimension_names,
-            attributes={**storage.mask_attributes(src), **_provenance(plan, src)},
+            attributes={**conventions.mask_attributes(src), **_provenance(plan, src)},
             compressor=plan.options.dest_compressor,
         )
     for coordinate in plan.inputs.coordinates:  # small, and copied again whole after a kill
@@ -488,7 +488,7 @@ def _set_stats(
 ) -> None:
     if axis is not None and unit_ones is not None:
         samples = math.prod(n for a, n in enumerate(src.shape) if a != axis)
-        labels = storage.unit_labels(src, axis, coordinates)
+        labels = conventions.unit_labels(src, axis, coordinates)
         entry.stats = summarize_units(np.asarray(unit_ones), samples, axis, labels)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from relu_dask import chunking, storage
+from relu_dask import chunking, conventions, storage
 from relu_dask.computing import compute
 from relu_dask.graph import unit_ones_of_mask
 from relu_dask.locations import Location, parse_location, parse_storage_options
@@ -92,7 +92,7 @@ def stats_of_masks(
                 (ones,) = compute(session, [unit_ones_of_mask(src.array, plan, axis)], progress="none")
                 unit_ones = np.asarray(ones)
                 samples = math.prod(n for a, n in enumerate(src.shape) if a != axis)
-                labels = storage.unit_labels(src, axis, contents.coordinates)
+                labels = conventions.unit_labels(src, axis, contents.coordinates)
                 entry.stats = summarize_units(unit_ones, samples, axis, labels)
                 entry.num_ones = int(unit_ones.sum())
             report.arrays.append(entry)

@@ -65,7 +65,7 @@ CODEC_IDS: tuple[str, ...] = ("zstd", "blosc")
 STORED = "stored"
 #: The role of the decoded chunk :func:`read_chunk` returns.
 CHUNK = "chunk"
-#: The role of a block assembled from several chunks (:func:`relu_dask.storage.read_block`).
+#: The role of a block assembled from several chunks (:func:`relu_dask.blocks.read_block`).
 BLOCK = "block"
 #: The role of a chunk padded to its full shape before it is written.
 PADDED = "padded"

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from dask.base import tokenize
 
-from relu_dask import chunking, chunkio, conventions, journal, storage
+from relu_dask import blocks, chunking, chunkio, conventions, journal, storage
 from relu_dask.computing import PROGRESS_INTERVAL_S, STOP_GRACE_S, Progress, compute
 from relu_dask.counts import BlockCounts
 from relu_dask.errors import NaNFoundError, ProcessingError, ReluDaskError, RunStopped
@@ -430,7 +430,7 @@ def _array_tasks(plan: RunPlan, report: RunReport, run: str) -> list[ArrayTasks]
     return out
 
 
-def _set_io_paths(entry: ArrayReport, source: storage.StoredArray, dest: storage.StoredArray) -> None:
+def _set_io_paths(entry: ArrayReport, source: blocks.StoredArray, dest: blocks.StoredArray) -> None:
     """Say in the report, and in the debug log, how the tasks read and write this array."""
     entry.read_path, entry.read_path_reason = source.io_path, source.why_not_direct
     entry.write_path, entry.write_path_reason = dest.io_path, dest.why_not_direct

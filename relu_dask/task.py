@@ -3,7 +3,7 @@
 Use :func:`process_block` through :mod:`relu_dask.graph`, which makes one task of it per
 block (dask calls it with the block's index). Everything a task needs travels in its
 :class:`ArrayTasks`: the source and mask arrays with how their chunks are read and written
-(:class:`relu_dask.storage.StoredArray`), the plan, the rule, and where to mark itself
+(:class:`relu_dask.blocks.StoredArray`), the plan, the rule, and where to mark itself
 done (:mod:`relu_dask.journal`). It returns only a few counts, never the block.
 """
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numexpr
 import numpy as np
 
-from relu_dask import chunkio, journal, storage
+from relu_dask import blocks, chunkio, journal
 from relu_dask.chunking import ChunkPlan
 from relu_dask.counts import BlockCounts
 from relu_dask.errors import NaNFoundError
@@ -32,9 +32,9 @@ __all__ = ["ArrayTasks", "TaskNotStarted", "allow_tasks", "process_block", "wait
 class ArrayTasks:
     """The tasks of one array: where to read, where to write, how to cut, which rule."""
 
-    source: storage.StoredArray
+    source: blocks.StoredArray
     """The source array (read-only) and how its chunks are read."""
-    dest: storage.StoredArray
+    dest: blocks.StoredArray
     """The int8 mask array, created beforehand, and how its chunks are written."""
     plan: ChunkPlan
     at_zero: int = 1
@@ -141,7 +141,7 @@ def _process_block(tasks: ArrayTasks, block_id: tuple[int, ...]) -> np.ndarray:
     if tasks.engine != "numpy" and numexpr.get_num_threads() != tasks.numexpr_threads:
         set_numexpr_threads(tasks.numexpr_threads)
     with chunkio.scratch() as into:  # buffers reused from block to block, one set per running task
-        block = storage.read_block(tasks.source, slices, into)
+        block = blocks.read_block(tasks.source, slices, into)
         nans, zeros = _count_nans_and_zeros(block, into.take(chunkio.FLAGS, (min(block.size, _SLAB),), np.bool_))
         if nans and tasks.nan_policy == "error":
             raise NaNFoundError(_describe_nan(tasks, block, slices))
@@ -149,7 +149,7 @@ def _process_block(tasks: ArrayTasks, block_id: tuple[int, ...]) -> np.ndarray:
         mask = into.take(chunkio.STORED, block.shape, np.int8)
         relu_derivative(block, mask, at_zero=tasks.at_zero, engine=tasks.engine)
         counts = BlockCounts(block.size, int(np.count_nonzero(mask)), nans, zeros, elements_read=block.size)
-        storage.write_block(tasks.dest, slices, mask, into)
+        blocks.write_block(tasks.dest, slices, mask, into)
         per_unit: list[int] = []
         if tasks.unit_axis is not None:
             others = tuple(a for a in range(ndim) if a != tasks.unit_axis)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from relu_dask import journal, storage
+from relu_dask import blocks, journal, storage
 from relu_dask.errors import InputError
 from relu_dask.locations import Location, parse_location, parse_storage_options
 from relu_dask.schedulers import count_cores
@@ -110,7 +110,7 @@ def _verify_array(
 
 
 def _count_block(
-    mask: storage.StoredArray, coords: tuple[int, ...], block: list[int], name: str
+    mask: blocks.StoredArray, coords: tuple[int, ...], block: list[int], name: str
 ) -> tuple[int, list[str], int]:
     """The ones of one block, read a stored chunk at a time; the chunks that do not decode."""
     shape, unit = mask.array.shape, mask.stored_unit  # a shard at a time where sharded: its key names it

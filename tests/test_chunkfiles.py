@@ -20,12 +20,12 @@ import zarr
 from _support import PYTHON, activations, cli_env, oracle, read_mask, write_zarr
 
 import relu_dask
-from relu_dask import chunkio, storage
+from relu_dask import blocks, chunkio, storage
 from relu_dask.chunkfiles import ChunkFiles, NotDirect, chunk_key_encoding, describe_chunk_files, format_chunk_key
 from relu_dask.locations import parse_location
 
 
-def _stored(path: Path, name: str = "") -> storage.StoredArray:
+def _stored(path: Path, name: str = "") -> blocks.StoredArray:
     arrays = storage.open_source(parse_location(path)).arrays
     (src,) = [a for a in arrays if a.path == name]
     assert src.stored is not None
@@ -83,7 +83,7 @@ def test_arrays_zarr_writes_take_the_path_they_should_with_zarrs_bits(
     stored = _stored(tmp_path / "a.zarr")
     assert stored.io_path == path, stored.why_not_direct
     assert why in stored.why_not_direct
-    got = storage.read_block(stored, (slice(0, 29), slice(0, 35)), chunkio.Scratch())
+    got = blocks.read_block(stored, (slice(0, 29), slice(0, 35)), chunkio.Scratch())
     assert _same_bits(got, np.asarray(zarr.open_array(str(tmp_path / "a.zarr"), mode="r")[...]))
 
 
@@ -97,7 +97,7 @@ def test_xarray_datasets_are_read_directly(tmp_path: Path, zarr_format: int) -> 
         ds.to_zarr(tmp_path / "xr.zarr", zarr_format=zarr_format, consolidated=True)
     stored = _stored(tmp_path / "xr.zarr", "fc1")
     assert stored.io_path == "direct", stored.why_not_direct
-    assert _same_bits(storage.read_block(stored, (slice(0, 20), slice(0, 12))), acts)
+    assert _same_bits(blocks.read_block(stored, (slice(0, 20), slice(0, 12))), acts)
 
 
 @pytest.mark.parametrize(
@@ -124,7 +124,7 @@ def test_tensorstore_arrays_take_the_path_they_should(tmp_path: Path, driver: st
     ts.open(spec, create=True).result().write(x).result()
     stored = _stored(tmp_path / "ts.zarr")
     assert stored.io_path == path, stored.why_not_direct
-    assert _same_bits(storage.read_block(stored, (slice(3, 40), slice(0, 29)), chunkio.Scratch()), x[3:40, :29])
+    assert _same_bits(blocks.read_block(stored, (slice(3, 40), slice(0, 29)), chunkio.Scratch()), x[3:40, :29])
 
 
 @pytest.mark.parametrize("fill", [0.0, float("nan"), 2.5, -1.0, float("inf")], ids=["0", "nan", "2.5", "-1", "inf"])
@@ -153,7 +153,7 @@ def test_unstored_chunks_read_as_the_fill_value_on_both_paths(
     want = np.full((10, 9), fill, dtype="float32")
     want[0:4, 0:4] = 1.5
     for sel in [(slice(0, 10), slice(0, 9)), (slice(4, 8), slice(4, 8)), (slice(5, 10), slice(2, 9))]:
-        assert _same_bits(storage.read_block(stored, sel, chunkio.Scratch()), want[sel])
+        assert _same_bits(blocks.read_block(stored, sel, chunkio.Scratch()), want[sel])
 
 
 def _v3(**overrides: Any) -> dict[str, Any]:

@@ -163,7 +163,7 @@ LAYERS = [
     {"graph"},
     {"task"},
     {"computing", "storage", "journal", "report"},
-    {"schedulers"},
+    {"schedulers", "blocks"},
     {"chunkfiles"},
     {"chunkio", "kernel", "stats", "locations", "chunking", "counts", "conventions"},
     {"errors"},

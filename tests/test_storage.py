@@ -13,12 +13,12 @@ from _support import activations, oracle, read_mask, write_zarr
 from numcodecs import Delta
 
 import relu_dask
-from relu_dask import storage
+from relu_dask import blocks, storage
 from relu_dask.errors import DamagedSourceError, InputError, UnsupportedDtypeError
 from relu_dask.locations import parse_location
 
 
-def _stored(path: Path) -> storage.StoredArray:
+def _stored(path: Path) -> blocks.StoredArray:
     """The one array at ``path`` as a run's tasks read it."""
     (src,) = storage.open_source(parse_location(path)).arrays
     assert src.stored is not None
@@ -191,7 +191,7 @@ def test_read_block_gives_zarrs_bits_for_any_selection(tmp_path: Path, zarr_form
     @given(st.integers(0, 28), st.integers(1, 29), st.integers(0, 34), st.integers(1, 35), st.booleans())
     def check(r0: int, nr: int, c0: int, nc: int, reuse: bool) -> None:
         sel = (slice(r0, min(29, r0 + nr)), slice(c0, min(35, c0 + nc)))
-        got = storage.read_block(array, sel, reused if reuse else None)
+        got = blocks.read_block(array, sel, reused if reuse else None)
         want = array.array[sel]
         assert got.shape == want.shape
         native = want.dtype.newbyteorder("=")
@@ -199,7 +199,7 @@ def test_read_block_gives_zarrs_bits_for_any_selection(tmp_path: Path, zarr_form
         assert got.astype(native).tobytes() == np.ascontiguousarray(want, dtype=native).tobytes()
 
     check()
-    aligned = storage.read_block(array, (slice(4, 8), slice(6, 12)), reused)  # exactly one stored chunk
+    aligned = blocks.read_block(array, (slice(4, 8), slice(6, 12)), reused)  # exactly one stored chunk
     assert np.array_equal(aligned, array.array[4:8, 6:12], equal_nan=True)
 
 
@@ -227,7 +227,7 @@ def test_write_block_writes_the_chunk_files_zarr_writes(tmp_path: Path, compress
     assert mine.io_path == "direct", mine.why_not_direct
     scratch = chunkio.Scratch()
     for sel in [(slice(0, 8), slice(0, 6)), (slice(8, 10), slice(0, 7)), (slice(0, 8), slice(6, 7))]:
-        storage.write_block(mine, sel, x[sel], scratch)
+        blocks.write_block(mine, sel, x[sel], scratch)
     files = [
         sorted(p.relative_to(tmp_path / n) for p in (tmp_path / n / "c").rglob("*") if p.is_file())
         for n in ("by-zarr.zarr", "by-relu-dask.zarr")
@@ -236,7 +236,7 @@ def test_write_block_writes_the_chunk_files_zarr_writes(tmp_path: Path, compress
     for f in files[0]:
         assert (tmp_path / "by-zarr.zarr" / f).read_bytes() == (tmp_path / "by-relu-dask.zarr" / f).read_bytes()
     # A chunk rewritten as all fill value is removed, as zarr removes it (a resumed block).
-    storage.write_block(mine, (slice(0, 8), slice(0, 6)), np.zeros((8, 6), dtype), scratch)
+    blocks.write_block(mine, (slice(0, 8), slice(0, 6)), np.zeros((8, 6), dtype), scratch)
     assert not (tmp_path / "by-relu-dask.zarr" / "c" / "1" / "1").exists()
     assert np.array_equal(zarr.open_array(str(tmp_path / "by-relu-dask.zarr"))[:8, :6], np.zeros((8, 6), dtype))
 
@@ -248,14 +248,14 @@ def test_write_block_leaves_a_cut_chunk_and_a_sharded_array_to_zarr(tmp_path: Pa
     plain = zarr.create_array(store=str(tmp_path / "plain.zarr"), shape=(8, 8), chunks=(4, 4), dtype="i1")
     plain[...] = x
     stored = storage.open_mask_array(parse_location(tmp_path / "plain.zarr"), "")
-    storage.write_block(stored, (slice(2, 6), slice(0, 8)), -x[2:6], chunkio.Scratch())  # cuts chunks: zarr merges
+    blocks.write_block(stored, (slice(2, 6), slice(0, 8)), -x[2:6], chunkio.Scratch())  # cuts chunks: zarr merges
     want = x.copy()
     want[2:6] = -x[2:6]
     assert np.array_equal(plain[...], want)
     sharded = zarr.create_array(store=str(tmp_path / "s.zarr"), shape=(8, 8), chunks=(2, 2), shards=(4, 4), dtype="i1")
     stored = storage.open_mask_array(parse_location(tmp_path / "s.zarr"), "")
     assert stored.io_path == "zarr" and "sharding_indexed" in stored.why_not_direct
-    storage.write_block(stored, (slice(0, 8), slice(0, 8)), x, chunkio.Scratch())
+    blocks.write_block(stored, (slice(0, 8), slice(0, 8)), x, chunkio.Scratch())
     assert np.array_equal(sharded[...], x)
 
 
@@ -282,10 +282,10 @@ def test_read_block_refuses_a_chunk_file_of_the_wrong_size_as_zarr_does(tmp_path
     with pytest.raises(Exception) as zarrs_error:
         array.array[4:8, 0:4]
     with pytest.raises(DamagedSourceError, match="restore or rewrite that chunk") as ours:
-        storage.read_block(array, (slice(4, 8), slice(0, 4)))
+        blocks.read_block(array, (slice(4, 8), slice(0, 4)))
     assert str(chunk_file) in str(ours.value)  # named, with zarr's own error as the cause
     assert isinstance(ours.value.__cause__, type(zarrs_error.value))
-    assert np.array_equal(storage.read_block(array, (slice(0, 4), slice(0, 8))), np.arange(32.0).reshape(4, 8))
+    assert np.array_equal(blocks.read_block(array, (slice(0, 4), slice(0, 8))), np.arange(32.0).reshape(4, 8))
 
 
 def test_opening_an_array_where_there_is_a_group_or_nothing(tmp_path: Path) -> None:

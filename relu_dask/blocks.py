@@ -1,0 +1,244 @@
+"""Blocks in and out of a stored array: through its chunk files, or through zarr.
+
+:func:`describe_stored` decides once per array how its chunks are handled
+(:class:`StoredArray`): where :mod:`relu_dask.chunkfiles` says relu_dask can do the byte
+work itself, its chunk files are read and written directly (:mod:`relu_dask.chunkio`),
+else through zarr's public ``Array[...]``. :func:`read_block` and :func:`write_block` move
+one block in or out. With :mod:`relu_dask.storage`, the only modules that import zarr.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+import zarr.errors
+
+from relu_dask import chunkio
+from relu_dask.chunkfiles import (
+    ChunkFiles,
+    NotDirect,
+    chunk_key_encoding,
+    describe_chunk_files,
+    format_chunk_key,
+    parse_metadata,
+)
+from relu_dask.errors import DamagedSourceError
+from relu_dask.locations import Location
+
+__all__ = ["StoredArray", "describe_stored", "read_block", "read_metadata", "write_block"]
+
+
+@dataclass(frozen=True)
+class StoredArray:
+    """One array as the tasks read and write it: zarr's Array, and its chunk files where
+    relu_dask does the byte work itself (:mod:`relu_dask.chunkfiles` decides, once per array).
+
+    :func:`read_block` and :func:`write_block` take the path this decision gives; nothing
+    else asks which one it is.
+    """
+
+    array: zarr.Array
+    """The zarr Array (read-only for a source)."""
+    files: ChunkFiles | None
+    """Its chunk files, read and written by :mod:`relu_dask.chunkio`; None: through zarr."""
+    why_not_direct: str = ""
+    """Why ``files`` is None, in words."""
+    where: str = ""
+    """Where the array is (its URL), for messages."""
+    keys: tuple[str, str] | None = None
+    """Its chunk key encoding (prefix, separator), for messages; None if not one of the spec's."""
+
+    def describe_chunk(self, coords: tuple[int, ...]) -> str:
+        """The stored object at ``coords`` in words: its file where the key encoding is known."""
+        if self.files is not None:
+            return f"chunk file {self.files.path(coords)}"
+        if self.keys is not None:
+            return f"chunk {format_chunk_key(coords, *self.keys)} of {self.where}"
+        return f"chunk {coords} of {self.where}"
+
+    @property
+    def io_path(self) -> str:
+        """``"direct"`` (chunk files by chunkio) or ``"zarr"`` (zarr's public API)."""
+        return "direct" if self.files is not None else "zarr"
+
+    @property
+    def stored_unit(self) -> tuple[int, ...]:
+        """The shape of one stored object: the shard if sharded, else the chunk."""
+        shards = getattr(self.array, "shards", None)
+        return tuple(shards) if shards else tuple(self.array.chunks)
+
+
+def read_metadata(location: Location) -> dict[str, Any] | None:
+    """The metadata document of the array at ``location`` (``zarr.json`` or ``.zarray``), if readable."""
+    for name in ("zarr.json", ".zarray"):  # one read where it is v3: a request each on object stores
+        try:
+            raw = location.child(name).read_bytes()
+        except (OSError, ValueError):
+            continue
+        try:
+            return parse_metadata(raw)
+        except ValueError:  # not JSON: zarr will have said so when it opened the array
+            return None
+    return None
+
+
+def describe_stored(array: zarr.Array, location: Location | None, metadata: dict[str, Any] | None) -> StoredArray:
+    """Decide how the tasks read and write ``array`` (stored at ``location``)."""
+    where = str(location) if location is not None else "the array"
+    keys = chunk_key_encoding(metadata) if metadata is not None else None
+    if location is None or not location.is_local:
+        return StoredArray(array, None, "not on the local file system", where, keys)
+    if metadata is None:
+        return StoredArray(array, None, "no metadata document readable", where, keys)
+    described = describe_chunk_files(location.path, metadata)
+    if isinstance(described, NotDirect):
+        return StoredArray(array, None, described.reason, where, keys)
+    if not _agrees(described, array):
+        reason = "its metadata document differs from what zarr opened (consolidated metadata out of date?)"
+        return StoredArray(array, None, reason, where, keys)
+    return StoredArray(array, described, "", where, keys)
+
+
+def _agrees(files: ChunkFiles, array: zarr.Array) -> bool:
+    """Whether the array's own metadata document says what zarr's Array says (shape, chunks,
+    dtype, fill value): a group's consolidated metadata, which zarr reads instead, may be stale."""
+    native = files.format.dtype.newbyteorder("=")
+    try:
+        fill = np.asarray(0 if array.fill_value is None else array.fill_value, dtype=native)
+    except (TypeError, ValueError):
+        return False
+    return (
+        tuple(array.shape) == files.shape
+        and not getattr(array, "shards", None)
+        and tuple(array.chunks) == files.format.chunk_shape
+        and np.dtype(array.dtype).newbyteorder("=") == native
+        and fill.tobytes() == np.asarray(files.fill_value, dtype=native).tobytes()
+    )
+
+
+def read_block(stored: StoredArray, selection: tuple[slice, ...], into: chunkio.Scratch | None = None) -> np.ndarray:
+    """Read ``array[selection]`` a stored object (chunk or shard) at a time.
+
+    zarr's own read of a whole block fetches every chunk of the selection, decodes them
+    all, then copies each into a new output: about three times the block in memory at
+    once. Here each stored object is read and copied into the output before the next one
+    (unless it is the whole selection: then it is returned as is), so a task holds the
+    block plus one object's compressed and decoded bytes. Chunk files that
+    :mod:`relu_dask.chunkfiles` describes are decoded by :mod:`relu_dask.chunkio` straight
+    into the buffers of ``into``, which a task reuses from block to block; an unstored one
+    reads as the fill value. Anything else, and a chunk file chunkio declines (one of
+    another size), is read with zarr's ``array[...]``. Either way the values are the same bits.
+
+    With ``into``, the result may be a view of its buffers: valid until ``into`` reads again.
+    """
+    into = into if into is not None else chunkio.Scratch()
+    grid = stored.files.format.chunk_shape if stored.files is not None else stored.stored_unit
+    starts = tuple(s.start for s in selection)
+    shape = tuple(s.stop - s.start for s in selection)
+    ranges = [
+        range(a // c, max(a // c, (b - 1) // c) + 1) for (a, b), c in zip(((s.start, s.stop) for s in selection), grid)
+    ]
+    cells = list(itertools.product(*ranges))
+    if not cells or 0 in shape:
+        return np.asarray(stored.array[selection])
+    out: np.ndarray | None = None
+    for coords in cells:
+        lo = tuple(i * c for i, c in zip(coords, grid))
+        inner = tuple(slice(max(a, b) - b, min(a + n, b + c) - b) for a, n, b, c in zip(starts, shape, lo, grid))
+        at = tuple(slice(max(a, b) - a, min(a + n, b + c) - a) for a, n, b, c in zip(starts, shape, lo, grid))
+        part = _read_cell(stored, coords, lo, inner, into)
+        if len(cells) == 1 and isinstance(part, np.ndarray):
+            return part  # the whole selection is one stored object's region: no copy
+        if out is None:
+            out = into.take(chunkio.BLOCK, shape, part.dtype if isinstance(part, np.ndarray) else stored.array.dtype)
+        out[at] = part
+        del part
+    assert out is not None
+    return out
+
+
+def _read_cell(
+    stored: StoredArray, coords: tuple[int, ...], lo: tuple[int, ...], inner: tuple[slice, ...], into: chunkio.Scratch
+) -> Any:
+    """The part ``inner`` of the stored object at ``coords``: an array, or the fill value (a scalar)."""
+    files = stored.files
+    if files is not None:
+        try:
+            chunk = chunkio.read_chunk(files.path(coords), files.format, into)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return files.fill_value  # not stored: the fill value, as the spec says
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot read chunk file {files.path(coords)}: {exc.strerror}") from exc
+        except _DECODE_ERRORS as exc:
+            raise _damaged(stored, coords, exc) from exc
+        if chunk is not None:
+            return chunk[inner]
+    # zarr reads it (and raises its own error for a chunk file it cannot decode either)
+    region = tuple(slice(b + s.start, b + s.stop) for b, s in zip(lo, inner))
+    try:
+        return np.asarray(stored.array[region])
+    except zarr.errors.BaseZarrError:
+        raise  # zarr's own (metadata, store): not a damaged chunk
+    except _DECODE_ERRORS as exc:
+        raise _damaged(stored, coords, exc) from exc
+
+
+#: What a codec raises for bytes it cannot decode (numcodecs: RuntimeError; zarr: ValueError, TypeError).
+_DECODE_ERRORS = (RuntimeError, ValueError, TypeError)
+
+
+def _damaged(stored: StoredArray, coords: tuple[int, ...], exc: Exception) -> DamagedSourceError:
+    return DamagedSourceError(
+        f"cannot decode {stored.describe_chunk(coords)} ({type(exc).__name__}: {exc}): the source is damaged; "
+        "restore or rewrite that chunk (rerunning will not help)"
+    )
+
+
+def write_block(stored: StoredArray, selection: tuple[slice, ...], block: np.ndarray, into: chunkio.Scratch) -> None:
+    """Write ``block`` to ``array[selection]``, a selection of whole chunks (or up to the edge).
+
+    Where :mod:`relu_dask.chunkfiles` describes the array's chunk files, each chunk is
+    encoded and written by :func:`chunkio.write_chunk` (atomically, the same bytes zarr
+    writes), straight from the block where it is one contiguous piece of it, else padded
+    with the fill value in ``into``. Any other array, or a selection that cuts a chunk, is
+    written by zarr. As zarr does by default, a chunk equal to the fill value is not
+    stored, and one stored before is removed.
+    """
+    files = stored.files
+    if files is None or block.dtype != files.format.dtype.newbyteorder("="):
+        stored.array[selection] = block
+        return
+    grid, shape = files.format.chunk_shape, files.shape
+    whole = all(s.start % c == 0 and (s.stop % c == 0 or s.stop == n) for s, c, n in zip(selection, grid, shape))
+    if not whole or files.format.dtype.byteorder == ">" or files.format.order != "C":
+        stored.array[selection] = block  # a cut chunk needs zarr's read-modify-write
+        return
+    ranges = [range(s.start // c, -(-s.stop // c)) for s, c in zip(selection, grid)]
+    for coords in itertools.product(*ranges):
+        lo = tuple(i * c for i, c in zip(coords, grid))
+        part = block[
+            tuple(slice(a - s.start, min(a + c, n) - s.start) for a, c, n, s in zip(lo, grid, shape, selection))
+        ]
+        path = files.path(coords)
+        if _all_fill(part, files.fill_value):
+            path.unlink(missing_ok=True)
+            continue
+        if part.shape != grid or not part.flags.c_contiguous:
+            padded = into.take(chunkio.PADDED, grid, files.format.dtype)
+            padded[...] = files.fill_value
+            padded[tuple(slice(0, k) for k in part.shape)] = part
+            part = padded
+        chunkio.write_chunk(path, part, files.format)
+
+
+def _all_fill(part: np.ndarray, fill_value: Any) -> bool:
+    """Whether ``part`` holds only the fill value (a count, no temporary, for fill 0)."""
+    if part.dtype.kind in "iub" and fill_value == 0:
+        return not np.count_nonzero(part)
+    if part.dtype.kind == "f" and np.isnan(fill_value):
+        return bool(np.isnan(part).all())
+    return bool((part == fill_value).all())

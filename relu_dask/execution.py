@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import math
 import os
 import signal
 import time
@@ -34,13 +33,12 @@ from relu_dask.errors import NaNFoundError, ProcessingError, ReluDaskError, RunS
 from relu_dask.graph import MaskTasks, build_mask_tasks
 from relu_dask.kernel import Engine, rule_for
 from relu_dask.locations import Location
-from relu_dask.mask_stats import mask_unit_ones
+from relu_dask.mask_stats import mask_unit_ones, unit_stats
 from relu_dask.options import RunOptions
 from relu_dask.planning import RunPlan, open_inputs, plan_run
 from relu_dask.report import ArrayReport, RunReport, write_report
 from relu_dask.resume import remove_dest_and_journal
 from relu_dask.schedulers import SchedulerSpec, Session, check_workers_see, open_session
-from relu_dask.stats import summarize_units
 from relu_dask.task import ArrayTasks, allow_tasks, wait_for_running_tasks
 
 __all__ = ["deliver", "execute", "run", "run_with"]
@@ -487,9 +485,7 @@ def _set_stats(
     coordinates: Sequence[storage.SourceArray] = (),
 ) -> None:
     if axis is not None and unit_ones is not None:
-        samples = math.prod(n for a, n in enumerate(src.shape) if a != axis)
-        labels = conventions.unit_labels(src, axis, coordinates)
-        entry.stats = summarize_units(np.asarray(unit_ones), samples, axis, labels)
+        entry.stats = unit_stats(src, axis, unit_ones, coordinates)
 
 
 def _per_unit(result: np.ndarray, array: ArrayTasks) -> list[int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -21,9 +22,22 @@ from relu_dask.locations import Location, parse_location, parse_storage_options
 from relu_dask.options import check_output_files
 from relu_dask.report import ArrayReport, RunReport, collect_versions, write_report
 from relu_dask.schedulers import SchedulerSpec, open_session, parse_scheduler
-from relu_dask.stats import parse_unit_axis, summarize_units
+from relu_dask.stats import UnitStats, parse_unit_axis, summarize_units
 
-__all__ = ["mask_unit_ones", "stats_of_masks"]
+__all__ = ["mask_unit_ones", "stats_of_masks", "unit_stats"]
+
+
+def unit_stats(
+    src: storage.SourceArray,
+    axis: int,
+    unit_ones: Sequence[int] | np.ndarray,
+    coordinates: Sequence[storage.SourceArray],
+) -> UnitStats:
+    """The unit statistics of ``src`` from its per-unit ones along ``axis``, units named by
+    the labels of that axis's coordinate among ``coordinates`` (if any)."""
+    samples = math.prod(n for a, n in enumerate(src.shape) if a != axis)
+    labels = conventions.unit_labels(src, axis, coordinates)
+    return summarize_units(np.asarray(unit_ones), samples, axis, labels)
 
 
 def mask_unit_ones(dest: Location, path: str, axis: int, spec: SchedulerSpec) -> list[int]:
@@ -90,11 +104,8 @@ def stats_of_masks(
             )
             if axis is not None and plan.num_tasks:
                 (ones,) = compute(session, [unit_ones_of_mask(src.array, plan, axis)], progress="none")
-                unit_ones = np.asarray(ones)
-                samples = math.prod(n for a, n in enumerate(src.shape) if a != axis)
-                labels = conventions.unit_labels(src, axis, contents.coordinates)
-                entry.stats = summarize_units(unit_ones, samples, axis, labels)
-                entry.num_ones = int(unit_ones.sum())
+                entry.stats = unit_stats(src, axis, np.asarray(ones), contents.coordinates)
+                entry.num_ones = sum(entry.stats.unit_ones)
             report.arrays.append(entry)
     report.wall_s, report.cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
     report.warnings.append("NaN and exact-zero counts need the source: run `relu-dask run --stats` for them")

@@ -77,7 +77,12 @@ def outputs_present(dest: Location, array_paths: list[str], *, is_group: bool) -
     """Whether DEST holds the group (for a group SOURCE) and every mask array of the job."""
     if is_group and not storage.is_group(dest):
         return False
-    return all(storage.has_array(dest, path) for path in array_paths)
+    return not missing_arrays(dest, array_paths)
+
+
+def missing_arrays(dest: Location, array_paths: list[str]) -> list[str]:
+    """The mask arrays of the job that DEST lacks, by path ("" for DEST itself)."""
+    return [path for path in array_paths if not storage.has_array(dest, path)]
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -182,7 +187,7 @@ def job_status(dest: str | os.PathLike[str], storage_options: str | dict[str, An
     for array, block in zip(arrays, record.block_shapes):
         if math.prod(array["shape"]) != 0:
             total += math.prod(-(-n // max(1, b)) for n, b in zip(array["shape"], block))
-    missing = [a["path"] or "(array)" for a in arrays if not storage.has_array(path, a["path"])]
+    missing = [p or "(array)" for p in missing_arrays(path, [a["path"] for a in arrays])]
     complete = record.complete and not missing
     done = total if complete else sum(journal.count_done(path, i) for i in range(len(arrays)))
     return JobStatus(

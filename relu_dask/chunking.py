@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from relu_dask.errors import InputError
 
@@ -144,6 +144,9 @@ class ChunkPlan:
     """Whether every block is a whole number of source chunks (no chunk read twice)."""
     notes: tuple[str, ...] = field(default=())
     """What the planner could not do as asked, said to the user."""
+    first_blocks: tuple[int, ...] | None = None
+    """The first block index, per axis, that has a task (None: every block has one). An
+    incremental run over a grown array has tasks only for the blocks that touch new rows."""
 
     @property
     def write_unit(self) -> tuple[int, ...]:
@@ -161,11 +164,29 @@ class ChunkPlan:
         return tuple(len(c) for c in self.chunks)
 
     @property
+    def task_numblocks(self) -> tuple[int, ...]:
+        """Number of blocks with a task along each axis (those from :attr:`first_blocks` on)."""
+        first = self.first_blocks or (0,) * len(self.shape)
+        return tuple(max(0, n - f) for n, f in zip(self.numblocks, first))
+
+    @property
+    def task_chunks(self) -> tuple[tuple[int, ...], ...]:
+        """:attr:`chunks` of the blocks with a task."""
+        first = self.first_blocks or (0,) * len(self.shape)
+        return tuple(c[f:] for c, f in zip(self.chunks, first))
+
+    @property
     def num_tasks(self) -> int:
-        """Number of blocks, hence of tasks (0 for an empty array)."""
+        """Number of blocks with a task (0 for an empty array)."""
         if math.prod(self.shape) == 0:
             return 0
-        return math.prod(self.numblocks)
+        return math.prod(self.task_numblocks)
+
+    def starting_at(self, axis: int, first_block: int) -> ChunkPlan:
+        """This plan with tasks only for the blocks from ``first_block`` on along ``axis``."""
+        first = [0] * len(self.shape)
+        first[axis] = first_block
+        return replace(self, first_blocks=tuple(first) if first_block else None)
 
     @property
     def block_bytes(self) -> int:
@@ -199,9 +220,11 @@ class ChunkPlan:
         return tuple(out)
 
     def iter_block_indices(self) -> Iterator[tuple[int, ...]]:
-        """Every block index in C order (none for an empty array)."""
+        """The index of every block with a task, in C order (none for an empty array)."""
         if self.num_tasks:
-            yield from _ndindex(self.numblocks)
+            first = self.first_blocks or (0,) * len(self.shape)
+            for index in _ndindex(self.task_numblocks):
+                yield tuple(i + f for i, f in zip(index, first))
 
 
 def plan_chunks(

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import astuple, dataclass, fields
 from typing import ClassVar
 
-__all__ = ["BlockCounts"]
+__all__ = ["BlockCounts", "KeptCounts"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,68 @@ class BlockCounts:
     def recorded(self) -> list[int]:
         """What a done marker keeps of them."""
         return self.as_row()[: self.NUM_RECORDED]
+
+    def __add__(self, other: BlockCounts) -> BlockCounts:
+        return BlockCounts(*(a + b for a, b in zip(self.as_row(), other.as_row())))
+
+    def __sub__(self, other: BlockCounts) -> BlockCounts:
+        return BlockCounts(*(a - b for a, b in zip(self.as_row(), other.as_row())))
+
+
+@dataclass(frozen=True)
+class KeptCounts:
+    """What DEST already holds of a grown array, before the blocks an incremental run computes.
+
+    The blocks before ``first_block`` along ``axis`` are kept as they are; their counts are
+    summed here, so that the incremental run's totals, per-unit ones and per-block ones are
+    those of the whole grown array. ``job.json`` keeps it (:meth:`to_dict`) while the run is
+    under way, so that a kill and the same command again still add it.
+    """
+
+    axis: int
+    """The append axis."""
+    first_block: int
+    """The first block index along ``axis`` that is not kept (its tasks run)."""
+    counts: BlockCounts
+    """The summed counts of the kept blocks (``resumed`` and ``elements_read`` 0)."""
+    block_ones: tuple[int, ...]
+    """The ones of each kept block, in C order over the kept blocks."""
+    unit_axis: int | None = None
+    """The axis of ``unit_ones`` (None: none kept)."""
+    unit_ones: tuple[int, ...] | None = None
+    """Per unit, the ones of the kept blocks (along ``axis`` too if it is the unit axis:
+    then only the units of the kept blocks)."""
+    edge: dict[str, list[int]] | None = None
+    """An array kept whole (none of its blocks run): the last block row's counts, as
+    ``job.json``'s ``edge_blocks`` had them, for the next growth."""
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "axis": self.axis,
+            "first_block": self.first_block,
+            "counts": self.counts.recorded(),
+            "block_ones": list(self.block_ones),
+            "unit_axis": self.unit_axis,
+            "unit_ones": None if self.unit_ones is None else list(self.unit_ones),
+            "edge": self.edge,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> KeptCounts:
+        def ints(value: object) -> tuple[int, ...]:
+            assert isinstance(value, list)
+            return tuple(int(v) for v in value)
+
+        unit_axis, unit_ones, edge = data.get("unit_axis"), data.get("unit_ones"), data.get("edge")
+        return cls(
+            axis=int(data["axis"]),  # type: ignore[call-overload]
+            first_block=int(data["first_block"]),  # type: ignore[call-overload]
+            counts=BlockCounts.from_row(ints(data["counts"])),
+            block_ones=ints(data["block_ones"]),
+            unit_axis=None if unit_axis is None else int(unit_axis),  # type: ignore[call-overload]
+            unit_ones=None if unit_ones is None else ints(unit_ones),
+            edge=edge if isinstance(edge, dict) else None,
+        )
 
 
 assert tuple(f.name for f in fields(BlockCounts)) == BlockCounts.FIELDS

@@ -28,7 +28,7 @@ from dask.base import tokenize
 
 from relu_dask import blocks, chunking, chunkio, conventions, journal, storage
 from relu_dask.computing import PROGRESS_INTERVAL_S, STOP_GRACE_S, Progress, compute
-from relu_dask.counts import BlockCounts
+from relu_dask.counts import BlockCounts, KeptCounts
 from relu_dask.errors import NaNFoundError, ProcessingError, ReluDaskError, RunStopped
 from relu_dask.graph import MaskTasks, build_mask_tasks
 from relu_dask.kernel import Engine, rule_for
@@ -213,6 +213,8 @@ def _execute(plan: RunPlan) -> RunReport:
     report.outcome = "done"
     if plan.state == "fresh":
         _start_fresh(plan)
+    elif plan.state == "grow":
+        _start_growing(plan)
     else:
         if storage.unconsolidate(inputs.dest):  # DEST is about to change: no longer a finished group
             log.info("DEST %s: consolidated metadata dropped until the run completes", inputs.dest)
@@ -266,7 +268,7 @@ def _execute(plan: RunPlan) -> RunReport:
             _release_buffers(session)
     report.wall_s, report.cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
     journal.reach_step("tasks-done")
-    totals, units, block_ones = _record_counts(report, plan, array_tasks, tasks, iter(results))
+    totals, units, block_ones, edges = _record_counts(report, plan, array_tasks, tasks, iter(results))
     journal.write_record(
         inputs.dest,
         journal.JobRecord(
@@ -277,6 +279,8 @@ def _execute(plan: RunPlan) -> RunReport:
             unit_ones=units,
             unit_axes=[t.unit_axis for t in array_tasks],
             block_ones=block_ones,
+            append_axis=plan.options.append_axis,
+            edge_blocks=edges,
         ),
     )
     journal.reach_step("complete")
@@ -305,6 +309,45 @@ def _start_fresh(plan: RunPlan) -> None:
     journal.write_record(plan.dest, journal.JobRecord(plan.inputs.fingerprint, block_shapes))
     journal.reach_step("job-recorded")
     _create_outputs(plan)
+
+
+def _start_growing(plan: RunPlan) -> None:
+    """Make DEST's record that of the grown SOURCE, before any of its blocks is written.
+
+    The done markers of blocks cut short by the old extent go first, then ``job.json`` says
+    the new job is under way with the blocks it keeps (:class:`~relu_dask.counts.KeptCounts`),
+    then the mask arrays grow (:func:`_create_outputs`). A kill between any two steps leaves
+    a DEST that the same command grows, or resumes, again.
+    """
+    dest = plan.dest
+    if storage.unconsolidate(dest):
+        log.info("DEST %s: consolidated metadata dropped until the run completes", dest)
+    storage.remove_partial_writes(dest)
+    for index, drop_from in enumerate(plan.drop_markers):
+        axis = plan.inputs.append_axes[index]
+        if drop_from is not None and axis is not None:
+            journal.remove_done_markers_from(dest, index, axis, drop_from)
+    for path, before in plan.grown.items():
+        log.info(
+            "SOURCE has grown: %s %s",
+            path or "the source array",
+            "is new" if before is None else f"from {tuple(before)} to {tuple(_source(plan, path).shape)}",
+        )
+    journal.write_record(
+        dest,
+        journal.JobRecord(
+            plan.inputs.fingerprint,
+            [list(p.block_shape) for p in plan.chunk_plans],
+            append_axis=plan.options.append_axis,
+            kept=[None if k is None else k.to_dict() for k in plan.kept],
+        ),
+    )
+    journal.reach_step("job-recorded")
+    _create_outputs(plan)
+
+
+def _source(plan: RunPlan, path: str) -> storage.SourceArray:
+    return next(a for a in plan.inputs.arrays if a.path == path)
 
 
 @contextlib.contextmanager
@@ -384,6 +427,7 @@ def _create_outputs(plan: RunPlan) -> None:
         storage.create_subgroup(dest, path, attributes)
     for index, (src, chunk_plan) in enumerate(zip(plan.inputs.arrays, plan.chunk_plans)):
         if storage.has_array(dest, src.path):
+            storage.resize_mask_array(dest, src.path, src.shape)  # SOURCE grew (no-op otherwise)
             continue
         journal.done_dir(dest, index).remove_tree()
         storage.create_mask_array(
@@ -448,33 +492,100 @@ def _record_counts(
     array_tasks: list[ArrayTasks],
     tasks: list[MaskTasks | None],
     results: Iterator[Any],
-) -> tuple[list[BlockCounts], list[list[int] | None], list[list[int]]]:
-    """Sum the tasks' rows into each array's report; return the totals, per-unit ones and per-block ones."""
-    totals, units, block_ones = [], [], []
+) -> tuple[list[BlockCounts], list[list[int] | None], list[list[int]], list[dict[str, list[int]] | None]]:
+    """Sum the tasks' rows, and the blocks kept from earlier runs, into each array's report.
+
+    Returns, per array, the totals, the per-unit ones, the per-block ones and the last block
+    row's counts along the append axis (for the next growth: see ``job.json``'s ``edge_blocks``).
+    """
+    totals: list[BlockCounts] = []
+    units: list[list[int] | None] = []
+    block_ones: list[list[int]] = []
+    edges: list[dict[str, list[int]] | None] = []
     width = len(BlockCounts.FIELDS)
-    for entry, src, array, task in zip(report.arrays, plan.inputs.arrays, array_tasks, tasks):
+    kept_all = plan.kept or (None,) * len(array_tasks)
+    for entry, src, array, task, kept in zip(report.arrays, plan.inputs.arrays, array_tasks, tasks, kept_all):
         counts = BlockCounts()
         unit_ones: list[int] | None = None
-        ones: list[int] = []
-        if task is not None:
-            result = np.asarray(next(results))
+        result = np.asarray(next(results)) if task is not None else None
+        if result is not None:
             rows = result.reshape(-1, result.shape[-1])
             counts = BlockCounts.from_row(rows[:, :width].sum(axis=0).tolist())
-            ones = [int(v) for v in rows[:, BlockCounts.FIELDS.index("ones")]]
             if array.unit_axis is not None:
                 unit_ones = _per_unit(result, array)
-        elif array.unit_axis is not None:
+        elif array.unit_axis is not None and kept is None:  # an empty array
             unit_ones = [0] * src.shape[array.unit_axis]
         _set_counts(entry, counts, src, plan.dest)
         entry.bytes_read = counts.elements_read * src.dtype.itemsize
         entry.tasks_skipped = counts.resumed
         entry.tasks_done_now = entry.num_tasks - counts.resumed
+        if kept is not None:
+            counts = counts + kept.counts
+            unit_ones = _with_kept_units(kept, array, unit_ones)
+            if array.unit_axis is not None and unit_ones is None:  # not kept along this axis: read the masks
+                unit_ones = mask_unit_ones(plan.dest, src.path, array.unit_axis, plan.options.scheduler)
+            _set_counts(entry, counts, src, plan.dest)
+        ones = _block_ones(array.plan, kept, result)
         _set_stats(entry, src, array.unit_axis, unit_ones, plan.inputs.coordinates)
         _warn_if_relu_outputs(report, entry)
         totals.append(counts)
         units.append(unit_ones)
         block_ones.append(ones)
-    return totals, units, block_ones
+        edges.append(_edge_blocks(array, plan.inputs.append_axes[len(edges)], kept, result))
+    return totals, units, block_ones, edges
+
+
+def _with_kept_units(kept: KeptCounts, array: ArrayTasks, now: list[int] | None) -> list[int] | None:
+    """The per-unit ones of the whole array: those kept, and those of the blocks run now."""
+    axis = array.unit_axis
+    if axis is None or kept.unit_ones is None or kept.unit_axis != axis:
+        return None
+    if axis == kept.axis:  # the units grow with the array: the new ones follow the kept ones
+        return [*kept.unit_ones, *(now or [])]
+    if not now:
+        return list(kept.unit_ones)
+    return [a + b for a, b in zip(kept.unit_ones, now, strict=True)]
+
+
+def _block_ones(plan: chunking.ChunkPlan, kept: KeptCounts | None, result: np.ndarray | None) -> list[int]:
+    """Each block's ones over the whole grid, in C order: the kept blocks', then those run now."""
+    ones_field = BlockCounts.FIELDS.index("ones")
+    now = result[..., ones_field] if result is not None else np.zeros(plan.task_numblocks, dtype=np.int64)
+    if kept is None:
+        return [int(v) for v in now.reshape(-1)] if plan.num_tasks else []
+    kept_shape = [kept.first_block if a == kept.axis else n for a, n in enumerate(plan.numblocks)]
+    before = np.asarray(kept.block_ones, dtype=np.int64).reshape(kept_shape)
+    if not plan.num_tasks:
+        return [int(v) for v in before.reshape(-1)]
+    return [int(v) for v in np.concatenate([before, now.astype(np.int64)], axis=kept.axis).reshape(-1)]
+
+
+def _edge_blocks(
+    array: ArrayTasks, axis: int | None, kept: KeptCounts | None, result: np.ndarray | None
+) -> dict[str, list[int]] | None:
+    """The last block row's counts along the append axis ``axis``, where the array's extent is
+    not a whole number of blocks (the next growth redoes that row); None where it is."""
+    plan = array.plan
+    if axis is None:
+        return None
+    if result is None:  # no block ran: the kept blocks' edge stays
+        return kept.edge if kept is not None and kept.axis == axis else None
+    if not plan.shape[axis] % plan.block_shape[axis]:
+        return None
+    first = plan.first_blocks or (0,) * len(plan.shape)
+    last = plan.task_numblocks[axis] - 1
+    edge = {}
+    for index in np.ndindex(*(1 if a == axis else n for a, n in enumerate(plan.task_numblocks))):
+        at = tuple(last if a == axis else i for a, i in enumerate(index))
+        row = result[at]
+        name = journal.marker_name(tuple(i + f for i, f in zip(at, first)))
+        units = []
+        if array.unit_axis is not None:
+            width = len(BlockCounts.FIELDS)
+            extent = plan.task_chunks[array.unit_axis][at[array.unit_axis]]
+            units = [int(v) for v in row[width : width + extent]]
+        edge[name] = [*BlockCounts.from_row(row.tolist()).recorded(), *units]
+    return edge
 
 
 def _set_stats(
@@ -494,7 +605,7 @@ def _per_unit(result: np.ndarray, array: ArrayTasks) -> list[int]:
     assert axis is not None
     ndim = result.ndim - 1
     by_unit_block = result.sum(axis=tuple(a for a in range(ndim) if a != axis)).reshape(-1, result.shape[-1])
-    extents = array.plan.chunks[axis]
+    extents = array.plan.task_chunks[axis]
     width = len(BlockCounts.FIELDS)
     return [int(v) for j, n in enumerate(extents) for v in by_unit_block[j, width : width + n]]
 

@@ -80,7 +80,7 @@ class MaskTasks:
     """The tasks of one array: a dask collection of one task per block.
 
     Computing it writes every mask block and gives back the tasks' counts as one array of
-    shape ``plan.numblocks + (tasks.row_width,)``. It follows dask's collection protocol, so
+    shape ``plan.task_numblocks + (tasks.row_width,)``. It follows dask's collection protocol, so
     ``dask.compute``, ``Client.persist`` and ``distributed.futures_of`` take it as they take
     a dask array; its keys are ``(name, *block_index)``, its name ``relu-mask-<token>``.
     """
@@ -104,7 +104,7 @@ class MaskTasks:
         return self.name
 
     def __dask_postcompute__(self) -> tuple[Any, tuple[Any, ...]]:
-        return _assemble, (self.tasks.plan.numblocks, self.tasks.row_width)
+        return _assemble, (self.tasks.plan.task_numblocks, self.tasks.row_width)
 
     def __dask_postpersist__(self) -> tuple[Any, tuple[Any, ...]]:
         return _rebuild, (self.tasks, self.name)

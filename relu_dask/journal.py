@@ -48,6 +48,7 @@ __all__ = [
     "read_record",
     "record_done",
     "remove_done_markers",
+    "remove_done_markers_from",
     "remove_journal",
     "unmark_replacing",
     "write_record",
@@ -140,6 +141,15 @@ class JobRecord:
     what ``relu-dask verify`` checks the masks against."""
     verified_utc: str | None = None
     """When ``relu-dask verify`` last found DEST whole (None: not since the run)."""
+    append_axis: int | None = None
+    """The append axis the run was made with (None: growth refused)."""
+    edge_blocks: list[dict[str, list[int]] | None] | None = None
+    """Per array, once complete: when its extent along ``append_axis`` is not a whole number
+    of blocks, the last block row's done markers (block index -> counts and per-unit ones), so
+    that the next run over the grown array can take that row out of the sums and redo it."""
+    kept: list[dict[str, Any] | None] | None = None
+    """Per array, while an incremental run is under way: the blocks DEST already held when it
+    started (:meth:`relu_dask.counts.KeptCounts.to_dict`; None: every block has a task)."""
 
     def counts_of(self, index: int) -> BlockCounts:
         """The summed counts of array ``index`` (all zero where none are recorded)."""
@@ -205,6 +215,19 @@ def read_done(folder: Location, block_index: Sequence[int], what: str) -> tuple[
     if head != what or len(numbers) < BlockCounts.NUM_RECORDED:
         return None
     return BlockCounts.resumed_from(numbers), numbers[BlockCounts.NUM_RECORDED :]
+
+
+def remove_done_markers_from(dest: Location, array_index: int, axis: int, first_block: int) -> None:
+    """Drop the done markers of array ``array_index`` whose block index along ``axis`` is
+    ``first_block`` or more (0: all of them)."""
+    folder = done_dir(dest, array_index)
+    if first_block <= 0:
+        folder.remove_tree()
+        return
+    for name in folder.list_names():
+        parts = name.split(".")
+        if not name.startswith(".") and len(parts) > axis and parts[axis].isdigit() and int(parts[axis]) >= first_block:
+            folder.child(name).remove()
 
 
 def count_done(dest: Location, array_index: int) -> int:

@@ -24,7 +24,7 @@ from relu_dask.locations import Location, parse_location, parse_storage_options
 from relu_dask.schedulers import SchedulerSpec, parse_scheduler
 from relu_dask.storage import DEFAULT_COMPRESSOR, parse_compressor
 
-__all__ = ["RunOptions", "check_output_files"]
+__all__ = ["RunOptions", "check_output_files", "parse_append_axis"]
 
 _PROGRESS: tuple[str, ...] = get_args(Progress)
 
@@ -63,6 +63,8 @@ class RunOptions:
     plot_path: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
     dest_compressor: str = DEFAULT_COMPRESSOR
+    append_axis: int | None = 0
+    """The axis along which SOURCE may grow between runs (None: growth is refused)."""
 
     @classmethod
     def create(
@@ -87,6 +89,7 @@ class RunOptions:
         plot_path: str | os.PathLike[str] | None = None,
         storage_options: str | dict[str, Any] | None = None,
         dest_compressor: str = DEFAULT_COMPRESSOR,
+        append_axis: int | str | None = 0,
     ) -> RunOptions:
         """Parse the text forms the CLI, a job file and :func:`relu_dask.run` take.
 
@@ -111,6 +114,7 @@ class RunOptions:
             plot_path=_path_or_none(plot_path),
             storage_options=parse_storage_options(storage_options),
             dest_compressor=dest_compressor,
+            append_axis=parse_append_axis(append_axis),
         )
 
     def __post_init__(self) -> None:
@@ -130,6 +134,10 @@ class RunOptions:
         if not self.progress_interval_s >= 0:
             raise InputError(f"the progress interval must be 0 or more seconds, got {self.progress_interval_s}")
         parse_compressor(self.dest_compressor)
+        if self.append_axis is not None and (
+            isinstance(self.append_axis, bool) or not isinstance(self.append_axis, int)
+        ):
+            raise InputError(f"the append axis must be an integer or None, got {self.append_axis!r}")
         if self.unit_axis is not None and (isinstance(self.unit_axis, bool) or not isinstance(self.unit_axis, int)):
             raise InputError(f"the unit axis must be an integer, got {self.unit_axis!r}")
         if self.performance_report is not None and self.scheduler.name not in ("local", "address"):
@@ -160,6 +168,16 @@ def _axis(value: int | str) -> int:
         return operator.index(value) if not isinstance(value, str) else int(value)
     except (TypeError, ValueError):
         raise InputError(f"--unit-axis must be an integer axis such as -1, got {value!r}") from None
+
+
+def parse_append_axis(value: int | str | None) -> int | None:
+    """``--append-axis``: an integer axis (``0``, ``-1``), or ``none`` (None) to refuse growth."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+        return None
+    try:
+        return _axis(value)
+    except InputError:
+        raise InputError(f"--append-axis must be an integer axis such as 0, or none; got {value!r}") from None
 
 
 def _path_or_none(value: str | os.PathLike[str] | None) -> str | None:

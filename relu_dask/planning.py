@@ -9,12 +9,16 @@ prints :meth:`RunPlan.describe`; :func:`relu_dask.execution.execute` runs the pl
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import math
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
+
+import numpy as np
 
 from relu_dask import chunking, journal, storage
 from relu_dask.chunking import format_bytes
-from relu_dask.errors import ReluDaskError
+from relu_dask.counts import BlockCounts, KeptCounts
+from relu_dask.errors import InputError, ReluDaskError
 from relu_dask.kernel import choose_engine, rule_for
 from relu_dask.locations import Location
 from relu_dask.options import RunOptions, check_output_files
@@ -42,6 +46,8 @@ class RunInputs:
     """The SOURCE group's subgroups and their attributes, by path."""
     unit_axes: tuple[int | None, ...]
     """Per array, the unit axis of the statistics (None: no statistics, or a scalar)."""
+    append_axes: tuple[int | None, ...]
+    """Per array, the axis it may grow along between runs (None: growth refused, or a scalar)."""
     fingerprint: dict[str, Any]
     """Source identity and the options that change the result, as found at the start."""
 
@@ -65,6 +71,7 @@ def open_inputs(options: RunOptions) -> RunInputs:
     arrays = contents.arrays
     dest = storage.prepare_dest(source, options.dest_location)
     unit_axes = tuple(_unit_axis(options.unit_axis, src) for src in arrays)
+    append_axes = tuple(_append_axis(options.append_axis, src) for src in arrays)
     fingerprint = {
         "source": source.url,
         "arrays": [storage.fingerprint_array(a) for a in arrays],
@@ -84,6 +91,7 @@ def open_inputs(options: RunOptions) -> RunInputs:
         contents.attributes,
         contents.groups,
         unit_axes,
+        append_axes,
         fingerprint,
     )
 
@@ -105,6 +113,15 @@ class RunPlan:
     """Per array, how it is cut into tasks (a resumed run: exactly as the first run cut it)."""
     tasks_already_done: tuple[int, ...]
     """Per array, the tasks DEST's journal marks done."""
+    kept: tuple[KeptCounts | None, ...] = ()
+    """Per array, the blocks DEST holds already and no task redoes (an incremental run over
+    a grown SOURCE, or its resumption; None: every block has a task)."""
+    grown: dict[str, list[int] | None] = field(default_factory=dict)
+    """``grow``: the arrays that grew since DEST's record (their shape then) or are new (None)."""
+    drop_markers: tuple[int | None, ...] = ()
+    """``grow``, per array: done markers to drop before any task runs, those of the blocks
+    from this index on along the append axis (0: all; None: none). They were done for a
+    smaller SOURCE, at whose edge their blocks were cut short."""
     under_lock: bool = False
     """Whether DEST's state was read under DEST's lock, held by the caller (as
     :func:`relu_dask.run` does); :func:`relu_dask.execution.execute` reads it again under
@@ -125,7 +142,9 @@ class RunPlan:
         sized = (session.num_threads, session.cores_per_thread, session.memory_per_thread_bytes)
         if sized == (self.session.num_threads, self.session.cores_per_thread, self.session.memory_per_thread_bytes):
             return replace(self, session=session)
-        return _plan(self.options, self.inputs, self.state, self.record, session, under_lock=self.under_lock)
+        return _plan(
+            self.options, self.inputs, self.state, self.record, self.grown, session, under_lock=self.under_lock
+        )
 
     def report(self) -> RunReport:
         """A new report of this plan, before any task ran (the run fills in the rest)."""
@@ -145,7 +164,8 @@ class RunPlan:
             dashboard_link=self.session.dashboard_link,
             outcome="already complete" if self.state == "complete" else "planned",
         )
-        for src, plan, done in zip(self.inputs.arrays, self.chunk_plans, self.tasks_already_done):
+        kept = self.kept or (None,) * len(self.inputs.arrays)
+        for src, plan, done, base in zip(self.inputs.arrays, self.chunk_plans, self.tasks_already_done, kept):
             report.arrays.append(
                 ArrayReport(
                     path=src.path,
@@ -161,6 +181,8 @@ class RunPlan:
                     read_path=src.stored.io_path if src.stored else "",
                     read_path_reason=src.stored.why_not_direct if src.stored else "",
                     tasks_already_done=done,
+                    grown_from=self.grown.get(src.path) if src.path in self.grown else None,
+                    blocks_kept=_num_kept(plan, base),
                 )
             )
             report.warnings.extend(f"{src.path}: {n}" if src.path else n for n in plan.notes)
@@ -188,15 +210,17 @@ def plan_run(options: RunOptions, inputs: RunInputs | None = None, *, under_lock
     :func:`relu_dask.resume.dest_state`).
     """
     inputs = inputs if inputs is not None else open_inputs(options)
-    state, record = dest_state(
+    by_path = {a.path: a for a in inputs.arrays}
+    state, record, grown = dest_state(
         inputs.dest,
         inputs.fingerprint,
-        inputs.array_paths,
         is_group=inputs.is_group,
         overwrite=options.overwrite,
         under_lock=under_lock,
+        append_axis=options.append_axis,
+        restat=lambda path, key: storage.stat_chunk(by_path[path], key),
     )
-    return _plan(options, inputs, state, record, plan_session(options.scheduler), under_lock=under_lock)
+    return _plan(options, inputs, state, record, grown, plan_session(options.scheduler), under_lock=under_lock)
 
 
 def _plan(
@@ -204,18 +228,162 @@ def _plan(
     inputs: RunInputs,
     state: DestState,
     record: journal.JobRecord | None,
+    grown: dict[str, list[int] | None],
     session: Session,
     *,
     under_lock: bool,
 ) -> RunPlan:
-    block_shapes = record.block_shapes if record is not None else None
-    plans = tuple(
-        _plan_array(options, src, session.memory_per_thread_bytes, block_shapes[i] if block_shapes else None)
-        for i, src in enumerate(inputs.arrays)
-    )
-    done = tuple(journal.count_done(inputs.dest, i) if record is not None else 0 for i in range(len(inputs.arrays)))
+    memory = session.memory_per_thread_bytes
+    if state == "grow":
+        assert record is not None, "only a recorded job grows"
+        growth = [_grow_array(options, inputs, record, grown, i, memory) for i in range(len(inputs.arrays))]
+        plans = tuple(g[0] for g in growth)
+        kept = tuple(g[1] for g in growth)
+        drops = tuple(g[2] for g in growth)
+        done: tuple[int, ...] = (0,) * len(plans)  # counted once the markers are dropped
+    else:
+        block_shapes = record.block_shapes if record is not None else None
+        kept = tuple(_recorded_kept(record, i) for i in range(len(inputs.arrays)))
+        plans = tuple(
+            _starting_at(_plan_array(options, src, memory, block_shapes[i] if block_shapes else None), base)
+            for i, (src, base) in enumerate(zip(inputs.arrays, kept))
+        )
+        drops = ()
+        done = tuple(journal.count_done(inputs.dest, i) if record is not None else 0 for i in range(len(plans)))
     engine = choose_engine(options.engine, session.cores_per_thread)
-    return RunPlan(options, inputs, state, record, session, engine, plans, done, under_lock)
+    return RunPlan(
+        options,
+        inputs,
+        state,
+        record,
+        session,
+        engine,
+        plans,
+        done,
+        kept=kept,
+        grown=grown,
+        drop_markers=drops,
+        under_lock=under_lock,
+    )
+
+
+def _recorded_kept(record: journal.JobRecord | None, index: int) -> KeptCounts | None:
+    """The kept blocks an interrupted incremental run recorded for array ``index``."""
+    if record is None or record.complete or not record.kept or index >= len(record.kept):
+        return None
+    data = record.kept[index]
+    return None if data is None else KeptCounts.from_dict(data)
+
+
+def _starting_at(plan: chunking.ChunkPlan, kept: KeptCounts | None) -> chunking.ChunkPlan:
+    return plan if kept is None else plan.starting_at(kept.axis, kept.first_block)
+
+
+def _num_kept(plan: chunking.ChunkPlan, kept: KeptCounts | None) -> int:
+    if kept is None or not math.prod(plan.shape):
+        return 0
+    return kept.first_block * math.prod(n for a, n in enumerate(plan.numblocks) if a != kept.axis)
+
+
+def _grow_array(
+    options: RunOptions,
+    inputs: RunInputs,
+    record: journal.JobRecord,
+    grown: dict[str, list[int] | None],
+    index: int,
+    memory: int | None,
+) -> tuple[chunking.ChunkPlan, KeptCounts | None, int | None]:
+    """Plan array ``index`` of a SOURCE that grew since DEST's record: its tasks, the blocks
+    it keeps, and the done markers to drop (see :attr:`RunPlan.drop_markers`)."""
+    src, axis = inputs.arrays[index], inputs.append_axes[index]
+    old_paths = [a["path"] for a in record.fingerprint["arrays"]]
+    # Markers are kept per array index: if the arrays moved, none can be trusted.
+    drop_all = 0 if old_paths != inputs.array_paths else None
+    if src.path not in old_paths:  # new in the SOURCE group: every block has a task
+        return _plan_array(options, src, memory, None), None, 0
+    old = old_paths.index(src.path)
+    block = record.block_shapes[old]
+    recorded = _kept_whole(record, old, block, axis) if record.complete else _recorded_kept(record, old)
+    if src.path not in grown:  # unchanged: what DEST holds stays (a partial run resumes)
+        plan = _plan_array(options, src, memory, block)
+        return _starting_at(plan, recorded), recorded, drop_all
+    old_rows = grown[src.path]
+    assert old_rows is not None and axis is not None, "a grown array has its old shape and an append axis"
+    if block[axis] >= old_rows[axis]:
+        # One block row covered the old extent: plan afresh for the new one, redo it all.
+        return _plan_array(options, src, memory, None), None, 0
+    plan = _plan_array(options, src, memory, block)
+    if recorded is not None and recorded.axis != axis:  # grown along another axis than recorded
+        return plan, None, 0
+    first = old_rows[axis] // block[axis]  # the first block not whole at the old extent
+    if record.complete:
+        kept = _without_edge(record, old, recorded, old_rows, block, axis, first)
+        return _starting_at(plan, kept), kept, drop_all
+    return _starting_at(plan, recorded), recorded, 0 if drop_all == 0 else first
+
+
+def _kept_whole(record: journal.JobRecord, index: int, block: list[int], axis: int | None) -> KeptCounts | None:
+    """Every block of array ``index`` of a complete record, as kept blocks along ``axis``."""
+    if axis is None or not record.block_ones or index >= len(record.block_ones):
+        return None
+    shape = record.fingerprint["arrays"][index]["shape"]
+    if not math.prod(shape):
+        return None
+    unit_axis = record.unit_axes[index] if record.unit_axes and index < len(record.unit_axes) else None
+    unit_ones = record.unit_ones[index] if record.unit_ones and index < len(record.unit_ones) else None
+    edges = record.edge_blocks if record.append_axis == axis and record.edge_blocks else []
+    return KeptCounts(
+        axis=axis,
+        first_block=-(-shape[axis] // block[axis]),
+        counts=BlockCounts.from_row(record.counts_of(index).recorded()),
+        block_ones=tuple(record.block_ones[index]),
+        unit_axis=unit_axis if unit_ones is not None else None,
+        unit_ones=tuple(unit_ones) if unit_ones is not None else None,
+        edge=edges[index] if index < len(edges) else None,
+    )
+
+
+def _without_edge(
+    record: journal.JobRecord,
+    index: int,
+    whole: KeptCounts | None,
+    old_shape: list[int],
+    block: list[int],
+    axis: int,
+    first: int,
+) -> KeptCounts | None:
+    """The kept blocks of a complete array once grown: all but the old edge block row along
+    ``axis`` (whose blocks were cut short by the old extent), or None if that row's counts
+    were not recorded (then every block is redone)."""
+    if whole is None:
+        return None
+    numblocks = [-(-n // b) for n, b in zip(old_shape, block)]
+    ones = np.asarray(whole.block_ones, dtype=np.int64).reshape(numblocks)
+    kept_ones = np.take(ones, range(first), axis=axis).reshape(-1)
+    counts, unit_ones = whole.counts, None if whole.unit_ones is None else list(whole.unit_ones)
+    if first < numblocks[axis]:  # the old edge row is redone: take its counts out
+        edge = whole.edge or {}
+        if len(edge) != math.prod(n for a, n in enumerate(numblocks) if a != axis):
+            return None
+        for name, values in edge.items():
+            at = [int(i) for i in name.split(".")]
+            if len(at) != len(old_shape) or at[axis] != first:
+                return None
+            counts = counts - BlockCounts.from_row(values[: BlockCounts.NUM_RECORDED])
+            if unit_ones is not None and whole.unit_axis is not None:
+                start = at[whole.unit_axis] * block[whole.unit_axis]
+                for k, v in enumerate(values[BlockCounts.NUM_RECORDED :]):
+                    unit_ones[start + k] -= int(v)
+        if unit_ones is not None and whole.unit_axis == axis:
+            unit_ones = unit_ones[: first * block[axis]]
+    return replace(
+        whole,
+        first_block=first,
+        counts=counts,
+        block_ones=tuple(int(v) for v in kept_ones),
+        unit_ones=None if unit_ones is None else tuple(unit_ones),
+        edge=None,
+    )
 
 
 def _plan_array(
@@ -247,6 +415,17 @@ def _plan_array(
         )
     except ReluDaskError as exc:
         raise type(exc)(f"{src.path}: {exc}" if src.path else str(exc)) from None
+
+
+def _append_axis(append_axis: int | None, src: storage.SourceArray) -> int | None:
+    """The append axis of ``src`` (out of range: refused before anything runs)."""
+    if append_axis is None or not src.shape:
+        return None
+    ndim = len(src.shape)
+    if not -ndim <= append_axis < ndim:
+        where = src.path or "the source"
+        raise InputError(f"--append-axis {append_axis} is out of range for {where}, which has {ndim} axes")
+    return append_axis % ndim
 
 
 def _unit_axis(unit_axis: int | None, src: storage.SourceArray) -> int | None:

@@ -66,6 +66,10 @@ class ArrayReport:
     """Tasks this run computed."""
     tasks_skipped: int = 0
     """Tasks this run skipped as already done."""
+    grown_from: list[int] | None = None
+    """An incremental run: the shape DEST held when the run started (SOURCE has grown since)."""
+    blocks_kept: int = 0
+    """An incremental run: blocks DEST already held whole, kept without a task."""
     stats: UnitStats | None = None
     """With ``--stats``: per-unit activity, dead and always-on units."""
     read_path: str = ""
@@ -200,6 +204,10 @@ def collect_versions() -> dict[str, str]:
     return found
 
 
+def _dims(shape: list[int]) -> str:
+    return "x".join(map(str, shape)) or "scalar"
+
+
 def _render_mask_stats(report: RunReport) -> list[str]:
     lines = [f"stats of the masks in {report.dest}: {len(report.arrays)} array(s), {report.wall_s:.2f} s"]
     for a in report.arrays:
@@ -231,11 +239,12 @@ def render_summary(report: RunReport) -> list[str]:
     for a in report.arrays:
         name = a.path or "(array)"
         line = (
-            f"  {name}: {'x'.join(map(str, a.shape)) or 'scalar'} {a.dtype}, "
-            f"blocks {','.join(map(str, a.block_shape))}, {a.num_tasks} task(s)"
+            f"  {name}: {_dims(a.shape)} {a.dtype}, blocks {','.join(map(str, a.block_shape))}, {a.num_tasks} task(s)"
         )
         if report.outcome == "planned" and a.tasks_already_done:
             line += f", {a.tasks_already_done} already done (will resume)"
+        if a.grown_from is not None:
+            line += f" (grown from {_dims(a.grown_from)}; {a.blocks_kept} block(s) kept)"
         if report.outcome != "planned":
             line += f", {a.active_fraction:.1%} active, {a.num_nans} NaN, {format_bytes(a.bytes_written)} written"
         else:

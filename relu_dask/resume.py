@@ -12,6 +12,8 @@ import dataclasses
 import logging
 import math
 import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -19,37 +21,55 @@ from relu_dask import journal, storage
 from relu_dask.errors import DestinationExistsError
 from relu_dask.locations import Location, parse_location, parse_storage_options
 
-__all__ = ["DestState", "JobStatus", "dest_state", "differences", "job_status", "remove_dest_and_journal"]
+__all__ = [
+    "DestState",
+    "JobChange",
+    "JobStatus",
+    "compare_jobs",
+    "dest_state",
+    "differences",
+    "job_status",
+    "remove_dest_and_journal",
+]
 
 log = logging.getLogger(__name__)
 
-DestState = Literal["fresh", "resume", "complete"]
+DestState = Literal["fresh", "resume", "complete", "grow"]
+
+
+#: Asks SOURCE now about one of its chunk objects: (array path, chunk key) -> [size, mtime].
+Restat = Callable[[str, str], list[Any]]
 
 
 def dest_state(
     dest: Location,
     fingerprint: dict[str, Any],
-    array_paths: list[str],
     *,
     is_group: bool,
     overwrite: bool,
     under_lock: bool,
-) -> tuple[DestState, journal.JobRecord | None]:
-    """Whether DEST is new (or to be replaced), a partial run of this job to resume, or complete.
+    append_axis: int | None = None,
+    restat: Restat | None = None,
+) -> tuple[DestState, journal.JobRecord | None, dict[str, list[int] | None]]:
+    """Whether DEST is new (or to be replaced), a partial run of this job to resume, complete,
+    or the job of a SOURCE that has grown since (``grow``).
 
-    Refuses (:class:`DestinationExistsError`) a DEST that holds anything else, unless
-    ``overwrite``. A record that says complete is believed only beside every mask array it
-    names; ``under_lock``, such a record is rewritten as incomplete and its markers dropped
-    before anything is recreated, so that a kill from then on resumes and redoes every task.
+    Returns the state, DEST's record, and for ``grow`` the arrays that grew (their shape
+    when recorded) or are new (None). Refuses (:class:`DestinationExistsError`) a DEST that
+    holds anything else, unless ``overwrite``: growth along ``append_axis`` (None: no growth)
+    is told from a change with ``restat`` (see :func:`compare_jobs`). A record that says
+    complete is believed only beside every mask array it names; ``under_lock``, such a record
+    is rewritten as incomplete and its markers dropped before anything is recreated, so that
+    a kill from then on resumes and redoes every task.
     """
     if overwrite:
         if journal.is_being_replaced(dest):  # a run deleting DEST was killed: what it left
             storage.check_replaceable_remains(dest)
         else:
             storage.check_replaceable(dest)
-        return "fresh", None
+        return "fresh", None, {}
     if not dest.exists():
-        return "fresh", None
+        return "fresh", None, {}
     record = journal.read_record(dest)
     if record is None and journal.is_being_replaced(dest):
         raise DestinationExistsError(
@@ -57,20 +77,30 @@ def dest_state(
         )
     if record is None:
         raise DestinationExistsError(f"DEST {dest} already exists: pass --overwrite to replace it")
-    changed = differences(record.fingerprint, fingerprint)
-    if changed:
+    change = compare_jobs(record.fingerprint, fingerprint, append_axis=append_axis, restat=restat)
+    if change.said:
         raise DestinationExistsError(
-            f"DEST {dest} holds another job ({'; '.join(changed)}): pass --overwrite to replace it"
+            f"DEST {dest} holds another job ({'; '.join(change.said)}): pass --overwrite to replace it"
         )
-    if record.complete and not outputs_present(dest, array_paths, is_group=is_group):
+    old_paths = [a["path"] for a in record.fingerprint.get("arrays", [])]
+    if record.complete and not outputs_present(dest, old_paths, is_group=is_group):
         log.warning("DEST %s lacks masks its journal says are complete: computing them again", dest)
         record = dataclasses.replace(
-            record, complete=False, counts=None, unit_ones=None, unit_axes=None, block_ones=None, verified_utc=None
+            record,
+            complete=False,
+            counts=None,
+            unit_ones=None,
+            unit_axes=None,
+            block_ones=None,
+            verified_utc=None,
+            edge_blocks=None,
         )
         if under_lock:
             journal.remove_done_markers(dest)
             journal.write_record(dest, record)
-    return ("complete" if record.complete else "resume"), record
+    if change.grown:
+        return "grow", record, change.grown
+    return ("complete" if record.complete else "resume"), record, {}
 
 
 def outputs_present(dest: Location, array_paths: list[str], *, is_group: bool) -> bool:
@@ -85,9 +115,36 @@ def missing_arrays(dest: Location, array_paths: list[str]) -> list[str]:
     return [path for path in array_paths if not storage.has_array(dest, path)]
 
 
+@dataclass(frozen=True)
+class JobChange:
+    """How this run's job differs from the one recorded in DEST (:func:`compare_jobs`)."""
+
+    said: list[str]
+    """What differs so that DEST holds another job, said for the user (empty: the same job)."""
+    grown: dict[str, list[int] | None]
+    """The arrays that only grew along the append axis (their recorded shape), and those new
+    in a SOURCE group (None)."""
+
+
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """What differs between the job recorded in DEST and this one, said for the user."""
-    said = []
+    """What differs between the job recorded in DEST and this one, said for the user (growth
+    counts as a difference)."""
+    return compare_jobs(old, new).said
+
+
+def compare_jobs(
+    old: dict[str, Any], new: dict[str, Any], *, append_axis: int | None = None, restat: Restat | None = None
+) -> JobChange:
+    """Compare the job recorded in DEST with this one: the same, grown, or another job.
+
+    An array grew when only its extent along ``append_axis`` is larger, its metadata less the
+    shape is the same, and the chunk objects sampled when it was recorded are as they were
+    (``restat``), but for the old edge chunk that the writer completes. Arrays new in a
+    SOURCE group count as grown; with ``append_axis`` None, nothing does. Coordinates are
+    copied again whole by a run over grown arrays, so they may change with them.
+    """
+    said: list[str] = []
+    grown: dict[str, list[int] | None] = {}
     if old.get("source") != new["source"]:
         said.append(f"its source was {old.get('source')}")
     old_arrays = {a["path"]: a for a in old.get("arrays", [])}
@@ -95,10 +152,20 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         before = old_arrays.pop(array["path"], None)
         name = array["path"] or "the source array"
         if before is None:
-            said.append(f"{name} is new")
-        elif before != array:
-            what = [k for k in array if before.get(k) != array[k]]
-            said.append(f"{name} changed ({', '.join(what)})")
+            if append_axis is None:
+                said.append(f"{name} is new")
+            else:
+                grown[array["path"]] = None
+            continue
+        # Keys an older relu-dask did not record are not compared.
+        what = [k for k in array if k in before and before[k] != array[k]]
+        if not what:
+            continue
+        why_not = _why_not_grown(before, array, append_axis, restat)
+        if why_not is None:
+            grown[array["path"]] = list(before["shape"])
+        else:
+            said.append(f"{name} {why_not or 'changed (' + ', '.join(what) + ')'}")
     now_coordinates = {c["path"] for c in new.get("coordinates", [])}
     said.extend(
         f"{path} is now read as xarray's coordinate: copied, no longer masked"
@@ -106,12 +173,54 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         else f"{path or 'the source array'} is gone"
         for path in old_arrays
     )
-    if "coordinates" in old and old["coordinates"] != new.get("coordinates"):  # older journals have none
+    # Older journals have no coordinates; a run over grown arrays copies them again whole.
+    if "coordinates" in old and old["coordinates"] != new.get("coordinates") and not grown:
         said.append("its coordinates changed")
     for option in ("rule", "nan", "dest_chunks", "dest_shards", "compressor"):
         if old.get(option) != new[option]:
             said.append(f"it was made with {option} {old.get(option)}, now {new[option]}")
-    return said
+    return JobChange(said, grown if not said else {})
+
+
+def _why_not_grown(before: dict[str, Any], now: dict[str, Any], axis: int | None, restat: Restat | None) -> str | None:
+    """None if the array only grew along ``axis``; else what changed ("" for: say the keys)."""
+    old_shape, new_shape = list(before["shape"]), list(now["shape"])
+    if axis is None or restat is None or before.get("layout_sha256") is None or len(old_shape) != len(new_shape):
+        return ""
+    if not -len(new_shape) <= axis < len(new_shape):
+        return ""
+    axis %= len(new_shape)
+    others = [n for i, n in enumerate(new_shape) if i != axis]
+    if others != [n for i, n in enumerate(old_shape) if i != axis]:
+        return f"changed shape from {_shape(old_shape)} to {_shape(new_shape)}, not only along the append axis {axis}"
+    if new_shape[axis] < old_shape[axis]:
+        return f"shrank from {old_shape[axis]} to {new_shape[axis]} along axis {axis}"
+    if before["layout_sha256"] != now.get("layout_sha256"):
+        return "changed (its metadata, not only its shape)"
+    unit = before.get("shard_shape") or before["chunk_shape"]
+    grew = new_shape[axis] > old_shape[axis]
+    edge = old_shape[axis] // unit[axis] if grew and old_shape[axis] % unit[axis] else None
+    for key, *stat in before.get("chunk_samples", []):
+        coords = _chunk_coords(key)
+        if coords is None or len(coords) != len(new_shape):
+            return ""
+        if coords[axis] == edge:
+            continue  # the old edge chunk: the writer completes it
+        if restat(now["path"], key) != stat:
+            return f"changed (its chunk {key} was rewritten since it was processed)"
+    return None if grew else ""
+
+
+def _chunk_coords(key: str) -> tuple[int, ...] | None:
+    """A chunk key's coordinates, in any of the specs' encodings (``c/1/0``, ``c.1.0``, ``1.0``, ``1/0``)."""
+    parts = re.split(r"[./]", key)
+    if parts and parts[0] == "c":
+        parts = parts[1:]
+    return tuple(int(p) for p in parts) if all(p.isdigit() for p in parts) else None
+
+
+def _shape(shape: list[int]) -> str:
+    return "(" + ", ".join(str(n) for n in shape) + ")"
 
 
 def remove_dest_and_journal(dest: Location, reason: str) -> None:

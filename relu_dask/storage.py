@@ -599,8 +599,8 @@ def fingerprint_array(src: SourceArray, num_samples: int = 16) -> dict[str, Any]
         for linear in sorted({round(i * (total - 1) / max(1, num_samples - 1)) for i in range(num_samples)}):
             coords = tuple(int(c) for c in np.unravel_index(linear, grid))
             key = format_chunk_key(coords, *keys)
-            stat = folder.child(*key.split("/")).stat()
-            samples.append([key, stat[0], stat[1]] if stat else [key, None, None])
+            samples.append([key, *stat_chunk(src, key)])
+    layout = {k: v for k, v in (src.metadata or {}).items() if k != "shape"}
     return {
         "path": src.path,
         "shape": list(src.shape),
@@ -608,8 +608,27 @@ def fingerprint_array(src: SourceArray, num_samples: int = 16) -> dict[str, Any]
         "chunk_shape": list(src.chunk_shape),
         "shard_shape": list(src.shard_shape) if src.shard_shape else None,
         "metadata_sha256": meta_hash,
+        # The metadata less the shape: equal when the array only grew (or shrank).
+        "layout_sha256": hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest() if layout else None,
         "chunk_samples": samples,
     }
+
+
+def stat_chunk(src: SourceArray, key: str) -> list[Any]:
+    """The size and modification time of a stored chunk (or shard) object of ``src``, as
+    :func:`fingerprint_array` samples them (``[None, None]``: not stored)."""
+    folder = src.location
+    assert folder is not None, "a SourceArray from open_source knows where it is"
+    stat = folder.child(*key.split("/")).stat()
+    return [stat[0], stat[1]] if stat else [None, None]
+
+
+def resize_mask_array(dest: Location, path: str, shape: tuple[int, ...]) -> None:
+    """Grow a mask array of DEST to ``shape`` (its metadata only: the new blocks are written
+    by their tasks)."""
+    mask = _array_at(dest, path, mode="r+")
+    if tuple(mask.shape) != tuple(shape):
+        mask.resize(shape)
 
 
 def remove_partial_writes(dest: Location) -> int:

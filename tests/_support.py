@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -70,6 +71,23 @@ def snapshot(path: Path) -> dict[str, bytes]:
     if path.is_file():
         return {"": path.read_bytes()}
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _without_creation_time(node: object) -> object:
+    if isinstance(node, dict):
+        return {k: _without_creation_time(v) for k, v in node.items() if k != "created_utc"}
+    return node
+
+
+def dest_files(dest: Path) -> dict[str, bytes]:
+    """Every file of DEST, byte for byte: the chunk files as they are, and the metadata
+    (``zarr.json``) less the one thing two runs of a job write differently, the creation
+    time in its provenance. (DEST's journal is not in DEST: it is the folder beside it.)"""
+    files = snapshot(dest)
+    for name, data in files.items():
+        if name.endswith("zarr.json"):
+            files[name] = json.dumps(_without_creation_time(json.loads(data)), sort_keys=True).encode()
+    return files
 
 
 def chunk_files(path: Path) -> dict[str, bytes]:

@@ -27,6 +27,7 @@ from _support import (
     activations,
     chunk_files,
     cli_env,
+    dest_files,
     journal_folder,
     oracle,
     read_mask,
@@ -88,23 +89,6 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Source:
         write_zarr(path, x, CHUNKS, name=name)
     assert all(np.isnan(x).any() for x in arrays.values())  # NaN -> 0 is part of every check
     return Source(path, arrays)
-
-
-def _without_creation_time(node: object) -> object:
-    if isinstance(node, dict):
-        return {k: _without_creation_time(v) for k, v in node.items() if k != "created_utc"}
-    return node
-
-
-def dest_files(dest: Path) -> dict[str, bytes]:
-    """Every file of DEST, byte for byte: the chunk files as they are, and the metadata
-    (``zarr.json``) less the one thing two runs of a job write differently, the creation
-    time in its provenance. (DEST's journal is not in DEST: it is the folder beside it.)"""
-    files = snapshot(dest)
-    for name, data in files.items():
-        if name.endswith("zarr.json"):
-            files[name] = json.dumps(_without_creation_time(json.loads(data)), sort_keys=True).encode()
-    return files
 
 
 @pytest.fixture(scope="module")

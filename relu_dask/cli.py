@@ -92,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
             help="replace DEST and start over (once inputs are validated); without it, rerunning the same "
             "command resumes a partial DEST",
         )
+        sub.add_argument(
+            "--append-axis",
+            default="0",
+            metavar="N|none",
+            help="the axis along which SOURCE grows between runs (default: 0); a rerun over a grown SOURCE "
+            "computes only the new rows. none: growth is refused like any change (exit 2)",
+        )
         if name == "run":
             sub.add_argument(
                 "--verify",
@@ -349,7 +356,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.source is None or args.dest is None:
         raise InputError(f"{args.command} needs SOURCE and DEST (or --config JOBS.toml)")
-    options = RunOptions.create(args.source, args.dest, overwrite=args.overwrite, **values)
+    options = RunOptions.create(
+        args.source, args.dest, overwrite=args.overwrite, append_axis=args.append_axis, **values
+    )
     if args.command == "plan":
         plan = plan_run(options)
         report = deliver(plan.report(), options, plot=False)
@@ -461,17 +470,19 @@ def _status(dest: str, *, as_json: bool, storage_options: str | None = None) -> 
     if state == "partial" and status.missing:
         print(f"{dest}: partial (masks missing: {', '.join(status.missing)}; rerun the same command to redo them)")
     elif state == "partial":
-        print(f"{dest}: partial ({status.tasks_done} of {status.num_tasks} tasks done)")
+        print(f"{dest}: partial ({status.tasks_done} of {status.num_tasks} tasks done, {status.rows_text()})")
     elif state == "complete" and status.verified_utc:
-        print(f"{dest}: complete (verified {status.verified_utc}; {status.num_tasks} tasks)")
+        print(f"{dest}: complete ({status.rows_text()}, {status.num_tasks} tasks; verified {status.verified_utc})")
     elif state == "complete":
-        print(f"{dest}: complete ({status.num_tasks} tasks)")
+        print(f"{dest}: complete ({status.rows_text()}, {status.num_tasks} tasks)")
     elif state == "absent":
         print(f"{dest}: absent")
     elif status.replacing:
         print(f"{dest}: unknown (a run replacing it was stopped part way: rerun with --overwrite)")
     else:
         print(f"{dest}: unknown (it exists but holds no relu-dask job record)")
+    if status.waiting_text():
+        print(f"  {status.waiting_text()}")
     if status.running:
         print(f"  running now: {status.running}")
     fingerprint = status.fingerprint

@@ -67,6 +67,7 @@ def run(
     plot_path: str | os.PathLike[str] | None = None,
     storage_options: str | dict[str, Any] | None = None,
     dest_compressor: str = storage.DEFAULT_COMPRESSOR,
+    append_axis: int | str | None = 0,
     dry_run: bool = False,
 ) -> RunReport:
     """Compute the ReLU derivative masks of SOURCE into DEST and return the run report.
@@ -114,6 +115,12 @@ def run(
     storage_options
         fsspec storage options (a dict or JSON text) for SOURCE and DEST URLs such as
         ``s3://bucket/acts.zarr``.
+    append_axis
+        The axis along which SOURCE grows between runs (default 0). When DEST holds the
+        complete (or partial) masks of a SOURCE that has only grown along it since, only the
+        blocks that touch new rows are computed; DEST's mask arrays grow to match, and the
+        counts and statistics are those of the whole grown array. ``None`` (or ``"none"``):
+        growth is refused like any other change.
     dry_run
         Plan only: validate, return the plan's report, write nothing (but ``report_path``).
     """
@@ -137,6 +144,7 @@ def run(
         plot_path=plot_path,
         storage_options=storage_options,
         dest_compressor=dest_compressor,
+        append_axis=append_axis,
     )
     if dry_run:
         return deliver(plan_run(options).report(), options, plot=False)

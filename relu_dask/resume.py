@@ -261,6 +261,24 @@ class JobStatus:
     """``complete``: when ``relu-dask verify`` last found DEST whole."""
     fingerprint: dict[str, Any] | None = None
     """The job recorded in DEST: its source, rule, NaN policy and arrays."""
+    rows: dict[str, int] = field(default_factory=dict)
+    """Per array, its extent along the append axis in DEST's job."""
+    rows_waiting: dict[str, int] = field(default_factory=dict)
+    """Per array, the rows SOURCE has now beyond :attr:`rows` (a rerun processes them)."""
+
+    def rows_text(self) -> str:
+        """``N rows`` (or per array, where they differ)."""
+        counts = set(self.rows.values())
+        if len(counts) == 1:
+            return f"{counts.pop()} rows"
+        return "rows: " + ", ".join(f"{p or '(array)'} {n}" for p, n in self.rows.items())
+
+    def waiting_text(self) -> str:
+        """How many rows wait in SOURCE (empty if none)."""
+        waiting = sum(self.rows_waiting.values())
+        if not waiting:
+            return ""
+        return f"SOURCE has grown: {waiting} more rows wait; rerun the same command to process them"
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object ``relu-dask status --json`` prints (keys that do not apply left out)."""
@@ -273,6 +291,7 @@ class JobStatus:
             out["verified_utc"] = self.verified_utc
         if self.fingerprint is not None:
             out.update(tasks_done=self.tasks_done, num_tasks=self.num_tasks, fingerprint=self.fingerprint)
+            out.update(rows=self.rows, rows_waiting=self.rows_waiting)
         return out
 
 
@@ -292,10 +311,16 @@ def job_status(dest: str | os.PathLike[str], storage_options: str | dict[str, An
         replacing = exists and journal.is_being_replaced(path)
         return JobStatus(str(dest), "unknown" if exists else "absent", running, replacing=replacing)
     arrays = record.fingerprint.get("arrays", [])
+    kept = record.kept or [None] * len(arrays)
     total = 0
-    for array, block in zip(arrays, record.block_shapes):
+    for array, block, base in zip(arrays, record.block_shapes, kept):
         if math.prod(array["shape"]) != 0:
-            total += math.prod(-(-n // max(1, b)) for n, b in zip(array["shape"], block))
+            numblocks = [-(-n // max(1, b)) for n, b in zip(array["shape"], block)]
+            if base is not None and not record.complete:  # an incremental run: tasks for the new rows only
+                numblocks[base["axis"]] -= base["first_block"]
+            total += math.prod(numblocks)
+    axis = 0 if record.append_axis is None else record.append_axis
+    rows = {a["path"]: a["shape"][axis] for a in arrays if len(a["shape"]) > axis}
     missing = [p or "(array)" for p in missing_arrays(path, [a["path"] for a in arrays])]
     complete = record.complete and not missing
     done = total if complete else sum(journal.count_done(path, i) for i in range(len(arrays)))
@@ -309,4 +334,24 @@ def job_status(dest: str | os.PathLike[str], storage_options: str | dict[str, An
         missing=missing if record.complete else [],
         verified_utc=record.verified_utc if complete else None,
         fingerprint=record.fingerprint,
+        rows=rows,
+        rows_waiting=_rows_waiting(record.fingerprint.get("source"), path, rows, axis),
     )
+
+
+def _rows_waiting(source: str | None, dest: Location, rows: dict[str, int], axis: int) -> dict[str, int]:
+    """The rows SOURCE holds now beyond those of DEST's job, per array (empty if SOURCE
+    cannot be read: ``status`` answers about DEST whatever SOURCE's state)."""
+    if source is None:
+        return {}
+    try:
+        contents = storage.open_source(parse_location(source, dest.storage_options))
+    except Exception as exc:  # SOURCE gone, moved or unreadable
+        log.debug("status: SOURCE %s not read: %s", source, exc)
+        return {}
+    waiting = {}
+    for src in contents.arrays:
+        now = src.shape[axis] if len(src.shape) > axis else 0
+        if now > rows.get(src.path, 0):
+            waiting[src.path] = now - rows.get(src.path, 0)
+    return waiting

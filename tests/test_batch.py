@@ -260,7 +260,7 @@ def test_status_absent_partial_complete(big_source: tuple[Path, Path], tmp_path:
     assert data["fingerprint"]["arrays"][0]["shape"] == list(SHAPE)
     assert run_cli("run", str(source), str(dest), "--chunks", "64MiB").returncode == 0  # resumes: same tasks
     complete = run_cli("status", str(dest))
-    assert complete.stdout.startswith(f"{dest}: complete (96 tasks)")
+    assert complete.stdout.startswith(f"{dest}: complete ({SHAPE[0]} rows, 96 tasks)")
     assert f"source: {source}" in complete.stdout
 
 

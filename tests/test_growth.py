@@ -1,0 +1,290 @@
+"""A SOURCE that grows between runs: only the new rows are computed, and DEST ends up
+byte-identical, every file, to a from-scratch run over the grown SOURCE, with the same counts
+and statistics. What is not growth (a rewritten old chunk, a shrink, another dimension) is
+refused, and so is growth itself with ``--append-axis none``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zarr
+from _support import (
+    activations,
+    dest_files,
+    journal_folder,
+    kill_at_step,
+    oracle,
+    read_mask,
+    run_cli,
+    snapshot,
+    start_cli,
+    write_zarr,
+)
+
+import relu_dask
+from relu_dask.errors import DestinationExistsError
+from relu_dask.report import RunReport
+from relu_dask.verify import verify_dest
+
+#: Rows of the full activations; SOURCE holds a prefix of them that grows.
+ROWS = 700
+#: Uneven growth, each ending off the 16-row chunk edge (a ragged edge every time).
+GROWTH = (101, 250, 259, 700)
+
+
+def _grow(array: Any, full: np.ndarray, rows: int) -> None:
+    """Append rows as a training job does: resize, then write only the new rows."""
+    old = array.shape[0]
+    array.resize((rows, *full.shape[1:]))
+    array[old:rows] = full[old:rows]
+
+
+def _same_as_fresh(source: Path, dest: Path, tmp_path: Path, grown: RunReport, **options: Any) -> RunReport:
+    """Run from scratch into a new DEST; check the grown DEST equals it, file for file and count for count."""
+    fresh_dest = tmp_path / f"fresh-{time.monotonic_ns()}.zarr"
+    fresh = relu_dask.run(source, fresh_dest, **options)
+    assert dest_files(dest) == dest_files(fresh_dest)
+    for a, b in zip(grown.arrays, fresh.arrays, strict=True):
+        assert (a.path, a.shape, a.num_elements, a.num_ones, a.num_nans, a.num_zeros) == (
+            b.path,
+            b.shape,
+            b.num_elements,
+            b.num_ones,
+            b.num_nans,
+            b.num_zeros,
+        )
+        assert a.stats == b.stats
+    shutil.rmtree(fresh_dest)
+    shutil.rmtree(journal_folder(fresh_dest), ignore_errors=True)
+    return fresh
+
+
+@pytest.mark.parametrize(
+    ("zarr_format", "shards", "unit_axis"),
+    [(3, None, -1), (3, (32, 16), -1), (2, None, 0)],
+    ids=["v3", "v3-sharded", "v2-units-along-the-append-axis"],
+)
+def test_three_growths_by_zarr_each_equal_a_fresh_run(
+    tmp_path: Path, zarr_format: int, shards: tuple[int, ...] | None, unit_axis: int
+) -> None:
+    full = activations((ROWS, 48), seed=3)
+    other = activations((ROWS, 24), dtype="float64", seed=4)
+    fixed = activations((40, 8), seed=5)  # an array that never grows
+    source = tmp_path / "acts.zarr"
+    a = write_zarr(source, full[: GROWTH[0]], (16, 16), zarr_format=zarr_format, shards=shards, name="a")
+    b = write_zarr(source, other[: GROWTH[0]], (16, 16), zarr_format=zarr_format, name="b")
+    write_zarr(source, fixed, (16, 8), zarr_format=zarr_format, name="fixed")
+    dest = tmp_path / "masks.zarr"
+    options = {"chunks": (64, 16) if shards is None else (64, 32), "stats": True, "unit_axis": unit_axis}
+    first = relu_dask.run(source, dest, **options)
+    assert first.arrays[0].grown_from is None
+    for step, rows in enumerate(GROWTH[1:], start=1):
+        _grow(a, full, rows)
+        _grow(b, other, rows)
+        if step == 2:  # an array new in the SOURCE group is processed whole
+            write_zarr(source, activations((30, 6), seed=6), (16, 6), zarr_format=zarr_format, name="late")
+        old_rows = GROWTH[step - 1]
+        grown = relu_dask.run(source, dest, **options)
+        entry = next(e for e in grown.arrays if e.path == "a")
+        assert entry.grown_from == [old_rows, 48]
+        # Read: the new rows, plus the old edge block whose source chunk the writer completed.
+        block_rows = options["chunks"][0]
+        assert entry.bytes_read <= (rows - old_rows + block_rows) * 48 * 4
+        assert entry.blocks_kept == (old_rows // block_rows) * -(-48 // options["chunks"][1])
+        assert next(e for e in grown.arrays if e.path == "fixed").tasks_done_now == 0
+        assert np.array_equal(read_mask(dest, "a"), oracle(full[:rows]))
+        assert np.array_equal(read_mask(dest, "b"), oracle(other[:rows]))
+        _same_as_fresh(source, dest, tmp_path, grown, **options)
+        assert verify_dest(dest).ok
+    again = relu_dask.run(source, dest, **options)
+    assert again.outcome == "already complete"
+
+
+def test_growth_by_xarray_append_dim_equals_a_fresh_run(tmp_path: Path) -> None:
+    xr = pytest.importorskip("xarray")
+    full = activations((300, 32), seed=7)
+
+    def dataset(start: int, stop: int) -> Any:
+        return xr.Dataset(
+            {"relu_in": (("step", "unit"), full[start:stop], {"layer": "fc1"})},
+            coords={"step": np.arange(start, stop), "unit": np.arange(32)},
+        )
+
+    source, dest = tmp_path / "acts.zarr", tmp_path / "masks.zarr"
+    encoding = {"relu_in": {"chunks": (16, 32)}, "step": {"chunks": (16,)}}
+    dataset(0, 90).to_zarr(source, mode="w", zarr_format=3, encoding=encoding, consolidated=False)
+    options = {"chunks": (32, 32), "stats": True}
+    relu_dask.run(source, dest, **options)
+    dataset(90, 211).to_zarr(source, append_dim="step", consolidated=False)
+    grown = relu_dask.run(source, dest, **options)
+    assert grown.arrays[0].grown_from == [90, 32]
+    assert sorted(grown.coordinates) == ["step", "unit"]
+    _same_as_fresh(source, dest, tmp_path, grown, **options)
+    masks = xr.open_zarr(dest)
+    assert np.array_equal(masks["step"].values, np.arange(211))
+    assert np.array_equal(masks["relu_in"].values, oracle(full[:211]))
+
+
+def _grown_source(tmp_path: Path) -> tuple[Path, Path, np.ndarray, Any]:
+    full = activations((200, 32), seed=8)
+    source, dest = tmp_path / "acts.zarr", tmp_path / "masks.zarr"
+    array = write_zarr(source, full[:100], (16, 16))
+    assert run_cli("run", str(source), str(dest), "--chunks", "32,32").returncode == 0
+    return source, dest, full, array
+
+
+def test_growth_is_refused_with_append_axis_none(tmp_path: Path) -> None:
+    source, dest, full, array = _grown_source(tmp_path)
+    _grow(array, full, 150)
+    before = snapshot(dest)
+    proc = run_cli("run", str(source), str(dest), "--chunks", "32,32", "--append-axis", "none")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("relu-dask: error: DEST")
+    assert "holds another job (the source array changed (shape, metadata_sha256" in proc.stderr
+    assert snapshot(dest) == before
+    proc = run_cli("run", str(source), str(dest), "--chunks", "32,32")
+    assert proc.returncode == 0, proc.stderr
+    assert "(grown from 100x32; 3 block(s) kept)" in proc.stdout
+    assert np.array_equal(read_mask(dest), oracle(full[:150]))
+
+
+@pytest.mark.parametrize("change", ["old chunk rewritten", "shrunk", "other axis grown", "axis 1 asked"])
+def test_what_is_not_growth_along_the_append_axis_is_refused(tmp_path: Path, change: str) -> None:
+    source, dest, full, array = _grown_source(tmp_path)
+    expected = {
+        "old chunk rewritten": "the source array changed (its chunk c/2/1 was rewritten since it was processed)",
+        "shrunk": "the source array shrank from 100 to 90 along axis 0",
+        "other axis grown": "the source array changed shape from (100, 32) to (100, 40), not only along the "
+        "append axis 0",
+        "axis 1 asked": "the source array changed shape from (100, 32) to (150, 32), not only along the append axis 1",
+    }[change]
+    time.sleep(0.01)  # a new mtime for a rewritten chunk
+    if change == "old chunk rewritten":
+        _grow(array, full, 150)
+        array[32:48, 16:32] = -full[32:48, 16:32]
+    elif change == "shrunk":
+        array.resize((90, 32))
+    elif change == "other axis grown":
+        array.resize((100, 40))
+    else:
+        _grow(array, full, 150)
+    before = snapshot(dest)
+    axis = 1 if change == "axis 1 asked" else 0
+    with pytest.raises(DestinationExistsError) as refused:
+        relu_dask.run(source, dest, chunks=(32, 32), append_axis=axis)
+    assert expected in str(refused.value)
+    assert snapshot(dest) == before
+
+
+def test_an_array_gone_from_a_grown_group_is_refused(tmp_path: Path) -> None:
+    source, dest = tmp_path / "acts.zarr", tmp_path / "masks.zarr"
+    full = activations((100, 16))
+    a = write_zarr(source, full[:50], (16, 16), name="a")
+    write_zarr(source, full[:50], (16, 16), name="b")
+    relu_dask.run(source, dest)
+    _grow(a, full, 100)
+    shutil.rmtree(source / "b")
+    with pytest.raises(DestinationExistsError, match="b is gone"):
+        relu_dask.run(source, dest)
+
+
+def _markers(dest: Path) -> int:
+    done = journal_folder(dest) / "done"
+    return sum(1 for p in done.rglob("*") if p.is_file()) if done.exists() else 0
+
+
+@pytest.mark.parametrize("when", ["job-recorded", "outputs-created", "tasks"])
+def test_a_kill_during_an_incremental_run_then_the_same_command_is_identical(tmp_path: Path, when: str) -> None:
+    full = activations((4800, 256), seed=10)
+    source, dest = tmp_path / "acts.zarr", tmp_path / "masks.zarr"
+    array = write_zarr(source, full[:1200], (8, 256))
+    args = ("run", str(source), str(dest), "--chunks", "8,256", "--scheduler", "synchronous", "--stats")
+    assert run_cli(*args).returncode == 0
+    _grow(array, full, 4795)
+    num_new = 4795 // 8 - 1200 // 8 + 1  # blocks that touch the new rows (the last one ragged)
+    if when == "tasks":  # SIGKILL once some of the new blocks are done
+        proc = start_cli(*args)
+        end = time.monotonic() + 60
+        while _markers(dest) < 5 and proc.poll() is None and time.monotonic() < end:
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        assert 0 < _markers(dest) < num_new, "killed part way through the new blocks"
+    else:
+        kill_at_step(when, *args)
+    status = json.loads(run_cli("status", str(dest), "--json").stdout)
+    assert (status["state"], status["num_tasks"]) == ("partial", num_new)
+    proc = run_cli(*args, "--report", str(tmp_path / "report.json"))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    fresh = tmp_path / "fresh.zarr"
+    fresh_args = ("--chunks", "8,256", "--stats", "--report", str(tmp_path / "fresh.json"))
+    assert run_cli("run", str(source), str(fresh), *fresh_args).returncode == 0
+    assert dest_files(dest) == dest_files(fresh)
+    expected = json.loads((tmp_path / "fresh.json").read_text())
+    for key in ("stats", "num_ones", "num_nans", "num_zeros", "num_elements"):
+        assert report["arrays"][0][key] == expected["arrays"][0][key]
+
+
+def test_source_grown_again_after_an_interrupted_incremental_run(tmp_path: Path) -> None:
+    """Blocks done for a smaller SOURCE are kept, but the one its edge cut short is redone."""
+    full = activations((900, 32), seed=11)
+    source, dest = tmp_path / "acts.zarr", tmp_path / "masks.zarr"
+    array = write_zarr(source, full[:100], (8, 32))
+    options = {"chunks": (16, 32), "stats": True, "unit_axis": 0, "scheduler": "synchronous"}
+    relu_dask.run(source, dest, **options)
+    _grow(array, full, 404)  # ragged: the block of rows 400..416 is cut short
+    args = ("run", str(source), str(dest), "--chunks", "16,32", "--stats", "--unit-axis", "0")
+    kill_at_step("tasks-done", *args)  # every new block marked done, the record not yet complete
+    assert _markers(dest) == 404 // 16 - 100 // 16 + 1
+    _grow(array, full, 777)
+    grown = relu_dask.run(source, dest, **options)
+    assert grown.arrays[0].tasks_skipped == 400 // 16 - 100 // 16  # all but the cut-short block
+    assert grown.arrays[0].blocks_kept == 100 // 16
+    _same_as_fresh(source, dest, tmp_path, grown, **options)
+
+
+def test_status_says_rows_done_and_rows_waiting(tmp_path: Path) -> None:
+    source, dest, full, array = _grown_source(tmp_path)
+    assert run_cli("status", str(dest)).stdout.startswith(f"{dest}: complete (100 rows, 4 tasks)")
+    _grow(array, full, 170)
+    proc = run_cli("status", str(dest))
+    assert "SOURCE has grown: 70 more rows wait; rerun the same command to process them" in proc.stdout
+    assert json.loads(run_cli("status", str(dest), "--json").stdout)["rows_waiting"] == {"": 70}
+    assert run_cli("run", str(source), str(dest), "--chunks", "32,32").returncode == 0
+    proc = run_cli("status", str(dest))
+    assert proc.stdout.startswith(f"{dest}: complete (170 rows, 6 tasks)")
+    assert "wait" not in proc.stdout
+
+
+def test_a_dest_of_an_older_journal_without_the_layout_hash_is_complete_but_cannot_grow(tmp_path: Path) -> None:
+    source, dest, full, array = _grown_source(tmp_path)
+    path = journal_folder(dest) / "job.json"
+    record = json.loads(path.read_text())
+    for entry in record["fingerprint"]["arrays"]:
+        del entry["layout_sha256"]
+    record.pop("edge_blocks")
+    record.pop("append_axis")
+    path.write_text(json.dumps(record))
+    assert relu_dask.run(source, dest, chunks=(32, 32)).outcome == "already complete"
+    _grow(array, full, 120)
+    with pytest.raises(DestinationExistsError, match=r"changed \(shape, metadata_sha256, chunk_samples\)"):
+        relu_dask.run(source, dest, chunks=(32, 32))
+
+
+def test_a_grown_zarr_array_opens_as_zarr_wrote_it(tmp_path: Path) -> None:
+    """DEST's mask array grows through zarr's public ``resize``: zarr reads it back whole."""
+    source, dest, full, array = _grown_source(tmp_path)
+    _grow(array, full, 133)
+    relu_dask.run(source, dest, chunks=(32, 32))
+    mask = zarr.open_array(dest, mode="r")
+    assert mask.shape == (133, 32)
+    assert np.array_equal(mask[...], oracle(full[:133]))

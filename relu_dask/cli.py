@@ -22,7 +22,7 @@ from relu_dask import __version__
 from relu_dask.chunking import parse_bytes
 from relu_dask.computing import PROGRESS_INTERVAL_S
 from relu_dask.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, InputError, ReluDaskError, RunStopped
-from relu_dask.execution import deliver, run_with
+from relu_dask.execution import deliver, follow_with, run_with
 from relu_dask.jobfile import FileJob, read_job_file
 from relu_dask.kernel import ENGINES
 from relu_dask.mask_stats import stats_of_masks
@@ -100,6 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
             "computes only the new rows. none: growth is refused like any change (exit 2)",
         )
         if name == "run":
+            sub.add_argument(
+                "--follow",
+                type=float,
+                metavar="SECONDS",
+                help="keep going: after the run, check SOURCE every SECONDS and process new rows as they land, "
+                "with DEST's lock held (and the dashboard up) throughout; SIGTERM or Ctrl-C stops it cleanly, exit 0",
+            )
+            sub.add_argument(
+                "--follow-idle",
+                type=float,
+                metavar="SECONDS",
+                help="with --follow: stop (exit 0) once SOURCE has not grown for SECONDS",
+            )
             sub.add_argument(
                 "--verify",
                 action="store_true",
@@ -364,9 +377,22 @@ def _dispatch(args: argparse.Namespace) -> int:
         report = deliver(plan.report(), options, plot=False)
         _print_summary(report, plan.describe())
         return EXIT_OK
+    if args.follow is not None:
+        return _follow(options, args.follow, args.follow_idle)
+    if args.follow_idle is not None:
+        raise InputError("--follow-idle needs --follow SECONDS")
     _print_summary(run_with(options))
     if args.verify:
         return _verify(args.dest, args.storage_options)
+    return EXIT_OK
+
+
+def _follow(options: RunOptions, every_s: float, idle_s: float | None) -> int:
+    """``run --follow``: every pass that processed new rows prints its summary; a stop by
+    SIGTERM or Ctrl-C, or ``--follow-idle``, ends it with exit 0 and one line."""
+    state = follow_with(options, every_s, idle_s, on_pass=lambda report, _state: _print_summary(report))
+    why = "no growth for --follow-idle" if state.stopped_by == "idle" else f"stopped by {state.stopped_by}"
+    print(f"follow ended ({why}): {state.describe()}; DEST's lock released")
     return EXIT_OK
 
 
@@ -394,6 +420,10 @@ def _run_job_file(args: argparse.Namespace) -> int:
     worst = EXIT_OK
     outcomes = []
     parsed = [_parse_job(job, args) for job in jobs]  # every job's options are checked before any job runs
+    if any(not isinstance(p, int) and p.follow is not None for p in parsed):
+        raise InputError(
+            f"{args.config}: follow keeps one job going: use it on the command line (run SOURCE DEST --follow N)"
+        )
     for number, (job, job_args) in enumerate(zip(jobs, parsed), start=1):
         log.info(
             "job %d/%d (%s): relu-dask run %s",

@@ -19,7 +19,8 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,19 +30,19 @@ from dask.base import tokenize
 from relu_dask import blocks, chunking, chunkio, conventions, journal, storage
 from relu_dask.computing import PROGRESS_INTERVAL_S, STOP_GRACE_S, Progress, compute
 from relu_dask.counts import BlockCounts, KeptCounts
-from relu_dask.errors import NaNFoundError, ProcessingError, ReluDaskError, RunStopped
+from relu_dask.errors import InputError, NaNFoundError, ProcessingError, ReluDaskError, RunStopped
 from relu_dask.graph import MaskTasks, build_mask_tasks
 from relu_dask.kernel import Engine, rule_for
 from relu_dask.locations import Location
 from relu_dask.mask_stats import mask_unit_ones, unit_stats
 from relu_dask.options import RunOptions
-from relu_dask.planning import RunPlan, open_inputs, plan_run
+from relu_dask.planning import RunInputs, RunPlan, open_inputs, plan_run
 from relu_dask.report import ArrayReport, RunReport, write_report
 from relu_dask.resume import remove_dest_and_journal
 from relu_dask.schedulers import SchedulerSpec, Session, check_workers_see, open_session
 from relu_dask.task import ArrayTasks, allow_tasks, wait_for_running_tasks
 
-__all__ = ["deliver", "execute", "run", "run_with"]
+__all__ = ["FollowState", "deliver", "execute", "follow_with", "run", "run_with"]
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,87 @@ def run_with(options: RunOptions) -> RunReport:
         journal.reach_step("locked")
         report = execute(plan_run(options, inputs, under_lock=True))
     return deliver(report, options)
+
+
+@dataclass
+class FollowState:
+    """Where a :func:`follow_with` loop stands: passes made, rows done, rows behind SOURCE."""
+
+    passes: int = 0
+    """Runs made (a check that found nothing new is a pass too)."""
+    rows_done: int = 0
+    """Rows DEST holds (along the append axis; the most of any array)."""
+    rows_behind: int = 0
+    """Rows SOURCE held beyond those at the last check (the most of any array)."""
+    stopped_by: str = ""
+    """Why the loop ended: ``SIGTERM``, ``SIGINT`` or ``idle``."""
+    reports: list[RunReport] = field(default_factory=list)
+    """The report of every pass that processed new rows."""
+
+    def describe(self) -> str:
+        """One line: rows done and how far behind SOURCE."""
+        return f"{self.rows_done} rows done, {self.rows_behind} behind SOURCE, {self.passes} pass(es)"
+
+
+def follow_with(
+    options: RunOptions,
+    every_s: float,
+    idle_s: float | None = None,
+    on_pass: Callable[[RunReport, FollowState], None] | None = None,
+) -> FollowState:
+    """Keep DEST up to date with a growing SOURCE: run, then check SOURCE every ``every_s``
+    seconds and run again over what was appended, with DEST's lock held and one scheduler
+    session (its dashboard) up the whole time.
+
+    Ends on SIGTERM or Ctrl-C (the running tasks finish and are recorded; the lock is
+    released) or after ``idle_s`` seconds without growth; returns how far it got, with
+    :attr:`FollowState.stopped_by` saying why. ``on_pass`` is called after every pass that
+    processed new rows.
+    """
+    if every_s <= 0 or (idle_s is not None and idle_s <= 0):
+        raise InputError("--follow and --follow-idle take a positive number of seconds")
+    state = FollowState()
+    inputs = open_inputs(options)
+    try:
+        with journal.hold_lock(inputs.dest), open_session(options.scheduler) as session:
+            journal.reach_step("locked")
+            last_growth = time.monotonic()
+            while True:
+                report = execute(plan_run(options, inputs, under_lock=True), session)
+                deliver(report, options)
+                options = replace(options, overwrite=False)  # replaced once, then followed
+                state.passes += 1
+                state.rows_done, state.rows_behind = _rows(inputs), 0
+                if report.outcome != "already complete":
+                    last_growth = time.monotonic()
+                    state.reports.append(report)
+                    if on_pass is not None:
+                        on_pass(report, state)
+                if idle_s is not None and time.monotonic() - last_growth >= idle_s:
+                    state.stopped_by = "idle"
+                    log.info("follow: no growth for %g s: stopping (%s)", idle_s, state.describe())
+                    return state
+                time.sleep(every_s)
+                inputs = open_inputs(options)
+                state.rows_behind = max(0, _rows(inputs) - state.rows_done)
+                log.info(
+                    "follow: %s",
+                    state.describe(),
+                    extra={
+                        "event": "follow",
+                        "fields": {"rows_done": state.rows_done, "rows_behind": state.rows_behind},
+                    },
+                )
+    except KeyboardInterrupt as stop:  # SIGTERM (StopRequested) or Ctrl-C, between or during passes
+        signum = stop.exit_code - 128 if isinstance(stop, RunStopped) else getattr(stop, "signum", signal.SIGINT)
+        state.stopped_by = signal.Signals(signum).name
+        log.debug("follow stopped: %s", stop)
+    return state
+
+
+def _rows(inputs: RunInputs) -> int:
+    """The most rows of any array of SOURCE, along its append axis."""
+    return max((src.shape[axis] for src, axis in zip(inputs.arrays, inputs.append_axes) if axis is not None), default=0)
 
 
 def deliver(report: RunReport, options: RunOptions, *, plot: bool = True) -> RunReport:

@@ -72,6 +72,9 @@ def open_inputs(options: RunOptions) -> RunInputs:
     dest = storage.prepare_dest(source, options.dest_location)
     unit_axes = tuple(_unit_axis(options.unit_axis, src) for src in arrays)
     append_axes = tuple(_append_axis(options.append_axis, src) for src in arrays)
+    for src, axis in zip(arrays, append_axes):  # a writer appending now: its last chunks first
+        if axis is not None:
+            storage.wait_for_appended_chunks(src, axis)
     fingerprint = {
         "source": source.url,
         "arrays": [storage.fingerprint_array(a) for a in arrays],

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from relu_dask import journal, storage
-from relu_dask.errors import DestinationExistsError
+from relu_dask.errors import DestinationExistsError, ReluDaskError
 from relu_dask.locations import Location, parse_location, parse_storage_options
 
 __all__ = [
@@ -346,7 +346,7 @@ def _rows_waiting(source: str | None, dest: Location, rows: dict[str, int], axis
         return {}
     try:
         contents = storage.open_source(parse_location(source, dest.storage_options))
-    except Exception as exc:  # SOURCE gone, moved or unreadable
+    except (ReluDaskError, OSError) as exc:  # SOURCE gone, moved or unreadable
         log.debug("status: SOURCE %s not read: %s", source, exc)
         return {}
     waiting = {}

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import math
 import os
 import re
 import shutil
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -621,6 +623,58 @@ def stat_chunk(src: SourceArray, key: str) -> list[Any]:
     assert folder is not None, "a SourceArray from open_source knows where it is"
     stat = folder.child(*key.split("/")).stat()
     return [stat[0], stat[1]] if stat else [None, None]
+
+
+#: How long a run waits for the last chunk row of a SOURCE array that a writer appears to be
+#: appending to (its shape already grown, its chunk objects not all written yet).
+SETTLE_S = 2.0
+_MAX_SETTLE_KEYS = 4096
+
+
+def wait_for_appended_chunks(src: SourceArray, axis: int, timeout_s: float = SETTLE_S) -> bool:
+    """Wait (at most ``timeout_s``) until the last chunk row of ``src`` along ``axis`` is
+    written, where it looks half-appended; return whether it was.
+
+    zarr's ``Array.append`` and xarray's ``to_zarr(append_dim=...)`` grow the shape first,
+    then write the new chunks. A run that read the new shape in between would take the
+    chunks not yet there for the fill value. The last chunk row looks half-appended when
+    some of its chunk objects exist and some do not, or when none does while the row
+    before it is whole; a row of chunks that are truly all fill value (never stored) costs
+    one wait of ``timeout_s``.
+    """
+    keys = chunk_key_encoding(src.metadata) if src.metadata else None
+    folder = src.location
+    if keys is None or folder is None or not src.shape or not folder.is_local:
+        return True
+    unit = src.shard_shape or src.chunk_shape
+    grid = [-(-n // c) for n, c in zip(src.shape, unit)]
+    if not math.prod(grid) or math.prod(grid) // grid[axis] > _MAX_SETTLE_KEYS:
+        return True
+
+    def row(index: int) -> list[bool]:
+        others = [range(n) if a != axis else [index] for a, n in enumerate(grid)]
+        return [
+            folder.child(*format_chunk_key(tuple(c), *keys).split("/")).stat() is not None
+            for c in itertools.product(*others)
+        ]
+
+    def settled() -> bool:
+        last = row(grid[axis] - 1)
+        if all(last):
+            return True
+        if any(last):
+            return False
+        return grid[axis] == 1 or not all(row(grid[axis] - 2))
+
+    end = time.monotonic() + timeout_s
+    while not settled():
+        if time.monotonic() >= end:
+            log.info(
+                "%s: the last chunk row is not all written after %.1f s: read as it is", src.path or "SOURCE", timeout_s
+            )
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def resize_mask_array(dest: Location, path: str, shape: tuple[int, ...]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,9 @@ import numpy as np
 import pytest
 import zarr
 from _support import (
+    PYTHON,
     activations,
+    cli_env,
     dest_files,
     journal_folder,
     kill_at_step,
@@ -288,3 +291,84 @@ def test_a_grown_zarr_array_opens_as_zarr_wrote_it(tmp_path: Path) -> None:
     mask = zarr.open_array(dest, mode="r")
     assert mask.shape == (133, 32)
     assert np.array_equal(mask[...], oracle(full[:133]))
+
+
+WRITER = """
+import sys, time
+import numpy as np, zarr
+array = zarr.open_array(sys.argv[1], mode="r+")
+full = np.load(sys.argv[2])
+for stop in map(int, sys.argv[3:]):
+    time.sleep(1.0)
+    array.append(full[array.shape[0]:stop])  # zarr grows the shape first, then writes the chunks
+"""
+
+
+def _record(dest: Path) -> dict[str, Any]:
+    try:
+        return json.loads((journal_folder(dest) / "job.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+@pytest.mark.parametrize("scheduler", ["threads", "local"])
+def test_follow_masks_every_row_a_live_writer_appends_and_stops_cleanly_on_sigterm(
+    tmp_path: Path, scheduler: str
+) -> None:
+    full = activations((400, 64), seed=12)
+    np.save(tmp_path / "full.npy", full)
+    source, dest = tmp_path / "acts.zarr", tmp_path / "masks.zarr"
+    write_zarr(source, full[:50], (16, 32))
+    stops = ["83", "140", "141", "260", "333"]  # uneven, most of them off the chunk edge
+    writer = subprocess.Popen([PYTHON, "-c", WRITER, str(source), str(tmp_path / "full.npy"), *stops])
+    args = ("--chunks", "32,64", "--stats", "--scheduler", scheduler, "--dashboard-address", ":0")
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "relu_dask", "run", str(source), str(dest), "--follow", "0.3", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+    )
+    try:
+        assert writer.wait(timeout=120) == 0
+        end = time.monotonic() + 120
+        while not (_record(dest).get("complete") and _record(dest)["fingerprint"]["arrays"][0]["shape"][0] == 333):
+            assert proc.poll() is None and time.monotonic() < end, proc.communicate()
+            time.sleep(0.1)
+        assert (journal_folder(dest) / "lock").exists()  # held between passes too
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "follow ended (stopped by SIGTERM): 333 rows done, 0 behind SOURCE" in out
+    assert "rows done" in err  # a progress line at each check
+    assert not (journal_folder(dest) / "lock").exists()
+    assert np.array_equal(read_mask(dest), oracle(full[:333]))
+    fresh = relu_dask.run(source, tmp_path / "fresh.zarr", chunks=(32, 64), stats=True)
+    assert dest_files(dest) == dest_files(tmp_path / "fresh.zarr")
+    assert json.loads(run_cli("status", str(dest), "--json").stdout)["rows"] == {"": 333}
+    assert fresh.arrays[0].num_ones == int(oracle(full[:333]).sum())
+
+
+def test_follow_idle_ends_the_follow_with_exit_0(tmp_path: Path) -> None:
+    source, dest, full, array = _grown_source(tmp_path)
+    _grow(array, full, 120)
+    proc = run_cli("run", str(source), str(dest), "--chunks", "32,32", "--follow", "0.2", "--follow-idle", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "(grown from 100x32; 3 block(s) kept)" in proc.stdout
+    assert "follow ended (no growth for --follow-idle): 120 rows done, 0 behind SOURCE" in proc.stdout
+    assert not (journal_folder(dest) / "lock").exists()
+    assert np.array_equal(read_mask(dest), oracle(full[:120]))
+
+
+def test_follow_is_refused_in_a_job_file_and_follow_idle_alone(tmp_path: Path) -> None:
+    source, dest, _full, _array = _grown_source(tmp_path)
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text(f'[[job]]\nsource = "{source}"\ndest = "{dest}"\nfollow = 5\n')
+    proc = run_cli("run", "--config", str(jobs))
+    assert proc.returncode == 2
+    assert "follow keeps one job going" in proc.stderr
+    proc = run_cli("run", str(source), str(dest), "--follow-idle", "5")
+    assert (proc.returncode, proc.stderr.strip()) == (2, "relu-dask: error: --follow-idle needs --follow SECONDS")

@@ -5,7 +5,10 @@ The public API:
 * :func:`relu_derivative` -- numpy block in, int8 mask out (the kernel);
 * :func:`derivative_mask` -- lazy dask array in, lazy int8 dask array out;
 * :func:`run` -- SOURCE Zarr in, DEST Zarr masks out, :class:`RunReport` back; in steps,
-  :class:`RunOptions` -> :func:`plan_run` -> :class:`RunPlan` -> :func:`execute`;
+  :class:`RunOptions` -> :func:`plan_run` -> :class:`RunPlan` -> :func:`execute`; a SOURCE
+  that grew since is extended, not redone;
+* :func:`follow` -- :func:`run`, then again over every append to a growing SOURCE
+  (:class:`FollowState` back);
 * :func:`job_status` and :func:`stats_of_masks` -- what a DEST holds, and what its masks say;
 * :func:`verify_dest` -- every mask chunk of a DEST read back and checked against its journal;
 * :func:`plan_chunks` and :class:`ChunkPlan` -- how an array is cut into tasks;
@@ -33,7 +36,7 @@ if TYPE_CHECKING:
         RunStopped,
         UnsupportedDtypeError,
     )
-    from relu_dask.execution import execute, run
+    from relu_dask.execution import FollowState, execute, follow, run
     from relu_dask.graph import derivative_mask
     from relu_dask.kernel import relu_derivative
     from relu_dask.mask_stats import stats_of_masks
@@ -53,6 +56,8 @@ _HOMES = {
     "RunOptions": "options",
     "RunPlan": "planning",
     "execute": "execution",
+    "follow": "execution",
+    "FollowState": "execution",
     "plan_run": "planning",
     "ChunkPlan": "chunking",
     "DamagedSourceError": "errors",
@@ -81,6 +86,7 @@ __all__ = [
     "DamagedSourceError",
     "DestinationExistsError",
     "DestinationInUseError",
+    "FollowState",
     "InputError",
     "JobStatus",
     "ProcessingError",
@@ -94,6 +100,7 @@ __all__ = [
     "__version__",
     "derivative_mask",
     "execute",
+    "follow",
     "job_status",
     "parse_scheduler",
     "plan_chunks",

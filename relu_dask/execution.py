@@ -42,7 +42,7 @@ from relu_dask.resume import remove_dest_and_journal
 from relu_dask.schedulers import SchedulerSpec, Session, check_workers_see, open_session
 from relu_dask.task import ArrayTasks, allow_tasks, wait_for_running_tasks
 
-__all__ = ["FollowState", "deliver", "execute", "follow_with", "run", "run_with"]
+__all__ = ["FollowState", "deliver", "execute", "follow", "follow_with", "run", "run_with"]
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,21 @@ class FollowState:
     def describe(self) -> str:
         """One line: rows done and how far behind SOURCE."""
         return f"{self.rows_done} rows done, {self.rows_behind} behind SOURCE, {self.passes} pass(es)"
+
+
+def follow(
+    source: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    *,
+    every_s: float = 30.0,
+    idle_s: float | None = None,
+    on_pass: Callable[[RunReport, FollowState], None] | None = None,
+    **options: Any,
+) -> FollowState:
+    """:func:`run`, then again over what is appended to SOURCE, checked every ``every_s``
+    seconds, until SIGTERM, Ctrl-C or ``idle_s`` seconds without growth (see
+    :func:`follow_with`). ``options`` are :func:`run`'s keyword arguments."""
+    return follow_with(RunOptions.create(source, dest, **options), every_s, idle_s, on_pass)
 
 
 def follow_with(

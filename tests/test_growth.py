@@ -372,3 +372,21 @@ def test_follow_is_refused_in_a_job_file_and_follow_idle_alone(tmp_path: Path) -
     assert "follow keeps one job going" in proc.stderr
     proc = run_cli("run", str(source), str(dest), "--follow-idle", "5")
     assert (proc.returncode, proc.stderr.strip()) == (2, "relu-dask: error: --follow-idle needs --follow SECONDS")
+
+
+def test_follow_from_python_returns_how_far_it_got(tmp_path: Path) -> None:
+    source, dest, full, array = _grown_source(tmp_path)
+    _grow(array, full, 133)
+    passes: list[int] = []
+    state = relu_dask.follow(
+        source,
+        dest,
+        every_s=0.1,
+        idle_s=0.5,
+        on_pass=lambda report, now: passes.append(report.arrays[0].shape[0]),
+        chunks=(32, 32),
+        stats=True,
+    )
+    assert (state.stopped_by, state.rows_done, state.rows_behind, passes) == ("idle", 133, 0, [133])
+    assert state.reports[0].arrays[0].grown_from == [100, 32]
+    assert np.array_equal(read_mask(dest), oracle(full[:133]))

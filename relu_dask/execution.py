@@ -305,6 +305,8 @@ def _complete_report(plan: RunPlan) -> RunReport:
         _set_stats(entry, src, axis, unit_ones, plan.inputs.coordinates)
     if plan.inputs.is_group and not storage.is_consolidated(plan.dest):  # a kill came between the two
         storage.consolidate(plan.dest)
+    if record.fingerprint != plan.inputs.fingerprint:  # an older relu-dask's record: keys it lacked
+        journal.write_record(plan.dest, replace(record, fingerprint=plan.inputs.fingerprint))
     log.info("DEST %s is already complete: nothing to do", plan.dest)
     return report
 

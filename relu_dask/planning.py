@@ -334,7 +334,8 @@ def _kept_whole(record: journal.JobRecord, index: int, block: list[int], axis: i
         return None
     unit_axis = record.unit_axes[index] if record.unit_axes and index < len(record.unit_axes) else None
     unit_ones = record.unit_ones[index] if record.unit_ones and index < len(record.unit_ones) else None
-    edges = record.edge_blocks if record.append_axis == axis and record.edge_blocks else []
+    recorded_axis = None if record.append_axis is None else record.append_axis % len(shape)
+    edges = record.edge_blocks if recorded_axis == axis and record.edge_blocks else []
     return KeptCounts(
         axis=axis,
         first_block=-(-shape[axis] // block[axis]),

@@ -340,8 +340,13 @@ def describe_codecs(codecs_json: str) -> str:
 
 def run_measured(argv: list[str], dst: Path, max_other_load: float | None) -> ChildResult:
     """Run one child on a clean slate (DEST removed, dirty pages synced); rerun if noisy."""
+    return run_prepared(argv, lambda: remove(dst), max_other_load)
+
+
+def run_prepared(argv: list[str], prepare: Callable[[], None], max_other_load: float | None) -> ChildResult:
+    """Run one child after ``prepare()`` (untimed) and ``os.sync()``; prepare and rerun if noisy."""
     for _attempt in range(3 if max_other_load is not None else 1):
-        remove(dst)
+        prepare()
         os.sync()
         result = run_child(argv, timeout_s=CHILD_TIMEOUT_S)
         if max_other_load is None or result.other_load <= max_other_load:

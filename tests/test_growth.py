@@ -268,19 +268,32 @@ def test_status_says_rows_done_and_rows_waiting(tmp_path: Path) -> None:
     assert "wait" not in proc.stdout
 
 
-def test_a_dest_of_an_older_journal_without_the_layout_hash_is_complete_but_cannot_grow(tmp_path: Path) -> None:
+def test_a_dest_of_an_older_journal_learns_the_layout_hash_then_grows(tmp_path: Path) -> None:
     source, dest, full, array = _grown_source(tmp_path)
     path = journal_folder(dest) / "job.json"
-    record = json.loads(path.read_text())
-    for entry in record["fingerprint"]["arrays"]:
-        del entry["layout_sha256"]
-    record.pop("edge_blocks")
-    record.pop("append_axis")
-    path.write_text(json.dumps(record))
+    learnt = path.read_text()
+
+    def as_an_older_relu_dask_wrote_it() -> None:
+        record = json.loads(learnt)
+        for entry in record["fingerprint"]["arrays"]:
+            del entry["layout_sha256"]
+        del record["edge_blocks"], record["append_axis"]
+        path.write_text(json.dumps(record))
+
+    as_an_older_relu_dask_wrote_it()
     assert relu_dask.run(source, dest, chunks=(32, 32)).outcome == "already complete"
+    assert json.loads(path.read_text())["fingerprint"] == json.loads(learnt)["fingerprint"]  # learnt the hash
+    as_an_older_relu_dask_wrote_it()
     _grow(array, full, 120)
     with pytest.raises(DestinationExistsError, match=r"changed \(shape, metadata_sha256, chunk_samples\)"):
         relu_dask.run(source, dest, chunks=(32, 32))
+    record = json.loads(learnt)
+    del record["edge_blocks"]  # learnt on a complete DEST: no counts of the old edge block row
+    path.write_text(json.dumps(record))
+    grown = relu_dask.run(source, dest, chunks=(32, 32))
+    assert grown.arrays[0].grown_from == [100, 32]
+    assert grown.arrays[0].blocks_kept == 0  # so every block is redone, once
+    assert np.array_equal(read_mask(dest), oracle(full[:120]))
 
 
 def test_a_grown_zarr_array_opens_as_zarr_wrote_it(tmp_path: Path) -> None:

@@ -42,6 +42,22 @@ Usage::
     python scripts/bench_pipeline.py --rounds 5
     python scripts/bench_pipeline.py --quick        # 256 MiB, 1 round: a smoke test
     python scripts/bench_pipeline.py --sizes 1,4,16 # relu-dask's peak RSS as the array grows
+    python scripts/bench_pipeline.py --growth       # incremental run: 1 GiB appended to 4 GiB
+    python scripts/bench_pipeline.py --growth --quick  # the same, 128 MiB appended to 512 MiB, 1 round
+
+``--growth`` measures the issue's target for incremental runs: after 1 GiB is appended to
+a 4 GiB SOURCE whose complete masks DEST holds, ``relu-dask run SRC DST`` (no
+``--overwrite``) takes at most 1.15x the wall of a fresh run over a 1 GiB array, and reads
+at most the new rows plus one block. The grown SOURCE is a folder of hard links to the
+chunk files of a seeded 5 GiB source (same bytes, size and mtime) with its own
+``zarr.json``: first with the 4 GiB shape and the first 4 GiB's links, over which an
+untimed run makes DEST (a copy of DEST and of its journal is kept); then the last 1 GiB's
+links and the 5 GiB ``zarr.json``, as a writer's resize and write leave them. Before each
+timed incremental run the 4 GiB state (shape, links, DEST and journal) is restored and the
+1 GiB appended again. The contenders: **relu-dask incremental** and **relu-dask fresh
+1 GiB** (``--overwrite`` over a seeded 1 GiB source), interleaved as above. Once, untimed,
+before the rounds, the incremental DEST is compared with a fresh run's over the grown
+source: chunk files byte for byte, metadata but for ``created_utc``.
 """
 
 from __future__ import annotations
@@ -49,6 +65,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -56,6 +73,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from _bench_util import (
     GIB,
@@ -610,11 +628,350 @@ def run_sizes(args: argparse.Namespace, sizes: list[float]) -> None:
         print(f"\n{warning}")
 
 
+# --------------------------------------------------------------------------- growth (--growth)
+# An incremental run over a SOURCE grown along axis 0, against a fresh run over the new rows alone.
+
+#: Issue's target: an incremental run costs at most this times a fresh run over the new rows.
+TARGET_GROWTH_VS_FRESH = 1.15
+
+
+@dataclass(frozen=True)
+class GrowthSetup:
+    """The paths and sizes of the growth benchmark (see :func:`run_growth`)."""
+
+    big: Path
+    """The seeded source of old + new rows: the grown source's chunk files are links to its."""
+    fresh_src: Path
+    """A seeded source of the new rows' size, for the fresh contender."""
+    work: Path
+    """Everything below is in here (removed at the end)."""
+    grown: Path
+    """The source that grows: hard links to ``big``'s chunk files, its own zarr.json."""
+    dest: Path
+    """The incremental contender's DEST."""
+    pristine: Path
+    """Copies of DEST and of its journal as the untimed run over the old rows left them."""
+    old_rows: int
+    new_rows: int
+
+    @property
+    def old_chunk_rows(self) -> int:
+        return self.old_rows // CHUNK_SHAPE[0]
+
+    @property
+    def all_chunk_rows(self) -> int:
+        return (self.old_rows + self.new_rows) // CHUNK_SHAPE[0]
+
+
+def journal_of(dest: Path) -> Path:
+    """relu-dask's journal: the hidden folder beside DEST."""
+    return dest.with_name(f".{dest.name}.relu-dask")
+
+
+def write_json_atomically(path: Path, data: object) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def link_chunk_rows(src: Path, dst: Path, chunk_rows: range) -> None:
+    """Hard-link ``src``'s chunk files ``c/<i>/...`` for ``i`` in ``chunk_rows`` into ``dst``.
+
+    A hard link is the same file (same inode): same bytes, size and mtime, as relu-dask's
+    growth check requires of the chunks it processed before.
+    """
+    for i in chunk_rows:
+        for root, _dirs, files in os.walk(src / "c" / str(i)):
+            target = dst / Path(root).relative_to(src)
+            target.mkdir(parents=True, exist_ok=True)
+            for name in files:
+                os.link(Path(root) / name, target / name)
+
+
+def set_grown_shape(setup: GrowthSetup, grown: bool) -> None:
+    """The grown source's zarr.json: ``big``'s as it is (grown), or with only the old shape."""
+    meta = json.loads((setup.big / "zarr.json").read_text())
+    if not grown:
+        meta["shape"] = [setup.old_rows, *meta["shape"][1:]]
+    write_json_atomically(setup.grown / "zarr.json", meta)
+
+
+def append_new_rows(setup: GrowthSetup) -> None:
+    """Append the new rows: their chunk files first, then the grown shape (a writer's resize + write)."""
+    link_chunk_rows(setup.big, setup.grown, range(setup.old_chunk_rows, setup.all_chunk_rows))
+    set_grown_shape(setup, grown=True)
+
+
+def restore_old_state(setup: GrowthSetup) -> None:
+    """The state before the append: the old shape, no new rows' links, DEST and journal as the
+    untimed run over the old rows left them."""
+    set_grown_shape(setup, grown=False)
+    for i in range(setup.old_chunk_rows, setup.all_chunk_rows):
+        remove(setup.grown / "c" / str(i))  # unlinks the links: the big source's files stay as they are
+    for name in (setup.dest.name, journal_of(setup.dest).name):
+        remove(setup.dest.parent / name)
+        shutil.copytree(setup.pristine / name, setup.dest.parent / name)
+
+
+def make_growth_setup(data_dir: Path, old_gib: float, new_gib: float) -> GrowthSetup:
+    """The sources, the grown source at its old shape, and an untimed complete DEST of it."""
+    old_rows, new_rows = round(old_gib * ROWS_PER_GIB), round(new_gib * ROWS_PER_GIB)
+    if old_rows % CHUNK_SHAPE[0] or new_rows % CHUNK_SHAPE[0]:
+        raise SystemExit(f"--growth sizes must be whole chunk rows ({CHUNK_SHAPE[0]} rows = 64 MiB)")
+    big, fresh_src = source_path(data_dir, old_gib + new_gib), source_path(data_dir, new_gib)
+    ensure_source(fresh_src, new_rows)
+    ensure_source(big, old_rows + new_rows)
+    meta = json.loads((big / "zarr.json").read_text())
+    encoding = meta.get("chunk_key_encoding", {})
+    if encoding.get("name") != "default" or encoding.get("configuration", {}).get("separator", "/") != "/":
+        raise SystemExit(f"{big}: --growth expects chunk keys c/<i>/<j> (zarr v3's default)")
+    work = data_dir / "out" / "growth"
+    remove(work)
+    work.mkdir(parents=True)
+    setup = GrowthSetup(
+        big=big,
+        fresh_src=fresh_src,
+        work=work,
+        grown=work / f"grown-{size_tag(old_gib)}+{size_tag(new_gib)}.zarr",
+        dest=work / "mask-incremental.zarr",
+        pristine=work / "pristine",
+        old_rows=old_rows,
+        new_rows=new_rows,
+    )
+    setup.grown.mkdir()
+    link_chunk_rows(big, setup.grown, range(setup.old_chunk_rows))
+    set_grown_shape(setup, grown=False)
+    print(f"untimed relu-dask run over the old {size_tag(old_gib)} ...", file=sys.stderr, flush=True)
+    result = run_child(relu_dask_argv(setup.grown, setup.dest), timeout_s=CHILD_TIMEOUT_S)
+    print(f"  done in {result.wall_s:.1f} s", file=sys.stderr, flush=True)
+    setup.pristine.mkdir()
+    for folder in (setup.dest, journal_of(setup.dest)):
+        shutil.copytree(folder, setup.pristine / folder.name)
+    return setup
+
+
+def relu_dask_argv(src: Path, dst: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "relu_dask", "run", str(src), str(dst), "--quiet", *extra]
+
+
+def _without_created(meta: object) -> object:
+    """Metadata with every ``created_utc`` left out (the one thing two runs may differ in)."""
+    if isinstance(meta, dict):
+        return {k: _without_created(v) for k, v in meta.items() if k != "created_utc"}
+    if isinstance(meta, list):
+        return [_without_created(v) for v in meta]
+    return meta
+
+
+def metadata_of(path: Path) -> dict[str, object]:
+    """Every zarr.json under ``path``, by relative path, less ``created_utc``."""
+    return {
+        str(meta.relative_to(path)): _without_created(json.loads(meta.read_text()))
+        for meta in sorted(path.rglob("zarr.json"))
+    }
+
+
+@dataclass(frozen=True)
+class GrowthCheck:
+    """The untimed incremental run made before the rounds, against a fresh run over the grown source."""
+
+    report: dict[str, Any]
+    same_chunk_files: bool
+    same_metadata: bool
+    num_bytes: int
+
+
+def check_growth_output(setup: GrowthSetup) -> GrowthCheck:
+    """Once, untimed: grow, run incrementally, and compare DEST with a fresh run's over the
+    grown source (the same chunk files as the big source; the same SOURCE path, so the
+    provenance attributes match but for ``created_utc``)."""
+    append_new_rows(setup)
+    report_path = setup.work / "report-check.json"
+    print("untimed incremental run (checked against a fresh run) ...", file=sys.stderr, flush=True)
+    run_child(relu_dask_argv(setup.grown, setup.dest, "--report", str(report_path)), timeout_s=CHILD_TIMEOUT_S)
+    report = json.loads(report_path.read_text())
+    reference = setup.work / "reference.zarr"
+    print("untimed fresh run over the grown source (the reference) ...", file=sys.stderr, flush=True)
+    run_child(relu_dask_argv(setup.grown, reference, "--overwrite"), timeout_s=CHILD_TIMEOUT_S)
+    num_bytes, digest = tree_digest(setup.dest)
+    check = GrowthCheck(
+        report=report,
+        same_chunk_files=digest == tree_digest(reference)[1],
+        same_metadata=metadata_of(setup.dest) == metadata_of(reference),
+        num_bytes=num_bytes,
+    )
+    remove(reference)
+    remove(journal_of(reference))
+    return check
+
+
+@dataclass
+class GrowthContender:
+    key: str
+    label: str
+    argv: list[str]
+    prepare: Callable[[], None]
+    results: list[ChildResult] = field(default_factory=list)
+    reports: list[dict[str, Any]] = field(default_factory=list)
+
+
+def warm_chunk_rows(path: Path, chunk_rows: range) -> None:
+    for i in chunk_rows:
+        warm_page_cache(path / "c" / str(i))
+
+
+def run_growth(args: argparse.Namespace, old_gib: float, new_gib: float) -> None:
+    """An incremental run after ``new_gib`` was appended to ``old_gib``, against a fresh run
+    over a ``new_gib`` source: the issue's target is at most 1.15x its wall, and reading at
+    most the new rows plus one block."""
+    setup = make_growth_setup(args.data_dir, old_gib, new_gib)
+    check = check_growth_output(setup)
+    warm_page_cache(setup.fresh_src)
+    warm_chunk_rows(setup.big, range(setup.old_chunk_rows, setup.all_chunk_rows))
+    report_path = setup.work / "report.json"
+    fresh_dst = setup.work / "mask-fresh.zarr"
+
+    def prepare_incremental() -> None:
+        restore_old_state(setup)
+        append_new_rows(setup)
+
+    contenders = [
+        GrowthContender(
+            "incremental",
+            f"relu-dask incremental: {size_tag(old_gib)} + {size_tag(new_gib)} appended, run again",
+            relu_dask_argv(setup.grown, setup.dest, "--report", str(report_path)),
+            prepare_incremental,
+        ),
+        GrowthContender(
+            "fresh",
+            f"relu-dask fresh {size_tag(new_gib)} (--overwrite)",
+            relu_dask_argv(setup.fresh_src, fresh_dst, "--overwrite", "--report", str(report_path)),
+            lambda: remove(fresh_dst),
+        ),
+    ]
+    for rnd in range(args.rounds):
+        shift = rnd % len(contenders)
+        for c in contenders[shift:] + contenders[:shift]:
+            report_path.unlink(missing_ok=True)
+            result = run_prepared(c.argv, c.prepare, args.max_other_load)
+            c.results.append(result)
+            c.reports.append(json.loads(report_path.read_text()))
+            print(f"  round {rnd + 1}: {c.key:12s} {result.wall_s:7.2f} s", file=sys.stderr, flush=True)
+    new_bytes = setup.new_rows * UNITS * 4
+    print_growth(contenders, check, setup, new_bytes, args.rounds)
+    warning = check_parent_small([r for c in contenders for r in c.results])
+    remove(setup.work)
+    if warning:
+        print(f"\n{warning}")
+
+
+def _array_report(report: dict[str, Any]) -> dict[str, Any]:
+    arrays = report["arrays"]
+    assert len(arrays) == 1, "the benchmark's sources are single arrays"
+    return dict(arrays[0])
+
+
+def read_bound(report: dict[str, Any], new_bytes: int) -> int:
+    """The issue's bound on an incremental run's reads: the new rows plus one block (float32)."""
+    return new_bytes + math.prod(int(n) for n in _array_report(report)["block_shape"]) * 4
+
+
+def print_growth(
+    contenders: list[GrowthContender], check: GrowthCheck, setup: GrowthSetup, new_bytes: int, rounds: int
+) -> None:
+    old_gib, new_gib = setup.old_rows * UNITS * 4 / GIB, new_bytes / GIB
+    stats: dict[str, dict[str, float]] = {}
+    rows = []
+    for c in contenders:
+        walls = [r.wall_s for r in c.results]
+        rss = [r.peak_rss_bytes for r in c.results]
+        reads = [float(rep["bytes_read"]) for rep in c.reports]
+        stats[c.key] = {"wall": median(walls), "work": median([float(rep["wall_s"]) for rep in c.reports])}
+        rows.append(
+            [
+                c.label,
+                f"{stats[c.key]['wall']:.2f}",
+                f"{stats[c.key]['work']:.2f}",
+                f"{new_bytes / stats[c.key]['wall'] / 1e9:.3f}",
+                f"{median(rss) / MIB:.0f} ({max(rss) / MIB:.0f})",
+                f"{median(reads):,.0f}",
+                f"{median([r.cpu_s for r in c.results]):.2f}",
+                f"{median([r.other_load for r in c.results]):.2f}",
+            ]
+        )
+    print(
+        f"### Growth: {size_tag(new_gib)} appended to {size_tag(old_gib)} float32, "
+        f"median of {rounds} interleaved round(s)\n"
+    )
+    headers = ["contender", "wall s", "work s", "GB/s of new rows", "peak RSS MiB median (max)", "bytes read"]
+    headers += ["CPU s", "other load (cores)"]
+    print(markdown_table(headers, rows))
+    print(
+        "\nwall: process start to exit; work: the run report's wall_s; GB/s: the new rows' uncompressed bytes "
+        f"({new_bytes:,} B) per second of wall, for both contenders; bytes read: the report's bytes_read."
+    )
+
+    print("\n### The incremental run's report (the untimed checked run, then each round)\n")
+    rep_rows = []
+    expected = [setup.old_rows, UNITS]
+    reads_ok = grown_ok = True
+    incremental = contenders[0]
+    for name, rep in [("check", check.report)] + [(f"round {i + 1}", r) for i, r in enumerate(incremental.reports)]:
+        entry = _array_report(rep)
+        bound = read_bound(rep, new_bytes)
+        read = int(rep["bytes_read"])
+        grown_ok &= entry["grown_from"] == expected
+        reads_ok &= read <= bound
+        rep_rows.append(
+            [
+                name,
+                entry["grown_from"],
+                ",".join(str(b) for b in entry["block_shape"]),
+                entry["blocks_kept"],
+                entry["tasks_done_now"],
+                f"{read:,}",
+                f"{bound:,}",
+                "yes" if read <= bound else "**no**",
+                f"{float(rep['wall_s']):.2f}",
+            ]
+        )
+    headers = ["run", "grown_from", "block_shape", "blocks_kept", "tasks_done_now", "bytes_read"]
+    headers += ["bound (new rows + one block)", "within", "wall_s"]
+    print(markdown_table(headers, rep_rows, align="llllrrrlr"))
+    same = check.same_chunk_files and check.same_metadata
+    print(
+        f"\nIncremental DEST vs a fresh run over the grown {size_tag(old_gib + new_gib)} source "
+        f"({check.num_bytes:,} B on disk): chunk files {'identical' if check.same_chunk_files else '**DIFFERENT**'}, "
+        f"metadata less created_utc {'identical' if check.same_metadata else '**DIFFERENT**'} -> "
+        f"{'same' if same else '**not the same**'}"
+    )
+
+    ratio = stats["incremental"]["wall"] / stats["fresh"]["wall"]
+    work_ratio = stats["incremental"]["work"] / stats["fresh"]["work"]
+    print(f"\nIncremental work / fresh work (in-process, for information): {fmt_ratio(work_ratio)}")
+    print(
+        f"Target: incremental wall <= {TARGET_GROWTH_VS_FRESH}x a fresh run over {size_tag(new_gib)}: "
+        f"{fmt_ratio(ratio)}x -> {'met' if ratio <= TARGET_GROWTH_VS_FRESH else '**not met**'}"
+    )
+    print(
+        f"Target: incremental reads <= the new rows + one block, grown_from == {expected}: "
+        f"{'met' if reads_ok and grown_ok else '**not met**'}"
+        + ("" if grown_ok else " (grown_from differs)")
+        + ("" if reads_ok else " (read more than the bound)")
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--quick", action="store_true", help="a 256 MiB array, 1 round: a smoke test")
     parser.add_argument("--sizes", help="GiB of float32, comma-separated (e.g. 1,4,16): relu-dask's RSS and wall")
+    parser.add_argument(
+        "--growth",
+        action="store_true",
+        help="an incremental run after 1 GiB is appended to 4 GiB, against a fresh 1 GiB run "
+        "(with --quick: 128 MiB appended to 512 MiB)",
+    )
     parser.add_argument(
         "--max-other-load",
         type=float,
@@ -630,7 +987,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     print_facts(extra=[("bytecode", compile_bytecode())])
-    if args.sizes:
+    if args.growth:
+        if args.quick:
+            args.rounds = 1
+            run_growth(args, 0.5, 0.125)
+        else:
+            run_growth(args, 4.0, 1.0)
+    elif args.sizes:
         run_sizes(args, [float(s) for s in args.sizes.split(",")])
     elif args.quick:
         args.rounds = 1

@@ -403,3 +403,26 @@ def test_follow_from_python_returns_how_far_it_got(tmp_path: Path) -> None:
     assert (state.stopped_by, state.rows_done, state.rows_behind, passes) == ("idle", 133, 0, [133])
     assert state.reports[0].arrays[0].grown_from == [100, 32]
     assert np.array_equal(read_mask(dest), oracle(full[:133]))
+
+
+def test_stats_first_asked_after_growth_are_counted_whole(tmp_path: Path) -> None:
+    """The first run counted no units: the grown run counts the kept blocks' from DEST's masks."""
+    source, dest, full, array = _grown_source(tmp_path)  # made without --stats
+    _grow(array, full, 170)
+    grown = relu_dask.run(source, dest, chunks=(32, 32), stats=True)
+    assert grown.arrays[0].blocks_kept == 3
+    _same_as_fresh(source, dest, tmp_path, grown, chunks=(32, 32), stats=True)
+
+
+def test_append_axis_in_a_job_file(tmp_path: Path) -> None:
+    source, dest, full, array = _grown_source(tmp_path)
+    _grow(array, full, 140)
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text(f'[[job]]\nsource = "{source}"\ndest = "{dest}"\nchunks = [32, 32]\nappend_axis = "none"\n')
+    proc = run_cli("run", "--config", str(jobs))
+    assert proc.returncode == 2
+    assert "holds another job" in proc.stderr
+    jobs.write_text(f'[[job]]\nsource = "{source}"\ndest = "{dest}"\nchunks = [32, 32]\nappend_axis = 0\n')
+    proc = run_cli("run", "--config", str(jobs))
+    assert proc.returncode == 0, proc.stderr
+    assert np.array_equal(read_mask(dest), oracle(full[:140]))

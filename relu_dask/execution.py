@@ -360,7 +360,8 @@ def _execute(plan: RunPlan) -> RunReport:
     options = plan.options
     start, start_cpu = time.perf_counter(), time.process_time()
     allow_tasks(run)
-    with _processing_errors(inputs.dest), _stopping(plan, run):
+    # An incremental run keeps DEST on a NaN: its masks of the rows before are the user's.
+    with _processing_errors(inputs.dest, keep=any(k is not None for k in plan.kept)), _stopping(plan, run):
         try:
             results = compute(
                 session, to_compute, options.progress, options.progress_interval_s, options.performance_report
@@ -477,11 +478,20 @@ def _stopping(plan: RunPlan, run: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _processing_errors(dest: Location) -> Iterator[None]:
-    """Turn what can go wrong while tasks run into one-line errors with their exit codes."""
+def _processing_errors(dest: Location, *, keep: bool = False) -> Iterator[None]:
+    """Turn what can go wrong while tasks run into one-line errors with their exit codes.
+
+    A NaN with ``--nan error`` removes the partial DEST, unless ``keep`` (an incremental
+    run, whose DEST holds the masks of the rows before: it is left partial, and says so).
+    """
     try:
         yield
-    except NaNFoundError:
+    except NaNFoundError as exc:
+        if keep:
+            raise NaNFoundError(
+                f"{exc}; DEST {dest} keeps the masks of the rows before (partial: rerun with --overwrite "
+                "once the data is fixed, or use --nan zero)"
+            ) from None
         remove_dest_and_journal(dest, "the source holds NaN and --nan is error")
         raise
     except ReluDaskError:

@@ -20,6 +20,7 @@ import zarr
 from _support import (
     PYTHON,
     activations,
+    chunk_files,
     cli_env,
     dest_files,
     journal_folder,
@@ -426,3 +427,20 @@ def test_append_axis_in_a_job_file(tmp_path: Path) -> None:
     proc = run_cli("run", "--config", str(jobs))
     assert proc.returncode == 0, proc.stderr
     assert np.array_equal(read_mask(dest), oracle(full[:140]))
+
+
+def test_a_nan_in_appended_rows_with_nan_error_keeps_dest(tmp_path: Path) -> None:
+    full = activations((200, 32), seed=13)
+    full[0, :8] = 1.0  # no NaN in the first rows ...
+    full[150, 3] = np.nan  # ... one in the appended ones
+    source, dest = tmp_path / "acts.zarr", tmp_path / "masks.zarr"
+    array = write_zarr(source, full[:100], (16, 16))
+    relu_dask.run(source, dest, chunks=(32, 32), nan="error")
+    before = chunk_files(dest)
+    _grow(array, full, 200)
+    proc = run_cli("run", str(source), str(dest), "--chunks", "32,32", "--nan", "error")
+    assert proc.returncode == 2
+    assert "holds NaN in chunk (9, 0)" in proc.stderr
+    assert f"DEST {dest} keeps the masks of the rows before" in proc.stderr
+    assert np.array_equal(read_mask(dest)[:96], oracle(full[:96]))  # the blocks before the old edge
+    assert all(chunk_files(dest).get(k) == v for k, v in before.items() if not k.startswith("c/6/"))

@@ -27,7 +27,6 @@ __all__ = [
     "JobStatus",
     "compare_jobs",
     "dest_state",
-    "differences",
     "job_status",
     "remove_dest_and_journal",
 ]
@@ -124,12 +123,6 @@ class JobChange:
     grown: dict[str, list[int] | None]
     """The arrays that only grew along the append axis (their recorded shape), and those new
     in a SOURCE group (None)."""
-
-
-def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """What differs between the job recorded in DEST and this one, said for the user (growth
-    counts as a difference)."""
-    return compare_jobs(old, new).said
 
 
 def compare_jobs(

@@ -255,6 +255,29 @@ class TestSchedulerContract:
         assert not (journal_folder(dest) / "lock").exists()
         assert relu_dask.job_status(dest).state == "complete"
 
+    def test_a_grown_source_is_extended_to_a_fresh_runs_files(
+        self, source: Source, scheduler: SchedulerCase, tmp_path: Path
+    ) -> None:
+        growing = tmp_path / "growing.zarr"
+        arrays = {}
+        for name, x in source.arrays.items():  # a prefix with a ragged edge (not a multiple of 8 rows)
+            arrays[name] = write_zarr(growing, x[: x.shape[0] // 2 + 3], CHUNKS, name=name)
+        dest = tmp_path / "masks.zarr"
+        options = {"chunks": CHUNKS, "scheduler": scheduler.api, "stats": True, "unit_axis": -1}
+        relu_dask.run(growing, dest, **options)
+        for name, x in source.arrays.items():
+            old = arrays[name].shape[0]
+            arrays[name].resize(x.shape)
+            arrays[name][old:] = x[old:]
+        grown = relu_dask.run(growing, dest, **options)
+        assert [a.grown_from for a in grown.arrays] == [
+            [x.shape[0] // 2 + 3, x.shape[1]] for x in source.arrays.values()
+        ]
+        fresh = relu_dask.run(growing, tmp_path / "fresh.zarr", chunks=CHUNKS, scheduler="synchronous", stats=True)
+        assert dest_files(dest) == dest_files(tmp_path / "fresh.zarr")
+        assert [a.stats for a in grown.arrays] == [a.stats for a in fresh.arrays]
+        _check_counts(grown.to_dict()["arrays"], source)
+
     def test_nan_error_stops_and_leaves_nothing_behind(
         self, scheduler: SchedulerCase, source: Source, tmp_path: Path
     ) -> None:

@@ -222,7 +222,8 @@ def follow_with(
             last_growth = time.monotonic()
             while True:
                 report = execute(plan_run(options, inputs, under_lock=True), session)
-                deliver(report, options)
+                if not state.passes or report.outcome != "already complete":  # the report of the last work
+                    deliver(report, options)
                 options = replace(options, overwrite=False)  # replaced once, then followed
                 state.passes += 1
                 state.rows_done, state.rows_behind = _rows(inputs), 0

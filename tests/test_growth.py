@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -325,9 +326,13 @@ def _record(dest: Path) -> dict[str, Any]:
         return {}
 
 
-@pytest.mark.parametrize("scheduler", ["threads", "local"])
-def test_follow_masks_every_row_a_live_writer_appends_and_stops_cleanly_on_sigterm(
-    tmp_path: Path, scheduler: str
+@pytest.mark.parametrize(
+    ("scheduler", "sig"),
+    [("threads", signal.SIGTERM), ("local", signal.SIGTERM), ("threads", signal.SIGINT)],
+    ids=["threads-SIGTERM", "local-SIGTERM", "threads-Ctrl-C"],
+)
+def test_follow_masks_every_row_a_live_writer_appends_and_stops_cleanly(
+    tmp_path: Path, scheduler: str, sig: signal.Signals
 ) -> None:
     full = activations((400, 64), seed=12)
     np.save(tmp_path / "full.npy", full)
@@ -335,7 +340,18 @@ def test_follow_masks_every_row_a_live_writer_appends_and_stops_cleanly_on_sigte
     write_zarr(source, full[:50], (16, 32))
     stops = ["83", "140", "141", "260", "333"]  # uneven, most of them off the chunk edge
     writer = subprocess.Popen([PYTHON, "-c", WRITER, str(source), str(tmp_path / "full.npy"), *stops])
-    args = ("--chunks", "32,64", "--stats", "--scheduler", scheduler, "--dashboard-address", ":0")
+    report = tmp_path / "report.json"
+    args = (
+        "--chunks",
+        "32,64",
+        "--stats",
+        "--scheduler",
+        scheduler,
+        "--dashboard-address",
+        ":0",
+        "--report",
+        str(report),
+    )
     proc = subprocess.Popen(
         [PYTHON, "-m", "relu_dask", "run", str(source), str(dest), "--follow", "0.3", *args],
         stdout=subprocess.PIPE,
@@ -350,13 +366,19 @@ def test_follow_masks_every_row_a_live_writer_appends_and_stops_cleanly_on_sigte
             assert proc.poll() is None and time.monotonic() < end, proc.communicate()
             time.sleep(0.1)
         assert (journal_folder(dest) / "lock").exists()  # held between passes too
-        proc.send_signal(signal.SIGTERM)
+        link = json.loads(report.read_text())["dashboard_link"]  # the last pass's report
+        if scheduler == "local":  # the dashboard is still served, by the cluster the first pass started
+            with urllib.request.urlopen(link, timeout=30) as page:
+                assert page.status == 200
+        else:
+            assert link is None
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err
-    assert "follow ended (stopped by SIGTERM): 333 rows done, 0 behind SOURCE" in out
+    assert f"follow ended (stopped by {sig.name}): 333 rows done, 0 behind SOURCE" in out
     assert "rows done" in err  # a progress line at each check
     assert not (journal_folder(dest) / "lock").exists()
     assert np.array_equal(read_mask(dest), oracle(full[:333]))

@@ -74,16 +74,21 @@ class StoredArray:
 
 def read_metadata(location: Location) -> dict[str, Any] | None:
     """The metadata document of the array at ``location`` (``zarr.json`` or ``.zarray``), if readable."""
+    return read_metadata_bytes(location)[0]
+
+
+def read_metadata_bytes(location: Location) -> tuple[dict[str, Any] | None, bytes | None]:
+    """:func:`read_metadata`, with the bytes it was parsed from (None: no document readable)."""
     for name in ("zarr.json", ".zarray"):  # one read where it is v3: a request each on object stores
         try:
             raw = location.child(name).read_bytes()
         except (OSError, ValueError):
             continue
         try:
-            return parse_metadata(raw)
+            return parse_metadata(raw), raw
         except ValueError:  # not JSON: zarr will have said so when it opened the array
-            return None
-    return None
+            return None, raw
+    return None, None
 
 
 def describe_stored(array: zarr.Array, location: Location | None, metadata: dict[str, Any] | None) -> StoredArray:

@@ -72,9 +72,14 @@ def open_inputs(options: RunOptions) -> RunInputs:
     dest = storage.prepare_dest(source, options.dest_location)
     unit_axes = tuple(_unit_axis(options.unit_axis, src) for src in arrays)
     append_axes = tuple(_append_axis(options.append_axis, src) for src in arrays)
-    for src, axis in zip(arrays, append_axes):  # a writer appending now: its last chunks first
+    # A writer appending now: the rows it appended since DEST's record, written first.
+    record = None if options.overwrite else journal.read_record(dest)
+    recorded = {a["path"]: a["shape"] for a in record.fingerprint.get("arrays", [])} if record else {}
+    for src, axis in zip(arrays, append_axes):
         if axis is not None:
-            storage.wait_for_appended_chunks(src, axis)
+            old = recorded.get(src.path)
+            from_row = old[axis] if old is not None and len(old) == len(src.shape) else None
+            storage.wait_for_appended_chunks(src, axis, from_row)
     fingerprint = {
         "source": source.url,
         "arrays": [storage.fingerprint_array(a) for a in arrays],

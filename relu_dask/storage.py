@@ -31,7 +31,7 @@ import zarr
 import zarr.errors
 
 from relu_dask import conventions
-from relu_dask.blocks import StoredArray, describe_stored, read_metadata
+from relu_dask.blocks import StoredArray, describe_stored, read_metadata, read_metadata_bytes
 from relu_dask.chunkfiles import (
     chunk_key_encoding,
     format_chunk_key,
@@ -122,6 +122,8 @@ class SourceArray:
     """The array's metadata document (``zarr.json`` or ``.zarray``), as the Zarr spec defines it."""
     stored: StoredArray | None = None
     """How the tasks read it: its chunk files directly, or through zarr (and why)."""
+    metadata_sha256: str | None = None
+    """The SHA-256 of the bytes ``metadata`` was parsed from (one read: its shape is the array's)."""
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -258,12 +260,19 @@ def _open_node(source: Location) -> zarr.Array | zarr.Group:
 
 def _source_array(path: str, array: zarr.Array, root: Location) -> SourceArray:
     location = array_location(root, path)
-    metadata = read_metadata(location)
+    metadata, raw = read_metadata_bytes(location)
+    for _attempt in range(10):  # a writer growing the array now: its shape as zarr and the document say it
+        if metadata is None or list(metadata.get("shape", [])) == list(array.shape):
+            break
+        array = _array_at(root, path, mode="r")
+        metadata, raw = read_metadata_bytes(location)
     names: Any = (metadata or {}).get("dimension_names")  # JSON, as the writer left it
     if names is None:
         names = array.attrs.get("_ARRAY_DIMENSIONS")
     dims = tuple(str(n) for n in names) if names and all(n is not None for n in names) else None
-    return SourceArray(path, array, dims, root, metadata, describe_stored(array, location, metadata))
+    stored = describe_stored(array, location, metadata)
+    digest = hashlib.sha256(raw).hexdigest() if raw is not None else None
+    return SourceArray(path, array, dims, root, metadata, stored, digest)
 
 
 def array_location(root: Location, path: str) -> Location:
@@ -585,13 +594,6 @@ def fingerprint_array(src: SourceArray, num_samples: int = 16) -> dict[str, Any]
     over the chunk grid. Rewriting those chunks, or the array's metadata, changes it;
     reading never does.
     """
-    folder = src.location
-    assert folder is not None, "a SourceArray from open_source knows where it is"
-    meta_name = "zarr.json" if src.zarr_format == 3 else ".zarray"
-    try:
-        meta_hash: str | None = hashlib.sha256(folder.child(meta_name).read_bytes()).hexdigest()
-    except OSError:
-        meta_hash = None
     unit = src.shard_shape or src.chunk_shape
     grid = tuple(-(-n // c) for n, c in zip(src.shape, unit))
     total = math.prod(grid)
@@ -609,7 +611,7 @@ def fingerprint_array(src: SourceArray, num_samples: int = 16) -> dict[str, Any]
         "dtype": str(src.dtype),
         "chunk_shape": list(src.chunk_shape),
         "shard_shape": list(src.shard_shape) if src.shard_shape else None,
-        "metadata_sha256": meta_hash,
+        "metadata_sha256": src.metadata_sha256,
         # The metadata less the shape: equal when the array only grew (or shrank).
         "layout_sha256": hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest() if layout else None,
         "chunk_samples": samples,
@@ -628,19 +630,23 @@ def stat_chunk(src: SourceArray, key: str) -> list[Any]:
 #: How long a run waits for the last chunk row of a SOURCE array that a writer appears to be
 #: appending to (its shape already grown, its chunk objects not all written yet).
 SETTLE_S = 2.0
-_MAX_SETTLE_KEYS = 4096
+_MAX_SETTLE_KEYS = 65536
 
 
-def wait_for_appended_chunks(src: SourceArray, axis: int, timeout_s: float = SETTLE_S) -> bool:
-    """Wait (at most ``timeout_s``) until the last chunk row of ``src`` along ``axis`` is
-    written, where it looks half-appended; return whether it was.
+def wait_for_appended_chunks(
+    src: SourceArray, axis: int, from_row: int | None = None, timeout_s: float = SETTLE_S
+) -> bool:
+    """Wait (at most ``timeout_s``) until the rows of ``src`` a writer appended look written;
+    return whether they do.
 
     zarr's ``Array.append`` and xarray's ``to_zarr(append_dim=...)`` grow the shape first,
-    then write the new chunks. A run that read the new shape in between would take the
-    chunks not yet there for the fill value. The last chunk row looks half-appended when
-    some of its chunk objects exist and some do not, or when none does while the row
-    before it is whole; a row of chunks that are truly all fill value (never stored) costs
-    one wait of ``timeout_s``.
+    then write the new chunks, in any order. A run that read the new shape in between would
+    take the chunks not yet there for the fill value. ``from_row``: the extent along
+    ``axis`` that DEST already holds; every chunk object from there on must exist. Without it
+    (a first run) only the last chunk row is looked at: it looks half-written when some of
+    its chunk objects exist and some do not, or when none does while the row before is
+    whole. Chunks that are truly all fill value (never stored) cost one wait of
+    ``timeout_s``.
     """
     keys = chunk_key_encoding(src.metadata) if src.metadata else None
     folder = src.location
@@ -648,8 +654,14 @@ def wait_for_appended_chunks(src: SourceArray, axis: int, timeout_s: float = SET
         return True
     unit = src.shard_shape or src.chunk_shape
     grid = [-(-n // c) for n, c in zip(src.shape, unit)]
-    if not math.prod(grid) or math.prod(grid) // grid[axis] > _MAX_SETTLE_KEYS:
+    per_row = math.prod(n for a, n in enumerate(grid) if a != axis)
+    if not math.prod(grid):
         return True
+    first = grid[axis] - 1 if from_row is None else min(from_row // unit[axis], grid[axis])
+    if (grid[axis] - first) * per_row > _MAX_SETTLE_KEYS:
+        first = grid[axis] - 1  # too many to look at: the last row only
+        if per_row > _MAX_SETTLE_KEYS:
+            return True
 
     def row(index: int) -> list[bool]:
         others = [range(n) if a != axis else [index] for a, n in enumerate(grid)]
@@ -659,6 +671,8 @@ def wait_for_appended_chunks(src: SourceArray, axis: int, timeout_s: float = SET
         ]
 
     def settled() -> bool:
+        if from_row is not None:
+            return all(all(row(i)) for i in range(first, grid[axis]))
         last = row(grid[axis] - 1)
         if all(last):
             return True
@@ -670,7 +684,7 @@ def wait_for_appended_chunks(src: SourceArray, axis: int, timeout_s: float = SET
     while not settled():
         if time.monotonic() >= end:
             log.info(
-                "%s: the last chunk row is not all written after %.1f s: read as it is", src.path or "SOURCE", timeout_s
+                "%s: appended chunks still missing after %.1f s: read as they are", src.path or "SOURCE", timeout_s
             )
             return False
         time.sleep(0.05)

@@ -378,6 +378,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         _print_summary(report, plan.describe())
         return EXIT_OK
     if args.follow is not None:
+        if args.verify:
+            raise InputError("--verify checks a finished DEST: run relu-dask verify DEST once --follow has stopped")
         return _follow(options, args.follow, args.follow_idle)
     if args.follow_idle is not None:
         raise InputError("--follow-idle needs --follow SECONDS")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 import signal
 import time
@@ -212,7 +213,7 @@ def follow_with(
     :attr:`FollowState.stopped_by` saying why. ``on_pass`` is called after every pass that
     processed new rows.
     """
-    if every_s <= 0 or (idle_s is not None and idle_s <= 0):
+    if not 0 < every_s < math.inf or (idle_s is not None and not 0 < idle_s < math.inf):
         raise InputError("--follow and --follow-idle take a positive number of seconds")
     state = FollowState()
     inputs = open_inputs(options)
@@ -490,8 +491,9 @@ def _processing_errors(dest: Location, *, keep: bool = False) -> Iterator[None]:
     except NaNFoundError as exc:
         if keep:
             raise NaNFoundError(
-                f"{exc}; DEST {dest} keeps the masks of the rows before (partial: rerun with --overwrite "
-                "once the data is fixed, or use --nan zero)"
+                f"{exc.args[0].split('; --nan error')[0]}; --nan error stops on NaN. DEST {dest} keeps the masks "
+                "of the rows before (partial); rerun with --overwrite once the data is fixed, or with "
+                "--overwrite --nan zero to map NaN to 0"
             ) from None
         remove_dest_and_journal(dest, "the source holds NaN and --nan is error")
         raise
@@ -686,8 +688,9 @@ def _edge_blocks(
     plan = array.plan
     if axis is None:
         return None
-    if result is None:  # no block ran: the kept blocks' edge stays
-        return kept.edge if kept is not None and kept.axis == axis else None
+    if result is None:  # no block ran: the kept blocks' edge stays, if its per-unit ones are along this run's
+        same_units = kept is not None and kept.unit_axis == array.unit_axis
+        return kept.edge if kept is not None and kept.axis == axis and same_units else None
     if not plan.shape[axis] % plan.block_shape[axis]:
         return None
     first = plan.first_blocks or (0,) * len(plan.shape)

@@ -9,7 +9,9 @@ prints :meth:`RunPlan.describe`; :func:`relu_dask.execution.execute` runs the pl
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -28,6 +30,8 @@ from relu_dask.schedulers import Session, plan_session
 from relu_dask.stats import parse_unit_axis
 
 __all__ = ["RunInputs", "RunPlan", "open_inputs", "plan_run"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -68,22 +72,42 @@ def open_inputs(options: RunOptions) -> RunInputs:
     )
     source = options.source_location
     contents = storage.open_source(source)
-    arrays = contents.arrays
     dest = storage.prepare_dest(source, options.dest_location)
-    unit_axes = tuple(_unit_axis(options.unit_axis, src) for src in arrays)
-    append_axes = tuple(_append_axis(options.append_axis, src) for src in arrays)
-    # A writer appending now: the rows it appended since DEST's record, written first.
     record = None if options.overwrite else journal.read_record(dest)
-    recorded = {a["path"]: a["shape"] for a in record.fingerprint.get("arrays", [])} if record else {}
-    for src, axis in zip(arrays, append_axes):
-        if axis is not None:
-            old = recorded.get(src.path)
-            from_row = old[axis] if old is not None and len(old) == len(src.shape) else None
-            storage.wait_for_appended_chunks(src, axis, from_row)
+    recorded: dict[str, dict[str, Any]] = {}
+    for entry in record.fingerprint.get("arrays", []) if record else []:
+        if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+            recorded[entry["path"]] = entry
+    # A writer appending now grows the shape first, then writes the chunks (xarray: one
+    # variable after the other): SOURCE is read again until what it appended looks written;
+    # what still does not after SETTLE_S is left for the next run.
+    end = time.monotonic() + storage.SETTLE_S
+    while True:
+        append_axes = _append_axes(options.append_axis, contents.arrays)
+        written = all(
+            storage.appended_chunks_written(src, axis, recorded.get(src.path))
+            for src, axis in zip(contents.arrays, append_axes)
+            if axis is not None
+        )
+        if written and _coordinates_agree(contents):
+            arrays, coordinates = contents.arrays, contents.coordinates
+            break
+        if time.monotonic() >= end:
+            arrays, coordinates = _hold_back(contents, append_axes, recorded)
+            break
+        time.sleep(0.05)
+        contents = storage.open_source(source)
+    unit_axes = tuple(_unit_axis(options.unit_axis, src) for src in arrays)
     fingerprint = {
         "source": source.url,
-        "arrays": [storage.fingerprint_array(a) for a in arrays],
-        "coordinates": [storage.fingerprint_array(c) for c in contents.coordinates],
+        "arrays": [
+            # held at the shape DEST recorded: the array as DEST last saw it
+            recorded[a.path]
+            if a.held_shape is not None and list(a.held_shape) == recorded[a.path].get("shape")
+            else storage.fingerprint_array(a, append_axis=axis)
+            for a, axis in zip(arrays, append_axes)
+        ],
+        "coordinates": [storage.fingerprint_array(c) for c in coordinates],
         "rule": rule_for(options.at_zero),
         "nan": options.nan,
         "dest_chunks": _as_list(options.dest_chunks),
@@ -95,7 +119,7 @@ def open_inputs(options: RunOptions) -> RunInputs:
         dest,
         tuple(arrays),
         tuple(contents.skipped),
-        tuple(contents.coordinates),
+        tuple(coordinates),
         contents.attributes,
         contents.groups,
         unit_axes,
@@ -251,7 +275,9 @@ def _plan(
         done: tuple[int, ...] = (0,) * len(plans)  # counted once the markers are dropped
     else:
         block_shapes = record.block_shapes if record is not None else None
-        kept = tuple(_recorded_kept(record, i) for i in range(len(inputs.arrays)))
+        kept = tuple(
+            _if_present(_recorded_kept(record, i), inputs.dest, src.path) for i, src in enumerate(inputs.arrays)
+        )
         plans = tuple(
             _starting_at(_plan_array(options, src, memory, block_shapes[i] if block_shapes else None), base)
             for i, (src, base) in enumerate(zip(inputs.arrays, kept))
@@ -283,6 +309,11 @@ def _recorded_kept(record: journal.JobRecord | None, index: int) -> KeptCounts |
     return None if data is None else KeptCounts.from_dict(data)
 
 
+def _if_present(kept: KeptCounts | None, dest: Location, path: str) -> KeptCounts | None:
+    """``kept``, unless DEST lost the mask array since (then every block is redone)."""
+    return kept if kept is None or storage.has_array(dest, path) else None
+
+
 def _starting_at(plan: chunking.ChunkPlan, kept: KeptCounts | None) -> chunking.ChunkPlan:
     return plan if kept is None else plan.starting_at(kept.axis, kept.first_block)
 
@@ -305,13 +336,15 @@ def _grow_array(
     it keeps, and the done markers to drop (see :attr:`RunPlan.drop_markers`)."""
     src, axis = inputs.arrays[index], inputs.append_axes[index]
     old_paths = [a["path"] for a in record.fingerprint["arrays"]]
-    # Markers are kept per array index: if the arrays moved, none can be trusted.
-    drop_all = 0 if old_paths != inputs.array_paths else None
+    # Markers are kept per array index: if the arrays moved, none can be trusted. A complete
+    # record's markers (a kill came before they were dropped) count for nothing either.
+    drop_all = 0 if old_paths != inputs.array_paths or record.complete else None
     if src.path not in old_paths:  # new in the SOURCE group: every block has a task
         return _plan_array(options, src, memory, None), None, 0
     old = old_paths.index(src.path)
     block = record.block_shapes[old]
     recorded = _kept_whole(record, old, block, axis) if record.complete else _recorded_kept(record, old)
+    recorded = _if_present(recorded, inputs.dest, src.path)
     if src.path not in grown:  # unchanged: what DEST holds stays (a partial run resumes)
         plan = _plan_array(options, src, memory, block)
         return _starting_at(plan, recorded), recorded, drop_all
@@ -327,6 +360,8 @@ def _grow_array(
     if record.complete:
         kept = _without_edge(record, old, recorded, old_rows, block, axis, first)
         return _starting_at(plan, kept), kept, drop_all
+    if recorded is None and not record.complete:
+        return plan, None, 0 if drop_all == 0 else first
     return _starting_at(plan, recorded), recorded, 0 if drop_all == 0 else first
 
 
@@ -426,15 +461,80 @@ def _plan_array(
         raise type(exc)(f"{src.path}: {exc}" if src.path else str(exc)) from None
 
 
-def _append_axis(append_axis: int | None, src: storage.SourceArray) -> int | None:
-    """The append axis of ``src`` (out of range: refused before anything runs)."""
-    if append_axis is None or not src.shape:
+def _append_axes(append_axis: int | None, arrays: list[storage.SourceArray]) -> tuple[int | None, ...]:
+    """Each array's append axis (None where it has fewer axes, or is a scalar: it cannot
+    grow); refused only if no array has it."""
+    if append_axis is None:
+        return (None,) * len(arrays)
+    axes = tuple(append_axis % len(a.shape) if -len(a.shape) <= append_axis < len(a.shape) else None for a in arrays)
+    if all(axis is None for axis in axes) and any(a.shape for a in arrays):
+        ndim = max(len(a.shape) for a in arrays)
+        raise InputError(f"--append-axis {append_axis} is out of range: the arrays of SOURCE have at most {ndim} axes")
+    return axes
+
+
+def _hold_back(
+    contents: storage.SourceContents, append_axes: tuple[int | None, ...], recorded: dict[str, dict[str, Any]]
+) -> tuple[list[storage.SourceArray], list[storage.SourceArray]]:
+    """What a writer is still appending, left for the next run: each array whose appended
+    rows still look half-written (:func:`storage.appended_chunks_written`) is held at the
+    shape DEST recorded; so is every array along the same dimension, and every coordinate of
+    it; arrays longer than a coordinate of their dimension are held at its length."""
+    extents: dict[str, int] = {}  # dimension name -> the rows that may be processed along it
+    for src, axis in zip(contents.arrays, append_axes):
+        old = _recorded_rows(src, axis, recorded)
+        if old is not None and axis is not None and not storage.appended_chunks_written(src, axis, recorded[src.path]):
+            name = src.dimension_names[axis] if src.dimension_names else f"#{src.path}"
+            extents[name] = min(extents.get(name, old), old)
+    for c in contents.coordinates:  # xarray writes a coordinate after (or before) the data
+        if c.dimension_names and len(c.shape) == 1:
+            extents[c.dimension_names[0]] = min(extents.get(c.dimension_names[0], c.shape[0]), c.shape[0])
+    arrays = []
+    for src, axis in zip(contents.arrays, append_axes):
+        old = _recorded_rows(src, axis, recorded)
+        name = src.dimension_names[axis] if src.dimension_names and axis is not None else f"#{src.path}"
+        if old is None or axis is None or extents.get(name, src.shape[axis]) >= src.shape[axis]:
+            arrays.append(src)
+            continue
+        rows = max(old, extents[name])
+        log.warning(
+            "%s: rows %d to %d still look half-written after %g s: they wait for the next run",
+            src.path or "SOURCE",
+            rows,
+            src.shape[axis],
+            storage.SETTLE_S,
+        )
+        arrays.append(replace(src, held_shape=tuple(rows if a == axis else n for a, n in enumerate(src.shape))))
+        extents[name] = rows
+    coordinates = [
+        replace(c, held_shape=(extents[c.dimension_names[0]],))
+        if c.dimension_names and len(c.shape) == 1 and c.shape[0] > extents.get(c.dimension_names[0], c.shape[0])
+        else c
+        for c in contents.coordinates
+    ]
+    return arrays, coordinates
+
+
+def _recorded_rows(src: storage.SourceArray, axis: int | None, recorded: dict[str, dict[str, Any]]) -> int | None:
+    """The extent along ``axis`` DEST recorded for ``src``, if smaller than SOURCE's now."""
+    shape = recorded.get(src.path, {}).get("shape")
+    if axis is None or not isinstance(shape, list) or len(shape) != len(src.shape) or shape[axis] >= src.shape[axis]:
         return None
-    ndim = len(src.shape)
-    if not -ndim <= append_axis < ndim:
-        where = src.path or "the source"
-        raise InputError(f"--append-axis {append_axis} is out of range for {where}, which has {ndim} axes")
-    return append_axis % ndim
+    return int(shape[axis])
+
+
+def _coordinates_agree(contents: storage.SourceContents) -> bool:
+    """Whether every 1-D coordinate is as long as the arrays' dimension of its name (xarray
+    appending writes one variable after the other)."""
+    extents: dict[str, int] = {}
+    for src in contents.arrays:
+        for name, n in zip(src.dimension_names or (), src.shape):
+            extents.setdefault(name, n)
+    return all(
+        extents.get(c.dimension_names[0], c.shape[0]) == c.shape[0]
+        for c in contents.coordinates
+        if c.dimension_names and len(c.shape) == 1
+    )
 
 
 def _unit_axis(unit_axis: int | None, src: storage.SourceArray) -> int | None:

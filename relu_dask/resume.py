@@ -97,7 +97,7 @@ def dest_state(
         if under_lock:
             journal.remove_done_markers(dest)
             journal.write_record(dest, record)
-    if change.grown:
+    if change.grown or change.coordinates_changed:
         return "grow", record, change.grown
     return ("complete" if record.complete else "resume"), record, {}
 
@@ -123,6 +123,8 @@ class JobChange:
     grown: dict[str, list[int] | None]
     """The arrays that only grew along the append axis (their recorded shape), and those new
     in a SOURCE group (None)."""
+    coordinates_changed: bool = False
+    """xarray's coordinates changed (and growth is allowed): they are copied again."""
 
 
 def compare_jobs(
@@ -151,7 +153,7 @@ def compare_jobs(
                 grown[array["path"]] = None
             continue
         # Keys an older relu-dask did not record are not compared.
-        what = [k for k in array if k in before and before[k] != array[k]]
+        what = [k for k in array if k in before and before[k] != array[k] and k != "edge_samples"]
         if not what:
             continue
         why_not = _why_not_grown(before, array, append_axis, restat)
@@ -166,13 +168,15 @@ def compare_jobs(
         else f"{path or 'the source array'} is gone"
         for path in old_arrays
     )
-    # Older journals have no coordinates; a run over grown arrays copies them again whole.
-    if "coordinates" in old and old["coordinates"] != new.get("coordinates") and not grown:
+    # Older journals have no coordinates. They are copied again whole by a run that may
+    # follow growth (xarray appends to them too, one variable after another).
+    recopy = "coordinates" in old and old["coordinates"] != new.get("coordinates")
+    if recopy and append_axis is None:
         said.append("its coordinates changed")
     for option in ("rule", "nan", "dest_chunks", "dest_shards", "compressor"):
         if old.get(option) != new[option]:
             said.append(f"it was made with {option} {old.get(option)}, now {new[option]}")
-    return JobChange(said, grown if not said else {})
+    return JobChange(said, grown if not said else {}, bool(recopy and not said))
 
 
 def _why_not_grown(before: dict[str, Any], now: dict[str, Any], axis: int | None, restat: Restat | None) -> str | None:
@@ -313,7 +317,7 @@ def job_status(dest: str | os.PathLike[str], storage_options: str | dict[str, An
                 numblocks[base["axis"]] -= base["first_block"]
             total += math.prod(numblocks)
     axis = 0 if record.append_axis is None else record.append_axis
-    rows = {a["path"]: a["shape"][axis] for a in arrays if len(a["shape"]) > axis}
+    rows = {a["path"]: a["shape"][axis] for a in arrays if -len(a["shape"]) <= axis < len(a["shape"])}
     missing = [p or "(array)" for p in missing_arrays(path, [a["path"] for a in arrays])]
     complete = record.complete and not missing
     done = total if complete else sum(journal.count_done(path, i) for i in range(len(arrays)))
@@ -344,7 +348,6 @@ def _rows_waiting(source: str | None, dest: Location, rows: dict[str, int], axis
         return {}
     waiting = {}
     for src in contents.arrays:
-        now = src.shape[axis] if len(src.shape) > axis else 0
-        if now > rows.get(src.path, 0):
-            waiting[src.path] = now - rows.get(src.path, 0)
+        if -len(src.shape) <= axis < len(src.shape) and src.shape[axis] > rows.get(src.path, 0):
+            waiting[src.path] = src.shape[axis] - rows.get(src.path, 0)
     return waiting

@@ -20,7 +20,6 @@ import math
 import os
 import re
 import shutil
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,10 +123,13 @@ class SourceArray:
     """How the tasks read it: its chunk files directly, or through zarr (and why)."""
     metadata_sha256: str | None = None
     """The SHA-256 of the bytes ``metadata`` was parsed from (one read: its shape is the array's)."""
+    held_shape: tuple[int, ...] | None = None
+    """A shape smaller than the stored one, to process instead: rows a writer is still
+    appending are left for the next run."""
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.array.shape)
+        return self.held_shape if self.held_shape is not None else tuple(self.array.shape)
 
     @property
     def dtype(self) -> np.dtype:
@@ -421,7 +423,7 @@ def copy_array(dest: Location, src: SourceArray) -> zarr.Array:
         # xarray reads a v2 array's missing values from its fill value, a v3 one's from this attribute
         attributes["_FillValue"] = conventions.fill_value_attribute(a.fill_value, np.dtype(a.dtype))
     options: dict[str, Any] = {
-        "shape": a.shape,
+        "shape": src.shape,
         "dtype": str if text else a.dtype,
         "chunks": a.chunks,
         "fill_value": "" if text else a.fill_value,
@@ -437,8 +439,8 @@ def copy_array(dest: Location, src: SourceArray) -> zarr.Array:
         parent, _, name = src.path.rpartition("/")
         out = (root.require_group(parent) if parent else root).create_array(name, **options)
         step = a.shards or a.chunks
-        for index in np.ndindex(*(-(-n // c) for n, c in zip(a.shape, step))):
-            region = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(index, step, a.shape))
+        for index in np.ndindex(*(-(-n // c) for n, c in zip(src.shape, step))):
+            region = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(index, step, src.shape))
             out[region] = a[region]
     return out
 
@@ -586,13 +588,15 @@ def write_synthetic_activations(
         os.replace(tmp, path)
 
 
-def fingerprint_array(src: SourceArray, num_samples: int = 16) -> dict[str, Any]:
+def fingerprint_array(src: SourceArray, num_samples: int = 16, append_axis: int | None = None) -> dict[str, Any]:
     """A cheap identity of one source array, to tell whether it changed between runs.
 
-    Its path, shape, dtype and chunking; a hash of its metadata document; and the size and
-    modification time of up to ``num_samples`` stored chunk (or shard) objects spread evenly
-    over the chunk grid. Rewriting those chunks, or the array's metadata, changes it;
-    reading never does.
+    Its path, shape, dtype and chunking; a hash of its metadata document (and one of it
+    less the shape); and the size and modification time of up to ``num_samples`` stored
+    chunk (or shard) objects spread evenly over the chunk grid. Rewriting those chunks, or
+    the array's metadata, changes it; reading never does. With an ``append_axis``, also
+    those of every chunk object of the last chunk row along it (``edge_samples``): a writer
+    that appends rewrites them, which tells a run whether it has.
     """
     unit = src.shard_shape or src.chunk_shape
     grid = tuple(-(-n // c) for n, c in zip(src.shape, unit))
@@ -615,7 +619,25 @@ def fingerprint_array(src: SourceArray, num_samples: int = 16) -> dict[str, Any]
         # The metadata less the shape: equal when the array only grew (or shrank).
         "layout_sha256": hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest() if layout else None,
         "chunk_samples": samples,
+        **({"edge_samples": _edge_samples(src, append_axis)} if append_axis is not None else {}),
     }
+
+
+def _edge_keys(src: SourceArray, axis: int) -> list[str] | None:
+    """The keys of the chunk objects of the last chunk row of ``src`` along ``axis`` (None:
+    not known, or too many to look at)."""
+    keys = chunk_key_encoding(src.metadata) if src.metadata else None
+    unit = src.shard_shape or src.chunk_shape
+    grid = [-(-n // c) for n, c in zip(src.shape, unit)]
+    if keys is None or not math.prod(grid) or math.prod(grid) // grid[axis] > _MAX_EDGE_SAMPLES:
+        return None
+    others = [range(n) if a != axis else [n - 1] for a, n in enumerate(grid)]
+    return [format_chunk_key(tuple(c), *keys) for c in itertools.product(*others)]
+
+
+def _edge_samples(src: SourceArray, axis: int) -> list[list[Any]] | None:
+    keys = _edge_keys(src, axis)
+    return None if keys is None else [[key, *stat_chunk(src, key)] for key in keys]
 
 
 def stat_chunk(src: SourceArray, key: str) -> list[Any]:
@@ -627,26 +649,24 @@ def stat_chunk(src: SourceArray, key: str) -> list[Any]:
     return [stat[0], stat[1]] if stat else [None, None]
 
 
-#: How long a run waits for the last chunk row of a SOURCE array that a writer appears to be
-#: appending to (its shape already grown, its chunk objects not all written yet).
+#: How long a run waits for the rows a writer appears to be appending to a SOURCE array (its
+#: shape already grown, its chunk objects not all written yet) before it reads them as they are.
 SETTLE_S = 2.0
 _MAX_SETTLE_KEYS = 65536
+_MAX_EDGE_SAMPLES = 1024
 
 
-def wait_for_appended_chunks(
-    src: SourceArray, axis: int, from_row: int | None = None, timeout_s: float = SETTLE_S
-) -> bool:
-    """Wait (at most ``timeout_s``) until the rows of ``src`` a writer appended look written;
-    return whether they do.
+def appended_chunks_written(src: SourceArray, axis: int, before: dict[str, Any] | None) -> bool:
+    """Whether the rows a writer appended to ``src`` along ``axis`` look written.
 
     zarr's ``Array.append`` and xarray's ``to_zarr(append_dim=...)`` grow the shape first,
     then write the new chunks, in any order. A run that read the new shape in between would
-    take the chunks not yet there for the fill value. ``from_row``: the extent along
-    ``axis`` that DEST already holds; every chunk object from there on must exist. Without it
-    (a first run) only the last chunk row is looked at: it looks half-written when some of
-    its chunk objects exist and some do not, or when none does while the row before is
-    whole. Chunks that are truly all fill value (never stored) cost one wait of
-    ``timeout_s``.
+    take the chunks not yet there for the fill value. ``before``: the array's fingerprint
+    when DEST last recorded it (:func:`fingerprint_array`); if it grew since, every chunk
+    object of the new rows must exist and every one of the old last chunk row, which the
+    new rows complete, must have been rewritten. Without it (a first run), the last chunk
+    row must not look half-written: some of its objects there and some not, or none while
+    the row before is whole. Only local stores are looked at.
     """
     keys = chunk_key_encoding(src.metadata) if src.metadata else None
     folder = src.location
@@ -654,41 +674,33 @@ def wait_for_appended_chunks(
         return True
     unit = src.shard_shape or src.chunk_shape
     grid = [-(-n // c) for n, c in zip(src.shape, unit)]
-    per_row = math.prod(n for a, n in enumerate(grid) if a != axis)
     if not math.prod(grid):
         return True
-    first = grid[axis] - 1 if from_row is None else min(from_row // unit[axis], grid[axis])
-    if (grid[axis] - first) * per_row > _MAX_SETTLE_KEYS:
-        first = grid[axis] - 1  # too many to look at: the last row only
-        if per_row > _MAX_SETTLE_KEYS:
-            return True
 
-    def row(index: int) -> list[bool]:
+    def row(index: int) -> list[bool] | None:
         others = [range(n) if a != axis else [index] for a, n in enumerate(grid)]
-        return [
-            folder.child(*format_chunk_key(tuple(c), *keys).split("/")).stat() is not None
-            for c in itertools.product(*others)
-        ]
+        if math.prod(len(r) for r in others) > _MAX_SETTLE_KEYS:
+            return None
+        return [stat_chunk(src, format_chunk_key(tuple(c), *keys))[0] is not None for c in itertools.product(*others)]
 
-    def settled() -> bool:
-        if from_row is not None:
-            return all(all(row(i)) for i in range(first, grid[axis]))
+    old_shape = before.get("shape") if before else None
+    if not isinstance(old_shape, list) or len(old_shape) != len(src.shape):
         last = row(grid[axis] - 1)
-        if all(last):
+        if last is None or all(last):
             return True
         if any(last):
             return False
-        return grid[axis] == 1 or not all(row(grid[axis] - 2))
-
-    end = time.monotonic() + timeout_s
-    while not settled():
-        if time.monotonic() >= end:
-            log.info(
-                "%s: appended chunks still missing after %.1f s: read as they are", src.path or "SOURCE", timeout_s
-            )
-            return False
-        time.sleep(0.05)
-    return True
+        before_last = row(grid[axis] - 2) if grid[axis] > 1 else None
+        return before_last is None or not all(before_last)
+    old_rows = int(old_shape[axis])
+    if src.shape[axis] <= old_rows:
+        return True  # not grown: nothing appended to wait for
+    if any(not all(found or []) for found in map(row, range(old_rows // unit[axis], grid[axis]))):
+        return False
+    if not old_rows % unit[axis]:
+        return True
+    # The old last chunk row, completed by the new rows: rewritten since it was recorded.
+    return all(stat_chunk(src, key) != stat for key, *stat in (before or {}).get("edge_samples") or [])
 
 
 def resize_mask_array(dest: Location, path: str, shape: tuple[int, ...]) -> None:

@@ -466,3 +466,89 @@ def test_a_nan_in_appended_rows_with_nan_error_keeps_dest(tmp_path: Path) -> Non
     assert f"DEST {dest} keeps the masks of the rows before" in proc.stderr
     assert np.array_equal(read_mask(dest)[:96], oracle(full[:96]))  # the blocks before the old edge
     assert all(chunk_files(dest).get(k) == v for k, v in before.items() if not k.startswith("c/6/"))
+
+
+def test_a_kill_after_complete_then_growth_redoes_the_cut_short_block(tmp_path: Path) -> None:
+    """A kill between ``complete`` and the markers' removal leaves markers: growth trusts none of them."""
+    full = activations((150, 32), seed=14)
+    source, dest = tmp_path / "acts.zarr", tmp_path / "masks.zarr"
+    array = write_zarr(source, full[:100], (16, 16))
+    kill_at_step("complete", "run", str(source), str(dest), "--chunks", "32,32", "--scheduler", "synchronous")
+    assert _markers(dest) == 4
+    _grow(array, full, 150)
+    grown = relu_dask.run(source, dest, chunks=(32, 32))
+    assert grown.arrays[0].tasks_skipped == 0
+    _same_as_fresh(source, dest, tmp_path, grown, chunks=(32, 32))
+
+
+def test_a_run_between_a_writers_resize_and_its_write_leaves_the_new_rows_for_the_next(tmp_path: Path) -> None:
+    source, dest, full, array = _grown_source(tmp_path)
+    array.resize((110, 32))  # zarr's append: the shape first ...
+    between = relu_dask.run(source, dest, chunks=(32, 32))  # ... a run lands here (and waits 2 s) ...
+    assert (between.outcome, between.arrays[0].shape) == ("already complete", [100, 32])
+    array[100:110] = full[100:110]  # ... then the chunks
+    assert json.loads(run_cli("status", str(dest), "--json").stdout)["rows_waiting"] == {"": 10}
+    grown = relu_dask.run(source, dest, chunks=(32, 32))
+    assert grown.arrays[0].grown_from == [100, 32]
+    _same_as_fresh(source, dest, tmp_path, grown, chunks=(32, 32))
+
+
+def test_a_run_between_two_variables_of_an_xarray_append_waits_for_both(tmp_path: Path) -> None:
+    xr = pytest.importorskip("xarray")
+    full = activations((150, 32), seed=15)
+    source, dest = tmp_path / "acts.zarr", tmp_path / "masks.zarr"
+    ds = xr.Dataset({"relu_in": (("step", "unit"), full[:90])}, coords={"step": np.arange(90), "unit": np.arange(32)})
+    encoding = {"relu_in": {"chunks": (16, 32)}, "step": {"chunks": (16,)}}
+    ds.to_zarr(source, mode="w", zarr_format=3, encoding=encoding, consolidated=False)
+    relu_dask.run(source, dest, chunks=(32, 32))
+    group = zarr.open_group(source, mode="a")  # xarray's append_dim, one variable after the other:
+    group["relu_in"].resize((120, 32))
+    group["relu_in"][90:120] = full[90:120]
+    between = relu_dask.run(source, dest, chunks=(32, 32))  # a run lands between the two
+    assert between.arrays[0].shape == [90, 32]
+    assert xr.open_zarr(dest)["step"].shape == (90,)  # DEST stays one consistent Dataset
+    group["step"].resize((120,))
+    group["step"][90:120] = np.arange(90, 120)
+    grown = relu_dask.run(source, dest, chunks=(32, 32))
+    assert grown.arrays[0].grown_from == [90, 32]
+    _same_as_fresh(source, dest, tmp_path, grown, chunks=(32, 32))
+
+
+def test_an_unchanged_array_kept_whole_while_stats_change_axis_then_grown(tmp_path: Path) -> None:
+    """The last block row's counts kept for an array no task ran on are dropped when the
+    per-unit ones are counted along another axis (or first asked for) meanwhile."""
+    fx, fy = activations((300, 32), seed=1), activations((300, 32), seed=2)
+    source, dest = tmp_path / "acts.zarr", tmp_path / "masks.zarr"
+    x = write_zarr(source, fx[:100], (16, 16), name="x")
+    y = write_zarr(source, fy[:100], (16, 16), name="y")
+    relu_dask.run(source, dest, chunks=(32, 32), stats=True, unit_axis=0)
+    _grow(y, fy, 150)
+    relu_dask.run(source, dest, chunks=(32, 32), stats=True, unit_axis=-1)  # x: kept whole, units recounted
+    _grow(x, fx, 170)
+    grown = relu_dask.run(source, dest, chunks=(32, 32), stats=True, unit_axis=-1)
+    _same_as_fresh(source, dest, tmp_path, grown, chunks=(32, 32), stats=True, unit_axis=-1)
+
+
+def test_status_rows_along_a_negative_append_axis_beside_a_scalar(tmp_path: Path) -> None:
+    source, dest = tmp_path / "acts.zarr", tmp_path / "masks.zarr"
+    write_zarr(source, activations((100, 32), seed=1), (16, 16), name="x")
+    write_zarr(source, np.array(1.5, dtype="float32"), (), name="scalar")
+    relu_dask.run(source, dest, append_axis=-1)
+    proc = run_cli("status", str(dest))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"{dest}: complete (32 rows, 2 tasks)")
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (("--follow", "5", "--verify"), "--verify checks a finished DEST"),
+        (("--follow", "inf"), "--follow and --follow-idle take a positive number of seconds"),
+        (("--follow", "1", "--follow-idle", "0"), "--follow and --follow-idle take a positive number of seconds"),
+    ],
+)
+def test_follow_options_that_cannot_work_are_refused(tmp_path: Path, args: tuple[str, ...], said: str) -> None:
+    source, dest, _full, _array = _grown_source(tmp_path)
+    proc = run_cli("run", str(source), str(dest), *args)
+    assert proc.returncode == 2
+    assert said in proc.stderr

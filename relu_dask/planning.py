@@ -480,23 +480,24 @@ def _hold_back(
     rows still look half-written (:func:`storage.appended_chunks_written`) is held at the
     shape DEST recorded; so is every array along the same dimension, and every coordinate of
     it; arrays longer than a coordinate of their dimension are held at its length."""
-    extents: dict[str, int] = {}  # dimension name -> the rows that may be processed along it
+    extents: dict[tuple[str, str], int] = {}  # dimension -> the rows that may be processed along it
     for src, axis in zip(contents.arrays, append_axes):
         old = _recorded_rows(src, axis, recorded)
         if old is not None and axis is not None and not storage.appended_chunks_written(src, axis, recorded[src.path]):
-            name = src.dimension_names[axis] if src.dimension_names else f"#{src.path}"
-            extents[name] = min(extents.get(name, old), old)
+            key = _dimension(src, src.dimension_names[axis] if src.dimension_names else f"#{src.path}")
+            extents[key] = min(extents.get(key, old), old)
     for c in contents.coordinates:  # xarray writes a coordinate after (or before) the data
         if c.dimension_names and len(c.shape) == 1:
-            extents[c.dimension_names[0]] = min(extents.get(c.dimension_names[0], c.shape[0]), c.shape[0])
+            key = _dimension(c, c.dimension_names[0])
+            extents[key] = min(extents.get(key, c.shape[0]), c.shape[0])
     arrays = []
     for src, axis in zip(contents.arrays, append_axes):
         old = _recorded_rows(src, axis, recorded)
-        name = src.dimension_names[axis] if src.dimension_names and axis is not None else f"#{src.path}"
-        if old is None or axis is None or extents.get(name, src.shape[axis]) >= src.shape[axis]:
+        key = _dimension(src, src.dimension_names[axis] if src.dimension_names and axis is not None else f"#{src.path}")
+        if old is None or axis is None or extents.get(key, src.shape[axis]) >= src.shape[axis]:
             arrays.append(src)
             continue
-        rows = max(old, extents[name])
+        rows = max(old, extents[key])
         log.warning(
             "%s: rows %d to %d still look half-written after %g s: they wait for the next run",
             src.path or "SOURCE",
@@ -505,13 +506,12 @@ def _hold_back(
             storage.SETTLE_S,
         )
         arrays.append(replace(src, held_shape=tuple(rows if a == axis else n for a, n in enumerate(src.shape))))
-        extents[name] = rows
-    coordinates = [
-        replace(c, held_shape=(extents[c.dimension_names[0]],))
-        if c.dimension_names and len(c.shape) == 1 and c.shape[0] > extents.get(c.dimension_names[0], c.shape[0])
-        else c
-        for c in contents.coordinates
-    ]
+        extents[key] = rows
+    coordinates = []
+    for c in contents.coordinates:
+        key = _dimension(c, c.dimension_names[0]) if c.dimension_names and len(c.shape) == 1 else ("", "")
+        held = c.shape[0] > extents.get(key, c.shape[0]) if c.shape else False
+        coordinates.append(replace(c, held_shape=(extents[key],)) if held else c)
     return arrays, coordinates
 
 
@@ -524,17 +524,22 @@ def _recorded_rows(src: storage.SourceArray, axis: int | None, recorded: dict[st
 
 
 def _coordinates_agree(contents: storage.SourceContents) -> bool:
-    """Whether every 1-D coordinate is as long as the arrays' dimension of its name (xarray
-    appending writes one variable after the other)."""
-    extents: dict[str, int] = {}
+    """Whether every 1-D coordinate is as long as its group's arrays along the dimension of its
+    name (xarray appending writes one variable after the other)."""
+    extents: dict[tuple[str, str], int] = {}
     for src in contents.arrays:
         for name, n in zip(src.dimension_names or (), src.shape):
-            extents.setdefault(name, n)
+            extents.setdefault(_dimension(src, name), n)
     return all(
-        extents.get(c.dimension_names[0], c.shape[0]) == c.shape[0]
+        extents.get(_dimension(c, c.dimension_names[0]), c.shape[0]) == c.shape[0]
         for c in contents.coordinates
         if c.dimension_names and len(c.shape) == 1
     )
+
+
+def _dimension(src: storage.SourceArray, name: str) -> tuple[str, str]:
+    """A dimension, by its group (each group of a SOURCE is a Dataset of its own) and name."""
+    return (src.path.rpartition("/")[0], name)
 
 
 def _unit_axis(unit_axis: int | None, src: storage.SourceArray) -> int | None:

@@ -552,3 +552,20 @@ def test_follow_options_that_cannot_work_are_refused(tmp_path: Path, args: tuple
     proc = run_cli("run", str(source), str(dest), *args)
     assert proc.returncode == 2
     assert said in proc.stderr
+
+
+def test_coordinates_are_checked_against_their_own_groups_dimensions(tmp_path: Path) -> None:
+    """Two Datasets in subgroups, each with its own ``step``: neither looks half-appended."""
+    xr = pytest.importorskip("xarray")
+    from relu_dask import storage
+    from relu_dask.locations import parse_location
+    from relu_dask.planning import _coordinates_agree
+
+    source = tmp_path / "acts.zarr"
+    for group, rows in (("train", 100), ("eval", 30)):
+        ds = xr.Dataset({"relu_in": (("step", "unit"), activations((rows, 8)))}, coords={"step": np.arange(rows)})
+        ds.to_zarr(source, group=group, mode="a", zarr_format=3, consolidated=False)
+    contents = storage.open_source(parse_location(source))
+    assert _coordinates_agree(contents)
+    zarr.open_group(source, mode="a")["eval/step"].resize((20,))  # as if its append were half done
+    assert not _coordinates_agree(storage.open_source(parse_location(source)))

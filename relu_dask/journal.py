@@ -45,12 +45,14 @@ __all__ = [
     "mark_replacing",
     "reach_step",
     "read_done",
+    "read_held",
     "read_record",
     "record_done",
     "remove_done_markers",
     "remove_done_markers_from",
     "remove_journal",
     "unmark_replacing",
+    "write_held",
     "write_record",
 ]
 
@@ -228,6 +230,28 @@ def remove_done_markers_from(dest: Location, array_index: int, axis: int, first_
         parts = name.split(".")
         if not name.startswith(".") and len(parts) > axis and parts[axis].isdigit() and int(parts[axis]) >= first_block:
             folder.child(name).remove()
+
+
+def read_held(dest: Location) -> dict[str, list[int]]:
+    """The stored shapes of SOURCE's arrays when a run last held appended rows back (see
+    :func:`write_held`); empty if none did."""
+    try:
+        data = json.loads(journal_dir(dest).child("held.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_held(dest: Location, shapes: dict[str, list[int]] | None) -> None:
+    """Record (None: forget) SOURCE's shapes as a run found them when it held rows a writer
+    was still appending back: a next run that finds the same shapes takes those rows as they
+    are (a chunk missing then is all fill value, which zarr does not store)."""
+    held = journal_dir(dest).child("held.json")
+    with contextlib.suppress(OSError):
+        if shapes is None:
+            held.remove()
+        else:
+            held.write_text(json.dumps(shapes, sort_keys=True))
 
 
 def count_done(dest: Location, array_index: int) -> int:

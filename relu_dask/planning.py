@@ -80,20 +80,26 @@ def open_inputs(options: RunOptions) -> RunInputs:
             recorded[entry["path"]] = entry
     # A writer appending now grows the shape first, then writes the chunks (xarray: one
     # variable after the other): SOURCE is read again until what it appended looks written;
-    # what still does not after SETTLE_S is left for the next run.
+    # what still does not after SETTLE_S waits for the next run, unless SOURCE's shapes are
+    # those a run already held rows back at (then the missing chunks are all fill value).
+    held_before = journal.read_held(dest)
     end = time.monotonic() + storage.SETTLE_S
     while True:
         append_axes = _append_axes(options.append_axis, contents.arrays)
-        written = all(
-            storage.appended_chunks_written(src, axis, recorded.get(src.path))
-            for src, axis in zip(contents.arrays, append_axes)
-            if axis is not None
+        shapes = {a.path: list(a.array.shape) for a in (*contents.arrays, *contents.coordinates)}
+        rows, coordinate_rows = _written(contents, append_axes, recorded)
+        whole = all(rows[a.path] == a.shape[axis] for a, axis in zip(contents.arrays, append_axes) if axis is not None)
+        whole = whole and all(
+            coordinate_rows[c.path] == c.shape[0] for c in contents.coordinates if c.path in coordinate_rows
         )
-        if written and _coordinates_agree(contents):
-            arrays, coordinates = contents.arrays, contents.coordinates
+        if whole or shapes == held_before:
+            arrays, coordinates = list(contents.arrays), list(contents.coordinates)
+            if held_before:
+                journal.write_held(dest, None)
             break
         if time.monotonic() >= end:
-            arrays, coordinates = _hold_back(contents, append_axes, recorded)
+            arrays, coordinates = _hold_back(contents, append_axes, rows, coordinate_rows)
+            journal.write_held(dest, shapes)
             break
         time.sleep(0.05)
         contents = storage.open_source(source)
@@ -103,7 +109,7 @@ def open_inputs(options: RunOptions) -> RunInputs:
         "arrays": [
             # held at the shape DEST recorded: the array as DEST last saw it
             recorded[a.path]
-            if a.held_shape is not None and list(a.held_shape) == recorded[a.path].get("shape")
+            if a.held_shape is not None and list(a.held_shape) == recorded.get(a.path, {}).get("shape")
             else storage.fingerprint_array(a, append_axis=axis)
             for a, axis in zip(arrays, append_axes)
         ],
@@ -218,6 +224,12 @@ class RunPlan:
                 )
             )
             report.warnings.extend(f"{src.path}: {n}" if src.path else n for n in plan.notes)
+            if src.held_shape is not None:
+                report.warnings.append(
+                    f"{src.path or 'SOURCE'}: {_dims(src.held_shape)} processed of {_dims(src.array.shape)}: the rest "
+                    "looks half-written (a writer appending now?) and waits for the next run, which takes it as it "
+                    "is if SOURCE has not changed by then"
+                )
         return report
 
     def describe(self) -> list[str]:
@@ -473,68 +485,69 @@ def _append_axes(append_axis: int | None, arrays: list[storage.SourceArray]) -> 
     return axes
 
 
-def _hold_back(
+def _written(
     contents: storage.SourceContents, append_axes: tuple[int | None, ...], recorded: dict[str, dict[str, Any]]
-) -> tuple[list[storage.SourceArray], list[storage.SourceArray]]:
-    """What a writer is still appending, left for the next run: each array whose appended
-    rows still look half-written (:func:`storage.appended_chunks_written`) is held at the
-    shape DEST recorded; so is every array along the same dimension, and every coordinate of
-    it; arrays longer than a coordinate of their dimension are held at its length."""
-    extents: dict[tuple[str, str], int] = {}  # dimension -> the rows that may be processed along it
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Per array, the rows along its append axis that look written (:func:`storage.written_rows`)
+    and agree with the rest of its Dataset: every array and 1-D coordinate along one
+    dimension of one group as long as the shortest of them (xarray appends one variable after
+    the other), never less than DEST recorded. Then per such coordinate, its rows."""
+    rows: dict[str, int] = {}
+    floors: dict[str, int] = {}
+    extents: dict[tuple[str, str], int] = {}
     for src, axis in zip(contents.arrays, append_axes):
-        old = _recorded_rows(src, axis, recorded)
-        if old is not None and axis is not None and not storage.appended_chunks_written(src, axis, recorded[src.path]):
+        if axis is None:
+            continue
+        before = recorded.get(src.path, {})
+        old = before.get("shape")
+        from_row = int(old[axis]) if isinstance(old, list) and len(old) == len(src.shape) else None
+        if from_row is not None and from_row > src.shape[axis]:
+            from_row = None  # shrunk: refused later, as a change
+        rows[src.path] = storage.written_rows(src, axis, from_row, before.get("edge_samples"))
+        floors[src.path] = from_row or 0
+        key = _dimension(src, src.dimension_names[axis] if src.dimension_names else f"#{src.path}")
+        extents[key] = min(extents.get(key, rows[src.path]), rows[src.path])
+    coordinate_rows = {}
+    for c in contents.coordinates:
+        key = _dimension(c, c.dimension_names[0]) if c.dimension_names and len(c.shape) == 1 else ("", "")
+        if key in extents:
+            extents[key] = min(extents[key], c.shape[0])
+            coordinate_rows[c.path] = key
+    for src, axis in zip(contents.arrays, append_axes):
+        if axis is not None:
             key = _dimension(src, src.dimension_names[axis] if src.dimension_names else f"#{src.path}")
-            extents[key] = min(extents.get(key, old), old)
-    for c in contents.coordinates:  # xarray writes a coordinate after (or before) the data
-        if c.dimension_names and len(c.shape) == 1:
-            key = _dimension(c, c.dimension_names[0])
-            extents[key] = min(extents.get(key, c.shape[0]), c.shape[0])
+            rows[src.path] = max(min(rows[src.path], extents[key]), floors[src.path])
+    return rows, {path: extents[key] for path, key in coordinate_rows.items()}
+
+
+def _hold_back(
+    contents: storage.SourceContents,
+    append_axes: tuple[int | None, ...],
+    rows: dict[str, int],
+    coordinate_rows: dict[str, int],
+) -> tuple[list[storage.SourceArray], list[storage.SourceArray]]:
+    """SOURCE's arrays and coordinates, those with rows that still look half-written held at
+    the rows that do (:attr:`storage.SourceArray.held_shape`): the rest waits for the next run."""
     arrays = []
     for src, axis in zip(contents.arrays, append_axes):
-        old = _recorded_rows(src, axis, recorded)
-        key = _dimension(src, src.dimension_names[axis] if src.dimension_names and axis is not None else f"#{src.path}")
-        if old is None or axis is None or extents.get(key, src.shape[axis]) >= src.shape[axis]:
+        if axis is None or rows[src.path] >= src.shape[axis]:
             arrays.append(src)
             continue
-        rows = max(old, extents[key])
         log.warning(
             "%s: rows %d to %d still look half-written after %g s: they wait for the next run",
             src.path or "SOURCE",
-            rows,
+            rows[src.path],
             src.shape[axis],
             storage.SETTLE_S,
         )
-        arrays.append(replace(src, held_shape=tuple(rows if a == axis else n for a, n in enumerate(src.shape))))
-        extents[key] = rows
-    coordinates = []
-    for c in contents.coordinates:
-        key = _dimension(c, c.dimension_names[0]) if c.dimension_names and len(c.shape) == 1 else ("", "")
-        held = c.shape[0] > extents.get(key, c.shape[0]) if c.shape else False
-        coordinates.append(replace(c, held_shape=(extents[key],)) if held else c)
-    return arrays, coordinates
-
-
-def _recorded_rows(src: storage.SourceArray, axis: int | None, recorded: dict[str, dict[str, Any]]) -> int | None:
-    """The extent along ``axis`` DEST recorded for ``src``, if smaller than SOURCE's now."""
-    shape = recorded.get(src.path, {}).get("shape")
-    if axis is None or not isinstance(shape, list) or len(shape) != len(src.shape) or shape[axis] >= src.shape[axis]:
-        return None
-    return int(shape[axis])
-
-
-def _coordinates_agree(contents: storage.SourceContents) -> bool:
-    """Whether every 1-D coordinate is as long as its group's arrays along the dimension of its
-    name (xarray appending writes one variable after the other)."""
-    extents: dict[tuple[str, str], int] = {}
-    for src in contents.arrays:
-        for name, n in zip(src.dimension_names or (), src.shape):
-            extents.setdefault(_dimension(src, name), n)
-    return all(
-        extents.get(_dimension(c, c.dimension_names[0]), c.shape[0]) == c.shape[0]
+        arrays.append(
+            replace(src, held_shape=tuple(rows[src.path] if a == axis else n for a, n in enumerate(src.shape)))
+        )
+    coordinates = [
+        replace(c, held_shape=(coordinate_rows[c.path],)) if coordinate_rows.get(c.path, c.shape[0]) < c.shape[0] else c
         for c in contents.coordinates
-        if c.dimension_names and len(c.shape) == 1
-    )
+    ]
+    return arrays, coordinates
 
 
 def _dimension(src: storage.SourceArray, name: str) -> tuple[str, str]:
@@ -547,6 +560,10 @@ def _unit_axis(unit_axis: int | None, src: storage.SourceArray) -> int | None:
     if unit_axis is None or not src.shape:
         return None
     return parse_unit_axis(unit_axis, len(src.shape), where=src.path or "the source")
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
 
 
 def _as_list(shape: tuple[int, ...] | None) -> list[int] | None:

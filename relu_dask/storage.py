@@ -619,7 +619,8 @@ def fingerprint_array(src: SourceArray, num_samples: int = 16, append_axis: int 
         # The metadata less the shape: equal when the array only grew (or shrank).
         "layout_sha256": hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest() if layout else None,
         "chunk_samples": samples,
-        **({"edge_samples": _edge_samples(src, append_axis)} if append_axis is not None else {}),
+        # Where the run holds rows back, the last chunk row may be written further already.
+        **({"edge_samples": _edge_samples(src, append_axis)} if append_axis is not None and not src.held_shape else {}),
     }
 
 
@@ -656,51 +657,46 @@ _MAX_SETTLE_KEYS = 65536
 _MAX_EDGE_SAMPLES = 1024
 
 
-def appended_chunks_written(src: SourceArray, axis: int, before: dict[str, Any] | None) -> bool:
-    """Whether the rows a writer appended to ``src`` along ``axis`` look written.
+def written_rows(src: SourceArray, axis: int, from_row: int | None, edge_samples: list[list[Any]] | None) -> int:
+    """How many rows of ``src`` along ``axis`` look written, of those a writer appended.
 
     zarr's ``Array.append`` and xarray's ``to_zarr(append_dim=...)`` grow the shape first,
     then write the new chunks, in any order. A run that read the new shape in between would
-    take the chunks not yet there for the fill value. ``before``: the array's fingerprint
-    when DEST last recorded it (:func:`fingerprint_array`); if it grew since, every chunk
-    object of the new rows must exist and every one of the old last chunk row, which the
-    new rows complete, must have been rewritten. Without it (a first run), the last chunk
-    row must not look half-written: some of its objects there and some not, or none while
-    the row before is whole. Only local stores are looked at.
+    take the chunks not yet there for the fill value. ``from_row``: the extent DEST recorded;
+    the rows from there on look written up to the first chunk row with a chunk object
+    missing, and none do while a chunk of the old last chunk row (which the new rows
+    complete) is as ``edge_samples`` recorded it. Without ``from_row`` (a first run), only the
+    last chunk row is looked at: it looks half-written when some of its chunk objects exist
+    and some do not, or when none does while the row before is whole. A chunk that is all
+    fill value is never stored, so it looks unwritten too. Only local stores are looked at.
     """
+    rows = src.shape[axis]
     keys = chunk_key_encoding(src.metadata) if src.metadata else None
     folder = src.location
-    if keys is None or folder is None or not src.shape or not folder.is_local:
-        return True
-    unit = src.shard_shape or src.chunk_shape
-    grid = [-(-n // c) for n, c in zip(src.shape, unit)]
-    if not math.prod(grid):
-        return True
+    if keys is None or folder is None or not folder.is_local:
+        return rows
+    unit = (src.shard_shape or src.chunk_shape)[axis]
+    grid = [-(-n // c) for n, c in zip(src.shape, src.shard_shape or src.chunk_shape)]
+    if not math.prod(grid) or math.prod(grid) // grid[axis] > _MAX_SETTLE_KEYS:
+        return rows
 
-    def row(index: int) -> list[bool] | None:
+    def row(index: int) -> list[bool]:
         others = [range(n) if a != axis else [index] for a, n in enumerate(grid)]
-        if math.prod(len(r) for r in others) > _MAX_SETTLE_KEYS:
-            return None
         return [stat_chunk(src, format_chunk_key(tuple(c), *keys))[0] is not None for c in itertools.product(*others)]
 
-    old_shape = before.get("shape") if before else None
-    if not isinstance(old_shape, list) or len(old_shape) != len(src.shape):
+    if from_row is None:
         last = row(grid[axis] - 1)
-        if last is None or all(last):
-            return True
-        if any(last):
-            return False
-        before_last = row(grid[axis] - 2) if grid[axis] > 1 else None
-        return before_last is None or not all(before_last)
-    old_rows = int(old_shape[axis])
-    if src.shape[axis] <= old_rows:
-        return True  # not grown: nothing appended to wait for
-    if any(not all(found or []) for found in map(row, range(old_rows // unit[axis], grid[axis]))):
-        return False
-    if not old_rows % unit[axis]:
-        return True
-    # The old last chunk row, completed by the new rows: rewritten since it was recorded.
-    return all(stat_chunk(src, key) != stat for key, *stat in (before or {}).get("edge_samples") or [])
+        if all(last) or (not any(last) and (grid[axis] == 1 or not all(row(grid[axis] - 2)))):
+            return rows
+        return (grid[axis] - 1) * unit
+    if rows <= from_row:
+        return rows
+    if from_row % unit and any(stat_chunk(src, key) == stat for key, *stat in edge_samples or []):
+        return from_row  # the old last chunk row is not completed yet
+    for index in range(from_row // unit, grid[axis]):
+        if not all(row(index)):
+            return max(from_row, index * unit)
+    return rows
 
 
 def resize_mask_array(dest: Location, path: str, shape: tuple[int, ...]) -> None:

@@ -555,17 +555,83 @@ def test_follow_options_that_cannot_work_are_refused(tmp_path: Path, args: tuple
 
 
 def test_coordinates_are_checked_against_their_own_groups_dimensions(tmp_path: Path) -> None:
-    """Two Datasets in subgroups, each with its own ``step``: neither looks half-appended."""
+    """Two Datasets in subgroups, each with its own ``step``: each is checked on its own."""
     xr = pytest.importorskip("xarray")
     from relu_dask import storage
     from relu_dask.locations import parse_location
-    from relu_dask.planning import _coordinates_agree
+    from relu_dask.planning import _written
 
     source = tmp_path / "acts.zarr"
     for group, rows in (("train", 100), ("eval", 30)):
         ds = xr.Dataset({"relu_in": (("step", "unit"), activations((rows, 8)))}, coords={"step": np.arange(rows)})
         ds.to_zarr(source, group=group, mode="a", zarr_format=3, consolidated=False)
     contents = storage.open_source(parse_location(source))
-    assert _coordinates_agree(contents)
+    assert _written(contents, (0, 0), {}) == (
+        {"eval/relu_in": 30, "train/relu_in": 100},
+        {"eval/step": 30, "train/step": 100},
+    )
     zarr.open_group(source, mode="a")["eval/step"].resize((20,))  # as if its append were half done
-    assert not _coordinates_agree(storage.open_source(parse_location(source)))
+    contents = storage.open_source(parse_location(source))
+    assert _written(contents, (0, 0), {})[0] == {"eval/relu_in": 20, "train/relu_in": 100}
+
+
+def test_appended_rows_with_a_chunk_all_fill_value_are_taken_by_the_next_run(tmp_path: Path) -> None:
+    """zarr never stores such a chunk: it looks unwritten once, and SOURCE unchanged says it is not."""
+    source, dest, full, array = _grown_source(tmp_path)
+    full[112:128, 16:] = 0  # a whole chunk of the appended rows equal to the fill value
+    _grow(array, full, 160)
+    first = relu_dask.run(source, dest, chunks=(32, 32))
+    assert first.arrays[0].shape == [112, 32]  # up to the chunk row that lacks a chunk
+    assert any("112x32 processed of 160x32" in w for w in first.warnings)
+    second = relu_dask.run(source, dest, chunks=(32, 32))
+    assert second.arrays[0].grown_from == [112, 32]
+    _same_as_fresh(source, dest, tmp_path, second, chunks=(32, 32))
+
+
+def test_a_first_run_beside_a_writer_mid_append_leaves_its_rows_for_the_next(tmp_path: Path) -> None:
+    xr = pytest.importorskip("xarray")
+    full = activations((16, 8), seed=16)
+    source, dest = tmp_path / "acts.zarr", tmp_path / "masks.zarr"
+    ds = xr.Dataset({"x": (("step", "unit"), full[:8])}, coords={"step": np.arange(8)})
+    ds.to_zarr(
+        source,
+        mode="w",
+        zarr_format=3,
+        encoding={"x": {"chunks": (4, 8)}, "step": {"chunks": (4,)}},
+        consolidated=False,
+    )
+    group = zarr.open_group(source, mode="a")
+    group["x"].resize((12, 8))  # the writer has grown x, and written nothing yet
+    first = relu_dask.run(source, dest)
+    assert first.arrays[0].shape == [8, 8]
+    assert dict(xr.open_zarr(dest).sizes) == {"step": 8, "unit": 8}
+    group["x"][8:12] = full[8:12]
+    group["step"].resize((12,))
+    group["step"][8:12] = np.arange(8, 12)
+    second = relu_dask.run(source, dest)
+    assert second.arrays[0].grown_from == [8, 8]
+    _same_as_fresh(source, dest, tmp_path, second)
+
+
+def test_two_variables_of_one_dataset_are_taken_as_long_as_the_shorter(tmp_path: Path) -> None:
+    xr = pytest.importorskip("xarray")
+    a, b = activations((16, 8), seed=17), activations((16, 8), seed=18)
+    source, dest = tmp_path / "acts.zarr", tmp_path / "masks.zarr"
+    ds = xr.Dataset({"a": (("step", "unit"), a[:12]), "b": (("step", "unit"), b[:12])}, coords={"step": np.arange(12)})
+    ds.to_zarr(
+        source, mode="w", zarr_format=3, encoding={"a": {"chunks": (4, 8)}, "b": {"chunks": (4, 8)}}, consolidated=False
+    )
+    relu_dask.run(source, dest)
+    group = zarr.open_group(source, mode="a")
+    group["b"].resize((16, 8))  # xarray appends b first, then step, then a
+    group["b"][12:16] = b[12:16]
+    between = relu_dask.run(source, dest)
+    assert [e.shape for e in between.arrays] == [[12, 8], [12, 8]]
+    assert dict(xr.open_zarr(dest).sizes) == {"step": 12, "unit": 8}
+    group["step"].resize((16,))
+    group["step"][12:16] = np.arange(12, 16)
+    group["a"].resize((16, 8))
+    group["a"][12:16] = a[12:16]
+    grown = relu_dask.run(source, dest)
+    assert [e.grown_from for e in grown.arrays] == [[12, 8], [12, 8]]
+    _same_as_fresh(source, dest, tmp_path, grown)

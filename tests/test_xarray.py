@@ -167,8 +167,10 @@ def test_stats_of_masks_name_units_by_label_and_a_changed_coordinate_is_refused(
     assert relu_dask.run(source, dest, scheduler="synchronous").outcome == "already complete"
     relabelled = toy_dataset().assign_coords(unit=[f"n{i}" for i in range(64)])
     _write(relabelled, source, 3, mode="w")
-    with pytest.raises(DestinationExistsError, match="its coordinates changed"):
+    with pytest.raises(DestinationExistsError, match=r"fc1 changed \(its chunk c/0/0 was rewritten"):
         relu_dask.run(source, dest, scheduler="synchronous")
+    with pytest.raises(DestinationExistsError, match="its coordinates changed"):  # without growth, said too
+        relu_dask.run(source, dest, scheduler="synchronous", append_axis=None)
 
 
 def test_a_partial_dest_is_never_consolidated(tmp_path: Path) -> None:

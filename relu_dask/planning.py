@@ -54,6 +54,10 @@ class RunInputs:
     """Per array, the axis it may grow along between runs (None: growth refused, or a scalar)."""
     fingerprint: dict[str, Any]
     """Source identity and the options that change the result, as found at the start."""
+    held_shapes: dict[str, list[int]] | None = None
+    """SOURCE's shapes, where rows that look half-written were held back (the run records
+    them: see :func:`relu_dask.journal.write_held`); ``{}``: an earlier run's record of them
+    is done with; None: nothing to record."""
 
     @property
     def is_group(self) -> bool:
@@ -94,12 +98,11 @@ def open_inputs(options: RunOptions) -> RunInputs:
         )
         if whole or shapes == held_before:
             arrays, coordinates = list(contents.arrays), list(contents.coordinates)
-            if held_before:
-                journal.write_held(dest, None)
+            held: dict[str, list[int]] | None = {} if held_before else None
             break
         if time.monotonic() >= end:
             arrays, coordinates = _hold_back(contents, append_axes, rows, coordinate_rows)
-            journal.write_held(dest, shapes)
+            held = shapes
             break
         time.sleep(0.05)
         contents = storage.open_source(source)
@@ -131,6 +134,7 @@ def open_inputs(options: RunOptions) -> RunInputs:
         unit_axes,
         append_axes,
         fingerprint,
+        held,
     )
 
 

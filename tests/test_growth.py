@@ -580,6 +580,10 @@ def test_appended_rows_with_a_chunk_all_fill_value_are_taken_by_the_next_run(tmp
     source, dest, full, array = _grown_source(tmp_path)
     full[112:128, 16:] = 0  # a whole chunk of the appended rows equal to the fill value
     _grow(array, full, 160)
+    journal = snapshot(journal_folder(dest))
+    planned = relu_dask.run(source, dest, chunks=(32, 32), dry_run=True)
+    assert planned.arrays[0].shape == [112, 32]
+    assert snapshot(journal_folder(dest)) == journal  # a plan writes nothing, not even what it held back
     first = relu_dask.run(source, dest, chunks=(32, 32))
     assert first.arrays[0].shape == [112, 32]  # up to the chunk row that lacks a chunk
     assert any("112x32 processed of 160x32" in w for w in first.warnings)

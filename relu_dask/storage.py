@@ -693,6 +693,8 @@ def written_rows(src: SourceArray, axis: int, from_row: int | None, edge_samples
         return rows
     if from_row % unit and any(stat_chunk(src, key) == stat for key, *stat in edge_samples or []):
         return from_row  # the old last chunk row is not completed yet
+    if (grid[axis] - from_row // unit) * (math.prod(grid) // grid[axis]) > _MAX_SETTLE_KEYS:
+        return rows  # too many chunk objects to look at each time
     for index in range(from_row // unit, grid[axis]):
         if not all(row(index)):
             return max(from_row, index * unit)

@@ -252,7 +252,23 @@ def follow_with(
         signum = stop.exit_code - 128 if isinstance(stop, RunStopped) else getattr(stop, "signum", signal.SIGINT)
         state.stopped_by = signal.Signals(signum).name
         log.debug("follow stopped: %s", stop)
+        # A pass stopped after its record said complete (while it consolidated, say) did its rows.
+        done = _rows_recorded(inputs)
+        if done > state.rows_done:
+            state.rows_behind, state.rows_done = max(0, state.rows_done + state.rows_behind - done), done
     return state
+
+
+def _rows_recorded(inputs: RunInputs) -> int:
+    """The most rows of any array of DEST's complete record, along its append axis (0: none)."""
+    record = journal.read_record(inputs.dest)
+    if record is None or not record.complete:
+        return 0
+    axes = {src.path: axis for src, axis in zip(inputs.arrays, inputs.append_axes) if axis is not None}
+    shapes = [
+        (a.get("shape"), axes[a.get("path")]) for a in record.fingerprint.get("arrays", []) if a.get("path") in axes
+    ]
+    return max((int(shape[axis]) for shape, axis in shapes if isinstance(shape, list) and len(shape) > axis), default=0)
 
 
 def _rows(inputs: RunInputs) -> int:

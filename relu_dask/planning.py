@@ -223,7 +223,7 @@ class RunPlan:
                     read_path=src.stored.io_path if src.stored else "",
                     read_path_reason=src.stored.why_not_direct if src.stored else "",
                     tasks_already_done=done,
-                    grown_from=self.grown.get(src.path) if src.path in self.grown else None,
+                    grown_from=self.grown.get(src.path),
                     blocks_kept=_num_kept(plan, base),
                 )
             )

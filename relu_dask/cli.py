@@ -99,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
             help="the axis along which SOURCE grows between runs (default: 0); a rerun over a grown SOURCE "
             "computes only the new rows. none: growth is refused like any change (exit 2)",
         )
+        sub.add_argument(
+            "--settle-time",
+            type=float,
+            default=None,
+            metavar="SECONDS",
+            help="how long to wait for rows a writer is still appending to SOURCE (its shape grown, its chunks "
+            "not all written) before leaving them for the next run (default: $RELU_DASK_SETTLE_TIME, else 2)",
+        )
         if name == "run":
             sub.add_argument(
                 "--follow",
@@ -370,7 +378,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.source is None or args.dest is None:
         raise InputError(f"{args.command} needs SOURCE and DEST (or --config JOBS.toml)")
     options = RunOptions.create(
-        args.source, args.dest, overwrite=args.overwrite, append_axis=args.append_axis, **values
+        args.source,
+        args.dest,
+        overwrite=args.overwrite,
+        append_axis=args.append_axis,
+        settle_s=args.settle_time,
+        **values,
     )
     if args.command == "plan":
         plan = plan_run(options)

@@ -70,6 +70,7 @@ def run(
     storage_options: str | dict[str, Any] | None = None,
     dest_compressor: str = storage.DEFAULT_COMPRESSOR,
     append_axis: int | str | None = 0,
+    settle_s: float | None = None,
     dry_run: bool = False,
 ) -> RunReport:
     """Compute the ReLU derivative masks of SOURCE into DEST and return the run report.
@@ -123,6 +124,10 @@ def run(
         blocks that touch new rows are computed; DEST's mask arrays grow to match, and the
         counts and statistics are those of the whole grown array. ``None`` (or ``"none"``):
         growth is refused like any other change.
+    settle_s
+        How long to wait for rows a writer appears to be still appending to SOURCE (its shape
+        grown, its chunks not all written) before leaving them for the next run; default
+        ``$RELU_DASK_SETTLE_TIME``, else 2 s.
     dry_run
         Plan only: validate, return the plan's report, write nothing (but ``report_path``).
     """
@@ -147,6 +152,7 @@ def run(
         storage_options=storage_options,
         dest_compressor=dest_compressor,
         append_axis=append_axis,
+        settle_s=settle_s,
     )
     if dry_run:
         return deliver(plan_run(options).report(), options, plot=False)

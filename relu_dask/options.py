@@ -9,6 +9,7 @@ parsed specs travel.
 
 from __future__ import annotations
 
+import math
 import operator
 import os
 from collections.abc import Sequence
@@ -22,15 +23,37 @@ from relu_dask.errors import InputError
 from relu_dask.kernel import ENGINES, Engine, parse_at_zero, parse_nan_policy
 from relu_dask.locations import Location, parse_location, parse_storage_options
 from relu_dask.schedulers import SchedulerSpec, parse_scheduler
-from relu_dask.storage import DEFAULT_COMPRESSOR, parse_compressor
+from relu_dask.storage import DEFAULT_COMPRESSOR, SETTLE_S, parse_compressor
 
-__all__ = ["RunOptions", "check_output_files", "parse_append_axis"]
+__all__ = ["SETTLE_ENV", "RunOptions", "check_output_files", "default_settle_s", "parse_append_axis", "parse_settle_s"]
 
 _PROGRESS: tuple[str, ...] = get_args(Progress)
 
 
 def _threads() -> SchedulerSpec:
     return parse_scheduler("threads")
+
+
+#: The environment variable that sets the default of ``--settle-time`` (seconds).
+SETTLE_ENV = "RELU_DASK_SETTLE_TIME"
+
+
+def parse_settle_s(value: float | str, *, what: str = "--settle-time") -> float:
+    """A settle time: a number of seconds, 0 or more (0: never wait for a writer)."""
+    try:
+        seconds = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not 0 <= seconds < math.inf:
+        raise InputError(f"{what} must be 0 or more seconds, got {value!r}")
+    return seconds
+
+
+def default_settle_s() -> float:
+    """The settle time when none is given: ``$RELU_DASK_SETTLE_TIME``, else
+    :data:`relu_dask.storage.SETTLE_S` (2 s)."""
+    text = os.environ.get(SETTLE_ENV, "").strip()
+    return parse_settle_s(text, what=SETTLE_ENV) if text else SETTLE_S
 
 
 @dataclass(frozen=True)
@@ -65,6 +88,9 @@ class RunOptions:
     dest_compressor: str = DEFAULT_COMPRESSOR
     append_axis: int | None = 0
     """The axis along which SOURCE may grow between runs (None: growth is refused)."""
+    settle_s: float = field(default_factory=default_settle_s)
+    """How long a run waits for rows a writer appears to be still appending to SOURCE
+    (its shape grown, its chunks not all written) before it leaves them for the next run."""
 
     @classmethod
     def create(
@@ -90,10 +116,12 @@ class RunOptions:
         storage_options: str | dict[str, Any] | None = None,
         dest_compressor: str = DEFAULT_COMPRESSOR,
         append_axis: int | str | None = 0,
+        settle_s: float | str | None = None,
     ) -> RunOptions:
         """Parse the text forms the CLI, a job file and :func:`relu_dask.run` take.
 
-        ``stats`` (or a ``plot_path``) turns statistics on along ``unit_axis``.
+        ``stats`` (or a ``plot_path``) turns statistics on along ``unit_axis``;
+        ``settle_s`` None takes :func:`default_settle_s`.
         """
         return cls(
             source=os.fspath(source),
@@ -115,6 +143,7 @@ class RunOptions:
             storage_options=parse_storage_options(storage_options),
             dest_compressor=dest_compressor,
             append_axis=parse_append_axis(append_axis),
+            settle_s=default_settle_s() if settle_s is None else parse_settle_s(settle_s),
         )
 
     def __post_init__(self) -> None:
@@ -134,6 +163,8 @@ class RunOptions:
         if not self.progress_interval_s >= 0:
             raise InputError(f"the progress interval must be 0 or more seconds, got {self.progress_interval_s}")
         parse_compressor(self.dest_compressor)
+        if parse_settle_s(self.settle_s, what="the settle time") != self.settle_s:
+            raise InputError(f"the settle time must be a number of seconds, got {self.settle_s!r}")
         if self.append_axis is not None and (
             isinstance(self.append_axis, bool) or not isinstance(self.append_axis, int)
         ):

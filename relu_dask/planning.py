@@ -84,10 +84,10 @@ def open_inputs(options: RunOptions) -> RunInputs:
             recorded[entry["path"]] = entry
     # A writer appending now grows the shape first, then writes the chunks (xarray: one
     # variable after the other): SOURCE is read again until what it appended looks written;
-    # what still does not after SETTLE_S waits for the next run, unless SOURCE's shapes are
+    # what still does not after options.settle_s waits for the next run, unless SOURCE's shapes are
     # those a run already held rows back at (then the missing chunks are all fill value).
     held_before = journal.read_held(dest)
-    end = time.monotonic() + storage.SETTLE_S
+    end = time.monotonic() + options.settle_s
     while True:
         append_axes = _append_axes(options.append_axis, contents.arrays)
         shapes = {a.path: list(a.array.shape) for a in (*contents.arrays, *contents.coordinates)}
@@ -101,7 +101,7 @@ def open_inputs(options: RunOptions) -> RunInputs:
             held: dict[str, list[int]] | None = {} if held_before else None
             break
         if time.monotonic() >= end:
-            arrays, coordinates = _hold_back(contents, append_axes, rows, coordinate_rows)
+            arrays, coordinates = _hold_back(contents, append_axes, rows, coordinate_rows, options.settle_s)
             held = shapes
             break
         time.sleep(0.05)
@@ -529,6 +529,7 @@ def _hold_back(
     append_axes: tuple[int | None, ...],
     rows: dict[str, int],
     coordinate_rows: dict[str, int],
+    settle_s: float,
 ) -> tuple[list[storage.SourceArray], list[storage.SourceArray]]:
     """SOURCE's arrays and coordinates, those with rows that still look half-written held at
     the rows that do (:attr:`storage.SourceArray.held_shape`): the rest waits for the next run."""
@@ -542,7 +543,7 @@ def _hold_back(
             src.path or "SOURCE",
             rows[src.path],
             src.shape[axis],
-            storage.SETTLE_S,
+            settle_s,
         )
         arrays.append(
             replace(src, held_shape=tuple(rows[src.path] if a == axis else n for a, n in enumerate(src.shape)))

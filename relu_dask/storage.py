@@ -650,8 +650,9 @@ def stat_chunk(src: SourceArray, key: str) -> list[Any]:
     return [stat[0], stat[1]] if stat else [None, None]
 
 
-#: How long a run waits for the rows a writer appears to be appending to a SOURCE array (its
-#: shape already grown, its chunk objects not all written yet) before it reads them as they are.
+#: How long a run waits by default for the rows a writer appears to be appending to a SOURCE
+#: array (its shape already grown, its chunk objects not all written yet) before it leaves them
+#: for the next run: ``--settle-time``, ``RunOptions.settle_s``, ``$RELU_DASK_SETTLE_TIME``.
 SETTLE_S = 2.0
 _MAX_SETTLE_KEYS = 65536
 _MAX_EDGE_SAMPLES = 1024

@@ -18,6 +18,20 @@ settings.register_profile("relu-dask", max_examples=200, deadline=None, database
 settings.register_profile("quick", max_examples=20, deadline=None, database=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "relu-dask"))
 
+# A run waits up to 2 s (--settle-time) for rows a writer seems to be still appending: the tests
+# that land a run beside a half-done append set it short, for in-process runs and subprocesses
+# alike (they inherit the environment). tests/test_growth.py checks the wait itself.
+os.environ.setdefault("RELU_DASK_SETTLE_TIME", "0.2")
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto`` (pyproject.toml): a test process per core this process may run on (its
+    affinity mask, which taskset and cgroup cpusets set), and at least 2: many tests spend
+    their time waiting on a subprocess or a cluster, which another test can use meanwhile.
+    Every test works in its own ``tmp_path``, binds port 0 and starts its own clusters, so
+    the processes share nothing."""
+    return max(2, len(os.sched_getaffinity(0)))
+
 
 @pytest.fixture
 def small_source(tmp_path: Path) -> tuple[Path, np.ndarray]:

@@ -15,10 +15,10 @@ import pytest
 from _support import (
     activations,
     chunk_files,
+    cli,
     journal_folder,
     oracle,
     read_mask,
-    run_cli,
     start_cli,
     write_zarr,
 )
@@ -40,7 +40,7 @@ def big_source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     x[: SHAPE[0] // 8] = -1.0  # all-negative blocks: their masks are never stored as chunks
     write_zarr(folder / "src.zarr", x, CHUNK)
     reference = folder / "reference.zarr"
-    proc = run_cli("run", str(folder / "src.zarr"), str(reference), "--scheduler", "synchronous", *TASKS)
+    proc = cli("run", str(folder / "src.zarr"), str(reference), "--scheduler", "synchronous", *TASKS)
     assert proc.returncode == 0, proc.stderr
     return folder / "src.zarr", reference
 
@@ -87,7 +87,7 @@ def kill_and_resume(source: Path, reference: Path, dest: Path, kill_when) -> tup
     assert proc.returncode == -signal.SIGKILL
     done_at_kill = markers(dest)
     report_path = dest.parent / f"{dest.name}.report.json"
-    again = run_cli(*args, "--report", str(report_path))
+    again = cli(*args, "--report", str(report_path))
     assert again.returncode == 0, again.stderr
     assert chunk_files(dest) == chunk_files(reference)
     x = np.asarray(__import__("zarr").open_array(str(source), mode="r")[...])
@@ -141,7 +141,7 @@ def test_sigkill_during_a_chunk_write(big_source: tuple[Path, Path], tmp_path: P
         pytest.fail("never caught a chunk write in progress in 20 runs")
     assert partial_files(dest), "the kill left a half-written chunk file behind"
     done_at_kill = markers(dest)
-    again = run_cli(*args, "--report", str(tmp_path / "r.json"))
+    again = cli(*args, "--report", str(tmp_path / "r.json"))
     assert again.returncode == 0, again.stderr
     assert "half-written file(s) removed" in again.stderr
     assert partial_files(dest) == []
@@ -152,9 +152,9 @@ def test_sigkill_during_a_chunk_write(big_source: tuple[Path, Path], tmp_path: P
 def test_rerun_of_a_complete_job_is_a_quick_no_op(big_source: tuple[Path, Path], tmp_path: Path) -> None:
     source, reference = big_source
     dest = tmp_path / "out.zarr"
-    assert run_cli("run", str(source), str(dest), *TASKS).returncode == 0
+    assert cli("run", str(source), str(dest), *TASKS).returncode == 0
     before = chunk_files(dest)
-    again = run_cli("run", str(source), str(dest), *TASKS, "--report", str(tmp_path / "r.json"))
+    again = cli("run", str(source), str(dest), *TASKS, "--report", str(tmp_path / "r.json"))
     assert again.returncode == 0
     assert "already complete" in again.stdout
     report = json.loads((tmp_path / "r.json").read_text())
@@ -171,12 +171,12 @@ def test_second_concurrent_run_gets_exit_3(big_source: tuple[Path, Path], tmp_pa
     try:
         assert wait_for(lambda: markers(dest) >= 1, first)
         first.send_signal(signal.SIGSTOP)  # hold it mid-run, lock taken, for as long as the test needs
-        second = run_cli("run", str(source), str(dest), *TASKS)
+        second = cli("run", str(source), str(dest), *TASKS)
         assert second.returncode == 3, second.stderr
         line = [ln for ln in second.stderr.splitlines() if ln.startswith("relu-dask: error:")]
         assert len(line) == 1
         assert f"in use by another relu-dask run, pid {first.pid} on {socket.gethostname()}" in line[0]
-        status = run_cli("status", str(dest))
+        status = cli("status", str(dest))
         assert f"running now: pid {first.pid}" in status.stdout
         assert "partial (" in status.stdout
     finally:
@@ -195,7 +195,7 @@ def test_lock_of_a_dead_process_is_taken_over(big_source: tuple[Path, Path], tmp
     (folder / "lock").write_text(
         json.dumps({"host": socket.gethostname(), "pid": dead.pid, "pid_started": 1.0, "started": time.time()})
     )
-    proc = run_cli("run", str(source), str(dest), *TASKS)
+    proc = cli("run", str(source), str(dest), *TASKS)
     assert proc.returncode == 0, proc.stderr
     assert "took over the lock of a run that is no longer running" in proc.stderr
     assert f"pid {dead.pid}" in proc.stderr
@@ -214,7 +214,7 @@ def test_lock_from_another_host_is_judged_by_its_heartbeat(
     lock = folder / "lock"
     lock.write_text(json.dumps({"host": "node-17.cluster", "pid": 4242, "pid_started": 1.0, "started": 0.0}))
     os.utime(lock, (time.time() - age_s, time.time() - age_s))
-    proc = run_cli("run", str(source), str(dest), "--chunks", "64MiB")
+    proc = cli("run", str(source), str(dest), "--chunks", "64MiB")
     assert proc.returncode == code, proc.stderr
     if code == 3:
         assert "pid 4242 on node-17.cluster" in proc.stderr
@@ -227,20 +227,20 @@ def test_changed_source_is_refused_unless_overwrite(tmp_path: Path) -> None:
     x = activations((64, 32))
     write_zarr(tmp_path / "src.zarr", x, (16, 32))
     dest = tmp_path / "out.zarr"
-    assert run_cli("run", str(tmp_path / "src.zarr"), str(dest)).returncode == 0
+    assert cli("run", str(tmp_path / "src.zarr"), str(dest)).returncode == 0
     time.sleep(0.01)  # a new mtime for the rewritten chunks
     import zarr
 
     zarr.open_array(str(tmp_path / "src.zarr"), mode="r+")[48:] = -x[48:]
     before = chunk_files(dest)
-    proc = run_cli("run", str(tmp_path / "src.zarr"), str(dest))
+    proc = cli("run", str(tmp_path / "src.zarr"), str(dest))
     assert proc.returncode == 2
     assert (
         "holds another job (the source array changed (its chunk c/3/0 was rewritten since it was processed))"
         in proc.stderr
     )
     assert chunk_files(dest) == before
-    proc = run_cli("run", str(tmp_path / "src.zarr"), str(dest), "--overwrite")
+    proc = cli("run", str(tmp_path / "src.zarr"), str(dest), "--overwrite")
     assert proc.returncode == 0, proc.stderr
     assert np.array_equal(read_mask(dest), oracle(np.asarray(zarr.open_array(str(tmp_path / "src.zarr"))[...])))
 
@@ -248,18 +248,18 @@ def test_changed_source_is_refused_unless_overwrite(tmp_path: Path) -> None:
 def test_status_absent_partial_complete(big_source: tuple[Path, Path], tmp_path: Path) -> None:
     source, _ = big_source
     dest = tmp_path / "out.zarr"
-    assert run_cli("status", str(dest)).stdout.strip() == f"{dest}: absent"
+    assert cli("status", str(dest)).stdout.strip() == f"{dest}: absent"
     proc = start_cli("run", str(source), str(dest), "--scheduler", "synchronous", *TASKS)
     assert wait_for(lambda: markers(dest) >= 5, proc)
     proc.kill()
     proc.wait(timeout=60)
     done = markers(dest)
-    partial = run_cli("status", str(dest), "--json")
+    partial = cli("status", str(dest), "--json")
     data = json.loads(partial.stdout)
     assert (data["state"], data["tasks_done"], data["num_tasks"], data["running"]) == ("partial", done, 96, None)
     assert data["fingerprint"]["arrays"][0]["shape"] == list(SHAPE)
-    assert run_cli("run", str(source), str(dest), "--chunks", "64MiB").returncode == 0  # resumes: same tasks
-    complete = run_cli("status", str(dest))
+    assert cli("run", str(source), str(dest), "--chunks", "64MiB").returncode == 0  # resumes: same tasks
+    complete = cli("status", str(dest))
     assert complete.stdout.startswith(f"{dest}: complete ({SHAPE[0]} rows, 96 tasks)")
     assert f"source: {source}" in complete.stdout
 
@@ -289,7 +289,7 @@ at_zero = 0
 dest_chunks = [4, 3]
 """
     )
-    proc = run_cli("run", "--config", str(tmp_path / "jobs.toml"), "--quiet")
+    proc = cli("run", "--config", str(tmp_path / "jobs.toml"), "--quiet")
     assert proc.returncode == 2
     assert "3 job(s) from" in proc.stdout and "worst exit code 2" in proc.stdout
     assert "job 1 a-masks: ok (exit 0)" in proc.stdout
@@ -315,14 +315,14 @@ dest_chunks = [4, 3]
 )
 def test_bad_job_file_is_exit_2(tmp_path: Path, text: str, needle: str) -> None:
     (tmp_path / "jobs.toml").write_text(text)
-    proc = run_cli("run", "--config", str(tmp_path / "jobs.toml"))
+    proc = cli("run", "--config", str(tmp_path / "jobs.toml"))
     assert proc.returncode == 2
     assert needle in proc.stderr
 
 
 def test_json_logs_one_object_a_line(small_source: tuple[Path, np.ndarray], tmp_path: Path) -> None:
     source, _ = small_source
-    proc = run_cli(
+    proc = cli(
         "run",
         str(source),
         str(tmp_path / "out.zarr"),
@@ -340,7 +340,7 @@ def test_json_logs_one_object_a_line(small_source: tuple[Path, np.ndarray], tmp_
     assert "progress" in kinds
     assert events[0]["num_tasks"] == 18
     assert events[-1]["tasks_done_now"] == 18
-    bad = run_cli("run", str(tmp_path / "missing.zarr"), str(tmp_path / "o.zarr"), "--log-format", "json")
+    bad = cli("run", str(tmp_path / "missing.zarr"), str(tmp_path / "o.zarr"), "--log-format", "json")
     (error,) = [json.loads(line) for line in bad.stderr.splitlines()]
     assert error["event"] == "error" and error["exit_code"] == 2 and "does not exist" in error["message"]
 
@@ -351,13 +351,13 @@ def test_resume_makes_outputs_a_kill_stopped_from_being_made(tmp_path: Path) -> 
     write_zarr(tmp_path / "g.zarr", a, (4, 4), name="first")
     write_zarr(tmp_path / "g.zarr", b, (3,), name="deep/second")
     dest = tmp_path / "out.zarr"
-    assert run_cli("run", str(tmp_path / "g.zarr"), str(dest)).returncode == 0
+    assert cli("run", str(tmp_path / "g.zarr"), str(dest)).returncode == 0
     record = journal.read_record(parse_location(dest))
     assert record is not None and record.complete
     # Put DEST back as a kill during output creation leaves it: incomplete, one array missing.
     journal.write_record(parse_location(dest), journal.JobRecord(record.fingerprint, record.block_shapes))
     subprocess.run(["rm", "-rf", str(dest / "deep")], check=True)
-    proc = run_cli("run", str(tmp_path / "g.zarr"), str(dest))
+    proc = cli("run", str(tmp_path / "g.zarr"), str(dest))
     assert proc.returncode == 0, proc.stderr
     assert "resuming DEST" in proc.stderr
     assert np.array_equal(read_mask(dest, "first"), oracle(a))
@@ -368,7 +368,7 @@ def test_refused_run_leaves_nothing_beside_dest(tmp_path: Path) -> None:
     write_zarr(tmp_path / "s.zarr", activations((8, 8)), (4, 4))
     write_zarr(tmp_path / "out.zarr", np.zeros((2, 2), np.int8), (2, 2))  # made by someone else
     before = sorted(p.name for p in tmp_path.iterdir())
-    proc = run_cli("run", str(tmp_path / "s.zarr"), str(tmp_path / "out.zarr"))
+    proc = cli("run", str(tmp_path / "s.zarr"), str(tmp_path / "out.zarr"))
     assert proc.returncode == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
@@ -393,7 +393,7 @@ at-zero = 1
 stats = false
 """
     )
-    proc = run_cli("run", "--config", str(tmp_path / "jobs.toml"), "--at-zero", "0", "--stats", "--chunks", "5,8")
+    proc = cli("run", "--config", str(tmp_path / "jobs.toml"), "--at-zero", "0", "--stats", "--chunks", "5,8")
     assert proc.returncode == 0, proc.stderr
     plain = json.loads((tmp_path / "plain.json").read_text())
     own = json.loads((tmp_path / "own.json").read_text())

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _support import PYTHON, activations, cli_env, oracle, read_mask, run_cli, snapshot, write_zarr
+from _support import PYTHON, activations, cli, cli_env, oracle, read_mask, run_cli, snapshot, write_zarr
 
 from relu_dask import __version__
 from relu_dask.cli import main
@@ -85,7 +85,7 @@ def test_the_command_prepares_the_process_and_freezes_the_heap_after_main(
 
 
 def test_help_documents_exit_codes_and_the_rule() -> None:
-    proc = run_cli("run", "--help")
+    proc = cli("run", "--help")
     assert proc.returncode == 0
     for text in (
         "exit codes:",
@@ -103,7 +103,7 @@ def test_help_documents_exit_codes_and_the_rule() -> None:
 def test_plan_writes_nothing(small_source: tuple[Path, np.ndarray], tmp_path: Path) -> None:
     source, _ = small_source
     before = snapshot(tmp_path)
-    proc = run_cli("plan", str(source), str(tmp_path / "out.zarr"), "--chunks", "16,37")
+    proc = cli("plan", str(source), str(tmp_path / "out.zarr"), "--chunks", "16,37")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("planned: would process 1 array(s), 3 task(s)")
     assert "nothing written" in proc.stdout
@@ -149,7 +149,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(
     source, _ = small_source
     before = snapshot(tmp_path)
     argv = [a.format(tmp=tmp_path, src=source) for a in args]
-    proc = run_cli(*argv)
+    proc = cli(*argv)
     assert proc.returncode == 2, proc.stderr
     assert_one_line_error(proc.stderr, *needles)
     assert snapshot(tmp_path) == before
@@ -160,11 +160,11 @@ def test_existing_dest_needs_overwrite(small_source: tuple[Path, np.ndarray], tm
     dest = tmp_path / "out.zarr"
     write_zarr(dest, np.zeros((2, 2), np.int8), (2, 2))
     before = snapshot(dest)
-    proc = run_cli("run", str(source), str(dest))
+    proc = cli("run", str(source), str(dest))
     assert proc.returncode == 2
     assert_one_line_error(proc.stderr, "already exists", "--overwrite")
     assert snapshot(dest) == before
-    proc = run_cli("run", str(source), str(dest), "--overwrite")
+    proc = cli("run", str(source), str(dest), "--overwrite")
     assert proc.returncode == 0, proc.stderr
     assert np.array_equal(read_mask(dest), oracle(x))
 
@@ -172,7 +172,7 @@ def test_existing_dest_needs_overwrite(small_source: tuple[Path, np.ndarray], tm
 def test_unreachable_scheduler_fails_fast(small_source: tuple[Path, np.ndarray], tmp_path: Path) -> None:
     source, _ = small_source
     start = time.monotonic()
-    proc = run_cli(
+    proc = cli(
         "run", str(source), str(tmp_path / "out.zarr"), "--scheduler", "tcp://127.0.0.1:9", "--connect-timeout", "2"
     )
     assert time.monotonic() - start < 60
@@ -190,7 +190,7 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
 
 def test_progress_lines_when_not_a_terminal(small_source: tuple[Path, np.ndarray], tmp_path: Path) -> None:
     source, _ = small_source
-    proc = run_cli("run", str(source), str(tmp_path / "out.zarr"), "--chunks", "8,16", "--progress-interval", "0")
+    proc = cli("run", str(source), str(tmp_path / "out.zarr"), "--chunks", "8,16", "--progress-interval", "0")
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if "progress:" in line]
     assert lines[-1].endswith("tasks (100%)")
@@ -232,7 +232,7 @@ def test_progress_bar_on_a_terminal(small_source: tuple[Path, np.ndarray], tmp_p
 
 
 def test_demo_small(tmp_path: Path) -> None:
-    proc = run_cli("demo", "--size", "8MiB", "--data-dir", str(tmp_path / "data"), "--chunks", "2MiB")
+    proc = cli("demo", "--size", "8MiB", "--data-dir", str(tmp_path / "data"), "--chunks", "2MiB")
     assert proc.returncode == 0, proc.stderr
     assert "checked" in proc.stdout and "all equal" in proc.stdout
     assert "creating the demo source" in proc.stderr
@@ -240,7 +240,7 @@ def test_demo_small(tmp_path: Path) -> None:
     masks = tmp_path / "data" / "demo-masks-8MiB.zarr"
     first = snapshot(source)
     np.testing.assert_array_equal(read_mask(masks), oracle(np.asarray(__import__("zarr").open_array(str(source))[...])))
-    again = run_cli("demo", "--size", "8MiB", "--data-dir", str(tmp_path / "data"))
+    again = cli("demo", "--size", "8MiB", "--data-dir", str(tmp_path / "data"))
     assert again.returncode == 0, again.stderr
     assert "creating the demo source" not in again.stderr
     assert snapshot(source) == first

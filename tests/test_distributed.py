@@ -3,6 +3,7 @@ the dashboard over HTTP, the memory check, and workers that cannot see the data.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from _support import PYTHON, chunk_files, cli_env, journal_folder, run_cli, write_zarr
+from _support import PYTHON, chunk_files, cli, cli_env, journal_folder, write_zarr
 
 DASK = str(Path(sys.executable).with_name("dask"))
 SHAPE, CHUNK = (96 * 512, 2048), (512, 2048)
@@ -31,7 +32,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     x = np.random.default_rng(11).standard_normal(SHAPE, dtype=np.float32)
     write_zarr(folder / "src.zarr", x, CHUNK)
     reference = folder / "reference.zarr"
-    proc = run_cli("run", str(folder / "src.zarr"), str(reference), *TASKS)
+    proc = cli("run", str(folder / "src.zarr"), str(reference), *TASKS)
     assert proc.returncode == 0, proc.stderr
     return folder / "src.zarr", reference
 
@@ -160,7 +161,7 @@ def test_oversized_plan_is_refused_for_the_workers_memory(
     source, _ = data
     cluster.add_worker("--memory-limit", "100MiB")
     cluster.wait_for_workers(1)
-    proc = run_cli("run", str(source), str(tmp_path / "out.zarr"), "--scheduler", cluster.address, "--chunks", "256MiB")
+    proc = cli("run", str(source), str(tmp_path / "out.zarr"), "--scheduler", cluster.address, "--chunks", "256MiB")
     assert proc.returncode == 2, proc.stderr
     assert "memory limit per task" in proc.stderr and "--chunks" in proc.stderr
     assert not (tmp_path / "out.zarr").exists()
@@ -177,7 +178,7 @@ def test_worker_that_cannot_see_the_data_is_a_clear_error(
         pytest.skip(f"cannot make a mount namespace here: {probe.stderr.decode().strip()}")
     cluster.add_worker(prefix=("unshare", "-m", "sh", "-c", hide))
     cluster.wait_for_workers(1)
-    proc = run_cli("run", str(source), str(tmp_path / "out.zarr"), "--scheduler", cluster.address)
+    proc = cli("run", str(source), str(tmp_path / "out.zarr"), "--scheduler", cluster.address)
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("relu-dask: error:")]
     assert len(lines) == 1 and "Traceback" not in proc.stderr
@@ -200,8 +201,9 @@ def _other_address() -> str | None:
 def test_dashboard_answers_on_loopback_only_while_a_job_runs(data: tuple[Path, Path], tmp_path: Path) -> None:
     source, _ = data
     with closing(socket.socket()) as taken:  # 8787 is busy: the real port must be printed
-        taken.bind(("127.0.0.1", 8787))
-        taken.listen()
+        with contextlib.suppress(OSError):  # or busy already, with the dashboard of a test run beside this one
+            taken.bind(("127.0.0.1", 8787))
+            taken.listen()
         job = subprocess.Popen(
             [
                 PYTHON,
@@ -257,14 +259,14 @@ def test_dashboard_answers_on_loopback_only_while_a_job_runs(data: tuple[Path, P
 
 def test_performance_report_needs_a_distributed_scheduler(data: tuple[Path, Path], tmp_path: Path) -> None:
     source, _ = data
-    proc = run_cli("run", str(source), str(tmp_path / "out.zarr"), "--performance-report", str(tmp_path / "p.html"))
+    proc = cli("run", str(source), str(tmp_path / "out.zarr"), "--performance-report", str(tmp_path / "p.html"))
     assert proc.returncode == 2
     assert "--performance-report needs a distributed scheduler" in proc.stderr
 
 
 def test_dashboard_on_all_interfaces_warns(data: tuple[Path, Path], tmp_path: Path) -> None:
     source, _ = data
-    proc = run_cli(
+    proc = cli(
         "plan", str(source), str(tmp_path / "out.zarr"), "--scheduler", "local", "--dashboard-address", "0.0.0.0:0"
     )
     assert proc.returncode == 0, proc.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _support import PYTHON, activations, cli_env, oracle, read_mask, run_cli, snapshot, write_zarr
+from _support import PYTHON, activations, cli, cli_env, oracle, read_mask, snapshot, write_zarr
 
 import relu_dask
 from relu_dask.errors import NaNFoundError
@@ -56,7 +56,7 @@ def test_nan_error_is_one_line_exit_2_and_leaves_nothing(tmp_path: Path) -> None
         "--dashboard-address",
         "127.0.0.1:0",
     )
-    proc = run_cli("run", str(tmp_path / "g.zarr"), str(tmp_path / "out.zarr"), "--nan", "error", *small)
+    proc = cli("run", str(tmp_path / "g.zarr"), str(tmp_path / "out.zarr"), "--nan", "error", *small)
     assert proc.returncode == 2
     line = one_error_line(proc.stderr)
     assert "layer3/relu holds NaN in chunk (2, 1) (first at element (27, 13))" in line
@@ -81,7 +81,7 @@ def test_relu_outputs_give_a_warning_naming_the_option(tmp_path: Path) -> None:
     x = np.maximum(activations((30, 30)), 0)  # what a ReLU layer outputs
     x[np.isnan(x)] = 0
     write_zarr(tmp_path / "s.zarr", x, (10, 10))
-    proc = run_cli("run", str(tmp_path / "s.zarr"), str(tmp_path / "out.zarr"))
+    proc = cli("run", str(tmp_path / "s.zarr"), str(tmp_path / "out.zarr"))
     assert proc.returncode == 0, proc.stderr
     assert "looks like ReLU outputs" in proc.stdout
     assert "--at-zero 0" in proc.stdout
@@ -109,7 +109,7 @@ def test_unsupported_dtype_is_exit_2(tmp_path: Path, dtype: str, kind: str) -> N
     else:
         write_zarr(path, data, (4,))
     before = snapshot(tmp_path)
-    proc = run_cli("run", str(path), str(tmp_path / "out.zarr"))
+    proc = cli("run", str(path), str(tmp_path / "out.zarr"))
     assert proc.returncode == 2
     line = one_error_line(proc.stderr)
     assert kind in line and "real numbers only" in line
@@ -118,7 +118,7 @@ def test_unsupported_dtype_is_exit_2(tmp_path: Path, dtype: str, kind: str) -> N
 
 def test_absurd_block_is_refused_before_anything_runs(tmp_path: Path) -> None:
     write_zarr(tmp_path / "s.zarr", activations((64, 64)), (8, 8))
-    proc = run_cli(
+    proc = cli(
         "run",
         str(tmp_path / "s.zarr"),
         str(tmp_path / "out.zarr"),
@@ -196,14 +196,14 @@ def test_disk_full_is_exit_1_with_a_clear_line_and_a_rerun_completes(tmp_path: P
     write_zarr(tmp_path / "s.zarr", x, (128, 1024))
     source_before = snapshot(tmp_path / "s.zarr")
     dest = small_disk / "out.zarr"
-    proc = run_cli("run", str(tmp_path / "s.zarr"), str(dest))
+    proc = cli("run", str(tmp_path / "s.zarr"), str(dest))
     assert proc.returncode == 1, proc.stdout + proc.stderr
     line = one_error_line(proc.stderr)
     assert f"the disk is full while writing DEST {dest} (No space left on device)" in line
     assert "rerun the same command" in line
     assert snapshot(tmp_path / "s.zarr") == source_before
     subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)  # the user frees space
-    again = run_cli("run", str(tmp_path / "s.zarr"), str(dest))  # the same command: it resumes
+    again = cli("run", str(tmp_path / "s.zarr"), str(dest))  # the same command: it resumes
     assert again.returncode == 0, again.stderr
     assert "resuming DEST" in again.stderr
     assert np.array_equal(read_mask(dest), oracle(x))

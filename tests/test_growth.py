@@ -22,13 +22,13 @@ from _support import (
     PYTHON,
     activations,
     chunk_files,
+    cli,
     cli_env,
     dest_files,
     journal_folder,
     kill_at_step,
     oracle,
     read_mask,
-    run_cli,
     snapshot,
     start_cli,
     write_zarr,
@@ -142,7 +142,7 @@ def _grown_source(tmp_path: Path) -> tuple[Path, Path, np.ndarray, Any]:
     full = activations((200, 32), seed=8)
     source, dest = tmp_path / "acts.zarr", tmp_path / "masks.zarr"
     array = write_zarr(source, full[:100], (16, 16))
-    assert run_cli("run", str(source), str(dest), "--chunks", "32,32").returncode == 0
+    assert cli("run", str(source), str(dest), "--chunks", "32,32").returncode == 0
     return source, dest, full, array
 
 
@@ -150,12 +150,12 @@ def test_growth_is_refused_with_append_axis_none(tmp_path: Path) -> None:
     source, dest, full, array = _grown_source(tmp_path)
     _grow(array, full, 150)
     before = snapshot(dest)
-    proc = run_cli("run", str(source), str(dest), "--chunks", "32,32", "--append-axis", "none")
+    proc = cli("run", str(source), str(dest), "--chunks", "32,32", "--append-axis", "none")
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("relu-dask: error: DEST")
     assert "holds another job (the source array changed (shape, metadata_sha256" in proc.stderr
     assert snapshot(dest) == before
-    proc = run_cli("run", str(source), str(dest), "--chunks", "32,32")
+    proc = cli("run", str(source), str(dest), "--chunks", "32,32")
     assert proc.returncode == 0, proc.stderr
     assert "(grown from 100x32; 3 block(s) kept)" in proc.stdout
     assert np.array_equal(read_mask(dest), oracle(full[:150]))
@@ -212,7 +212,7 @@ def test_a_kill_during_an_incremental_run_then_the_same_command_is_identical(tmp
     source, dest = tmp_path / "acts.zarr", tmp_path / "masks.zarr"
     array = write_zarr(source, full[:1200], (8, 256))
     args = ("run", str(source), str(dest), "--chunks", "8,256", "--scheduler", "synchronous", "--stats")
-    assert run_cli(*args).returncode == 0
+    assert cli(*args).returncode == 0
     _grow(array, full, 4795)
     num_new = 4795 // 8 - 1200 // 8 + 1  # blocks that touch the new rows (the last one ragged)
     if when == "tasks":  # SIGKILL once some of the new blocks are done
@@ -225,14 +225,14 @@ def test_a_kill_during_an_incremental_run_then_the_same_command_is_identical(tmp
         assert 0 < _markers(dest) < num_new, "killed part way through the new blocks"
     else:
         kill_at_step(when, *args)
-    status = json.loads(run_cli("status", str(dest), "--json").stdout)
+    status = json.loads(cli("status", str(dest), "--json").stdout)
     assert (status["state"], status["num_tasks"]) == ("partial", num_new)
-    proc = run_cli(*args, "--report", str(tmp_path / "report.json"))
+    proc = cli(*args, "--report", str(tmp_path / "report.json"))
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     fresh = tmp_path / "fresh.zarr"
     fresh_args = ("--chunks", "8,256", "--stats", "--report", str(tmp_path / "fresh.json"))
-    assert run_cli("run", str(source), str(fresh), *fresh_args).returncode == 0
+    assert cli("run", str(source), str(fresh), *fresh_args).returncode == 0
     assert dest_files(dest) == dest_files(fresh)
     expected = json.loads((tmp_path / "fresh.json").read_text())
     for key in ("stats", "num_ones", "num_nans", "num_zeros", "num_elements"):
@@ -259,13 +259,13 @@ def test_source_grown_again_after_an_interrupted_incremental_run(tmp_path: Path)
 
 def test_status_says_rows_done_and_rows_waiting(tmp_path: Path) -> None:
     source, dest, full, array = _grown_source(tmp_path)
-    assert run_cli("status", str(dest)).stdout.startswith(f"{dest}: complete (100 rows, 4 tasks)")
+    assert cli("status", str(dest)).stdout.startswith(f"{dest}: complete (100 rows, 4 tasks)")
     _grow(array, full, 170)
-    proc = run_cli("status", str(dest))
+    proc = cli("status", str(dest))
     assert "SOURCE has grown: 70 more rows wait; rerun the same command to process them" in proc.stdout
-    assert json.loads(run_cli("status", str(dest), "--json").stdout)["rows_waiting"] == {"": 70}
-    assert run_cli("run", str(source), str(dest), "--chunks", "32,32").returncode == 0
-    proc = run_cli("status", str(dest))
+    assert json.loads(cli("status", str(dest), "--json").stdout)["rows_waiting"] == {"": 70}
+    assert cli("run", str(source), str(dest), "--chunks", "32,32").returncode == 0
+    proc = cli("status", str(dest))
     assert proc.stdout.startswith(f"{dest}: complete (170 rows, 6 tasks)")
     assert "wait" not in proc.stdout
 
@@ -314,7 +314,7 @@ import numpy as np, zarr
 array = zarr.open_array(sys.argv[1], mode="r+")
 full = np.load(sys.argv[2])
 for stop in map(int, sys.argv[3:]):
-    time.sleep(1.0)
+    time.sleep(0.4)
     array.append(full[array.shape[0]:stop])  # zarr grows the shape first, then writes the chunks
 """
 
@@ -384,14 +384,14 @@ def test_follow_masks_every_row_a_live_writer_appends_and_stops_cleanly(
     assert np.array_equal(read_mask(dest), oracle(full[:333]))
     fresh = relu_dask.run(source, tmp_path / "fresh.zarr", chunks=(32, 64), stats=True)
     assert dest_files(dest) == dest_files(tmp_path / "fresh.zarr")
-    assert json.loads(run_cli("status", str(dest), "--json").stdout)["rows"] == {"": 333}
+    assert json.loads(cli("status", str(dest), "--json").stdout)["rows"] == {"": 333}
     assert fresh.arrays[0].num_ones == int(oracle(full[:333]).sum())
 
 
 def test_follow_idle_ends_the_follow_with_exit_0(tmp_path: Path) -> None:
     source, dest, full, array = _grown_source(tmp_path)
     _grow(array, full, 120)
-    proc = run_cli("run", str(source), str(dest), "--chunks", "32,32", "--follow", "0.2", "--follow-idle", "1")
+    proc = cli("run", str(source), str(dest), "--chunks", "32,32", "--follow", "0.2", "--follow-idle", "1")
     assert proc.returncode == 0, proc.stderr
     assert "(grown from 100x32; 3 block(s) kept)" in proc.stdout
     assert "follow ended (no growth for --follow-idle): 120 rows done, 0 behind SOURCE" in proc.stdout
@@ -403,10 +403,10 @@ def test_follow_is_refused_in_a_job_file_and_follow_idle_alone(tmp_path: Path) -
     source, dest, _full, _array = _grown_source(tmp_path)
     jobs = tmp_path / "jobs.toml"
     jobs.write_text(f'[[job]]\nsource = "{source}"\ndest = "{dest}"\nfollow = 5\n')
-    proc = run_cli("run", "--config", str(jobs))
+    proc = cli("run", "--config", str(jobs))
     assert proc.returncode == 2
     assert "follow keeps one job going" in proc.stderr
-    proc = run_cli("run", str(source), str(dest), "--follow-idle", "5")
+    proc = cli("run", str(source), str(dest), "--follow-idle", "5")
     assert (proc.returncode, proc.stderr.strip()) == (2, "relu-dask: error: --follow-idle needs --follow SECONDS")
 
 
@@ -442,11 +442,11 @@ def test_append_axis_in_a_job_file(tmp_path: Path) -> None:
     _grow(array, full, 140)
     jobs = tmp_path / "jobs.toml"
     jobs.write_text(f'[[job]]\nsource = "{source}"\ndest = "{dest}"\nchunks = [32, 32]\nappend_axis = "none"\n')
-    proc = run_cli("run", "--config", str(jobs))
+    proc = cli("run", "--config", str(jobs))
     assert proc.returncode == 2
     assert "holds another job" in proc.stderr
     jobs.write_text(f'[[job]]\nsource = "{source}"\ndest = "{dest}"\nchunks = [32, 32]\nappend_axis = 0\n')
-    proc = run_cli("run", "--config", str(jobs))
+    proc = cli("run", "--config", str(jobs))
     assert proc.returncode == 0, proc.stderr
     assert np.array_equal(read_mask(dest), oracle(full[:140]))
 
@@ -460,7 +460,7 @@ def test_a_nan_in_appended_rows_with_nan_error_keeps_dest(tmp_path: Path) -> Non
     relu_dask.run(source, dest, chunks=(32, 32), nan="error")
     before = chunk_files(dest)
     _grow(array, full, 200)
-    proc = run_cli("run", str(source), str(dest), "--chunks", "32,32", "--nan", "error")
+    proc = cli("run", str(source), str(dest), "--chunks", "32,32", "--nan", "error")
     assert proc.returncode == 2
     assert "holds NaN in chunk (9, 0)" in proc.stderr
     assert f"DEST {dest} keeps the masks of the rows before" in proc.stderr
@@ -484,13 +484,49 @@ def test_a_kill_after_complete_then_growth_redoes_the_cut_short_block(tmp_path: 
 def test_a_run_between_a_writers_resize_and_its_write_leaves_the_new_rows_for_the_next(tmp_path: Path) -> None:
     source, dest, full, array = _grown_source(tmp_path)
     array.resize((110, 32))  # zarr's append: the shape first ...
-    between = relu_dask.run(source, dest, chunks=(32, 32))  # ... a run lands here (and waits 2 s) ...
+    between = relu_dask.run(source, dest, chunks=(32, 32))  # ... a run lands here (and waits --settle-time) ...
     assert (between.outcome, between.arrays[0].shape) == ("already complete", [100, 32])
     array[100:110] = full[100:110]  # ... then the chunks
-    assert json.loads(run_cli("status", str(dest), "--json").stdout)["rows_waiting"] == {"": 10}
+    assert json.loads(cli("status", str(dest), "--json").stdout)["rows_waiting"] == {"": 10}
     grown = relu_dask.run(source, dest, chunks=(32, 32))
     assert grown.arrays[0].grown_from == [100, 32]
     _same_as_fresh(source, dest, tmp_path, grown, chunks=(32, 32))
+
+
+def test_a_run_waits_up_to_the_settle_time_for_a_writer_mid_append(tmp_path: Path) -> None:
+    """The writer finishes its append within ``settle_s``: the run takes the new rows."""
+    import threading
+
+    source, dest, full, array = _grown_source(tmp_path)
+    array.resize((110, 32))  # the shape first ...
+    writer = threading.Timer(0.5, lambda: array.__setitem__(slice(100, 110), full[100:110]))  # ... the chunks later
+    writer.start()
+    try:
+        grown = relu_dask.run(source, dest, chunks=(32, 32), settle_s=60)
+    finally:
+        writer.join()
+    assert grown.arrays[0].grown_from == [100, 32]
+    assert grown.arrays[0].shape == [110, 32]
+    assert not grown.warnings
+    assert np.array_equal(read_mask(dest), oracle(full[:110]))
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "said"),
+    [
+        (("--settle-time", "-1"), {}, "--settle-time must be 0 or more seconds, got -1.0"),
+        (("--settle-time", "inf"), {}, "--settle-time must be 0 or more seconds, got inf"),
+        ((), {"RELU_DASK_SETTLE_TIME": "soon"}, "RELU_DASK_SETTLE_TIME must be 0 or more seconds, got 'soon'"),
+    ],
+)
+def test_a_bad_settle_time_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: tuple[str, ...], env: dict[str, str], said: str
+) -> None:
+    source, dest, _full, _array = _grown_source(tmp_path)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    proc = cli("run", str(source), str(dest), *args)
+    assert (proc.returncode, proc.stderr.strip()) == (2, f"relu-dask: error: {said}")
 
 
 def test_a_run_between_two_variables_of_an_xarray_append_waits_for_both(tmp_path: Path) -> None:
@@ -534,7 +570,7 @@ def test_status_rows_along_a_negative_append_axis_beside_a_scalar(tmp_path: Path
     write_zarr(source, activations((100, 32), seed=1), (16, 16), name="x")
     write_zarr(source, np.array(1.5, dtype="float32"), (), name="scalar")
     relu_dask.run(source, dest, append_axis=-1)
-    proc = run_cli("status", str(dest))
+    proc = cli("status", str(dest))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"{dest}: complete (32 rows, 2 tasks)")
 
@@ -549,7 +585,7 @@ def test_status_rows_along_a_negative_append_axis_beside_a_scalar(tmp_path: Path
 )
 def test_follow_options_that_cannot_work_are_refused(tmp_path: Path, args: tuple[str, ...], said: str) -> None:
     source, dest, _full, _array = _grown_source(tmp_path)
-    proc = run_cli("run", str(source), str(dest), *args)
+    proc = cli("run", str(source), str(dest), *args)
     assert proc.returncode == 2
     assert said in proc.stderr
 

@@ -20,12 +20,12 @@ from _support import (
     PYTHON,
     activations,
     chunk_files,
+    cli,
     cli_env,
     journal_folder,
     kill_at_step,
     oracle,
     read_mask,
-    run_cli,
     start_cli,
     write_zarr,
 )
@@ -49,7 +49,7 @@ def many_chunks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndar
 
 
 def _complete_dest(source: Path, dest: Path) -> None:
-    proc = run_cli("run", str(source), str(dest), "--scheduler", "synchronous")
+    proc = cli("run", str(source), str(dest), "--scheduler", "synchronous")
     assert proc.returncode == 0, proc.stderr
 
 
@@ -79,16 +79,16 @@ def _then_the_same_command(args: tuple[str, ...], dest: Path, x: np.ndarray) -> 
     """After a kill: ``status`` claims complete only for exact masks; the same command without
     --overwrite (what a nightly job runs) finishes exactly or refuses with exit 2; never a
     quiet exit 0 on a wrong DEST. Then --overwrite always gives the exact masks."""
-    status = json.loads(run_cli("status", str(dest), "--json").stdout)
+    status = json.loads(cli("status", str(dest), "--json").stdout)
     if status["state"] == "complete":
         assert np.array_equal(read_mask(dest), oracle(x))
-    again = run_cli(*args)
+    again = cli(*args)
     if again.returncode == 0:
         assert np.array_equal(read_mask(dest), oracle(x))
-        assert json.loads(run_cli("status", str(dest), "--json").stdout)["state"] == "complete"
+        assert json.loads(cli("status", str(dest), "--json").stdout)["state"] == "complete"
     else:
         assert again.returncode == 2 and "--overwrite" in again.stderr, again.stderr
-    fixed = run_cli(*args, "--overwrite")
+    fixed = cli(*args, "--overwrite")
     assert fixed.returncode == 0, fixed.stderr
     assert np.array_equal(read_mask(dest), oracle(x))
 
@@ -132,7 +132,7 @@ def test_overwrite_killed_while_deleting_dest_never_ends_in_a_wrong_exit_0(
         subprocess.run(["rm", "-rf", str(dest), str(journal_folder(dest))], check=True)
     else:
         pytest.fail(f"never stopped an --overwrite at {point} in 20 runs")
-    assert json.loads(run_cli("status", str(dest), "--json").stdout)["state"] != "complete"
+    assert json.loads(cli("status", str(dest), "--json").stdout)["state"] != "complete"
     _then_the_same_command(args, dest, x)
 
 
@@ -143,14 +143,14 @@ def test_a_complete_record_beside_a_dest_without_its_masks_is_not_believed(tmp_p
     _complete_dest(tmp_path / "src.zarr", dest)
     want = chunk_files(dest)
     (dest / "zarr.json").unlink()  # what an older relu-dask's killed --overwrite left behind
-    status = run_cli("status", str(dest))
+    status = cli("status", str(dest))
     assert "partial (masks missing" in status.stdout, status.stdout
-    again = run_cli("run", str(tmp_path / "src.zarr"), str(dest), "--scheduler", "synchronous")
+    again = cli("run", str(tmp_path / "src.zarr"), str(dest), "--scheduler", "synchronous")
     assert again.returncode == 0, again.stderr
     assert "computing them again" in again.stderr
     assert np.array_equal(read_mask(dest), oracle(x))
     assert chunk_files(dest) == want
-    assert run_cli("status", str(dest)).stdout.startswith(f"{dest}: complete")
+    assert cli("status", str(dest)).stdout.startswith(f"{dest}: complete")
 
 
 def test_resume_with_another_unit_axis_recounts_instead_of_reusing(tmp_path: Path) -> None:
@@ -164,7 +164,7 @@ def test_resume_with_another_unit_axis_recounts_instead_of_reusing(tmp_path: Pat
     assert wait_for(lambda: markers(dest) >= 10, proc), "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
-    again = run_cli(*base, "--stats", "--unit-axis", "0", "--report", str(tmp_path / "r.json"))
+    again = cli(*base, "--stats", "--unit-axis", "0", "--report", str(tmp_path / "r.json"))
     assert again.returncode == 0, again.stderr
     stats = json.loads((tmp_path / "r.json").read_text())["arrays"][0]["stats"]
     assert stats["unit_ones"] == oracle(x).sum(axis=1, dtype=np.int64).tolist()
@@ -176,7 +176,7 @@ def test_an_output_file_in_a_missing_folder_is_refused_before_any_work(
 ) -> None:
     source, _ = small_source
     dest = tmp_path / "out.zarr"
-    proc = run_cli("run", str(source), str(dest), option, str(tmp_path / "reports" / "r.out"))
+    proc = cli("run", str(source), str(dest), option, str(tmp_path / "reports" / "r.out"))
     assert proc.returncode == 2
     assert "does not exist: create it first" in proc.stderr
     assert not dest.exists() and not journal_folder(dest).exists()
@@ -204,7 +204,7 @@ source = "c.zarr"
 dest = "c-masks.zarr"
 """
     )
-    proc = run_cli("run", "--config", str(tmp_path / "jobs.toml"), "--quiet")
+    proc = cli("run", "--config", str(tmp_path / "jobs.toml"), "--quiet")
     assert proc.returncode == 1, proc.stderr
     assert "job 1 a-masks: ok (exit 0)" in proc.stdout
     assert "job 2 b-masks: failed (exit 1)" in proc.stdout
@@ -222,9 +222,7 @@ def test_an_undecodable_source_chunk_is_named_with_what_to_do(tmp_path: Path, da
     chunk = tmp_path / "src.zarr" / "c" / "1" / "0"
     stored = chunk.read_bytes()
     chunk.write_bytes(stored[:5] + b"\xff" * 40 if damage == "garbage" else stored[: len(stored) // 2])
-    proc = run_cli(
-        "run", str(tmp_path / "src.zarr"), str(tmp_path / "out.zarr"), "--scheduler", "synchronous", "--quiet"
-    )
+    proc = cli("run", str(tmp_path / "src.zarr"), str(tmp_path / "out.zarr"), "--scheduler", "synchronous", "--quiet")
     assert proc.returncode == 1
     assert str(chunk) in proc.stderr
     assert "restore or rewrite that chunk" in proc.stderr and "rerun the same command" not in proc.stderr
@@ -249,7 +247,7 @@ def test_process_pool_workers_die_with_a_killed_run(tmp_path: Path, sig: signal.
     _, alive = psutil.wait_procs(children, timeout=3)
     alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, f"still running 3 s after the kill: {[p.cmdline()[:3] for p in alive]}"
-    again = run_cli(*args, "--overwrite", "--dest-compressor", "zstd")
+    again = cli(*args, "--overwrite", "--dest-compressor", "zstd")
     assert again.returncode == 0, again.stderr
     assert np.array_equal(read_mask(dest), oracle(x))
 
@@ -259,10 +257,10 @@ def _verified_dest(tmp_path: Path) -> tuple[Path, Path, np.ndarray]:
     write_zarr(tmp_path / "src.zarr", x, (16, 16))
     dest = tmp_path / "out.zarr"
     args = ("--scheduler", "synchronous", "--chunks", "32,16", "--verify")
-    proc = run_cli("run", str(tmp_path / "src.zarr"), str(dest), *args)
+    proc = cli("run", str(tmp_path / "src.zarr"), str(dest), *args)
     assert proc.returncode == 0, proc.stderr
     assert f"{dest}: verified: 1 array(s), 6 block(s), 12 chunk(s) read" in proc.stdout
-    assert run_cli("status", str(dest)).stdout.startswith(f"{dest}: complete ({x.shape[0]} rows, 6 tasks; verified ")
+    assert cli("status", str(dest)).stdout.startswith(f"{dest}: complete ({x.shape[0]} rows, 6 tasks; verified ")
     return tmp_path / "src.zarr", dest, x
 
 
@@ -278,19 +276,19 @@ def test_verify_catches_a_damaged_chunk_file(tmp_path: Path, damage: str) -> Non
         victim.write_bytes(victim.read_bytes()[:20])
     else:
         victim.write_bytes(other.read_bytes())
-    proc = run_cli("verify", str(dest))
+    proc = cli("verify", str(dest))
     assert proc.returncode == 1, proc.stdout
     assert "NOT verified: 1 problem(s)" in proc.stdout
     (problem,) = [line for line in proc.stderr.splitlines() if line.startswith("relu-dask: verify:")]
     assert str(victim) in problem if damage == "truncated" else "block (0, 2) holds" in problem
-    assert "verified" not in run_cli("status", str(dest)).stdout
+    assert "verified" not in cli("status", str(dest)).stdout
 
 
 def test_verify_of_a_whole_dest_and_of_no_dest(tmp_path: Path) -> None:
     _, dest, _ = _verified_dest(tmp_path)
-    again = run_cli("verify", str(dest))
+    again = cli("verify", str(dest))
     assert again.returncode == 0 and "verified" in again.stdout
-    absent = run_cli("verify", str(tmp_path / "nothing.zarr"))
+    absent = cli("verify", str(tmp_path / "nothing.zarr"))
     assert absent.returncode == 2 and "no relu-dask job record" in absent.stderr
 
 
@@ -305,11 +303,11 @@ def test_a_mask_array_gone_after_a_kill_at_complete_is_computed_again(tmp_path: 
     kill_at_step("complete", *args)
     assert (journal_folder(dest) / "done" / "1").is_dir()  # the markers of b are still there
     subprocess.run(["rm", "-rf", str(dest / "b")], check=True)  # and b is lost
-    again = run_cli(*args)
+    again = cli(*args)
     assert again.returncode == 0, again.stderr
     assert np.array_equal(read_mask(dest, "a"), oracle(a))
     assert np.array_equal(read_mask(dest, "b"), oracle(b))
-    assert run_cli("verify", str(dest)).returncode == 0
+    assert cli("verify", str(dest)).returncode == 0
 
 
 def test_what_a_killed_replacement_left_is_deleted_but_nothing_of_the_users(tmp_path: Path) -> None:
@@ -320,14 +318,14 @@ def test_what_a_killed_replacement_left_is_deleted_but_nothing_of_the_users(tmp_
     _complete_dest(tmp_path / "src.zarr", dest)
     journal.mark_replacing(parse_location(dest))
     (dest / "zarr.json").unlink()  # what a kill part way through deleting it left: chunk files only
-    assert run_cli(*args, "--overwrite").returncode == 0
+    assert cli(*args, "--overwrite").returncode == 0
     assert np.array_equal(read_mask(dest), oracle(x))
     # the same record, but the user put a folder of their own at DEST meanwhile: never deleted
     journal.mark_replacing(parse_location(dest))
     subprocess.run(["rm", "-rf", str(dest)], check=True)
     dest.mkdir()
     (dest / "notes.txt").write_text("mine")
-    refused = run_cli(*args, "--overwrite")
+    refused = cli(*args, "--overwrite")
     assert refused.returncode == 2 and "will not delete it" in refused.stderr
     assert (dest / "notes.txt").read_text() == "mine"
 
@@ -371,7 +369,7 @@ def test_sigterm_stops_a_run_cleanly_and_the_same_command_finishes_it(
     time.sleep(1.0)
     assert markers(dest) == done
     assert not list(dest.rglob("*.partial"))
-    again = run_cli(*args[:-2])
+    again = cli(*args[:-2])
     assert again.returncode == 0, again.stderr
     assert chunk_files(dest) == chunk_files(reference)
 
@@ -382,7 +380,7 @@ def big_source_for_stop(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
     x = activations((64 * 256, 512), seed=13)
     write_zarr(folder / "src.zarr", x, (256, 512))
     reference = folder / "reference.zarr"
-    proc = run_cli("run", str(folder / "src.zarr"), str(reference), "--scheduler", "synchronous", "--chunks", "256,512")
+    proc = cli("run", str(folder / "src.zarr"), str(reference), "--scheduler", "synchronous", "--chunks", "256,512")
     assert proc.returncode == 0, proc.stderr
     return folder / "src.zarr", reference
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _support import activations, run_cli, write_zarr
+from _support import activations, cli, write_zarr
 
 import relu_dask
 from relu_dask import journal, storage
@@ -83,7 +83,7 @@ def test_a_plan_touches_nothing_and_says_what_plan_prints(tmp_path: Path) -> Non
     assert plan.state == "fresh" and plan.record is None
     assert plan.num_tasks == 6 * 3 and plan.tasks_already_done == (0,)
     assert [p.block_shape for p in plan.chunk_plans] == [(8, 16)]
-    printed = run_cli("plan", str(source), str(dest), "--chunks", "8,16", "--scheduler", "synchronous")
+    printed = cli("plan", str(source), str(dest), "--chunks", "8,16", "--scheduler", "synchronous")
     assert printed.returncode == 0, printed.stderr
     assert printed.stdout.splitlines() == plan.describe()
     assert plan.describe()[-1].startswith("  nothing written; about ")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from _support import activations, oracle, run_cli
+from _support import activations, cli, oracle
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
@@ -61,7 +61,7 @@ def test_s3_round_trip_through_the_cli(s3: dict[str, str], tmp_path: Path) -> No
     group.create_array("layer1", shape=x.shape, chunks=(16, 16), dtype="float32")[...] = x
     options = json.dumps(s3)
     dest = f"s3://{BUCKET}/run1/masks.zarr"
-    proc = run_cli(
+    proc = cli(
         "run",
         f"s3://{BUCKET}/run1/acts.zarr",
         dest,
@@ -78,9 +78,9 @@ def test_s3_round_trip_through_the_cli(s3: dict[str, str], tmp_path: Path) -> No
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["bytes_written"] > 0
     assert report["arrays"][0]["stats"]["unit_ones"] == oracle(x).sum(axis=0).tolist()
-    again = run_cli("run", f"s3://{BUCKET}/run1/acts.zarr", dest, "--storage-options", options)
+    again = cli("run", f"s3://{BUCKET}/run1/acts.zarr", dest, "--storage-options", options)
     assert again.returncode == 0 and "already complete" in again.stdout
-    status = run_cli("status", dest, "--storage-options", options, "--json")
+    status = cli("status", dest, "--storage-options", options, "--json")
     assert json.loads(status.stdout)["state"] == "complete"
 
 
@@ -89,9 +89,9 @@ def test_local_source_to_s3_dest_and_refusals(s3: dict[str, str], tmp_path: Path
     zarr.create_array(store=str(tmp_path / "acts.zarr"), shape=x.shape, chunks=(8, 30), dtype="float64")[...] = x
     options = json.dumps(s3)
     dest = f"s3://{BUCKET}/run2/masks.zarr"
-    assert run_cli("run", str(tmp_path / "acts.zarr"), dest, "--storage-options", options).returncode == 0
+    assert cli("run", str(tmp_path / "acts.zarr"), dest, "--storage-options", options).returncode == 0
     assert np.array_equal(zarr.open_array(store=dest, mode="r", storage_options=s3)[...], oracle(x))
-    changed = run_cli("run", str(tmp_path / "acts.zarr"), dest, "--storage-options", options, "--at-zero", "0")
+    changed = cli("run", str(tmp_path / "acts.zarr"), dest, "--storage-options", options, "--at-zero", "0")
     assert changed.returncode == 2 and "holds another job" in changed.stderr
-    missing = run_cli("run", f"s3://{BUCKET}/nothing.zarr", f"s3://{BUCKET}/o.zarr", "--storage-options", options)
+    missing = cli("run", f"s3://{BUCKET}/nothing.zarr", f"s3://{BUCKET}/o.zarr", "--storage-options", options)
     assert missing.returncode == 2 and "does not exist" in missing.stderr

@@ -26,12 +26,12 @@ from _support import (
     SchedulerCase,
     activations,
     chunk_files,
+    cli,
     cli_env,
     dest_files,
     journal_folder,
     oracle,
     read_mask,
-    run_cli,
     snapshot,
     write_zarr,
 )
@@ -236,7 +236,7 @@ class TestSchedulerContract:
         assert (journal_folder(dest) / "lock").exists()  # the killed run's, left behind
         assert relu_dask.job_status(dest).state == "partial"
 
-        again = run_cli(*args, "--report", str(tmp_path / "report.json"))
+        again = cli(*args, "--report", str(tmp_path / "report.json"))
         assert again.returncode == 0, again.stderr
         report = json.loads((tmp_path / "report.json").read_text())
         assert report["outcome"] == "done"

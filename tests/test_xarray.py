@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from _support import kill_at_step, run_cli
+from _support import cli, kill_at_step
 
 import relu_dask
 import relu_dask.xarray as rx
@@ -180,13 +180,13 @@ def test_a_partial_dest_is_never_consolidated(tmp_path: Path) -> None:
     where = parse_location(dest)
     kill_at_step("tasks-done", *args)  # a first run, killed before it completed
     assert dest.exists() and not storage.is_consolidated(where)
-    assert run_cli(*args).returncode == 0 and storage.is_consolidated(where)
+    assert cli(*args).returncode == 0 and storage.is_consolidated(where)
     shutil.rmtree(dest / "fc1")  # a complete DEST loses an array: the next run redoes it
     kill_at_step("outputs-created", *args)
     assert not storage.is_consolidated(where)  # dropped before anything changed
     kill_at_step("complete", *args)  # complete, but killed before consolidating
     assert not storage.is_consolidated(where)
-    again = run_cli(*args)
+    again = cli(*args)
     assert again.returncode == 0, again.stderr
     assert storage.is_consolidated(where)
     xr.testing.assert_equal(_open_quietly(dest), (_opened(source) >= 0).astype(np.int8))

@@ -31,9 +31,13 @@ class BlockCounts:
     """Tasks that found their block already done (0 or 1 for one block)."""
     elements_read: int = 0
     """Values read from SOURCE now (0 for a resumed task)."""
+    digest: int = -1
+    """The CRC-32 of the block's mask values (int8, C order), what ``relu-dask verify``
+    checks the stored masks against; -1 where there is none: in a sum of blocks, and for a
+    block an older relu-dask marked done."""
 
     #: The field names in row order.
-    FIELDS: ClassVar[tuple[str, ...]] = ("elements", "ones", "nans", "zeros", "resumed", "elements_read")
+    FIELDS: ClassVar[tuple[str, ...]] = ("elements", "ones", "nans", "zeros", "resumed", "elements_read", "digest")
     #: How many of them a done marker keeps: a resumed task gives back the first four.
     NUM_RECORDED: ClassVar[int] = 4
 
@@ -43,10 +47,17 @@ class BlockCounts:
         return cls(*(int(v) for v in values[: len(cls.FIELDS)]))
 
     @classmethod
-    def resumed_from(cls, recorded: Sequence[int]) -> BlockCounts:
-        """A done block's counts, as its marker kept them (:meth:`recorded`)."""
+    def resumed_from(cls, recorded: Sequence[int], digest: int = -1) -> BlockCounts:
+        """A done block's counts, as its marker kept them (:meth:`recorded`, and the digest)."""
         elements, ones, nans, zeros = (int(v) for v in recorded[: cls.NUM_RECORDED])
-        return cls(elements, ones, nans, zeros, resumed=1)
+        return cls(elements, ones, nans, zeros, resumed=1, digest=digest)
+
+    @classmethod
+    def total(cls, rows: Sequence[Sequence[int]]) -> BlockCounts:
+        """The sum of the counts at the head of several tasks' rows (a sum has no digest)."""
+        width = len(cls.FIELDS) - 1
+        sums = [sum(int(row[k]) for row in rows) for k in range(width)]
+        return cls(*sums)
 
     def as_row(self) -> list[int]:
         """The counts in :data:`FIELDS` order, as a task's row and ``job.json`` hold them."""
@@ -57,10 +68,10 @@ class BlockCounts:
         return self.as_row()[: self.NUM_RECORDED]
 
     def __add__(self, other: BlockCounts) -> BlockCounts:
-        return BlockCounts(*(a + b for a, b in zip(self.as_row(), other.as_row())))
+        return BlockCounts(*(a + b for a, b in zip(self.as_row()[:-1], other.as_row()[:-1])))
 
     def __sub__(self, other: BlockCounts) -> BlockCounts:
-        return BlockCounts(*(a - b for a, b in zip(self.as_row(), other.as_row())))
+        return BlockCounts(*(a - b for a, b in zip(self.as_row()[:-1], other.as_row()[:-1])))
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,9 @@ class KeptCounts:
     """The summed counts of the kept blocks (``resumed`` and ``elements_read`` 0)."""
     block_ones: tuple[int, ...]
     """The ones of each kept block, in C order over the kept blocks."""
+    block_digests: tuple[int, ...] | None = None
+    """The digest (:attr:`BlockCounts.digest`) of each kept block, in the same order; None
+    where an older relu-dask recorded none."""
     unit_axis: int | None = None
     """The axis of ``unit_ones`` (None: none kept)."""
     unit_ones: tuple[int, ...] | None = None
@@ -96,6 +110,7 @@ class KeptCounts:
             "first_block": self.first_block,
             "counts": self.counts.recorded(),
             "block_ones": list(self.block_ones),
+            "block_digests": None if self.block_digests is None else list(self.block_digests),
             "unit_axis": self.unit_axis,
             "unit_ones": None if self.unit_ones is None else list(self.unit_ones),
             "edge": self.edge,
@@ -108,11 +123,13 @@ class KeptCounts:
             return tuple(int(v) for v in value)
 
         unit_axis, unit_ones, edge = data.get("unit_axis"), data.get("unit_ones"), data.get("edge")
+        digests = data.get("block_digests")
         return cls(
             axis=int(data["axis"]),  # type: ignore[call-overload]
             first_block=int(data["first_block"]),  # type: ignore[call-overload]
             counts=BlockCounts.from_row(ints(data["counts"])),
             block_ones=ints(data["block_ones"]),
+            block_digests=None if digests is None else ints(digests),
             unit_axis=None if unit_axis is None else int(unit_axis),  # type: ignore[call-overload]
             unit_ones=None if unit_ones is None else ints(unit_ones),
             edge=edge if isinstance(edge, dict) else None,

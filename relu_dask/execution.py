@@ -402,7 +402,7 @@ def _execute(plan: RunPlan) -> RunReport:
             _release_buffers(session)
     report.wall_s, report.cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
     journal.reach_step("tasks-done")
-    totals, units, block_ones, edges = _record_counts(report, plan, array_tasks, tasks, iter(results))
+    totals, units, block_ones, digests, edges = _record_counts(report, plan, array_tasks, tasks, iter(results))
     journal.write_record(
         inputs.dest,
         journal.JobRecord(
@@ -413,6 +413,7 @@ def _execute(plan: RunPlan) -> RunReport:
             unit_ones=units,
             unit_axes=[t.unit_axis for t in array_tasks],
             block_ones=block_ones,
+            block_digests=digests,
             append_axis=plan.options.append_axis,
             edge_blocks=edges,
         ),
@@ -636,15 +637,19 @@ def _record_counts(
     array_tasks: list[ArrayTasks],
     tasks: list[MaskTasks | None],
     results: Iterator[Any],
-) -> tuple[list[BlockCounts], list[list[int] | None], list[list[int]], list[dict[str, list[int]] | None]]:
+) -> tuple[
+    list[BlockCounts], list[list[int] | None], list[list[int]], list[list[int]], list[dict[str, list[int]] | None]
+]:
     """Sum the tasks' rows, and the blocks kept from earlier runs, into each array's report.
 
-    Returns, per array, the totals, the per-unit ones, the per-block ones and the last block
-    row's counts along the append axis (for the next growth: see ``job.json``'s ``edge_blocks``).
+    Returns, per array, the totals, the per-unit ones, the per-block ones and digests, and the
+    last block row's counts along the append axis (for the next growth: see ``job.json``'s
+    ``edge_blocks``).
     """
     totals: list[BlockCounts] = []
     units: list[list[int] | None] = []
     block_ones: list[list[int]] = []
+    digests: list[list[int]] = []
     edges: list[dict[str, list[int]] | None] = []
     width = len(BlockCounts.FIELDS)
     kept_all = plan.kept or (None,) * len(array_tasks)
@@ -654,7 +659,7 @@ def _record_counts(
         result = np.asarray(next(results)) if task is not None else None
         if result is not None:
             rows = result.reshape(-1, result.shape[-1])
-            counts = BlockCounts.from_row(rows[:, :width].sum(axis=0).tolist())
+            counts = BlockCounts.total(rows[:, :width].tolist())
             if array.unit_axis is not None:
                 unit_ones = _per_unit(result, array)
         elif array.unit_axis is not None and kept is None:  # an empty array
@@ -669,14 +674,15 @@ def _record_counts(
             if array.unit_axis is not None and unit_ones is None:  # not kept along this axis: read the masks
                 unit_ones = mask_unit_ones(plan.dest, src.path, array.unit_axis, plan.options.scheduler)
             _set_counts(entry, counts, src, plan.dest)
-        ones = _block_ones(array.plan, kept, result)
+        ones = _per_block(array.plan, kept, result, "ones")
+        digests.append(_per_block(array.plan, kept, result, "digest"))
         _set_stats(entry, src, array.unit_axis, unit_ones, plan.inputs.coordinates)
         _warn_if_relu_outputs(report, entry)
         totals.append(counts)
         units.append(unit_ones)
         block_ones.append(ones)
         edges.append(_edge_blocks(array, plan.inputs.append_axes[len(edges)], kept, result))
-    return totals, units, block_ones, edges
+    return totals, units, block_ones, digests, edges
 
 
 def _with_kept_units(kept: KeptCounts, array: ArrayTasks, now: list[int] | None) -> list[int] | None:
@@ -691,14 +697,16 @@ def _with_kept_units(kept: KeptCounts, array: ArrayTasks, now: list[int] | None)
     return [a + b for a, b in zip(kept.unit_ones, now, strict=True)]
 
 
-def _block_ones(plan: chunking.ChunkPlan, kept: KeptCounts | None, result: np.ndarray | None) -> list[int]:
-    """Each block's ones over the whole grid, in C order: the kept blocks', then those run now."""
-    ones_field = BlockCounts.FIELDS.index("ones")
-    now = result[..., ones_field] if result is not None else np.zeros(plan.task_numblocks, dtype=np.int64)
+def _per_block(plan: chunking.ChunkPlan, kept: KeptCounts | None, result: np.ndarray | None, field: str) -> list[int]:
+    """One count of each block (``ones`` or ``digest``, of :class:`BlockCounts`) over the
+    whole grid, in C order: the kept blocks', then those run now."""
+    column = BlockCounts.FIELDS.index(field)
+    now = result[..., column] if result is not None else np.zeros(plan.task_numblocks, dtype=np.int64)
     if kept is None:
         return [int(v) for v in now.reshape(-1)] if plan.num_tasks else []
+    kept_values = kept.block_ones if field == "ones" else kept.block_digests or (-1,) * len(kept.block_ones)
     kept_shape = [kept.first_block if a == kept.axis else n for a, n in enumerate(plan.numblocks)]
-    before = np.asarray(kept.block_ones, dtype=np.int64).reshape(kept_shape)
+    before = np.asarray(kept_values, dtype=np.int64).reshape(kept_shape)
     if not plan.num_tasks:
         return [int(v) for v in before.reshape(-1)]
     return [int(v) for v in np.concatenate([before, now.astype(np.int64)], axis=kept.axis).reshape(-1)]

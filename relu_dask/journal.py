@@ -141,6 +141,14 @@ class JobRecord:
     block_ones: list[list[int]] | None = None
     """Per array, the ones each task counted in its block (blocks in C order), once complete:
     what ``relu-dask verify`` checks the masks against."""
+    block_digests: list[list[int]] | None = None
+    """Per array, the digest of each block's masks as its task wrote them
+    (:attr:`BlockCounts.digest`, -1: none recorded), in the same order: ``relu-dask verify``
+    compares the masks it reads back with them value for value. None: an older relu-dask."""
+    damaged: dict[str, list[str]] | None = None
+    """What ``relu-dask verify`` last found wrong: per array (its index, as text), the blocks
+    (:func:`marker_name`) whose masks are not what their tasks wrote. The next run recomputes
+    exactly those; None: nothing found."""
     verified_utc: str | None = None
     """When ``relu-dask verify`` last found DEST whole (None: not since the run)."""
     append_axis: int | None = None
@@ -195,14 +203,16 @@ def record_done(
 ) -> None:
     """Mark one task done, with its counts (called by the task, after its write).
 
-    The marker keeps ``counts.recorded()`` and the per-unit ones. ``what`` says what they
-    are (for instance ``units=1``: per-unit ones along axis 1 follow the counts);
-    :func:`read_done` gives them back only to a task that expects the same.
+    The marker keeps ``counts.recorded()``, the block's digest (``crc32:N``, where it has
+    one) and the per-unit ones. ``what`` says what they are (for instance ``units=1``:
+    per-unit ones along axis 1 follow the counts); :func:`read_done` gives them back only to
+    a task that expects the same.
     """
     if not what or any(c.isspace() for c in what):
         raise ValueError(f"a marker's description is one word, got {what!r}")
-    values = [*counts.recorded(), *per_unit]
-    folder.child(marker_name(block_index)).write_text(" ".join([what, *(str(int(c)) for c in values)]))
+    digest = [f"crc32:{counts.digest}"] if counts.digest >= 0 else []
+    values = [str(int(c)) for c in (*counts.recorded(), *per_unit)]
+    folder.child(marker_name(block_index)).write_text(" ".join([what, *digest, *values]))
 
 
 def read_done(folder: Location, block_index: Sequence[int], what: str) -> tuple[BlockCounts, list[int]] | None:
@@ -211,12 +221,13 @@ def read_done(folder: Location, block_index: Sequence[int], what: str) -> tuple[
     never reused)."""
     try:
         head, *values = folder.child(marker_name(block_index)).read_text().split()
+        digest = int(values.pop(0).removeprefix("crc32:")) if values and values[0].startswith("crc32:") else -1
         numbers = [int(v) for v in values]
     except (OSError, ValueError):
         return None
     if head != what or len(numbers) < BlockCounts.NUM_RECORDED:
         return None
-    return BlockCounts.resumed_from(numbers), numbers[BlockCounts.NUM_RECORDED :]
+    return BlockCounts.resumed_from(numbers, digest), numbers[BlockCounts.NUM_RECORDED :]
 
 
 def remove_done_markers_from(dest: Location, array_index: int, axis: int, first_block: int) -> None:

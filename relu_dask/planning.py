@@ -397,10 +397,19 @@ def _kept_whole(record: journal.JobRecord, index: int, block: list[int], axis: i
         first_block=-(-shape[axis] // block[axis]),
         counts=BlockCounts.from_row(record.counts_of(index).recorded()),
         block_ones=tuple(record.block_ones[index]),
+        block_digests=_recorded_digests(record, index),
         unit_axis=unit_axis if unit_ones is not None else None,
         unit_ones=tuple(unit_ones) if unit_ones is not None else None,
         edge=edges[index] if index < len(edges) else None,
     )
+
+
+def _recorded_digests(record: journal.JobRecord, index: int) -> tuple[int, ...] | None:
+    """The block digests a complete record holds for array ``index`` (None: an older relu-dask's)."""
+    digests, ones = record.block_digests, record.block_ones or []
+    if not digests or index >= min(len(digests), len(ones)) or len(digests[index]) != len(ones[index]):
+        return None
+    return tuple(int(v) for v in digests[index])
 
 
 def _without_edge(
@@ -420,6 +429,10 @@ def _without_edge(
     numblocks = [-(-n // b) for n, b in zip(old_shape, block)]
     ones = np.asarray(whole.block_ones, dtype=np.int64).reshape(numblocks)
     kept_ones = np.take(ones, range(first), axis=axis).reshape(-1)
+    kept_digests = None
+    if whole.block_digests is not None:
+        digests = np.asarray(whole.block_digests, dtype=np.int64).reshape(numblocks)
+        kept_digests = tuple(int(v) for v in np.take(digests, range(first), axis=axis).reshape(-1))
     counts, unit_ones = whole.counts, None if whole.unit_ones is None else list(whole.unit_ones)
     if first < numblocks[axis]:  # the old edge row is redone: take its counts out
         edge = whole.edge or {}
@@ -441,6 +454,7 @@ def _without_edge(
         first_block=first,
         counts=counts,
         block_ones=tuple(int(v) for v in kept_ones),
+        block_digests=kept_digests,
         unit_ones=None if unit_ones is None else tuple(unit_ones),
         edge=None,
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ from relu_dask.errors import NaNFoundError
 from relu_dask.kernel import Engine, relu_derivative, set_numexpr_threads
 from relu_dask.locations import Location
 
-__all__ = ["ArrayTasks", "TaskNotStarted", "allow_tasks", "process_block", "wait_for_running_tasks"]
+__all__ = ["ArrayTasks", "TaskNotStarted", "allow_tasks", "mask_digest", "process_block", "wait_for_running_tasks"]
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,9 @@ def _process_block(tasks: ArrayTasks, block_id: tuple[int, ...]) -> np.ndarray:
         # The mask takes the buffer of the compressed bytes, free once the block is read.
         mask = into.take(chunkio.STORED, block.shape, np.int8)
         relu_derivative(block, mask, at_zero=tasks.at_zero, engine=tasks.engine)
-        counts = BlockCounts(block.size, int(np.count_nonzero(mask)), nans, zeros, elements_read=block.size)
+        counts = BlockCounts(
+            block.size, int(np.count_nonzero(mask)), nans, zeros, elements_read=block.size, digest=mask_digest(mask)
+        )
         blocks.write_block(tasks.dest, slices, mask, into)
         per_unit: list[int] = []
         if tasks.unit_axis is not None:
@@ -157,6 +160,12 @@ def _process_block(tasks: ArrayTasks, block_id: tuple[int, ...]) -> np.ndarray:
     if tasks.done_dir is not None:
         journal.record_done(tasks.done_dir, index, counts, per_unit, tasks.marker_kind)
     return _row(counts, per_unit, width, ndim)
+
+
+def mask_digest(mask: np.ndarray) -> int:
+    """The digest of a block's masks (:attr:`BlockCounts.digest`): the CRC-32 of its int8
+    values in C order, whatever their chunks and codecs (about 6 GB/s: a few ms a block)."""
+    return zlib.crc32(np.ascontiguousarray(mask, dtype=np.int8).data)
 
 
 def _sum_ones(mask: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import dask
@@ -9,6 +10,7 @@ import numpy as np
 from _support import activations, oracle, read_mask, write_zarr
 
 from relu_dask import chunking, storage
+from relu_dask.counts import BlockCounts
 from relu_dask.graph import TASK_PREFIX, build_mask_tasks, derivative_mask
 from relu_dask.locations import parse_location
 from relu_dask.task import ArrayTasks
@@ -36,8 +38,12 @@ def test_building_the_tasks_computes_nothing_and_computing_them_writes_every_mas
     assert all(k[0] == f"{TASK_PREFIX}-t" for k in keys)
     assert not any((tmp_path / "out.zarr").rglob("c/*/*"))  # built, not run: no chunk written
     (counts,) = dask.compute(tasks, scheduler="synchronous")
-    assert counts.shape == (3, 3, 6)
+    assert counts.shape == (3, 3, len(BlockCounts.FIELDS))
     assert int(counts[..., 0].sum()) == x.size and int(counts[..., 1].sum()) == int(oracle(x).sum())
+    digest = BlockCounts.FIELDS.index("digest")  # each block's: the CRC-32 of its masks in C order
+    for index in np.ndindex(3, 3):
+        block = oracle(x)[tuple(job.plan.block_slices(index))]
+        assert counts[(*index, digest)] == zlib.crc32(np.ascontiguousarray(block).tobytes())
     assert np.array_equal(read_mask(tmp_path / "out.zarr"), oracle(x))
 
 

@@ -48,12 +48,16 @@ def test_a_marker_is_reused_only_by_a_task_that_expects_what_it_holds(
     tmp_path: Path, written_as: str, read_as: str, reused: bool
 ) -> None:
     folder = parse_location(tmp_path / "done" / "0")
-    counts = BlockCounts(elements=10, ones=4, nans=0, zeros=1, elements_read=10)
+    counts = BlockCounts(elements=10, ones=4, nans=0, zeros=1, elements_read=10, digest=123)
     journal.record_done(folder, (1, 2), counts, [3, 1], written_as)
-    assert (tmp_path / "done" / "0" / journal.marker_name((1, 2))).read_text() == f"{written_as} 10 4 0 1 3 1"
-    resumed = BlockCounts(elements=10, ones=4, nans=0, zeros=1, resumed=1, elements_read=0)
+    marker = tmp_path / "done" / "0" / journal.marker_name((1, 2))
+    assert marker.read_text() == f"{written_as} crc32:123 10 4 0 1 3 1"
+    resumed = BlockCounts(elements=10, ones=4, nans=0, zeros=1, resumed=1, elements_read=0, digest=123)
     assert journal.read_done(folder, (1, 2), read_as) == ((resumed, [3, 1]) if reused else None)
     assert journal.read_done(folder, (2, 2), read_as) is None  # not done
+    marker.write_text(f"{written_as} 10 4 0 1 3 1")  # an older relu-dask's marker: no digest
+    older = BlockCounts(elements=10, ones=4, nans=0, zeros=1, resumed=1)
+    assert journal.read_done(folder, (1, 2), read_as) == ((older, [3, 1]) if reused else None)
 
 
 def test_a_marker_of_the_old_format_or_garbage_is_redone(tmp_path: Path) -> None:
@@ -90,9 +94,12 @@ def test_reach_step_knows_only_the_documented_steps(monkeypatch: pytest.MonkeyPa
 
 
 def test_block_counts_keep_their_order_through_a_row_a_sum_and_a_marker() -> None:
-    a = BlockCounts(elements=6, ones=2, nans=1, zeros=3, elements_read=6)
+    a = BlockCounts(elements=6, ones=2, nans=1, zeros=3, elements_read=6, digest=77)
     b = BlockCounts.resumed_from([4, 4, 0, 0, 9, 9])  # a marker's four counts, then per-unit ones
     assert b == BlockCounts(elements=4, ones=4, resumed=1)
-    assert a.as_row() == [6, 2, 1, 3, 0, 6]
+    assert b.digest == -1  # an older marker: no digest
+    assert a.as_row() == [6, 2, 1, 3, 0, 6, 77]
+    assert (a + b).digest == (a - b).digest == -1  # a sum of blocks has none
+    assert BlockCounts.total([a.as_row(), a.as_row()]) == BlockCounts(12, 4, 2, 6, 0, 12)
     assert BlockCounts.from_row([*a.as_row(), 7, 7]) == a  # the per-unit tail of a task's row is not a count
     assert a.recorded() == [6, 2, 1, 3]

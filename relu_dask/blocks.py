@@ -29,7 +29,7 @@ from relu_dask.chunkfiles import (
 from relu_dask.errors import DamagedSourceError
 from relu_dask.locations import Location
 
-__all__ = ["StoredArray", "describe_stored", "read_block", "read_metadata", "write_block"]
+__all__ = ["StoredArray", "describe_stored", "drop_stored_objects", "read_block", "read_metadata", "write_block"]
 
 
 @dataclass(frozen=True)
@@ -238,6 +238,27 @@ def write_block(stored: StoredArray, selection: tuple[slice, ...], block: np.nda
             padded[tuple(slice(0, k) for k in part.shape)] = part
             part = padded
         chunkio.write_chunk(path, part, files.format)
+
+
+def drop_stored_objects(stored: StoredArray, folder: Location, selection: tuple[slice, ...]) -> int:
+    """Delete the stored objects (chunks, or shards where sharded) of ``stored``, kept in
+    ``folder``, that lie wholly inside ``selection``; return how many there were.
+
+    Before a block found damaged is written again: zarr reads a shard it writes into, and a
+    damaged one would stop it. (Objects only partly inside are left: zarr merges into them.)
+    """
+    if stored.keys is None:
+        return 0
+    shape, unit = stored.array.shape, stored.stored_unit
+    ranges = [
+        range(-(-s.start // u), s.stop // u + (s.stop == n and n % u != 0)) for s, u, n in zip(selection, unit, shape)
+    ]
+    removed = 0
+    for coords in itertools.product(*ranges):
+        key = format_chunk_key(coords, *stored.keys)
+        removed += folder.child(*key.split("/")).stat() is not None
+        folder.child(*key.split("/")).remove()
+    return removed
 
 
 def _all_fill(part: np.ndarray, fill_value: Any) -> bool:

@@ -418,7 +418,10 @@ def _verify(dest: str, storage_options: str | None) -> int:
     for problem in result.problems:
         print(f"{PROG}: verify: {problem}", file=sys.stderr)
     if not result.ok:
-        print(f"{dest}: NOT verified: {len(result.problems)} problem(s) in {result.num_chunks_read} chunk(s) read")
+        blocks = sum(map(len, result.damaged.values()))
+        then = f"; rerun the same relu-dask run command to recompute the {blocks} damaged block(s)" if blocks else ""
+        found = f"{len(result.problems)} problem(s) in {result.num_chunks_read} chunk(s) read"
+        print(f"{dest}: NOT verified: {found}{then}")
         return EXIT_FAILED
     print(
         f"{dest}: verified: {result.num_arrays} array(s), {result.num_blocks} block(s), "
@@ -516,6 +519,11 @@ def _status(dest: str, *, as_json: bool, storage_options: str | None = None) -> 
         print(f"{dest}: partial (masks missing: {', '.join(status.missing)}; rerun the same command to redo them)")
     elif state == "partial":
         print(f"{dest}: partial ({status.tasks_done} of {status.num_tasks} tasks done, {status.rows_text()})")
+    elif state == "complete" and status.damaged:
+        print(
+            f"{dest}: damaged ({status.rows_text()}, {status.num_tasks} tasks; relu-dask verify found "
+            f"{status.damaged} block(s) wrong: rerun the same relu-dask run command to recompute them)"
+        )
     elif state == "complete" and status.verified_utc:
         print(f"{dest}: complete ({status.rows_text()}, {status.num_tasks} tasks; verified {status.verified_utc})")
     elif state == "complete":

@@ -256,6 +256,8 @@ class JobStatus:
     """``partial``: the arrays the journal says are complete but DEST lacks."""
     verified_utc: str | None = None
     """``complete``: when ``relu-dask verify`` last found DEST whole."""
+    damaged: int = 0
+    """``complete``: the blocks ``relu-dask verify`` last found wrong (the next run recomputes them)."""
     fingerprint: dict[str, Any] | None = None
     """The job recorded in DEST: its source, rule, NaN policy and arrays."""
     rows: dict[str, int] = field(default_factory=dict)
@@ -286,6 +288,8 @@ class JobStatus:
             out["missing"] = list(self.missing)
         if self.verified_utc:
             out["verified_utc"] = self.verified_utc
+        if self.damaged:
+            out["damaged_blocks"] = self.damaged
         if self.fingerprint is not None:
             out.update(tasks_done=self.tasks_done, num_tasks=self.num_tasks, fingerprint=self.fingerprint)
             out.update(rows=self.rows, rows_waiting=self.rows_waiting)
@@ -330,6 +334,7 @@ def job_status(dest: str | os.PathLike[str], storage_options: str | dict[str, An
         # The journal says complete, DEST says otherwise: believe DEST.
         missing=missing if record.complete else [],
         verified_utc=record.verified_utc if complete else None,
+        damaged=sum(map(len, (record.damaged or {}).values())) if complete else 0,
         fingerprint=record.fingerprint,
         rows=rows,
         rows_waiting=_rows_waiting(record.fingerprint.get("source"), path, rows, axis),

@@ -2,11 +2,15 @@
 
 Use :func:`verify_dest` after a run (or ``relu-dask run --verify``) when the next stage of a
 pipeline must not consume a DEST that is damaged: every chunk of every mask array is read
-and decoded (masks are about an eighth of the source's size, so this is cheap), and the ones
-counted in each block must equal those the run's tasks recorded in the journal. A chunk file
-deleted, truncated or replaced by another's bytes fails one of these checks. A DEST that
-passes is marked verified in its journal (``relu-dask status`` says so) until a later run
-changes it.
+and decoded (masks are about an eighth of the source's size, so this is cheap), and each
+block's masks must be those its task wrote: the same CRC-32 of their values
+(:attr:`relu_dask.counts.BlockCounts.digest`, recorded by the task as it wrote them). A
+chunk file deleted, truncated, swapped with another, or with a single value changed fails.
+(For a DEST an older relu-dask wrote, without digests, the ones of each block are compared
+instead, which a swap of two chunks with as many ones does not fail.) A DEST that passes is
+marked verified in its journal (``relu-dask status`` says so) until a later run changes it;
+the blocks one that fails holds wrong are recorded (``job.json``'s ``damaged``), and the
+next ``relu-dask run`` of the job recomputes exactly those.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from relu_dask import blocks, journal, storage
 from relu_dask.errors import InputError
 from relu_dask.locations import Location, parse_location, parse_storage_options
 from relu_dask.schedulers import count_cores
+from relu_dask.task import mask_digest
 
 __all__ = ["VerifyResult", "verify_dest"]
 
@@ -42,6 +47,8 @@ class VerifyResult:
     num_arrays: int = 0
     num_blocks: int = 0
     num_chunks_read: int = 0
+    damaged: dict[str, list[str]] = field(default_factory=dict)
+    """Per array (its index in the job, as text), the blocks found wrong (``"0.2"``: block (0, 2))."""
 
     @property
     def ok(self) -> bool:
@@ -74,8 +81,9 @@ def verify_dest(
                 _verify_array(location, record, index, array, pool, result)
         result.num_arrays = len(arrays)
         verified = datetime.now(UTC).isoformat(timespec="seconds") if result.ok else None
-        if verified or record.verified_utc:  # a DEST found damaged is no longer verified
-            journal.write_record(location, replace(record, verified_utc=verified))
+        damaged = result.damaged or None
+        if verified or record.verified_utc or damaged != record.damaged:  # a DEST found damaged is no longer verified
+            journal.write_record(location, replace(record, verified_utc=verified, damaged=damaged))
         log.info("verified %s: %d problem(s) in %d chunk(s) read", dest, len(result.problems), result.num_chunks_read)
         return result
 
@@ -94,34 +102,51 @@ def _verify_array(
     block = record.block_shapes[index]
     grid = [range(-(-n // b)) for n, b in zip(array["shape"], block)]
     blocks = list(itertools.product(*grid)) if math.prod(array["shape"]) else []  # an empty array has none
-    found = list(pool.map(lambda b: _count_block(mask, b, block, name), blocks))
+    found = list(pool.map(lambda b: _read_block(mask, b, block, name), blocks))
     result.num_blocks += len(blocks)
     recorded = record.block_ones[index] if record.block_ones else None
     expected = recorded if recorded is not None and len(recorded) == len(blocks) else None
-    for linear, (coords, (ones, problems, num_chunks)) in enumerate(zip(blocks, found)):
-        result.problems.extend(problems)
-        result.num_chunks_read += num_chunks
-        if expected is not None and not problems and ones != expected[linear]:
-            result.problems.append(f"{name}: block {coords} holds {ones} ones, its task recorded {expected[linear]}")
+    digests = record.block_digests[index] if record.block_digests and index < len(record.block_digests) else None
+    digests = digests if digests is not None and len(digests) == len(blocks) else [-1] * len(blocks)
+    for linear, (coords, (ones, digest, problems, chunks)) in enumerate(zip(blocks, found)):
+        result.num_chunks_read += len(chunks)
+        named = ", ".join(chunks[:_NAMED]) + (f" and {len(chunks) - _NAMED} more" if len(chunks) > _NAMED else "")
+        if not problems and digests[linear] >= 0 and digest != digests[linear]:
+            problems = [
+                f"{name}: block {coords} holds masks other than its task wrote (CRC-32 {digest:08x}, "
+                f"written {digests[linear]:08x}): {named}"
+            ]
+        elif not problems and expected is not None and ones != expected[linear]:
+            problems = [f"{name}: block {coords} holds {ones} ones, its task recorded {expected[linear]}: {named}"]
+        if problems:
+            result.problems.extend(problems)
+            result.damaged.setdefault(str(index), []).append(journal.marker_name(coords))
     if expected is None:  # a journal from before per-block counts: the array's total
         total, want = sum(f[0] for f in found), (record.counts or [[0, 0]] * (index + 1))[index][1]
         if total != want:
             result.problems.append(f"{name}: holds {total} ones, the run recorded {want}")
 
 
-def _count_block(
+#: The stored objects of a wrong block a problem names (then how many more).
+_NAMED = 8
+
+
+def _read_block(
     mask: blocks.StoredArray, coords: tuple[int, ...], block: list[int], name: str
-) -> tuple[int, list[str], int]:
-    """The ones of one block, read a stored chunk at a time; the chunks that do not decode."""
+) -> tuple[int, int, list[str], list[str]]:
+    """One block of masks, read a stored object (chunk, or shard where sharded) at a time:
+    its ones, its digest (:func:`relu_dask.task.mask_digest`), the objects that do not
+    decode, and the objects it spans, named."""
     shape, unit = mask.array.shape, mask.stored_unit  # a shard at a time where sharded: its key names it
     lo = [c * b for c, b in zip(coords, block)]
     hi = [min(a + b, n) for a, b, n in zip(lo, block, shape)]
-    ones, problems, num_chunks = 0, [], 0
+    values = np.zeros([z - a for a, z in zip(lo, hi)], dtype=np.int8)
+    problems, chunks = [], []
     for chunk in itertools.product(*[range(a // u, -(-z // u)) for a, z, u in zip(lo, hi, unit)]):
         region = tuple(slice(max(a, c * u), min(z, (c + 1) * u)) for a, z, c, u in zip(lo, hi, chunk, unit))
-        num_chunks += 1
+        chunks.append(mask.describe_chunk(chunk))
         try:
-            ones += int(np.count_nonzero(np.asarray(mask.array[region])))
+            values[tuple(slice(r.start - a, r.stop - a) for r, a in zip(region, lo))] = mask.array[region]
         except Exception as exc:  # noqa: BLE001 - whatever zarr or a codec raises, it is this chunk's problem
-            problems.append(f"{name}: {mask.describe_chunk(chunk)} cannot be read ({type(exc).__name__}: {exc})")
-    return ones, problems, num_chunks
+            problems.append(f"{name}: block {coords}: {chunks[-1]} cannot be read ({type(exc).__name__}: {exc})")
+    return int(np.count_nonzero(values)), mask_digest(values), problems, chunks

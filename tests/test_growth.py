@@ -308,12 +308,18 @@ def test_a_grown_zarr_array_opens_as_zarr_wrote_it(tmp_path: Path) -> None:
     assert np.array_equal(mask[...], oracle(full[:133]))
 
 
+# The writer starts appending once the follow's first pass is recorded: a first run that lands
+# inside an append can take the old edge chunk row before zarr rewrote it (issue 26).
 WRITER = """
-import sys, time
+import json, sys, time
+from pathlib import Path
 import numpy as np, zarr
 array = zarr.open_array(sys.argv[1], mode="r+")
 full = np.load(sys.argv[2])
-for stop in map(int, sys.argv[3:]):
+record, end = Path(sys.argv[3]), time.monotonic() + 120
+while time.monotonic() < end and not (record.exists() and json.loads(record.read_text() or "{}").get("complete")):
+    time.sleep(0.05)
+for stop in map(int, sys.argv[4:]):
     time.sleep(0.4)
     array.append(full[array.shape[0]:stop])  # zarr grows the shape first, then writes the chunks
 """
@@ -339,7 +345,8 @@ def test_follow_masks_every_row_a_live_writer_appends_and_stops_cleanly(
     source, dest = tmp_path / "acts.zarr", tmp_path / "masks.zarr"
     write_zarr(source, full[:50], (16, 32))
     stops = ["83", "140", "141", "260", "333"]  # uneven, most of them off the chunk edge
-    writer = subprocess.Popen([PYTHON, "-c", WRITER, str(source), str(tmp_path / "full.npy"), *stops])
+    record = journal_folder(dest) / "job.json"
+    writer = subprocess.Popen([PYTHON, "-c", WRITER, str(source), str(tmp_path / "full.npy"), str(record), *stops])
     report = tmp_path / "report.json"
     args = (
         "--chunks",

@@ -233,7 +233,9 @@ def follow_with(
                     deliver(report, options)
                 options = replace(options, overwrite=False)  # replaced once, then followed
                 state.passes += 1
-                state.rows_done, state.rows_behind = _rows(inputs), 0
+                # what DEST's record holds, not what SOURCE had: rows held back for a writer are behind
+                state.rows_done = _rows_recorded(inputs) or state.rows_done
+                state.rows_behind = max(0, _rows(inputs) - state.rows_done)
                 if report.outcome != "already complete":
                     last_growth = time.monotonic()
                     state.reports.append(report)
@@ -258,11 +260,22 @@ def follow_with(
         signum = stop.exit_code - 128 if isinstance(stop, RunStopped) else getattr(stop, "signum", signal.SIGINT)
         state.stopped_by = signal.Signals(signum).name
         log.debug("follow stopped: %s", stop)
-        # A pass stopped after its record said complete (while it consolidated, say) did its rows.
-        done = _rows_recorded(inputs)
-        if done > state.rows_done:
-            state.rows_behind, state.rows_done = max(0, state.rows_done + state.rows_behind - done), done
+        # A pass stopped after its record said complete (while it consolidated, say) did its rows;
+        # and SOURCE may have grown since the last check: both read again, as they are now.
+        state.rows_done = max(state.rows_done, _rows_recorded(inputs))
+        state.rows_behind = max(0, _source_rows(options, inputs) - state.rows_done)
     return state
+
+
+def _source_rows(options: RunOptions, inputs: RunInputs) -> int:
+    """SOURCE's rows as they are now (the most of any array along its append axis), read
+    again without waiting for a writer; the last ones read if SOURCE cannot be read."""
+    axes = {src.path: axis for src, axis in zip(inputs.arrays, inputs.append_axes) if axis is not None}
+    try:
+        arrays = storage.open_source(options.source_location).arrays
+    except (ReluDaskError, OSError):
+        return _rows(inputs)
+    return max((a.shape[axes[a.path]] for a in arrays if a.path in axes and len(a.shape) > axes[a.path]), default=0)
 
 
 def _rows_recorded(inputs: RunInputs) -> int:

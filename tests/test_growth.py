@@ -395,6 +395,35 @@ def test_follow_masks_every_row_a_live_writer_appends_and_stops_cleanly(
     assert fresh.arrays[0].num_ones == int(oracle(full[:333]).sum())
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_follow_stopped_between_passes_says_the_rows_behind_as_they_are_then(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    source, dest, full, array = _grown_source(tmp_path)
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "relu_dask", "run", str(source), str(dest), "--chunks", "32,32", "--follow", "600"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+    )
+    try:
+        end = time.monotonic() + 120
+        while not (journal_folder(dest) / "lock").exists():  # SOURCE read (100 rows), the first pass begun
+            assert proc.poll() is None and time.monotonic() < end, proc.communicate()
+            time.sleep(0.02)
+        _grow(array, full, 164)  # during that pass or the wait for the next check, 600 s away
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert f"follow ended (stopped by {sig.name}): 100 rows done, 64 behind SOURCE" in out
+    status = json.loads(cli("status", str(dest), "--json").stdout)
+    assert (status["rows"], status["rows_waiting"]) == ({"": 100}, {"": 64})
+
+
 def test_follow_idle_ends_the_follow_with_exit_0(tmp_path: Path) -> None:
     source, dest, full, array = _grown_source(tmp_path)
     _grow(array, full, 120)

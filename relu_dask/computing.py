@@ -189,13 +189,22 @@ STOP_GRACE_S = 20.0
 
 def _let_running_tasks_finish(client: Any, futures: list[Any]) -> None:
     """On a stop: cancel the tasks not yet running; wait (up to :data:`STOP_GRACE_S`) for
-    those running, so that they write their masks and mark themselves done."""
+    those running, so that they write their masks and mark themselves done.
+
+    A task a worker began between the scheduler's answer and the cancel runs on, out of the
+    scheduler's sight: the workers' call stacks (``Client.call_stack``) still show it, and it
+    is waited for too, lest closing the cluster kill it mid-write.
+    """
     from distributed import wait
 
+    end = time.monotonic() + STOP_GRACE_S
     with contextlib.suppress(Exception):  # a cluster that went away has nothing running
         running = {key for keys in client.processing().values() for key in keys}
         client.cancel([f for f in futures if f.key not in running])
         wait([f for f in futures if f.key in running], timeout=STOP_GRACE_S)
+        ours = [f.key for f in futures]
+        while time.monotonic() < end and any(client.call_stack(keys=ours).values()):
+            time.sleep(0.05)
 
 
 def _wait_with_progress(futures: list[Any], mode: str, interval_s: float) -> None:

@@ -319,8 +319,8 @@ def execute(plan: RunPlan, session: Session | None = None) -> RunReport:
         with journal.hold_lock(plan.dest):
             journal.reach_step("locked")
             return execute(plan_run(plan.options, plan.inputs, under_lock=True), session)
-    if plan.inputs.held_shapes is not None:  # rows held back now (or no longer): for the next run
-        journal.write_held(plan.dest, plan.inputs.held_shapes or None)
+    if plan.inputs.held is not None:  # rows held back now (or no longer): for the next run
+        journal.write_held(plan.dest, plan.inputs.held if plan.inputs.held.shapes else None)
     if plan.state == "complete":
         report = _complete_report(plan)
         if plan.record is not None and plan.record.damaged:

@@ -26,7 +26,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from relu_dask.counts import BlockCounts
@@ -37,6 +37,7 @@ __all__ = [
     "HEARTBEAT_S",
     "STALE_AFTER_S",
     "STEPS",
+    "Held",
     "JobRecord",
     "hold_lock",
     "is_being_replaced",
@@ -243,26 +244,61 @@ def remove_done_markers_from(dest: Location, array_index: int, axis: int, first_
             folder.child(name).remove()
 
 
-def read_held(dest: Location) -> dict[str, list[int]]:
-    """The stored shapes of SOURCE's arrays when a run last held appended rows back (see
-    :func:`write_held`); empty if none did."""
+@dataclass(frozen=True)
+class Held:
+    """What the last run held back for a writer that seemed to be still appending (``held.json``).
+
+    zarr does not store a chunk that is all fill value, and nothing tells one from a chunk
+    not written yet. A next run takes as they are the rows of SOURCE's shapes as they were
+    here, and, array by array, the chunks that were missing here and still are (a writer
+    writes a chunk row in far less than the time between two runs): so an all-fill chunk
+    holds rows back once, never forever.
+    """
+
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    """SOURCE's stored shapes then, per array and coordinate (empty: nothing held)."""
+    missing: dict[str, list[str]] = field(default_factory=dict)
+    """Per array, the keys of the chunk (or shard) objects of the rows held back that were
+    not stored then."""
+
+    def to_json(self) -> str:
+        return json.dumps({"shapes": self.shapes, "missing": self.missing}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Held:
+        """Read :meth:`to_json`'s text, or an older relu-dask's (shapes only); empty if unreadable."""
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return cls()
+        if not isinstance(data, dict):
+            return cls()
+        if not isinstance(data.get("shapes"), dict):  # an older relu-dask's: path -> shape
+            return cls({k: v for k, v in data.items() if isinstance(v, list)})
+        missing = data.get("missing")
+        missing = missing if isinstance(missing, dict) else {}
+        return cls(
+            {k: v for k, v in data["shapes"].items() if isinstance(v, list)},
+            {k: [str(key) for key in v] for k, v in missing.items() if isinstance(v, list)},
+        )
+
+
+def read_held(dest: Location) -> Held:
+    """What the last run held back (see :class:`Held`); empty if none did."""
     try:
-        data = json.loads(journal_dir(dest).child("held.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+        return Held.from_json(journal_dir(dest).child("held.json").read_text())
+    except OSError:
+        return Held()
 
 
-def write_held(dest: Location, shapes: dict[str, list[int]] | None) -> None:
-    """Record (None: forget) SOURCE's shapes as a run found them when it held rows a writer
-    was still appending back: a next run that finds the same shapes takes those rows as they
-    are (a chunk missing then is all fill value, which zarr does not store)."""
-    held = journal_dir(dest).child("held.json")
+def write_held(dest: Location, held: Held | None) -> None:
+    """Record (None: forget) what a run held back for a writer still appending: see :class:`Held`."""
+    path = journal_dir(dest).child("held.json")
     with contextlib.suppress(OSError):
-        if shapes is None:
-            held.remove()
+        if held is None:
+            path.remove()
         else:
-            held.write_text(json.dumps(shapes, sort_keys=True))
+            path.write_text(held.to_json())
 
 
 def count_done(dest: Location, array_index: int) -> int:

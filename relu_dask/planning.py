@@ -54,10 +54,10 @@ class RunInputs:
     """Per array, the axis it may grow along between runs (None: growth refused, or a scalar)."""
     fingerprint: dict[str, Any]
     """Source identity and the options that change the result, as found at the start."""
-    held_shapes: dict[str, list[int]] | None = None
-    """SOURCE's shapes, where rows that look half-written were held back (the run records
-    them: see :func:`relu_dask.journal.write_held`); ``{}``: an earlier run's record of them
-    is done with; None: nothing to record."""
+    held: journal.Held | None = None
+    """What this run holds back of rows that look half-written (the run records it: see
+    :class:`relu_dask.journal.Held`); empty: an earlier run's record is done with; None:
+    nothing to record."""
 
     @property
     def is_group(self) -> bool:
@@ -87,22 +87,24 @@ def open_inputs(options: RunOptions) -> RunInputs:
     # what still does not after options.settle_s waits for the next run, unless SOURCE's shapes are
     # those a run already held rows back at (then the missing chunks are all fill value).
     held_before = journal.read_held(dest)
+    # chunks missing at the last run's hold and still missing now are all fill value
+    stale = {path: frozenset(keys) for path, keys in held_before.missing.items()}
     end = time.monotonic() + options.settle_s
     while True:
         append_axes = _append_axes(options.append_axis, contents.arrays)
         shapes = {a.path: list(a.array.shape) for a in (*contents.arrays, *contents.coordinates)}
-        rows, coordinate_rows = _written(contents, append_axes, recorded)
+        rows, coordinate_rows = _written(contents, append_axes, recorded, stale)
         whole = all(rows[a.path] == a.shape[axis] for a, axis in zip(contents.arrays, append_axes) if axis is not None)
         whole = whole and all(
             coordinate_rows[c.path] == c.shape[0] for c in contents.coordinates if c.path in coordinate_rows
         )
-        if whole or shapes == held_before:
+        if whole or shapes == held_before.shapes:
             arrays, coordinates = list(contents.arrays), list(contents.coordinates)
-            held: dict[str, list[int]] | None = {} if held_before else None
+            held = journal.Held() if held_before.shapes else None
             break
         if time.monotonic() >= end:
             arrays, coordinates = _hold_back(contents, append_axes, rows, coordinate_rows, options.settle_s)
-            held = shapes
+            held = journal.Held(shapes, _missing(contents, append_axes, rows, recorded))
             break
         time.sleep(0.05)
         contents = storage.open_source(source)
@@ -503,13 +505,34 @@ def _append_axes(append_axis: int | None, arrays: list[storage.SourceArray]) -> 
     return axes
 
 
+def _missing(
+    contents: storage.SourceContents,
+    append_axes: tuple[int | None, ...],
+    rows: dict[str, int],
+    recorded: dict[str, dict[str, Any]],
+) -> dict[str, list[str]]:
+    """Per array held back, the keys of its objects not stored (or, of the old edge chunk
+    row, not rewritten yet) in the rows held back (:func:`storage.unwritten_keys`)."""
+    out = {}
+    for src, axis in zip(contents.arrays, append_axes):
+        if axis is not None and rows[src.path] < src.shape[axis]:
+            keys = storage.unwritten_keys(src, axis, rows[src.path], recorded.get(src.path, {}).get("edge_samples"))
+            if keys:
+                out[src.path] = keys
+    return out
+
+
 def _written(
-    contents: storage.SourceContents, append_axes: tuple[int | None, ...], recorded: dict[str, dict[str, Any]]
+    contents: storage.SourceContents,
+    append_axes: tuple[int | None, ...],
+    recorded: dict[str, dict[str, Any]],
+    stale: dict[str, frozenset[str]] | None = None,
 ) -> tuple[dict[str, int], dict[str, int]]:
-    """Per array, the rows along its append axis that look written (:func:`storage.written_rows`)
-    and agree with the rest of its Dataset: every array and 1-D coordinate along one
-    dimension of one group as long as the shortest of them (xarray appends one variable after
-    the other), never less than DEST recorded. Then per such coordinate, its rows."""
+    """Per array, the rows along its append axis that look written (:func:`storage.written_rows`,
+    the keys in ``stale`` taken as written) and agree with the rest of its Dataset: every array
+    and 1-D coordinate along one dimension of one group as long as the shortest of them (xarray
+    appends one variable after the other), never less than DEST recorded. Then per such
+    coordinate, its rows."""
     rows: dict[str, int] = {}
     floors: dict[str, int] = {}
     extents: dict[tuple[str, str], int] = {}
@@ -521,7 +544,9 @@ def _written(
         from_row = int(old[axis]) if isinstance(old, list) and len(old) == len(src.shape) else None
         if from_row is not None and from_row > src.shape[axis]:
             from_row = None  # shrunk: refused later, as a change
-        rows[src.path] = storage.written_rows(src, axis, from_row, before.get("edge_samples"))
+        rows[src.path] = storage.written_rows(
+            src, axis, from_row, before.get("edge_samples"), (stale or {}).get(src.path, frozenset())
+        )
         floors[src.path] = from_row or 0
         key = _dimension(src, src.dimension_names[axis] if src.dimension_names else f"#{src.path}")
         extents[key] = min(extents.get(key, rows[src.path]), rows[src.path])

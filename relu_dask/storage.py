@@ -658,7 +658,13 @@ _MAX_SETTLE_KEYS = 65536
 _MAX_EDGE_SAMPLES = 1024
 
 
-def written_rows(src: SourceArray, axis: int, from_row: int | None, edge_samples: list[list[Any]] | None) -> int:
+def written_rows(
+    src: SourceArray,
+    axis: int,
+    from_row: int | None,
+    edge_samples: list[list[Any]] | None,
+    stale: frozenset[str] = frozenset(),
+) -> int:
     """How many rows of ``src`` along ``axis`` look written, of those a writer appended.
 
     zarr's ``Array.append`` and xarray's ``to_zarr(append_dim=...)`` grow the shape first,
@@ -669,7 +675,10 @@ def written_rows(src: SourceArray, axis: int, from_row: int | None, edge_samples
     complete) is as ``edge_samples`` recorded it. Without ``from_row`` (a first run), only the
     last chunk row is looked at: it looks half-written when some of its chunk objects exist
     and some do not, or when none does while the row before is whole. A chunk that is all
-    fill value is never stored, so it looks unwritten too. Only local stores are looked at.
+    fill value is never stored, so it looks unwritten too: ``stale`` are the keys of chunk
+    objects taken as written all the same (missing, or not rewritten, at the last run's hold
+    and still so: all fill value; see :class:`relu_dask.journal.Held`). Only local stores are
+    looked at.
     """
     rows = src.shape[axis]
     keys = chunk_key_encoding(src.metadata) if src.metadata else None
@@ -683,7 +692,8 @@ def written_rows(src: SourceArray, axis: int, from_row: int | None, edge_samples
 
     def row(index: int) -> list[bool]:
         others = [range(n) if a != axis else [index] for a, n in enumerate(grid)]
-        return [stat_chunk(src, format_chunk_key(tuple(c), *keys))[0] is not None for c in itertools.product(*others)]
+        names = (format_chunk_key(tuple(c), *keys) for c in itertools.product(*others))
+        return [name in stale or stat_chunk(src, name)[0] is not None for name in names]
 
     if from_row is None:
         last = row(grid[axis] - 1)
@@ -692,7 +702,7 @@ def written_rows(src: SourceArray, axis: int, from_row: int | None, edge_samples
         return (grid[axis] - 1) * unit
     if rows <= from_row:
         return rows
-    if from_row % unit and any(stat_chunk(src, key) == stat for key, *stat in edge_samples or []):
+    if from_row % unit and any(key not in stale and stat_chunk(src, key) == stat for key, *stat in edge_samples or []):
         return from_row  # the old last chunk row is not completed yet
     if (grid[axis] - from_row // unit) * (math.prod(grid) // grid[axis]) > _MAX_SETTLE_KEYS:
         return rows  # too many chunk objects to look at each time
@@ -700,6 +710,26 @@ def written_rows(src: SourceArray, axis: int, from_row: int | None, edge_samples
         if not all(row(index)):
             return max(from_row, index * unit)
     return rows
+
+
+def unwritten_keys(src: SourceArray, axis: int, from_row: int, edge_samples: list[list[Any]] | None) -> list[str]:
+    """The keys of the chunk objects of ``src`` that look unwritten in its rows from
+    ``from_row`` on (see :func:`written_rows`): those not stored, and those of an old last
+    chunk row as ``edge_samples`` recorded them (not rewritten). Empty where they are not
+    looked at (not local, or too many)."""
+    keys = chunk_key_encoding(src.metadata) if src.metadata else None
+    folder = src.location
+    if keys is None or folder is None or not folder.is_local:
+        return []
+    unit = (src.shard_shape or src.chunk_shape)[axis]
+    grid = [-(-n // c) for n, c in zip(src.shape, src.shard_shape or src.chunk_shape)]
+    if not math.prod(grid) or (grid[axis] - from_row // unit) * (math.prod(grid) // grid[axis]) > _MAX_SETTLE_KEYS:
+        return []
+    ranges = [range(from_row // unit, n) if a == axis else range(n) for a, n in enumerate(grid)]
+    names = [format_chunk_key(tuple(c), *keys) for c in itertools.product(*ranges)]
+    missing = [name for name in names if stat_chunk(src, name)[0] is None]
+    unchanged = [key for key, *stat in edge_samples or [] if stat[0] is not None and stat_chunk(src, key) == stat]
+    return sorted({*missing, *unchanged})
 
 
 def resize_mask_array(dest: Location, path: str, shape: tuple[int, ...]) -> None:

@@ -664,6 +664,55 @@ def test_appended_rows_with_a_chunk_all_fill_value_are_taken_by_the_next_run(tmp
     _same_as_fresh(source, dest, tmp_path, second, chunks=(32, 32))
 
 
+def test_an_all_fill_chunk_holds_rows_back_once_while_source_keeps_growing(tmp_path: Path) -> None:
+    """SOURCE grows again before the next run: the chunk still missing since the last run's
+    hold is all fill value, and DEST moves on (it stayed at 112 rows for ever before)."""
+    source, dest, full, array = _grown_source(tmp_path)
+    full = np.concatenate([full, activations((200, 32), seed=30)])
+    full[112:128, 16:] = 0  # zarr stores no chunk for these appended rows
+    _grow(array, full, 144)
+    first = relu_dask.run(source, dest, chunks=(32, 32))
+    assert first.arrays[0].shape == [112, 32]  # held back once: it may be a writer mid-append
+    rows = [first.arrays[0].shape[0]]
+    for stop in (176, 208, 240, 272):  # a training job appends between every two runs
+        _grow(array, full, stop)
+        rows.append(relu_dask.run(source, dest, chunks=(32, 32)).arrays[0].shape[0])
+    assert rows == [112, 176, 208, 240, 272]
+    assert np.array_equal(read_mask(dest), oracle(full[:272]))
+    assert json.loads(cli("status", str(dest), "--json").stdout)["rows_waiting"] == {}
+
+
+def test_an_xarray_append_with_an_all_nan_chunk_holds_the_dataset_back_once(tmp_path: Path) -> None:
+    """xarray's fill value for floats is NaN: an all-NaN chunk is not stored. fc2 shares the
+    dimension, and follows fc1."""
+    xr = pytest.importorskip("xarray")
+    fc1, fc2 = activations((120, 16), seed=31), activations((120, 8), seed=32)
+    fc1[56:64] = np.nan
+
+    def dataset(start: int, stop: int) -> Any:
+        return xr.Dataset(
+            {"fc1": (("step", "unit"), fc1[start:stop]), "fc2": (("step", "u2"), fc2[start:stop])},
+            coords={"step": np.arange(start, stop)},
+        )
+
+    source, dest = tmp_path / "acts.zarr", tmp_path / "masks.zarr"
+    encoding = {"fc1": {"chunks": (8, 16)}, "fc2": {"chunks": (8, 8)}, "step": {"chunks": (8,)}}
+    dataset(0, 40).to_zarr(source, mode="w", zarr_format=3, encoding=encoding, consolidated=False)
+    relu_dask.run(source, dest)
+    steps, previous = [], 40
+    for stop in (72, 88, 104, 120):  # 16 steps appended between two runs, as a training job does
+        dataset(previous, stop).to_zarr(source, append_dim="step", consolidated=False)
+        previous = stop
+        report = relu_dask.run(source, dest)
+        steps.append([a.shape[0] for a in report.arrays])
+    assert steps[0] == [56, 56]  # held back once, both variables
+    assert steps[1:] == [[88, 88], [104, 104], [120, 120]]
+    masks = xr.open_zarr(dest)
+    assert np.array_equal(masks["fc1"].values, oracle(fc1))
+    assert np.array_equal(masks["fc2"].values, oracle(fc2))
+    assert np.array_equal(masks["step"].values, np.arange(120))
+
+
 def test_a_first_run_beside_a_writer_mid_append_leaves_its_rows_for_the_next(tmp_path: Path) -> None:
     xr = pytest.importorskip("xarray")
     full = activations((16, 8), seed=16)

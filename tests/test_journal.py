@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from _support import journal_folder
 
 from relu_dask import journal
 from relu_dask.counts import BlockCounts
@@ -103,3 +104,18 @@ def test_block_counts_keep_their_order_through_a_row_a_sum_and_a_marker() -> Non
     assert BlockCounts.total([a.as_row(), a.as_row()]) == BlockCounts(12, 4, 2, 6, 0, 12)
     assert BlockCounts.from_row([*a.as_row(), 7, 7]) == a  # the per-unit tail of a task's row is not a count
     assert a.recorded() == [6, 2, 1, 3]
+
+
+def test_held_reads_its_own_record_and_an_older_relu_dasks(tmp_path: Path) -> None:
+    dest = parse_location(tmp_path / "out.zarr")
+    assert journal.read_held(dest) == journal.Held()  # none yet
+    held = journal.Held({"a": [160, 32], "step": [160]}, {"a": ["c/7/1"]})
+    journal.write_held(dest, held)
+    assert journal.read_held(dest) == held
+    older = journal_folder(tmp_path / "out.zarr") / "held.json"
+    older.write_text(json.dumps({"a": [160, 32]}))  # an older relu-dask's: the shapes alone
+    assert journal.read_held(dest) == journal.Held({"a": [160, 32]})
+    older.write_text("[1, 2")
+    assert journal.read_held(dest) == journal.Held()
+    journal.write_held(dest, None)
+    assert not older.exists()

@@ -36,7 +36,8 @@ def coordinate_paths(arrays: list[SourceArray], groups: dict[str, dict[str, Any]
 
     ``groups``: the attributes of each group by path (``""``: SOURCE's own).
     """
-    paths = {a.path for a in arrays if a.dimension_names is not None}  # xarray names every dimension
+    # xarray names every dimension; a scalar has none to name (Zarr v3 writes no dimension_names)
+    paths = {a.path for a in arrays if a.dimension_names is not None or not a.shape}
     found = set()
     for src in arrays:
         parent, _, leaf = src.path.rpartition("/")

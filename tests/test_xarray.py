@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from _support import cli, kill_at_step
+from _support import activations, cli, kill_at_step
 
 import relu_dask
 import relu_dask.xarray as rx
@@ -245,3 +245,27 @@ def test_a_dest_whose_arrays_are_now_coordinates_is_refused_with_the_reason(tmp_
     journal.write_record(parse_location(dest), dataclasses.replace(record, fingerprint=old))
     with pytest.raises(DestinationExistsError, match="epoch is now read as xarray's coordinate"):
         relu_dask.run(source, dest, scheduler="synchronous")
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_a_scalar_coordinate_is_copied_never_masked_also_after_an_append(tmp_path: Path, zarr_format: int) -> None:
+    """``layer_index`` (0-d, named by fc1's ``coordinates``): Zarr v3 gives a scalar no
+    dimension names, and it was masked as a data variable."""
+    x = activations((24, 4), seed=40)
+    source, dest = tmp_path / "acts.zarr", tmp_path / "masks.zarr"
+
+    def dataset(start: int, stop: int) -> xr.Dataset:
+        return xr.Dataset(
+            {"fc1": (("step", "unit"), x[start:stop])}, coords={"step": np.arange(start, stop), "layer_index": 3}
+        )
+
+    dataset(0, 16).to_zarr(source, zarr_format=zarr_format, consolidated=False, encoding={"fc1": {"chunks": (8, 4)}})
+    for stop in (16, 24):
+        if stop == 24:
+            dataset(16, 24).to_zarr(source, append_dim="step", consolidated=False)
+        report = relu_dask.run(source, dest)
+        assert [a.path for a in report.arrays] == ["fc1"]
+        assert "layer_index" in report.coordinates
+        masks = xr.open_zarr(dest)
+        assert masks["layer_index"].dtype == np.int64 and int(masks["layer_index"]) == 3
+        xr.testing.assert_equal(masks, (xr.open_zarr(source, consolidated=False) >= 0).astype("int8"))

@@ -159,13 +159,27 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     status.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     status.add_argument("--log-format", default="text", help=argparse.SUPPRESS)
-    _add_dest_command(
+    verify = _add_dest_command(
         commands,
         "verify",
         "read every mask chunk of DEST back and check it against the job's journal",
-        "Read every chunk of every mask array in DEST, check that each decodes and that the ones "
-        "counted in each block equal those the run's tasks recorded. Exit 0 only if all hold; else a line per "
-        "problem and exit 1. `relu-dask status` then says `complete (verified ...)`.",
+        "Read every chunk of every mask array in DEST, check that each decodes and that each block's masks "
+        "are those its task wrote (the CRC-32 it recorded). Exit 0 only if all hold; else a line per "
+        "problem and exit 1 (the same `relu-dask run` command then recomputes the damaged blocks). "
+        "`relu-dask status` then says `complete (verified ...)`.",
+    )
+    verify.add_argument(
+        "--source",
+        action="store_true",
+        help="also compute the masks again from SOURCE and compare them value for value (reads SOURCE: as "
+        "long as a run); for DESTs an older relu-dask wrote, and doubts about the data itself",
+    )
+    verify.add_argument(
+        "--sample",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="with --source: compare only this fraction of each array's blocks (at least one), chosen at random",
     )
     demo = commands.add_parser(
         "demo",
@@ -352,7 +366,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "status":
         return _status(args.dest, as_json=args.json, storage_options=args.storage_options)
     if args.command == "verify":
-        return _verify(args.dest, args.storage_options)
+        return _verify(args.dest, args.storage_options, against_source=args.source, sample=args.sample)
     if args.command == "stats":
         report = stats_of_masks(
             args.dest,
@@ -411,10 +425,12 @@ def _follow(options: RunOptions, every_s: float, idle_s: float | None) -> int:
     return EXIT_OK
 
 
-def _verify(dest: str, storage_options: str | None) -> int:
+def _verify(
+    dest: str, storage_options: str | None, *, against_source: bool = False, sample: float | None = None
+) -> int:
     from relu_dask.verify import verify_dest
 
-    result = verify_dest(dest, storage_options=storage_options)
+    result = verify_dest(dest, storage_options=storage_options, against_source=against_source, sample=sample)
     for problem in result.problems:
         print(f"{PROG}: verify: {problem}", file=sys.stderr)
     if not result.ok:
@@ -423,9 +439,10 @@ def _verify(dest: str, storage_options: str | None) -> int:
         found = f"{len(result.problems)} problem(s) in {result.num_chunks_read} chunk(s) read"
         print(f"{dest}: NOT verified: {found}{then}")
         return EXIT_FAILED
+    compared = f"; {result.num_blocks_compared} block(s) equal SOURCE's masks" if against_source else ""
     print(
         f"{dest}: verified: {result.num_arrays} array(s), {result.num_blocks} block(s), "
-        f"{result.num_chunks_read} chunk(s) read, every one decodes and matches the journal"
+        f"{result.num_chunks_read} chunk(s) read, every one decodes and matches the journal{compared}"
     )
     return EXIT_OK
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from relu_dask import blocks, journal, storage
 from relu_dask.errors import InputError
+from relu_dask.kernel import relu_derivative
 from relu_dask.locations import Location, parse_location, parse_storage_options
 from relu_dask.schedulers import count_cores
 from relu_dask.task import mask_digest
@@ -47,6 +48,8 @@ class VerifyResult:
     num_arrays: int = 0
     num_blocks: int = 0
     num_chunks_read: int = 0
+    num_blocks_compared: int = 0
+    """With ``against_source``: the blocks whose masks were computed again from SOURCE and compared."""
     damaged: dict[str, list[str]] = field(default_factory=dict)
     """Per array (its index in the job, as text), the blocks found wrong (``"0.2"``: block (0, 2))."""
 
@@ -56,9 +59,19 @@ class VerifyResult:
 
 
 def verify_dest(
-    dest: str | os.PathLike[str], *, storage_options: str | dict[str, Any] | None = None, num_threads: int | None = None
+    dest: str | os.PathLike[str],
+    *,
+    storage_options: str | dict[str, Any] | None = None,
+    num_threads: int | None = None,
+    against_source: bool = False,
+    sample: float | None = None,
 ) -> VerifyResult:
     """Read every mask chunk of DEST back and check it against DEST's journal.
+
+    ``against_source``: also compute each block's masks again from SOURCE (as the journal
+    names it, with the job's rule) and compare them value for value: this finds masks that
+    were wrong from the start, which the journal cannot. ``sample``: a fraction of each
+    array's blocks to compare so (at least one), chosen at random; default all.
 
     Raises :class:`InputError` when DEST has no relu-dask job record to check against;
     :class:`~relu_dask.errors.DestinationInUseError` while a run holds DEST. Otherwise
@@ -76,9 +89,10 @@ def verify_dest(
             result.problems.append("the job is not complete: rerun the same `relu-dask run` command to finish it")
             return result
         arrays = record.fingerprint.get("arrays", [])
+        sources = _source_arrays(record, location, against_source, sample)
         with ThreadPoolExecutor(num_threads or count_cores()) as pool:
             for index, array in enumerate(arrays):
-                _verify_array(location, record, index, array, pool, result)
+                _verify_array(location, record, index, array, pool, result, sources.get(array["path"]), sample)
         result.num_arrays = len(arrays)
         verified = datetime.now(UTC).isoformat(timespec="seconds") if result.ok else None
         damaged = result.damaged or None
@@ -88,8 +102,31 @@ def verify_dest(
         return result
 
 
+def _source_arrays(
+    record: journal.JobRecord, dest: Location, against_source: bool, sample: float | None
+) -> dict[str, Any]:
+    """SOURCE's arrays by path, opened read-only, for ``against_source`` (else none)."""
+    if sample is not None and not (against_source and 0 < sample <= 1):
+        raise InputError(f"--sample takes a fraction in (0, 1] of the blocks, with --source; got {sample}")
+    if not against_source:
+        return {}
+    url = record.fingerprint.get("source")
+    try:
+        contents = storage.open_source(parse_location(str(url), dest.storage_options))
+    except InputError as exc:
+        raise InputError(f"--source: SOURCE {url}, as DEST's journal names it, cannot be read ({exc})") from None
+    return {a.path: a.array for a in contents.arrays}
+
+
 def _verify_array(
-    dest: Location, record: journal.JobRecord, index: int, array: dict[str, Any], pool: Any, result: VerifyResult
+    dest: Location,
+    record: journal.JobRecord,
+    index: int,
+    array: dict[str, Any],
+    pool: Any,
+    result: VerifyResult,
+    source: Any = None,
+    sample: float | None = None,
 ) -> None:
     path, name = array["path"], array["path"] or "the mask array"
     if not storage.has_array(dest, path):
@@ -102,7 +139,12 @@ def _verify_array(
     block = record.block_shapes[index]
     grid = [range(-(-n // b)) for n, b in zip(array["shape"], block)]
     blocks = list(itertools.product(*grid)) if math.prod(array["shape"]) else []  # an empty array has none
-    found = list(pool.map(lambda b: _read_block(mask, b, block, name), blocks))
+    at_zero = 0 if record.fingerprint.get("rule") == "x > 0" else 1
+    compared = _sampled(blocks, sample, seed=index) if source is not None else set()
+    result.num_blocks_compared += len(compared)
+    found = list(
+        pool.map(lambda b: _read_block(mask, b, block, name, source if b in compared else None, at_zero), blocks)
+    )
     result.num_blocks += len(blocks)
     recorded = record.block_ones[index] if record.block_ones else None
     expected = recorded if recorded is not None and len(recorded) == len(blocks) else None
@@ -131,12 +173,27 @@ def _verify_array(
 _NAMED = 8
 
 
+def _sampled(block_indices: list[tuple[int, ...]], sample: float | None, seed: int) -> set[tuple[int, ...]]:
+    """The blocks to compare with SOURCE: all, or a random ``sample`` fraction (at least one)."""
+    if sample is None or not block_indices:
+        return set(block_indices)
+    count = max(1, round(sample * len(block_indices)))
+    chosen = np.random.default_rng(seed).choice(len(block_indices), size=count, replace=False)
+    return {block_indices[int(i)] for i in chosen}
+
+
 def _read_block(
-    mask: blocks.StoredArray, coords: tuple[int, ...], block: list[int], name: str
+    mask: blocks.StoredArray,
+    coords: tuple[int, ...],
+    block: list[int],
+    name: str,
+    source: Any = None,
+    at_zero: int = 1,
 ) -> tuple[int, int, list[str], list[str]]:
     """One block of masks, read a stored object (chunk, or shard where sharded) at a time:
     its ones, its digest (:func:`relu_dask.task.mask_digest`), the objects that do not
-    decode, and the objects it spans, named."""
+    decode (and, given ``source``, how its masks differ from those computed from it), and
+    the objects it spans, named."""
     shape, unit = mask.array.shape, mask.stored_unit  # a shard at a time where sharded: its key names it
     lo = [c * b for c, b in zip(coords, block)]
     hi = [min(a + b, n) for a, b, n in zip(lo, block, shape)]
@@ -149,4 +206,14 @@ def _read_block(
             values[tuple(slice(r.start - a, r.stop - a) for r, a in zip(region, lo))] = mask.array[region]
         except Exception as exc:  # noqa: BLE001 - whatever zarr or a codec raises, it is this chunk's problem
             problems.append(f"{name}: block {coords}: {chunks[-1]} cannot be read ({type(exc).__name__}: {exc})")
+    if source is not None and not problems:
+        region = tuple(slice(a, z) for a, z in zip(lo, hi))
+        expected = relu_derivative(np.asarray(source[region]), at_zero=at_zero)
+        wrong = np.argwhere(expected != values)
+        if len(wrong):
+            first = tuple(int(a + i) for a, i in zip(lo, wrong[0]))
+            problems.append(
+                f"{name}: block {coords} differs from the masks of SOURCE in {len(wrong)} value(s), first at "
+                f"element {first}: DEST was wrong from the start, or SOURCE changed since; rerun with --overwrite"
+            )
     return int(np.count_nonzero(values)), mask_digest(values), problems, chunks

@@ -138,3 +138,35 @@ def test_a_dest_of_an_older_relu_dask_without_digests_is_checked_by_its_ones(tmp
     assert "block (0, 0) holds" in proc.stderr and "ones, its task recorded" in proc.stderr
     assert cli(*args).returncode == 0  # no digest to prove the redone blocks by: recomputed all the same
     assert np.array_equal(read_mask(dest), oracle(x))
+
+
+def test_verify_source_finds_masks_wrong_from_the_start(tmp_path: Path) -> None:
+    """Masks written wrong, with a journal that agrees (as a bug in an older relu-dask would
+    leave them): only SOURCE can tell, and --source does."""
+    args, dest, x = _dest(tmp_path, "blocks-of-chunks")
+    assert cli("verify", str(dest), "--source").returncode == 0
+    wrong = oracle(x)
+    wrong[40, 7] = 1 - wrong[40, 7]
+    zarr.open_array(str(dest), mode="r+")[...] = wrong
+    path = journal_folder(dest) / "job.json"
+    record = json.loads(path.read_text())
+    del record["block_digests"]  # a journal with no digests, and the ones as the wrong masks hold them
+    record["block_ones"][0][2] += int(wrong[32:64, 0:32].sum() - oracle(x)[32:64, 0:32].sum())
+    path.write_text(json.dumps(record))
+    assert cli("verify", str(dest)).returncode == 0  # the journal cannot tell
+    proc = cli("verify", str(dest), "--source")
+    assert proc.returncode == 1
+    assert "block (1, 0) differs from the masks of SOURCE in 1 value(s), first at element (40, 7)" in proc.stderr
+    assert "rerun with --overwrite" in proc.stderr
+    sampled = cli("verify", str(dest), "--source", "--sample", "0.25")  # 1 of the 4 blocks (seeded: (1, 1))
+    assert sampled.returncode == 0 and "1 block(s) equal SOURCE's masks" in sampled.stdout
+    assert cli("run", *args[1:], "--overwrite").returncode == 0
+    proc = cli("verify", str(dest), "--source", "--sample", "1")
+    assert proc.returncode == 0 and "4 block(s) equal SOURCE's masks" in proc.stdout
+
+
+@pytest.mark.parametrize("args", [("--sample", "0.5"), ("--source", "--sample", "0"), ("--source", "--sample", "2")])
+def test_verify_refuses_a_sample_that_cannot_work(tmp_path: Path, args: tuple[str, ...]) -> None:
+    _, dest, _ = _dest(tmp_path, "a-chunk-a-block")
+    proc = cli("verify", str(dest), *args)
+    assert proc.returncode == 2 and "--sample takes a fraction in (0, 1] of the blocks, with --source" in proc.stderr

@@ -21,6 +21,7 @@ __all__ = [
     "DestinationInUseError",
     "InputError",
     "NaNFoundError",
+    "NotWritableError",
     "ProcessingError",
     "ReluDaskError",
     "RunStopped",
@@ -55,6 +56,10 @@ class UnsupportedDtypeError(InputError, TypeError):
 
 class DestinationExistsError(InputError):
     """DEST exists and ``overwrite`` was not given (exit 2)."""
+
+
+class NotWritableError(InputError):
+    """DEST's folder cannot be written: a read-only file system, or no permission (exit 2)."""
 
 
 class NaNFoundError(InputError):

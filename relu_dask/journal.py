@@ -19,6 +19,7 @@ value, so an all-negative block leaves no key at all.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from relu_dask.counts import BlockCounts
-from relu_dask.errors import DestinationInUseError
+from relu_dask.errors import DestinationInUseError, NotWritableError, ProcessingError, ReluDaskError
 from relu_dask.locations import Location
 
 __all__ = [
@@ -319,6 +320,8 @@ def _process_start_time(pid: int) -> float | None:
 
 
 def _describe(owner: dict[str, Any]) -> str:
+    if not owner:
+        return "an unreadable lock (a run that could not finish writing it)"
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("started", 0)))
     return f"pid {owner.get('pid')} on {owner.get('host')} (since {since})"
 
@@ -394,11 +397,28 @@ def _finish_even_if_stopped(step: Any, *args: Any) -> None:
 
 
 def _acquire(lock: Location, me: dict[str, Any], stale_after_s: float, dest: Location) -> None:
-    for _attempt in range(5):
-        if lock.create(json.dumps(me)):
-            return
+    end = time.monotonic() + _BEING_WRITTEN_S + 1.0  # a lock another run is writing now: read again
+    while time.monotonic() < end:
+        try:
+            if lock.create(json.dumps(me)):
+                return
+        except OSError as exc:
+            raise _cannot_write(lock, exc) from None
         _take_over_if_stale(lock, stale_after_s, dest)
     raise DestinationInUseError(f"could not take the lock {lock}: other runs keep taking it; try again")
+
+
+def _cannot_write(lock: Location, exc: OSError) -> ReluDaskError:
+    """The one line for a lock that cannot be written: a read-only or foreign folder (exit 2),
+    or a full disk and other I/O errors (exit 1)."""
+    why = exc.strerror or str(exc)
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return NotWritableError(f"cannot write DEST's lock {lock} ({why}): DEST's folder must be writable")
+    return ProcessingError(f"cannot write DEST's lock {lock} ({why}): free some space (or fix the disk) and rerun")
+
+
+#: Seconds an empty or unreadable lock is taken for one another run is writing right now.
+_BEING_WRITTEN_S = 5.0
 
 
 def _read_owner(lock: Location) -> tuple[dict[str, Any], float] | None:
@@ -420,7 +440,7 @@ def _take_over_if_stale(lock: Location, stale_after_s: float, dest: Location) ->
     if found is None:
         return  # released meanwhile: try again
     owner, age_s = found
-    if not owner and age_s < 5.0:  # being written right now
+    if not owner and age_s < _BEING_WRITTEN_S:  # being written right now
         time.sleep(0.2)
         return
     reason = _stale_reason(owner, age_s, stale_after_s) if owner else "it is unreadable"

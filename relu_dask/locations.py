@@ -173,8 +173,13 @@ class Location:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 return False
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(text)
+            except OSError:  # a full disk: no empty object left behind to be taken for another's
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
+                raise
             return True
         if self.exists():  # object stores: a check, then a write
             return False

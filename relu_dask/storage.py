@@ -35,7 +35,7 @@ from relu_dask.chunkfiles import (
     chunk_key_encoding,
     format_chunk_key,
 )
-from relu_dask.errors import DestinationExistsError, InputError, UnsupportedDtypeError
+from relu_dask.errors import DestinationExistsError, InputError, NotWritableError, UnsupportedDtypeError
 from relu_dask.kernel import check_dtype
 from relu_dask.locations import Location
 
@@ -311,7 +311,8 @@ def prepare_dest(source: Location, dest: Location) -> Location:
         if not parent.is_dir():
             raise InputError(f"the folder {parent} for DEST does not exist: create it first")
         if not os.access(parent, os.W_OK | os.X_OK):
-            raise InputError(f"cannot write DEST {dest}: permission denied in {parent}")
+            why = "a read-only file system" if os.statvfs(parent).f_flag & os.ST_RDONLY else "permission denied"
+            raise NotWritableError(f"cannot write DEST {dest}: {why} in {parent}")
     return dest
 
 

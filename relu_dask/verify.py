@@ -15,6 +15,7 @@ next ``relu-dask run`` of the job recomputes exactly those.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from relu_dask import blocks, journal, storage
-from relu_dask.errors import InputError
+from relu_dask.errors import InputError, NotWritableError
 from relu_dask.kernel import relu_derivative
 from relu_dask.locations import Location, parse_location, parse_storage_options
 from relu_dask.schedulers import count_cores
@@ -80,7 +81,13 @@ def verify_dest(
     are none.
     """
     location = parse_location(dest, parse_storage_options(storage_options))
-    with journal.hold_lock(location):
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(journal.hold_lock(location))
+            writable = True
+        except NotWritableError as exc:  # a read-only DEST is checked all the same; nothing recorded
+            log.warning("%s: verifying without the lock, and recording nothing", exc)
+            writable = False
         record = journal.read_record(location)
         if record is None:
             raise InputError(f"DEST {dest} has no relu-dask job record to verify against (see relu-dask status)")
@@ -96,7 +103,8 @@ def verify_dest(
         result.num_arrays = len(arrays)
         verified = datetime.now(UTC).isoformat(timespec="seconds") if result.ok else None
         damaged = result.damaged or None
-        if verified or record.verified_utc or damaged != record.damaged:  # a DEST found damaged is no longer verified
+        changed = verified or record.verified_utc or damaged != record.damaged  # found damaged: no longer verified
+        if writable and changed:
             journal.write_record(location, replace(record, verified_utc=verified, damaged=damaged))
         log.info("verified %s: %d problem(s) in %d chunk(s) read", dest, len(result.problems), result.num_chunks_read)
         return result

@@ -23,13 +23,29 @@ def main() -> int:
     tests call in process.
     """
     prepare_process()
-    signal.signal(signal.SIGTERM, _stop_requested)
+    # A stop while the libraries import is held until they have: raised inside an extension
+    # module's import, it would come out as an ImportError and a traceback.
+    pending: list[int] = []
+    for held in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(held, lambda signum, frame: pending.append(signum))
     try:
         from relu_dask.cli import main as cli_main
 
+        signal.signal(signal.SIGTERM, _stop_requested)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if pending:
+            _stop_requested(pending[0], None)
         code = cli_main()
-    except KeyboardInterrupt as stop:  # a stop before or after cli.main's own handling
-        code = 128 + int(getattr(stop, "signum", signal.SIGINT))
+    except KeyboardInterrupt as stop:  # a stop before or after cli.main's own handling (while importing, say)
+        stopped_by = int(getattr(stop, "signum", signal.SIGINT))
+        code = 128 + stopped_by
+        with contextlib.suppress(OSError, ValueError):
+            print(
+                f"relu-dask: error: stopped by {signal.Signals(stopped_by).name} before the run began; "
+                "rerun the same command",
+                file=sys.stderr,
+                flush=True,
+            )
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     gc.freeze()
     return code

@@ -9,6 +9,8 @@ Exit codes: 0 done, 1 failed while processing, 2 bad usage or input (nothing wri
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import signal
@@ -493,10 +495,16 @@ def _parse_job(job: FileJob, command_line: argparse.Namespace) -> argparse.Names
             f"job {job.name}: unknown option(s) {', '.join(unknown)}: spell out an option of relu-dask run", EXIT_USAGE
         )
         return EXIT_USAGE
+    said = io.StringIO()
     try:
-        own = parser.parse_args(["run", *job.argv])
+        with contextlib.redirect_stderr(said):  # argparse's one line, said again naming the job
+            own = parser.parse_args(["run", *job.argv])
     except SystemExit as exc:
-        return int(exc.code or 0)
+        code = int(exc.code or 0)
+        message = said.getvalue().strip().removeprefix(f"{PROG}: error: ")
+        if message:
+            _say_error(f"job {job.name}: {message}", code)
+        return code
     merged = {
         key: value if key in job.keys or command_line_value == defaults[key] else command_line_value
         for key, value in vars(own).items()

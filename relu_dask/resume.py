@@ -74,6 +74,10 @@ def dest_state(
         raise DestinationExistsError(
             f"DEST {dest} was being replaced when a run was stopped: pass --overwrite to finish replacing it"
         )
+    if record is None and dest.is_local and dest.path.is_file():
+        raise DestinationExistsError(
+            f"DEST {dest} is a file, not a Zarr store; relu-dask will not delete it: choose another DEST"
+        )
     if record is None:
         raise DestinationExistsError(f"DEST {dest} already exists: pass --overwrite to replace it")
     change = compare_jobs(record.fingerprint, fingerprint, append_axis=append_axis, restat=restat)

@@ -402,3 +402,14 @@ stats = false
     assert plain["arrays"][0]["block_shape"] == own["arrays"][0]["block_shape"] == [5, 8]
     assert np.array_equal(read_mask(tmp_path / "plain.zarr"), oracle(x, at_zero=0))
     assert np.array_equal(read_mask(tmp_path / "own.zarr"), oracle(x))
+
+
+def test_a_bad_option_in_a_job_file_names_the_job(tmp_path: Path) -> None:
+    write_zarr(tmp_path / "s.zarr", activations((8, 8)), (4, 8))
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text('[[job]]\nname = "epoch7"\nsource = "s.zarr"\ndest = "m.zarr"\nat_zero = 5\n')
+    proc = cli("run", "--config", str(jobs))
+    assert proc.returncode == 2
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("relu-dask: error:")]
+    assert line.startswith("relu-dask: error: job epoch7: argument --at-zero: invalid choice: 5"), line
+    assert not (tmp_path / "m.zarr").exists()

@@ -293,3 +293,17 @@ def test_every_public_name_resolves_to_its_module_object() -> None:
     assert set(relu_dask.__all__) <= set(dir(relu_dask))
     with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
         relu_dask.no_such_name  # noqa: B018
+
+
+def test_a_dest_that_is_a_plain_file_is_never_offered_to_overwrite(
+    small_source: tuple[Path, np.ndarray], tmp_path: Path
+) -> None:
+    source, _ = small_source
+    dest = tmp_path / "notes.txt"
+    dest.write_text("mine")
+    for extra in ((), ("--overwrite",)):
+        proc = cli("run", str(source), str(dest), *extra)
+        assert proc.returncode == 2
+        assert_one_line_error(proc.stderr, "not a Zarr store", "will not delete it", "choose another DEST")
+        assert "pass --overwrite" not in proc.stderr
+    assert dest.read_text() == "mine"

@@ -410,3 +410,36 @@ def test_a_failing_run_does_not_stop_another_run_in_the_same_process(tmp_path: P
     assert report.outcome == "done" and report.tasks_done_now == 32 * 32
     assert np.array_equal(read_mask(tmp_path / "a-masks.zarr"), oracle(x))
     assert not (tmp_path / "b-masks.zarr").exists()
+
+
+def test_a_sigterm_while_the_libraries_import_is_one_line(tmp_path: Path) -> None:
+    """Signalled as soon as it catches SIGTERM, while numpy, dask and zarr still import: the
+    one line and 143, never an ImportError's traceback. (Python itself catches SIGINT from
+    its start, before relu-dask runs, so there is no such moment to wait for with Ctrl-C.)"""
+    sig = signal.SIGTERM
+    write_zarr(tmp_path / "src.zarr", activations((16, 16)), (8, 16))
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "relu_dask", "run", str(tmp_path / "src.zarr"), str(tmp_path / "out.zarr")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+    )
+    end = time.monotonic() + 60
+    while not _catches(proc.pid, sig):  # its handler is in place: the earliest it can say anything
+        assert proc.poll() is None and time.monotonic() < end
+        time.sleep(0.001)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err
+    assert "Traceback" not in err and "ImportError" not in err
+    (line,) = [x for x in err.splitlines() if x.startswith("relu-dask: error:")]
+    assert f"stopped by {sig.name}" in line
+
+
+def _catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether process ``pid`` has a handler for ``sig`` (Linux: SigCgt in /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False

@@ -412,9 +412,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _follow(options, args.follow, args.follow_idle)
     if args.follow_idle is not None:
         raise InputError("--follow-idle needs --follow SECONDS")
-    _print_summary(run_with(options))
+    report = run_with(options)
+    _print_summary(report)
     if args.verify:
-        return _verify(args.dest, args.storage_options)
+        waiting = max((a.rows_waiting for a in report.arrays), default=0)
+        return _verify(args.dest, args.storage_options, rows_waiting=waiting)
     return EXIT_OK
 
 
@@ -428,8 +430,15 @@ def _follow(options: RunOptions, every_s: float, idle_s: float | None) -> int:
 
 
 def _verify(
-    dest: str, storage_options: str | None, *, against_source: bool = False, sample: float | None = None
+    dest: str,
+    storage_options: str | None,
+    *,
+    against_source: bool = False,
+    sample: float | None = None,
+    rows_waiting: int = 0,
 ) -> int:
+    """``verify`` (and ``run --verify``, where the run left ``rows_waiting`` rows of SOURCE
+    for the next: then DEST is not called verified, and the exit code is 1)."""
     from relu_dask.verify import verify_dest
 
     result = verify_dest(dest, storage_options=storage_options, against_source=against_source, sample=sample)
@@ -442,6 +451,12 @@ def _verify(
         print(f"{dest}: NOT verified: {found}{then}")
         return EXIT_FAILED
     compared = f"; {result.num_blocks_compared} block(s) equal SOURCE's masks" if against_source else ""
+    if rows_waiting:  # what DEST holds is right, but it is not all of SOURCE
+        print(
+            f"{dest}: not complete: {rows_waiting} more rows of SOURCE looked half-written and wait for the next run "
+            f"(rerun the same command); what DEST holds decodes and matches the journal ({result.num_blocks} block(s))"
+        )
+        return EXIT_FAILED
     print(
         f"{dest}: verified: {result.num_arrays} array(s), {result.num_blocks} block(s), "
         f"{result.num_chunks_read} chunk(s) read, every one decodes and matches the journal{compared}"

@@ -227,6 +227,8 @@ class RunPlan:
                     tasks_already_done=done,
                     grown_from=self.grown.get(src.path),
                     blocks_kept=_num_kept(plan, base),
+                    rows_waiting=math.prod(src.array.shape)
+                    and max((n - h for n, h in zip(src.array.shape, src.held_shape or src.array.shape)), default=0),
                 )
             )
             report.warnings.extend(f"{src.path}: {n}" if src.path else n for n in plan.notes)

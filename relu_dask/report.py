@@ -70,6 +70,9 @@ class ArrayReport:
     """An incremental run: the shape DEST held when the run started (SOURCE has grown since)."""
     blocks_kept: int = 0
     """An incremental run: blocks DEST already held whole, kept without a task."""
+    rows_waiting: int = 0
+    """Rows of SOURCE (along the append axis) this run left for the next one: they looked
+    half-written, as by a writer appending now."""
     stats: UnitStats | None = None
     """With ``--stats``: per-unit activity, dead and always-on units."""
     read_path: str = ""

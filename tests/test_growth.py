@@ -760,3 +760,25 @@ def test_two_variables_of_one_dataset_are_taken_as_long_as_the_shorter(tmp_path:
     grown = relu_dask.run(source, dest)
     assert [e.grown_from for e in grown.arrays] == [[12, 8], [12, 8]]
     _same_as_fresh(source, dest, tmp_path, grown)
+
+
+def test_a_static_source_whose_last_chunk_row_holds_an_unstored_chunk(tmp_path: Path) -> None:
+    """Zero padding in the last rows: the first run cannot tell it from a writer mid-append, so
+    it leaves those rows, and ``run --verify`` says so (exit 1), never "verified"; the second
+    run takes them as the fill value they are."""
+    x = activations((100, 32), seed=33)
+    x[96:, 16:] = 0  # chunk c/6/1 equals the fill value: zarr does not store it
+    source, dest = tmp_path / "acts.zarr", tmp_path / "masks.zarr"
+    write_zarr(source, x, (16, 16))
+    assert not (source / "c" / "6" / "1").exists()
+    args = ("run", str(source), str(dest), "--scheduler", "synchronous", "--verify", "--report", str(tmp_path / "r"))
+    first = cli(*args)
+    assert first.returncode == 1, first.stderr
+    assert f"{dest}: not complete: 4 more rows of SOURCE looked half-written" in first.stdout
+    assert f"{dest}: verified" not in first.stdout
+    assert json.loads((tmp_path / "r").read_text())["arrays"][0]["rows_waiting"] == 4
+    second = cli(*args)
+    assert second.returncode == 0, second.stdout
+    assert f"{dest}: verified" in second.stdout
+    assert np.array_equal(read_mask(dest), oracle(x))
+    assert json.loads((tmp_path / "r").read_text())["arrays"][0]["rows_waiting"] == 0

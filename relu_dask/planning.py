@@ -271,6 +271,7 @@ def plan_run(options: RunOptions, inputs: RunInputs | None = None, *, under_lock
         under_lock=under_lock,
         append_axis=options.append_axis,
         restat=lambda path, key: storage.stat_chunk(by_path[path], key),
+        rehash=lambda path, axis, rows: storage.settled_sha256(by_path[path], axis, rows),
     )
     return _plan(options, inputs, state, record, grown, plan_session(options.scheduler), under_lock=under_lock)
 

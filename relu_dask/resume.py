@@ -38,6 +38,8 @@ DestState = Literal["fresh", "resume", "complete", "grow"]
 
 #: Asks SOURCE now about one of its chunk objects: (array path, chunk key) -> [size, mtime].
 Restat = Callable[[str, str], list[Any]]
+#: What :func:`relu_dask.storage.settled_sha256` says of an array of SOURCE now: (path, axis, rows) -> hash.
+Rehash = Callable[[str, int, int], str | None]
 
 
 def dest_state(
@@ -49,6 +51,7 @@ def dest_state(
     under_lock: bool,
     append_axis: int | None = None,
     restat: Restat | None = None,
+    rehash: Rehash | None = None,
 ) -> tuple[DestState, journal.JobRecord | None, dict[str, list[int] | None]]:
     """Whether DEST is new (or to be replaced), a partial run of this job to resume, complete,
     or the job of a SOURCE that has grown since (``grow``).
@@ -80,7 +83,7 @@ def dest_state(
         )
     if record is None:
         raise DestinationExistsError(f"DEST {dest} already exists: pass --overwrite to replace it")
-    change = compare_jobs(record.fingerprint, fingerprint, append_axis=append_axis, restat=restat)
+    change = compare_jobs(record.fingerprint, fingerprint, append_axis=append_axis, restat=restat, rehash=rehash)
     if change.said:
         raise DestinationExistsError(
             f"DEST {dest} holds another job ({'; '.join(change.said)}): pass --overwrite to replace it"
@@ -132,7 +135,12 @@ class JobChange:
 
 
 def compare_jobs(
-    old: dict[str, Any], new: dict[str, Any], *, append_axis: int | None = None, restat: Restat | None = None
+    old: dict[str, Any],
+    new: dict[str, Any],
+    *,
+    append_axis: int | None = None,
+    restat: Restat | None = None,
+    rehash: Rehash | None = None,
 ) -> JobChange:
     """Compare the job recorded in DEST with this one: the same, grown, or another job.
 
@@ -160,7 +168,7 @@ def compare_jobs(
         what = [k for k in array if k in before and before[k] != array[k] and k != "edge_samples"]
         if not what:
             continue
-        why_not = _why_not_grown(before, array, append_axis, restat)
+        why_not = _why_not_grown(before, array, append_axis, restat, rehash)
         if why_not is None:
             grown[array["path"]] = list(before["shape"])
         else:
@@ -183,7 +191,9 @@ def compare_jobs(
     return JobChange(said, grown if not said else {}, bool(recopy and not said))
 
 
-def _why_not_grown(before: dict[str, Any], now: dict[str, Any], axis: int | None, restat: Restat | None) -> str | None:
+def _why_not_grown(
+    before: dict[str, Any], now: dict[str, Any], axis: int | None, restat: Restat | None, rehash: Rehash | None = None
+) -> str | None:
     """None if the array only grew along ``axis``; else what changed ("" for: say the keys)."""
     old_shape, new_shape = list(before["shape"]), list(now["shape"])
     if axis is None or restat is None or before.get("layout_sha256") is None or len(old_shape) != len(new_shape):
@@ -209,6 +219,11 @@ def _why_not_grown(before: dict[str, Any], now: dict[str, Any], axis: int | None
             continue  # the old edge chunk: the writer completes it
         if restat(now["path"], key) != stat:
             return f"changed (its chunk {key} was rewritten since it was processed)"
+    settled = before.get("settled_sha256")
+    if rehash is not None and isinstance(settled, list) and len(settled) == 2:
+        rows, digest = settled
+        if rehash(now["path"], axis, int(rows)) not in (None, digest):
+            return f"changed (a chunk of its first {rows} rows along axis {axis} was rewritten since it was processed)"
     return None if grew else ""
 
 

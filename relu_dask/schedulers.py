@@ -274,6 +274,9 @@ def _local_cluster(spec: SchedulerSpec, session: Session) -> Iterator[Session]:
     try:
         client = Client(cluster)
         try:
+            from relu_dask.workers import install
+
+            install(client)  # its processes leave a stop by SIGTERM or Ctrl-C to relu-dask
             session.client = client
             session.dashboard_link = client.dashboard_link
             log.info(

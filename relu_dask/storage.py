@@ -620,9 +620,49 @@ def fingerprint_array(src: SourceArray, num_samples: int = 16, append_axis: int 
         # The metadata less the shape: equal when the array only grew (or shrank).
         "layout_sha256": hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest() if layout else None,
         "chunk_samples": samples,
+        # Every chunk object of the whole chunk rows along the append axis, locally: a growth
+        # never rewrites them, so a change there is a change.
+        **({"settled_sha256": _settled(src, append_axis)} if append_axis is not None else {}),
         # Where the run holds rows back, the last chunk row may be written further already.
         **({"edge_samples": _edge_samples(src, append_axis)} if append_axis is not None and not src.held_shape else {}),
     }
+
+
+#: The most chunk objects :func:`settled_sha256` looks at (one stat each).
+_MAX_SETTLED_KEYS = 100_000
+
+
+def _settled(src: SourceArray, axis: int) -> list[Any] | None:
+    """``[rows, hash]``: the whole chunk rows of ``src`` along ``axis`` and their
+    :func:`settled_sha256` (None where it is not looked at)."""
+    if not -len(src.shape) <= axis < len(src.shape):
+        return None
+    axis %= len(src.shape)
+    rows = (src.held_shape or src.shape)[axis]
+    unit = (src.shard_shape or src.chunk_shape)[axis]
+    rows -= rows % unit
+    digest = settled_sha256(src, axis, rows)
+    return None if digest is None else [rows, digest]
+
+
+def settled_sha256(src: SourceArray, axis: int, rows: int) -> str | None:
+    """A hash of the key, size and modification time of every stored chunk (or shard)
+    object of ``src`` in its first ``rows`` rows along ``axis`` (whole chunk rows), read
+    from a local store; None elsewhere, or where there are too many to look at. Rewriting
+    any of them changes it; appending rows after them does not."""
+    keys = chunk_key_encoding(src.metadata) if src.metadata else None
+    folder = src.location
+    if keys is None or folder is None or not folder.is_local or not math.prod(src.shape):
+        return None
+    unit = src.shard_shape or src.chunk_shape
+    grid = [-(-n // c) if a != axis else rows // c for a, (n, c) in enumerate(zip(src.shape, unit))]
+    if math.prod(grid) > _MAX_SETTLED_KEYS:
+        return None
+    digest = hashlib.sha256()
+    for coords in itertools.product(*map(range, grid)):
+        key = format_chunk_key(coords, *keys)
+        digest.update(f"{key} {stat_chunk(src, key)}\n".encode())
+    return digest.hexdigest()
 
 
 def _edge_keys(src: SourceArray, axis: int) -> list[str] | None:

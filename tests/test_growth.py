@@ -278,7 +278,7 @@ def test_a_dest_of_an_older_journal_learns_the_layout_hash_then_grows(tmp_path: 
     def as_an_older_relu_dask_wrote_it() -> None:
         record = json.loads(learnt)
         for entry in record["fingerprint"]["arrays"]:
-            del entry["layout_sha256"]
+            del entry["layout_sha256"], entry["settled_sha256"]
         del record["edge_blocks"], record["append_axis"]
         path.write_text(json.dumps(record))
 
@@ -782,3 +782,26 @@ def test_a_static_source_whose_last_chunk_row_holds_an_unstored_chunk(tmp_path: 
     assert f"{dest}: verified" in second.stdout
     assert np.array_equal(read_mask(dest), oracle(x))
     assert json.loads((tmp_path / "r").read_text())["arrays"][0]["rows_waiting"] == 0
+
+
+def test_an_old_chunk_rewritten_while_source_grew_is_found_though_not_sampled(tmp_path: Path) -> None:
+    """16 chunks are sampled of 100: the one rewritten (c/0/1) is not among them. The listing of
+    every chunk of the whole chunk rows finds it."""
+    full = activations((420, 64), seed=34)
+    source, dest = tmp_path / "acts.zarr", tmp_path / "masks.zarr"
+    array = write_zarr(source, full[:400], (16, 16))
+    first = relu_dask.run(source, dest, chunks=(64, 64))
+    sampled = {
+        key
+        for key, *_ in json.loads((journal_folder(dest) / "job.json").read_text())["fingerprint"]["arrays"][0][
+            "chunk_samples"
+        ]
+    }
+    assert "c/0/1" not in sampled and first.outcome == "done"
+    time.sleep(0.01)  # a new mtime for the rewritten chunk
+    _grow(array, full, 420)
+    array[0:16, 16:32] = -full[0:16, 16:32]
+    before = snapshot(dest)
+    with pytest.raises(DestinationExistsError, match=r"a chunk of its first 400 rows along axis 0 was rewritten"):
+        relu_dask.run(source, dest, chunks=(64, 64))
+    assert snapshot(dest) == before

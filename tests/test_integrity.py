@@ -338,8 +338,9 @@ def test_what_a_killed_replacement_left_is_deleted_but_nothing_of_the_users(tmp_
         ("processes", signal.SIGTERM),
         ("local", signal.SIGTERM),
         ("threads", signal.SIGINT),  # Ctrl-C
+        ("local", signal.SIGINT),  # to the whole group: the cluster's workers print nothing
     ],
-    ids=["synchronous", "threads", "processes", "local", "threads-ctrl-c"],
+    ids=["synchronous", "threads", "processes", "local", "threads-ctrl-c", "local-ctrl-c"],
 )
 def test_sigterm_stops_a_run_cleanly_and_the_same_command_finishes_it(
     big_source_for_stop: tuple[Path, Path], tmp_path: Path, scheduler: str, sig: signal.Signals
@@ -363,6 +364,7 @@ def test_sigterm_stops_a_run_cleanly_and_the_same_command_finishes_it(
     (line,) = [x for x in err.splitlines() if x.startswith("relu-dask: error:")]
     assert f"stopped by {sig.name}" in line and "rerun the same command to finish the rest" in line
     assert "Traceback" not in err
+    assert all(x.startswith("relu-dask: ") for x in err.splitlines() if x.strip()), err  # only its own lines
     assert not (journal_folder(dest) / "lock").exists()
     # What it says it did is what the journal holds, and nothing writes after it has gone.
     done = int(line.split(f"stopped by {sig.name}: ")[1].split(" of ")[0])

@@ -165,7 +165,7 @@ LAYERS = [
     {"computing", "storage", "journal", "report"},
     {"schedulers", "blocks"},
     {"chunkfiles"},
-    {"chunkio", "kernel", "stats", "locations", "chunking", "counts", "conventions"},
+    {"chunkio", "kernel", "stats", "locations", "chunking", "counts", "conventions", "workers"},
     {"errors"},
 ]
 

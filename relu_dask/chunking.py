@@ -121,6 +121,12 @@ def parse_chunks(spec: ChunksSpec) -> str | int | tuple[int, ...]:
     if "," in text or (text.isdigit() and not text.endswith(("B", "b"))):
         # A bare integer is a 1-D block shape, as in dask; sizes need a unit.
         return parse_shape(text, what="chunks")
+    parts = [p.strip() for p in text.lower().replace("*", "x").split("x")]
+    if len(parts) > 1 and all(p.isdigit() for p in parts):  # 8192x1024: a shape, written the other way
+        raise InputError(
+            f"chunks: {text!r} looks like a block shape: write it with commas, --chunks {','.join(parts)} "
+            "(or a byte size such as 256MiB, or auto)"
+        )
     return parse_bytes(text, what="chunks")
 
 

@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -53,6 +54,7 @@ exit codes:
   3  DEST is in use by another run
   130 stopped by Ctrl-C, 143 by SIGTERM: the running tasks finished and were recorded,
       DEST's lock released; rerun the same command to finish the rest
+  141 stdout closed before all was printed (relu-dask status DEST | head -1): nothing wrong
 """
 
 MASK_RULE = "the mask is int8: 1 where x >= 0 (or x > 0 with --at-zero 0), else 0; NaN gives 0."
@@ -349,11 +351,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         code, message = _how_stopped(stop)
         _say_error(message, code)
         return code
+    except BrokenPipeError:  # `relu-dask status DEST | head -1`: the reader has what it wanted
+        _stdout_gone()
+        return EXIT_PIPE_CLOSED
     except Exception as exc:
         if args.debug:
             raise
         _say_error(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", EXIT_FAILED)
         return EXIT_FAILED
+
+
+#: The exit code when stdout was closed early (``| head``): 128 + SIGPIPE, as a shell's own commands.
+EXIT_PIPE_CLOSED = 128 + signal.SIGPIPE
+
+
+def _stdout_gone() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit raises nothing more."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 def _how_stopped(stop: KeyboardInterrupt) -> tuple[int, str]:

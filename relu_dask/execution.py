@@ -224,7 +224,7 @@ def follow_with(
     state = FollowState()
     inputs = open_inputs(options)
     try:
-        with journal.hold_lock(inputs.dest), open_session(options.scheduler) as session:
+        with journal.hold_lock(inputs.dest, following=True), open_session(options.scheduler) as session:
             journal.reach_step("locked")
             last_growth = time.monotonic()
             while True:

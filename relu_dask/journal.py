@@ -342,12 +342,13 @@ def _stale_reason(owner: dict[str, Any], age_s: float, stale_after_s: float) -> 
 
 @contextlib.contextmanager
 def hold_lock(
-    dest: Location, *, stale_after_s: float = STALE_AFTER_S, heartbeat_s: float = HEARTBEAT_S
+    dest: Location, *, stale_after_s: float = STALE_AFTER_S, heartbeat_s: float = HEARTBEAT_S, following: bool = False
 ) -> Iterator[None]:
     """Hold DEST's lock for the duration; raise :class:`DestinationInUseError` if held.
 
     A lock whose holder is gone (same host: its pid is gone or reused; another host: no
-    heartbeat for ``stale_after_s``) is taken over with a warning.
+    heartbeat for ``stale_after_s``) is taken over with a warning. ``following``: the
+    holder is a follow (``run --follow``), which may hold it for days: a run refused says so.
     """
     lock = journal_dir(dest).child("lock")
     me = {
@@ -355,6 +356,7 @@ def hold_lock(
         "pid": os.getpid(),
         "pid_started": _process_start_time(os.getpid()),
         "started": time.time(),
+        **({"following": True} if following else {}),
     }
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(lock, stop, heartbeat_s), name="relu-dask-lock", daemon=True)
@@ -444,6 +446,11 @@ def _take_over_if_stale(lock: Location, stale_after_s: float, dest: Location) ->
         time.sleep(0.2)
         return
     reason = _stale_reason(owner, age_s, stale_after_s) if owner else "it is unreadable"
+    if reason is None and owner.get("following"):
+        raise DestinationInUseError(
+            f"DEST {dest} is kept up to date by a relu-dask follow, {_describe(owner)}: it processes what SOURCE "
+            f"gains itself; stop it (SIGTERM, or Ctrl-C where it runs) to run something else on DEST (lock: {lock})"
+        )
     if reason is None:
         raise DestinationInUseError(
             f"DEST {dest} is in use by another relu-dask run, {_describe(owner)}; wait for it to finish (lock: {lock})"

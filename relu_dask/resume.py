@@ -292,11 +292,18 @@ class JobStatus:
         return "rows: " + ", ".join(f"{p or '(array)'} {n}" for p, n in self.rows.items())
 
     def waiting_text(self) -> str:
-        """How many rows wait in SOURCE (empty if none)."""
-        waiting = sum(self.rows_waiting.values())
+        """How many rows wait in SOURCE (empty if none): rows along the append axis, which the
+        arrays of a Dataset share, so the most of any array (each array's where they differ)."""
+        waiting = {p: n for p, n in self.rows_waiting.items() if n}
         if not waiting:
             return ""
-        return f"SOURCE has grown: {waiting} more rows wait; rerun the same command to process them"
+        counts = set(waiting.values())
+        rows = (
+            str(counts.pop())
+            if len(counts) == 1
+            else ", ".join(f"{n} ({p or '(array)'})" for p, n in sorted(waiting.items()))
+        )
+        return f"SOURCE has grown: {rows} more rows wait; rerun the same command to process them"
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object ``relu-dask status --json`` prints (keys that do not apply left out)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
@@ -307,3 +308,38 @@ def test_a_dest_that_is_a_plain_file_is_never_offered_to_overwrite(
         assert_one_line_error(proc.stderr, "not a Zarr store", "will not delete it", "choose another DEST")
         assert "pass --overwrite" not in proc.stderr
     assert dest.read_text() == "mine"
+
+
+def test_status_into_a_pipe_closed_early_ends_quietly(
+    small_source: tuple[Path, np.ndarray], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``relu-dask status DEST | head -1``: the reader went away; no error, 128 + SIGPIPE."""
+    source, _ = small_source
+    dest = tmp_path / "out.zarr"
+    assert cli("run", str(source), str(dest)).returncode == 0
+    capsys.readouterr()
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # head has read its line and gone
+    with open(write_end, "w", buffering=1) as closed, contextlib.redirect_stdout(closed):
+        code = main(["status", str(dest)])
+    assert code == 141
+    assert "error" not in capsys.readouterr().err
+
+
+def test_a_shape_written_with_x_is_told_to_use_commas(small_source: tuple[Path, np.ndarray], tmp_path: Path) -> None:
+    source, _ = small_source
+    proc = cli("run", str(source), str(tmp_path / "out.zarr"), "--chunks", "8192x1024")
+    assert proc.returncode == 2
+    assert_one_line_error(proc.stderr, "looks like a block shape: write it with commas, --chunks 8192,1024")
+
+
+def test_status_says_the_rows_waiting_once_for_arrays_that_share_them(tmp_path: Path) -> None:
+    source, dest = tmp_path / "g.zarr", tmp_path / "out.zarr"
+    full = activations((200, 8))
+    layers = [write_zarr(source, full[:100], (16, 8), name=f"fc{i}") for i in range(3)]
+    assert cli("run", str(source), str(dest)).returncode == 0
+    for layer in layers:
+        layer.resize((164, 8))
+        layer[100:164] = full[100:164]
+    proc = cli("status", str(dest))
+    assert "SOURCE has grown: 64 more rows wait" in proc.stdout, proc.stdout

@@ -413,6 +413,9 @@ def test_a_follow_stopped_between_passes_says_the_rows_behind_as_they_are_then(
             assert proc.poll() is None and time.monotonic() < end, proc.communicate()
             time.sleep(0.02)
         _grow(array, full, 164)  # during that pass or the wait for the next check, 600 s away
+        other = cli("run", str(source), str(dest), "--chunks", "32,32")  # another run meanwhile: told why
+        assert other.returncode == 3
+        assert "is kept up to date by a relu-dask follow" in other.stderr and "stop it (SIGTERM" in other.stderr
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:

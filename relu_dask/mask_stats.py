@@ -17,6 +17,7 @@ import numpy as np
 
 from relu_dask import chunking, conventions, storage
 from relu_dask.computing import compute
+from relu_dask.errors import InputError
 from relu_dask.graph import unit_ones_of_mask
 from relu_dask.locations import Location, parse_location, parse_storage_options
 from relu_dask.options import check_output_files
@@ -66,6 +67,11 @@ def stats_of_masks(
     check_output_files(report=report_path, plot=plot_path)
     contents = storage.open_source(parse_location(dest, parse_storage_options(storage_options)))
     arrays, skipped = contents.arrays, contents.skipped
+    if not any(src.dtype == np.int8 for src in arrays):
+        found = ", ".join(f"{s.path or '(array)'} {s.dtype}" for s in arrays[:4]) or "no array"
+        raise InputError(
+            f"{dest} holds no int8 masks ({found}): give the DEST of a relu-dask run (its SOURCE is not masks)"
+        )
     report = RunReport(
         source=str(dest),
         dest=str(dest),

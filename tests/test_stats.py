@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _support import PYTHON, activations, cli_env, oracle, write_zarr
+from _support import PYTHON, activations, cli, cli_env, oracle, write_zarr
 
 import relu_dask
 from relu_dask.stats import MAX_INLINE_UNITS, summarize_units
@@ -174,3 +174,11 @@ def test_unit_sums_are_exact_in_whatever_type_they_use(rows: int) -> None:
     mask = np.ones((rows, 3), dtype=np.int8)
     mask[0, 1] = 0
     assert _sum_ones(mask, (0,)).tolist() == [rows, rows - 1, rows]
+
+
+def test_stats_of_a_store_without_masks_is_refused(tmp_path: Path) -> None:
+    """The activations themselves (SOURCE, not DEST): not 0 arrays and exit 0, but one line, exit 2."""
+    write_zarr(tmp_path / "acts.zarr", activations((16, 8)), (8, 8), name="fc1")
+    proc = cli("stats", str(tmp_path / "acts.zarr"))
+    assert proc.returncode == 2
+    assert "holds no int8 masks (fc1 float32): give the DEST of a relu-dask run" in proc.stderr

@@ -40,7 +40,13 @@ from relu_dask.options import RunOptions
 from relu_dask.planning import RunInputs, RunPlan, open_inputs, plan_run
 from relu_dask.report import ArrayReport, RunReport, write_report
 from relu_dask.resume import remove_dest_and_journal
-from relu_dask.schedulers import SchedulerSpec, Session, check_workers_see, open_session
+from relu_dask.schedulers import (
+    SchedulerSpec,
+    Session,
+    check_workers_see,
+    open_session,
+    refuse_in_a_spawned_copy_of_main,
+)
 from relu_dask.task import ArrayTasks, allow_tasks, process_block, wait_for_running_tasks
 
 __all__ = ["FollowState", "deliver", "execute", "follow", "follow_with", "run", "run_with"]
@@ -162,6 +168,7 @@ def run(
 def run_with(options: RunOptions) -> RunReport:
     """:func:`run` for options already built: open SOURCE, then under DEST's lock plan and
     execute; draw the plot and write the report the options ask for."""
+    refuse_in_a_spawned_copy_of_main()
     inputs = open_inputs(options)
     with journal.hold_lock(inputs.dest):
         journal.reach_step("locked")
@@ -222,6 +229,7 @@ def follow_with(
     if not 0 < every_s < math.inf or (idle_s is not None and not 0 < idle_s < math.inf):
         raise InputError("--follow and --follow-idle take a positive number of seconds")
     state = FollowState()
+    refuse_in_a_spawned_copy_of_main()
     inputs = open_inputs(options)
     try:
         with journal.hold_lock(inputs.dest, following=True), open_session(options.scheduler) as session:

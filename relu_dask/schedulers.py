@@ -41,6 +41,7 @@ __all__ = [
     "open_session",
     "parse_scheduler",
     "plan_session",
+    "refuse_in_a_spawned_copy_of_main",
 ]
 
 log = logging.getLogger(__name__)
@@ -260,17 +261,27 @@ def _local_cluster(spec: SchedulerSpec, session: Session) -> Iterator[Session]:
     # memory x threads / cores, less than that where workers x threads < cores).
     assert session.memory_per_thread_bytes is not None
     limit = session.memory_per_thread_bytes * threads
-    cluster = LocalCluster(
-        n_workers=workers,
-        threads_per_worker=threads,
-        memory_limit=limit,
-        host="127.0.0.1",
-        dashboard_address=spec.dashboard_address,
-        processes=True,
-        # A failed task is reported once, as one line, by relu-dask; the workers' own
-        # tracebacks are for --debug.
-        silence_logs=logging.WARNING if log.isEnabledFor(logging.DEBUG) else logging.CRITICAL,
-    )
+    refuse_in_a_spawned_copy_of_main()
+    try:
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=threads,
+            memory_limit=limit,
+            host="127.0.0.1",
+            dashboard_address=spec.dashboard_address,
+            processes=True,
+            # A failed task is reported once, as one line, by relu-dask; the workers' own
+            # tracebacks are for --debug.
+            silence_logs=logging.WARNING if log.isEnabledFor(logging.DEBUG) else logging.CRITICAL,
+        )
+    except Exception as exc:
+        if _main_is_a_script():  # the commonest cause by far: a script without the guard
+            raise InputError(
+                f"the LocalCluster's workers failed to start ({type(exc).__name__}: {exc}); if a script calls "
+                'relu_dask at its top level, put the call under `if __name__ == "__main__":` (each worker '
+                "process imports the script again)"
+            ) from exc
+        raise
     try:
         client = Client(cluster)
         try:
@@ -290,6 +301,30 @@ def _local_cluster(spec: SchedulerSpec, session: Session) -> Iterator[Session]:
             client.close(timeout=CLOSE_TIMEOUT_S)
     finally:
         cluster.close(timeout=CLOSE_TIMEOUT_S)
+
+
+def _main_is_a_script() -> bool:
+    """Whether this process runs a Python script of the user's (not relu-dask's command)."""
+    main = sys.modules.get("__main__")
+    return bool(getattr(main, "__file__", None)) and getattr(main, "__spec__", None) is None
+
+
+def refuse_in_a_spawned_copy_of_main() -> None:
+    """Refuse a run called from the top level of the user's script while a worker process
+    that multiprocessing's spawn started imports it again (as ``__mp_main__``): the script
+    lacks the ``if __name__ == "__main__":`` guard, and each worker would start a run of its own."""
+    import inspect
+
+    frame = inspect.currentframe()
+    while frame is not None and not (
+        frame.f_code.co_name == "<module>" and frame.f_globals.get("__name__") == "__mp_main__"
+    ):
+        frame = frame.f_back
+    if frame is not None:  # the top level of the script, run again by multiprocessing's spawn
+        raise InputError(
+            "relu_dask was called at the top level of a script that a worker process it started is importing "
+            'again (multiprocessing\'s spawn): put the call under `if __name__ == "__main__":`'
+        )
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from _support import PYTHON, chunk_files, cli, cli_env, journal_folder, write_zarr
+from _support import PYTHON, activations, chunk_files, cli, cli_env, journal_folder, write_zarr
 
 DASK = str(Path(sys.executable).with_name("dask"))
 SHAPE, CHUNK = (96 * 512, 2048), (512, 2048)
@@ -271,3 +271,23 @@ def test_dashboard_on_all_interfaces_warns(data: tuple[Path, Path], tmp_path: Pa
     )
     assert proc.returncode == 0, proc.stderr
     assert "binds to all interfaces" in proc.stderr
+
+
+def test_a_script_without_the_main_guard_is_told_to_add_it(tmp_path: Path) -> None:
+    """The README's example pasted into a script as it is: each worker process of the
+    LocalCluster imports the script again. The workers refuse, and the script's run says why."""
+    write_zarr(tmp_path / "acts.zarr", activations((16, 8)), (8, 8))
+    script = tmp_path / "masks.py"
+    script.write_text(
+        "import relu_dask\n"
+        "from relu_dask.schedulers import parse_scheduler\n"
+        f"relu_dask.run({str(tmp_path / 'acts.zarr')!r}, {str(tmp_path / 'masks.zarr')!r}, "
+        "scheduler=parse_scheduler('local', num_workers=1, dashboard_address='127.0.0.1:0'))\n"
+    )
+    proc = subprocess.run([PYTHON, str(script)], capture_output=True, text=True, timeout=300, env=cli_env())
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("relu_dask.errors.InputError: the LocalCluster's workers failed to start"), last
+    assert 'put the call under `if __name__ == "__main__":`' in last
+    assert "called at the top level of a script that a worker process it started" in proc.stderr  # the workers'
+    assert not (tmp_path / "masks.zarr").exists()

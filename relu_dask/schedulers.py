@@ -305,8 +305,8 @@ def _local_cluster(spec: SchedulerSpec, session: Session) -> Iterator[Session]:
 
 def _main_is_a_script() -> bool:
     """Whether this process runs a Python script of the user's (not relu-dask's command)."""
-    main = sys.modules.get("__main__")
-    return bool(getattr(main, "__file__", None)) and getattr(main, "__spec__", None) is None
+    main = vars(sys.modules["__main__"]) if "__main__" in sys.modules else {}
+    return bool(main.get("__file__")) and main.get("__spec__") is None
 
 
 def refuse_in_a_spawned_copy_of_main() -> None:

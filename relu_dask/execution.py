@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from dask.base import tokenize
 
-from relu_dask import blocks, chunking, chunkio, conventions, journal, storage
+from relu_dask import chunking, chunkio, conventions, journal, storage
 from relu_dask.computing import PROGRESS_INTERVAL_S, STOP_GRACE_S, Progress, compute
 from relu_dask.counts import BlockCounts, KeptCounts
 from relu_dask.errors import InputError, NaNFoundError, ProcessingError, ReluDaskError, RunStopped
@@ -38,6 +38,7 @@ from relu_dask.locations import Location
 from relu_dask.mask_stats import mask_unit_ones, unit_stats
 from relu_dask.options import RunOptions
 from relu_dask.planning import RunInputs, RunPlan, open_inputs, plan_run
+from relu_dask.repair import repair
 from relu_dask.report import ArrayReport, RunReport, write_report
 from relu_dask.resume import remove_dest_and_journal
 from relu_dask.schedulers import (
@@ -47,7 +48,7 @@ from relu_dask.schedulers import (
     open_session,
     refuse_in_a_spawned_copy_of_main,
 )
-from relu_dask.task import ArrayTasks, allow_tasks, process_block, wait_for_running_tasks
+from relu_dask.task import ArrayTasks, allow_tasks, wait_for_running_tasks
 
 __all__ = ["FollowState", "deliver", "execute", "follow", "follow_with", "run", "run_with"]
 
@@ -332,7 +333,7 @@ def execute(plan: RunPlan, session: Session | None = None) -> RunReport:
     if plan.state == "complete":
         report = _complete_report(plan)
         if plan.record is not None and plan.record.damaged:
-            return _repair(plan, report)
+            return repair(plan, report)
         log.info("DEST %s is already complete: nothing to do", plan.dest)
         return report
     if session is not None:
@@ -358,47 +359,6 @@ def _complete_report(plan: RunPlan) -> RunReport:
         storage.consolidate(plan.dest)
     if record.fingerprint != plan.inputs.fingerprint:  # an older relu-dask's record: keys it lacked
         journal.write_record(plan.dest, replace(record, fingerprint=plan.inputs.fingerprint))
-    return report
-
-
-def _repair(plan: RunPlan, report: RunReport) -> RunReport:
-    """Recompute the blocks ``relu-dask verify`` found wrong (``job.json``'s ``damaged``), and
-    only those, in this process; each must come out as its task first wrote it (its digest),
-    which proves SOURCE unchanged under them. The record then forgets them, and DEST is not
-    verified until ``verify`` runs again."""
-    record, inputs, options = plan.record, plan.inputs, plan.options
-    assert record is not None and record.damaged, "a complete DEST that verify found damaged"
-    run = uuid.uuid4().hex
-    allow_tasks(run)
-    start = time.perf_counter()
-    column = BlockCounts.FIELDS.index("digest")
-    for key, names in sorted(record.damaged.items()):
-        index = int(key)
-        src, chunk_plan, entry = inputs.arrays[index], plan.chunk_plans[index], report.arrays[index]
-        assert src.stored is not None, "open_source describes every array"
-        mask, folder = storage.open_mask_array(inputs.dest, src.path), storage.array_location(inputs.dest, src.path)
-        _set_io_paths(entry, src.stored, mask)
-        tasks = ArrayTasks(src.stored, mask, chunk_plan, options.at_zero, plan.engine, name=src.path, run=run)
-        written = (record.block_digests or [])[index] if index < len(record.block_digests or []) else []
-        for name in names:
-            block = tuple(int(i) for i in name.split(".")) if chunk_plan.shape else ()
-            blocks.drop_stored_objects(mask, folder, chunk_plan.block_slices(block))
-            row = process_block(tasks, block).reshape(-1)
-            linear = int(np.ravel_multi_index(block, chunk_plan.numblocks)) if block else 0
-            if linear < len(written) and written[linear] >= 0 and int(row[column]) != written[linear]:
-                raise ProcessingError(
-                    f"{src.path or 'SOURCE'}: block {block} recomputed from SOURCE is not the masks first written "
-                    "there: SOURCE changed in a way its fingerprint did not show; rerun with --overwrite"
-                )
-            entry.bytes_read += int(row[BlockCounts.FIELDS.index("elements_read")]) * src.dtype.itemsize
-        entry.tasks_done_now, entry.tasks_skipped = len(names), entry.num_tasks - len(names)
-    journal.write_record(inputs.dest, replace(record, damaged=None, verified_utc=None))
-    report.outcome, report.wall_s = "repaired", time.perf_counter() - start
-    report.warnings.append(
-        f"recomputed {sum(map(len, record.damaged.values()))} block(s) that relu-dask verify found damaged: "
-        "run relu-dask verify DEST again to check the whole DEST"
-    )
-    log.info("DEST %s: %d damaged block(s) recomputed", inputs.dest, sum(map(len, record.damaged.values())))
     return report
 
 
@@ -661,7 +621,7 @@ def _array_tasks(plan: RunPlan, report: RunReport, run: str) -> list[ArrayTasks]
     for index, (src, chunk_plan) in enumerate(zip(inputs.arrays, plan.chunk_plans)):
         mask = storage.open_mask_array(inputs.dest, src.path)
         assert src.stored is not None, "open_source describes every array"
-        _set_io_paths(report.arrays[index], src.stored, mask)
+        report.arrays[index].set_io_paths(src.stored, mask)
         token = tokenize(inputs.source.url, src.path, inputs.dest.url, chunk_plan, options.at_zero, plan.engine)
         out.append(
             ArrayTasks(
@@ -680,20 +640,6 @@ def _array_tasks(plan: RunPlan, report: RunReport, run: str) -> list[ArrayTasks]
             )
         )
     return out
-
-
-def _set_io_paths(entry: ArrayReport, source: blocks.StoredArray, dest: blocks.StoredArray) -> None:
-    """Say in the report, and in the debug log, how the tasks read and write this array."""
-    entry.read_path, entry.read_path_reason = source.io_path, source.why_not_direct
-    entry.write_path, entry.write_path_reason = dest.io_path, dest.why_not_direct
-    log.debug(
-        "%s: read %s%s, written %s%s",
-        entry.path or "the source array",
-        source.io_path,
-        f" ({source.why_not_direct})" if source.why_not_direct else "",
-        dest.io_path,
-        f" ({dest.why_not_direct})" if dest.why_not_direct else "",
-    )
 
 
 def _record_counts(

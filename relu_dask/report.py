@@ -7,6 +7,7 @@ returns one) and :func:`render_summary` for the lines ``relu-dask run`` prints a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 from dataclasses import asdict, dataclass, field
@@ -22,6 +23,8 @@ from relu_dask.stats import MAX_INLINE_UNITS, UnitStats, render_stats
 __all__ = ["ArrayReport", "RunReport", "collect_versions", "render_summary", "write_report"]
 
 _PACKAGES = ("relu-dask", "numpy", "numexpr", "dask", "distributed", "zarr", "numcodecs", "bokeh")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -89,6 +92,20 @@ class ArrayReport:
     def active_fraction(self) -> float:
         """Fraction of ones in the mask (0 for an empty array)."""
         return self.num_ones / self.num_elements if self.num_elements else 0.0
+
+    def set_io_paths(self, source: Any, dest: Any) -> None:
+        """Say, here and in the debug log, how the tasks read and write this array
+        (``source`` and ``dest``: :class:`relu_dask.blocks.StoredArray`)."""
+        self.read_path, self.read_path_reason = source.io_path, source.why_not_direct
+        self.write_path, self.write_path_reason = dest.io_path, dest.why_not_direct
+        log.debug(
+            "%s: read %s%s, written %s%s",
+            self.path or "the source array",
+            source.io_path,
+            f" ({source.why_not_direct})" if source.why_not_direct else "",
+            dest.io_path,
+            f" ({dest.why_not_direct})" if dest.why_not_direct else "",
+        )
 
 
 @dataclass

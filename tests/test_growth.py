@@ -325,6 +325,12 @@ for stop in map(int, sys.argv[4:]):
 """
 
 
+def _stop(proc: subprocess.Popen[str], sig: signal.Signals) -> tuple[str, str]:
+    """Stop a follow with ``sig``; what it printed."""
+    proc.send_signal(sig)
+    return proc.communicate(timeout=60)
+
+
 def _record(dest: Path) -> dict[str, Any]:
     try:
         return json.loads((journal_folder(dest) / "job.json").read_text())
@@ -379,8 +385,7 @@ def test_follow_masks_every_row_a_live_writer_appends_and_stops_cleanly(
                 assert page.status == 200
         else:
             assert link is None
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=60)
+        out, err = _stop(proc, sig)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -416,8 +421,7 @@ def test_a_follow_stopped_between_passes_says_the_rows_behind_as_they_are_then(
         other = cli("run", str(source), str(dest), "--chunks", "32,32")  # another run meanwhile: told why
         assert other.returncode == 3
         assert "is kept up to date by a relu-dask follow" in other.stderr and "stop it (SIGTERM" in other.stderr
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=60)
+        out, err = _stop(proc, sig)
     finally:
         if proc.poll() is None:
             proc.kill()

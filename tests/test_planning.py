@@ -158,6 +158,7 @@ LAYERS = [
     {"cli"},
     {"demo"},
     {"execution"},
+    {"repair"},
     {"mask_stats", "planning"},
     {"options", "resume", "verify", "plot", "jobfile", "xarray"},
     {"graph"},

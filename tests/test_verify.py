@@ -88,7 +88,8 @@ def test_verify_finds_every_damage_and_the_same_run_repairs_exactly_it(
 ) -> None:
     args, dest, x = _dest(tmp_path, layout)
     _damage(dest, damage, objects)
-    assert not np.array_equal(read_mask(dest), oracle(x)) if damage != "truncated" else True
+    if damage != "truncated":  # a truncated chunk does not decode at all
+        assert not np.array_equal(read_mask(dest), oracle(x))
 
     proc = cli("verify", str(dest))
     assert proc.returncode == 1, proc.stdout

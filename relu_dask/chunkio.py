@@ -234,6 +234,26 @@ def write_chunk(path: str | os.PathLike[str], chunk: np.ndarray, fmt: ChunkForma
         raise
 
 
+def frame_is_whole(path: str | os.PathLike[str], fmt: ChunkFormat) -> bool:
+    """Whether the chunk file at ``path`` is exactly one encoded frame, no byte after it.
+
+    A blosc decoder ignores bytes after the frame its header delimits, so a file with
+    bytes appended still decodes; this finds them. zstd's decoder refuses trailing bytes
+    and raw chunks must be exactly :attr:`ChunkFormat.nbytes`, so those are whole here
+    and left to the decoder. A file that is not there is whole: an unstored chunk is the
+    fill value.
+    """
+    if fmt.codec is None or fmt.codec.codec_id != "blosc":
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+            size = os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        return True
+    return len(head) == 16 and int.from_bytes(head[12:16], "little") == size
+
+
 def _read_exactly(f: Any, buffer: np.ndarray) -> bool:
     """Fill ``buffer`` from ``f``; False if the file ends first (it changed meanwhile)."""
     view = buffer.data.cast("B")

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from relu_dask import blocks, journal, storage
+from relu_dask import blocks, chunkio, journal, storage
 from relu_dask.errors import InputError, NotWritableError
 from relu_dask.kernel import relu_derivative
 from relu_dask.locations import Location, parse_location, parse_storage_options
@@ -212,6 +212,8 @@ def _read_block(
         chunks.append(mask.describe_chunk(chunk))
         try:
             values[tuple(slice(r.start - a, r.stop - a) for r, a in zip(region, lo))] = mask.array[region]
+            if mask.files is not None and not chunkio.frame_is_whole(mask.files.path(chunk), mask.files.format):
+                raise ValueError("bytes follow its encoded frame")
         except Exception as exc:  # noqa: BLE001 - whatever zarr or a codec raises, it is this chunk's problem
             problems.append(f"{name}: block {coords}: {chunks[-1]} cannot be read ({type(exc).__name__}: {exc})")
     if source is not None and not problems:

@@ -24,6 +24,7 @@ LAYOUTS = {
     "a-chunk-a-block": ((16, 16), None, ("--chunks", "16,16")),
     "sharded": ((16, 16), (32, 32), ("--chunks", "32,64")),
     "uncompressed": ((16, 16), None, ("--chunks", "32,32", "--dest-compressor", "none")),
+    "zstd": ((16, 16), None, ("--chunks", "32,32", "--dest-compressor", "zstd")),
 }
 
 #: (layout, damage, the stored objects it touches, how many blocks it damages)
@@ -41,6 +42,12 @@ CASES = [
     ("sharded", "truncated", ("c/1/1",), 1),
     ("uncompressed", "bit-flipped", ("c/2/3",), 1),
     ("uncompressed", "edited", ("c/3/3",), 1),
+    # bytes appended after the encoded frame: every decoder but zstd's still decodes the chunk
+    ("blocks-of-chunks", "appended", ("c/1/1",), 1),
+    ("a-chunk-a-block", "appended", ("c/2/1",), 1),
+    ("sharded", "appended", ("c/1/1",), 1),
+    ("uncompressed", "appended", ("c/1/1",), 1),
+    ("zstd", "appended", ("c/1/1",), 1),
 ]
 
 
@@ -67,6 +74,8 @@ def _damage(dest: Path, damage: str, objects: tuple[str, ...]) -> None:
         assert a != b
         first.write_bytes(b)
         other.write_bytes(a)
+    elif damage == "appended":
+        first.write_bytes(first.read_bytes() + b"appended")
     elif damage == "bit-flipped":  # raw int8 values: the flipped bit turns a 0 into 1 or back
         data = bytearray(first.read_bytes())
         data[len(data) // 2] ^= 1
@@ -88,7 +97,7 @@ def test_verify_finds_every_damage_and_the_same_run_repairs_exactly_it(
 ) -> None:
     args, dest, x = _dest(tmp_path, layout)
     _damage(dest, damage, objects)
-    if damage != "truncated":  # a truncated chunk does not decode at all
+    if damage not in ("truncated", "appended"):  # a truncated chunk does not decode; appended bytes may
         assert not np.array_equal(read_mask(dest), oracle(x))
 
     proc = cli("verify", str(dest))

@@ -218,13 +218,25 @@ def _why_not_grown(
         if coords[axis] == edge:
             continue  # the old edge chunk: the writer completes it
         if restat(now["path"], key) != stat:
+            if stat == [None, None]:
+                return f"changed (its chunk {key} {_LATE})"
             return f"changed (its chunk {key} was rewritten since it was processed)"
     settled = before.get("settled_sha256")
     if rehash is not None and isinstance(settled, list) and len(settled) == 2:
         rows, digest = settled
         if rehash(now["path"], axis, int(rows)) not in (None, digest):
-            return f"changed (a chunk of its first {rows} rows along axis {axis} was rewritten since it was processed)"
+            return (
+                f"changed (a chunk of its first {rows} rows along axis {axis} was rewritten since it was processed, "
+                f"or {_LATE})"
+            )
     return None if grew else ""
+
+
+#: A chunk that was not stored when a run took it as the fill value, stored since.
+_LATE = (
+    "was written after a run took it, missing, as the fill value: a writer slower than --settle-time "
+    "and the time between runs"
+)
 
 
 def _chunk_coords(key: str) -> tuple[int, ...] | None:

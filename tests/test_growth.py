@@ -671,6 +671,27 @@ def test_appended_rows_with_a_chunk_all_fill_value_are_taken_by_the_next_run(tmp
     _same_as_fresh(source, dest, tmp_path, second, chunks=(32, 32))
 
 
+def test_a_chunk_written_after_two_runs_took_it_as_fill_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    """A writer slower than the settle time and the time between two runs: the chunk it had
+    not yet written is the fill value by then, and its late write is a rewrite DEST refuses."""
+    source, dest, full, array = _grown_source(tmp_path)
+    array.resize((160, 32))
+    array[100:160] = full[100:160]
+    late = full[112:128, 16:32].copy()
+    array[112:128, 16:32] = 0  # the writer has not written this chunk yet: zarr deletes it
+    args = ("run", str(source), str(dest), "--chunks", "32,32")
+    assert cli(*args).returncode == 0  # held back once
+    assert cli(*args).returncode == 0  # then taken as the fill value it is
+    array[112:128, 16:32] = late  # the writer wakes up
+    proc = cli(*args)
+    assert proc.returncode == 2
+    assert "written after a run took it, missing, as the fill value" in proc.stderr
+    assert "--settle-time" in proc.stderr and "pass --overwrite" in proc.stderr
+    fixed = cli(*args, "--overwrite")
+    assert fixed.returncode == 0, fixed.stderr
+    assert np.array_equal(read_mask(dest), oracle(full[:160]))
+
+
 def test_an_all_fill_chunk_holds_rows_back_once_while_source_keeps_growing(tmp_path: Path) -> None:
     """SOURCE grows again before the next run: the chunk still missing since the last run's
     hold is all fill value, and DEST moves on (it stayed at 112 rows for ever before)."""
@@ -767,6 +788,29 @@ def test_two_variables_of_one_dataset_are_taken_as_long_as_the_shorter(tmp_path:
     grown = relu_dask.run(source, dest)
     assert [e.grown_from for e in grown.arrays] == [[12, 8], [12, 8]]
     _same_as_fresh(source, dest, tmp_path, grown)
+
+
+def test_of_two_variables_sharing_a_dimension_one_that_alone_grew_is_taken_by_the_next_run(tmp_path: Path) -> None:
+    xr = pytest.importorskip("xarray")
+    a, b = activations((16, 8), seed=17), activations((16, 8), seed=18)
+    source, dest = tmp_path / "acts.zarr", tmp_path / "masks.zarr"
+    ds = xr.Dataset({"a": (("step", "unit"), a[:12]), "b": (("step", "unit"), b[:12])}, coords={"step": np.arange(12)})
+    ds.to_zarr(
+        source, mode="w", zarr_format=3, encoding={"a": {"chunks": (4, 8)}, "b": {"chunks": (4, 8)}}, consolidated=False
+    )
+    args = ("run", str(source), str(dest), "--verify")
+    assert cli(*args).returncode == 0
+    group = zarr.open_group(source, mode="a")
+    group["b"].resize((16, 8))  # b alone grows, and a never does
+    group["b"][12:16] = b[12:16]
+    held = cli(*args)
+    assert held.returncode == 1 and "b: rows 12 to 16 still look half-written" in held.stderr  # said, not exit 0
+    taken = cli(*args)  # b has not changed since: taken as it is, at its own pace
+    assert taken.returncode == 0, taken.stderr
+    assert "SOURCE has grown: b from (12, 8) to (16, 8)" in taken.stderr
+    assert np.array_equal(read_mask(dest, "b"), oracle(b))
+    assert np.array_equal(read_mask(dest, "a"), oracle(a[:12]))
+    assert "complete (rows: a 12, b 16" in cli("status", str(dest)).stdout
 
 
 def test_a_static_source_whose_last_chunk_row_holds_an_unstored_chunk(tmp_path: Path) -> None:

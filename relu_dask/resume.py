@@ -83,7 +83,14 @@ def dest_state(
         )
     if record is None:
         raise DestinationExistsError(f"DEST {dest} already exists: pass --overwrite to replace it")
-    change = compare_jobs(record.fingerprint, fingerprint, append_axis=append_axis, restat=restat, rehash=rehash)
+    change = compare_jobs(
+        record.fingerprint,
+        fingerprint,
+        append_axis=append_axis,
+        restat=restat,
+        rehash=rehash,
+        recorded_axis=record.append_axis,
+    )
     if change.said:
         raise DestinationExistsError(
             f"DEST {dest} holds another job ({'; '.join(change.said)}): pass --overwrite to replace it"
@@ -141,6 +148,7 @@ def compare_jobs(
     append_axis: int | None = None,
     restat: Restat | None = None,
     rehash: Rehash | None = None,
+    recorded_axis: int | None = None,
 ) -> JobChange:
     """Compare the job recorded in DEST with this one: the same, grown, or another job.
 
@@ -168,7 +176,7 @@ def compare_jobs(
         what = [k for k in array if k in before and before[k] != array[k] and k != "edge_samples"]
         if not what:
             continue
-        why_not = _why_not_grown(before, array, append_axis, restat, rehash)
+        why_not = _why_not_grown(before, array, append_axis, restat, rehash, recorded_axis)
         if why_not is None:
             grown[array["path"]] = list(before["shape"])
         else:
@@ -192,9 +200,17 @@ def compare_jobs(
 
 
 def _why_not_grown(
-    before: dict[str, Any], now: dict[str, Any], axis: int | None, restat: Restat | None, rehash: Rehash | None = None
+    before: dict[str, Any],
+    now: dict[str, Any],
+    axis: int | None,
+    restat: Restat | None,
+    rehash: Rehash | None = None,
+    recorded_axis: int | None = None,
 ) -> str | None:
-    """None if the array only grew along ``axis``; else what changed ("" for: say the keys)."""
+    """None if the array only grew along ``axis``; else what changed ("" for: say the keys).
+
+    ``recorded_axis``: the append axis DEST was made with; growth along another is refused
+    (its blocks, edge counts and settled hash follow the recorded axis)."""
     old_shape, new_shape = list(before["shape"]), list(now["shape"])
     if axis is None or restat is None or before.get("layout_sha256") is None or len(old_shape) != len(new_shape):
         return ""
@@ -206,6 +222,10 @@ def _why_not_grown(
         return f"changed shape from {_shape(old_shape)} to {_shape(new_shape)}, not only along the append axis {axis}"
     if new_shape[axis] < old_shape[axis]:
         return f"shrank from {old_shape[axis]} to {new_shape[axis]} along axis {axis}"
+    known = recorded_axis is not None and -len(new_shape) <= recorded_axis < len(new_shape)
+    made_along = recorded_axis % len(new_shape) if known and recorded_axis is not None else axis
+    if made_along != axis and new_shape[axis] > old_shape[axis]:
+        return f"grew along axis {axis}, but DEST was made with --append-axis {recorded_axis} (its records follow it)"
     if before["layout_sha256"] != now.get("layout_sha256"):
         return "changed (its metadata, not only its shape)"
     unit = before.get("shard_shape") or before["chunk_shape"]

@@ -189,6 +189,24 @@ def test_what_is_not_growth_along_the_append_axis_is_refused(tmp_path: Path, cha
     assert snapshot(dest) == before
 
 
+def test_growth_along_another_axis_than_dest_was_made_with_is_refused(tmp_path: Path) -> None:
+    """Made with the default --append-axis 0; SOURCE grows along axis 1 and the rerun asks for it."""
+    full = activations((96, 120), seed=3)
+    source, dest = tmp_path / "acts.zarr", tmp_path / "masks.zarr"
+    array = write_zarr(source, full[:, :100], (16, 20))
+    assert cli("run", str(source), str(dest)).returncode == 0
+    array.resize((96, 120))
+    array[:, 100:] = full[:, 100:]
+    before = snapshot(dest)
+    proc = cli("run", str(source), str(dest), "--append-axis", "1", "--verify")
+    assert proc.returncode == 2
+    assert "grew along axis 1, but DEST was made with --append-axis 0" in proc.stderr
+    assert snapshot(dest) == before
+    again = cli("run", str(source), str(dest), "--append-axis", "1", "--overwrite")
+    assert again.returncode == 0, again.stderr
+    assert np.array_equal(read_mask(dest), oracle(full))
+
+
 def test_an_array_gone_from_a_grown_group_is_refused(tmp_path: Path) -> None:
     source, dest = tmp_path / "acts.zarr", tmp_path / "masks.zarr"
     full = activations((100, 16))

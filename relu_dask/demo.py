@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zarr
 
 from relu_dask import storage
 from relu_dask.chunking import format_bytes
@@ -46,7 +49,7 @@ def ensure_demo_source(path: Path, shape: tuple[int, int]) -> bool:
             raise InputError(f"{path} exists but is not this demo's data: move it away or use --data-dir")
         return False
     log.info("creating the demo source %s (%s float32, seed %d)", path, "x".join(map(str, shape)), DEMO_SEED)
-    storage.write_synthetic_activations(
+    write_synthetic_activations(
         path, shape=shape, chunk_shape=(min(DEMO_CHUNK_ROWS, shape[0]), shape[1]), seed=DEMO_SEED
     )
     return True
@@ -91,3 +94,55 @@ def run_demo(data_dir: Path, size_bytes: int, **options: Any) -> tuple[RunReport
     report = run(source, dest, overwrite=True, **options)
     checked = check_sample(source, dest, at_zero=options.get("at_zero", 1))
     return report, checked
+
+
+def write_synthetic_activations(
+    path: Path, *, shape: tuple[int, int], chunk_shape: tuple[int, int], seed: int, num_threads: int = 2
+) -> None:
+    """Write seeded synthetic float32 ReLU inputs to a new Zarr v3 array at ``path``.
+
+    Each unit (column) has its own mean and spread, some far below zero (dead units) and
+    some far above (always on); a few exact zeros and NaNs are planted. Rows are written a
+    chunk at a time, each from its own seeded generator, so memory stays one chunk per
+    thread and the data does not depend on the thread count. The array is written under a
+    temporary name and renamed into place, so a killed run never leaves half an array.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    rows, units = shape
+    rng = np.random.default_rng(seed)
+    mean = rng.normal(0.0, 1.0, units).astype(np.float32)
+    mean[rng.choice(units, max(1, units // 50), replace=False)] = -8.0  # dead units
+    mean[rng.choice(units, max(1, units // 50), replace=False)] = 8.0  # always on
+    spread = rng.uniform(0.5, 2.0, units).astype(np.float32)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    array = zarr.create_array(
+        store=str(tmp),
+        shape=shape,
+        chunks=chunk_shape,
+        dtype="float32",
+        fill_value=0.0,
+        dimension_names=("sample", "unit"),
+        zarr_format=3,
+        attributes={"description": "synthetic ReLU inputs (relu-dask demo)", "seed": seed},
+    )
+
+    def write_rows(start: int) -> None:
+        stop = min(start + chunk_shape[0], rows)
+        local = np.random.default_rng([seed, start])
+        block = local.standard_normal((stop - start, units), dtype=np.float32)
+        block *= spread
+        block += mean
+        block[local.random(block.shape, dtype=np.float32) < 1e-4] = 0.0
+        if start == 0:
+            block[0, :3] = np.nan
+        array[start:stop] = block
+
+    with ThreadPoolExecutor(max_workers=num_threads) as pool:
+        list(pool.map(write_rows, range(0, rows, chunk_shape[0])))
+    if path.exists():  # another demo made it meanwhile: keep theirs
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, path)

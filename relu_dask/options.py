@@ -21,9 +21,10 @@ from relu_dask import chunking
 from relu_dask.computing import PROGRESS_INTERVAL_S, Progress
 from relu_dask.errors import InputError
 from relu_dask.kernel import ENGINES, Engine, parse_at_zero, parse_nan_policy
+from relu_dask.livewriter import SETTLE_S
 from relu_dask.locations import Location, parse_location, parse_storage_options
 from relu_dask.schedulers import SchedulerSpec, parse_scheduler
-from relu_dask.storage import DEFAULT_COMPRESSOR, SETTLE_S, parse_compressor
+from relu_dask.storage import DEFAULT_COMPRESSOR, parse_compressor
 
 __all__ = ["SETTLE_ENV", "RunOptions", "check_output_files", "default_settle_s", "parse_append_axis", "parse_settle_s"]
 
@@ -51,7 +52,7 @@ def parse_settle_s(value: float | str, *, what: str = "--settle-time") -> float:
 
 def default_settle_s() -> float:
     """The settle time when none is given: ``$RELU_DASK_SETTLE_TIME``, else
-    :data:`relu_dask.storage.SETTLE_S` (2 s)."""
+    :data:`relu_dask.livewriter.SETTLE_S` (2 s)."""
     text = os.environ.get(SETTLE_ENV, "").strip()
     return parse_settle_s(text, what=SETTLE_ENV) if text else SETTLE_S
 

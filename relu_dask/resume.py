@@ -12,20 +12,17 @@ import dataclasses
 import logging
 import math
 import os
-import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from relu_dask import journal, storage
 from relu_dask.errors import DestinationExistsError, ReluDaskError
+from relu_dask.growth import Rehash, Restat, compare_jobs
 from relu_dask.locations import Location, parse_location, parse_storage_options
 
 __all__ = [
     "DestState",
-    "JobChange",
     "JobStatus",
-    "compare_jobs",
     "dest_state",
     "job_status",
     "remove_dest_and_journal",
@@ -34,12 +31,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DestState = Literal["fresh", "resume", "complete", "grow"]
-
-
-#: Asks SOURCE now about one of its chunk objects: (array path, chunk key) -> [size, mtime].
-Restat = Callable[[str, str], list[Any]]
-#: What :func:`relu_dask.storage.settled_sha256` says of an array of SOURCE now: (path, axis, rows) -> hash.
-Rehash = Callable[[str, int, int], str | None]
 
 
 def dest_state(
@@ -126,149 +117,6 @@ def outputs_present(dest: Location, array_paths: list[str], *, is_group: bool) -
 def missing_arrays(dest: Location, array_paths: list[str]) -> list[str]:
     """The mask arrays of the job that DEST lacks, by path ("" for DEST itself)."""
     return [path for path in array_paths if not storage.has_array(dest, path)]
-
-
-@dataclass(frozen=True)
-class JobChange:
-    """How this run's job differs from the one recorded in DEST (:func:`compare_jobs`)."""
-
-    said: list[str]
-    """What differs so that DEST holds another job, said for the user (empty: the same job)."""
-    grown: dict[str, list[int] | None]
-    """The arrays that only grew along the append axis (their recorded shape), and those new
-    in a SOURCE group (None)."""
-    coordinates_changed: bool = False
-    """xarray's coordinates changed (and growth is allowed): they are copied again."""
-
-
-def compare_jobs(
-    old: dict[str, Any],
-    new: dict[str, Any],
-    *,
-    append_axis: int | None = None,
-    restat: Restat | None = None,
-    rehash: Rehash | None = None,
-    recorded_axis: int | None = None,
-) -> JobChange:
-    """Compare the job recorded in DEST with this one: the same, grown, or another job.
-
-    An array grew when only its extent along ``append_axis`` is larger, its metadata less the
-    shape is the same, and the chunk objects sampled when it was recorded are as they were
-    (``restat``), but for the old edge chunk that the writer completes. Arrays new in a
-    SOURCE group count as grown; with ``append_axis`` None, nothing does. Coordinates are
-    copied again whole by a run over grown arrays, so they may change with them.
-    """
-    said: list[str] = []
-    grown: dict[str, list[int] | None] = {}
-    if old.get("source") != new["source"]:
-        said.append(f"its source was {old.get('source')}")
-    old_arrays = {a["path"]: a for a in old.get("arrays", [])}
-    for array in new["arrays"]:
-        before = old_arrays.pop(array["path"], None)
-        name = array["path"] or "the source array"
-        if before is None:
-            if append_axis is None:
-                said.append(f"{name} is new")
-            else:
-                grown[array["path"]] = None
-            continue
-        # Keys an older relu-dask did not record are not compared.
-        what = [k for k in array if k in before and before[k] != array[k] and k != "edge_samples"]
-        if not what:
-            continue
-        why_not = _why_not_grown(before, array, append_axis, restat, rehash, recorded_axis)
-        if why_not is None:
-            grown[array["path"]] = list(before["shape"])
-        else:
-            said.append(f"{name} {why_not or 'changed (' + ', '.join(what) + ')'}")
-    now_coordinates = {c["path"] for c in new.get("coordinates", [])}
-    said.extend(
-        f"{path} is now read as xarray's coordinate: copied, no longer masked"
-        if path in now_coordinates
-        else f"{path or 'the source array'} is gone"
-        for path in old_arrays
-    )
-    # Older journals have no coordinates. They are copied again whole by a run that may
-    # follow growth (xarray appends to them too, one variable after another).
-    recopy = "coordinates" in old and old["coordinates"] != new.get("coordinates")
-    if recopy and append_axis is None:
-        said.append("its coordinates changed")
-    for option in ("rule", "nan", "dest_chunks", "dest_shards", "compressor"):
-        if old.get(option) != new[option]:
-            said.append(f"it was made with {option} {old.get(option)}, now {new[option]}")
-    return JobChange(said, grown if not said else {}, bool(recopy and not said))
-
-
-def _why_not_grown(
-    before: dict[str, Any],
-    now: dict[str, Any],
-    axis: int | None,
-    restat: Restat | None,
-    rehash: Rehash | None = None,
-    recorded_axis: int | None = None,
-) -> str | None:
-    """None if the array only grew along ``axis``; else what changed ("" for: say the keys).
-
-    ``recorded_axis``: the append axis DEST was made with; growth along another is refused
-    (its blocks, edge counts and settled hash follow the recorded axis)."""
-    old_shape, new_shape = list(before["shape"]), list(now["shape"])
-    if axis is None or restat is None or before.get("layout_sha256") is None or len(old_shape) != len(new_shape):
-        return ""
-    if not -len(new_shape) <= axis < len(new_shape):
-        return ""
-    axis %= len(new_shape)
-    others = [n for i, n in enumerate(new_shape) if i != axis]
-    if others != [n for i, n in enumerate(old_shape) if i != axis]:
-        return f"changed shape from {_shape(old_shape)} to {_shape(new_shape)}, not only along the append axis {axis}"
-    if new_shape[axis] < old_shape[axis]:
-        return f"shrank from {old_shape[axis]} to {new_shape[axis]} along axis {axis}"
-    known = recorded_axis is not None and -len(new_shape) <= recorded_axis < len(new_shape)
-    made_along = recorded_axis % len(new_shape) if known and recorded_axis is not None else axis
-    if made_along != axis and new_shape[axis] > old_shape[axis]:
-        return f"grew along axis {axis}, but DEST was made with --append-axis {recorded_axis} (its records follow it)"
-    if before["layout_sha256"] != now.get("layout_sha256"):
-        return "changed (its metadata, not only its shape)"
-    unit = before.get("shard_shape") or before["chunk_shape"]
-    grew = new_shape[axis] > old_shape[axis]
-    edge = old_shape[axis] // unit[axis] if grew and old_shape[axis] % unit[axis] else None
-    for key, *stat in before.get("chunk_samples", []):
-        coords = _chunk_coords(key)
-        if coords is None or len(coords) != len(new_shape):
-            return ""
-        if coords[axis] == edge:
-            continue  # the old edge chunk: the writer completes it
-        if restat(now["path"], key) != stat:
-            if stat == [None, None]:
-                return f"changed (its chunk {key} {_LATE})"
-            return f"changed (its chunk {key} was rewritten since it was processed)"
-    settled = before.get("settled_sha256")
-    if rehash is not None and isinstance(settled, list) and len(settled) == 2:
-        rows, digest = settled
-        if rehash(now["path"], axis, int(rows)) not in (None, digest):
-            return (
-                f"changed (a chunk of its first {rows} rows along axis {axis} was rewritten since it was processed, "
-                f"or {_LATE})"
-            )
-    return None if grew else ""
-
-
-#: A chunk that was not stored when a run took it as the fill value, stored since.
-_LATE = (
-    "was written after a run took it, missing, as the fill value: a writer slower than --settle-time "
-    "and the time between runs"
-)
-
-
-def _chunk_coords(key: str) -> tuple[int, ...] | None:
-    """A chunk key's coordinates, in any of the specs' encodings (``c/1/0``, ``c.1.0``, ``1.0``, ``1/0``)."""
-    parts = re.split(r"[./]", key)
-    if parts and parts[0] == "c":
-        parts = parts[1:]
-    return tuple(int(p) for p in parts) if all(p.isdigit() for p in parts) else None
-
-
-def _shape(shape: list[int]) -> str:
-    return "(" + ", ".join(str(n) for n in shape) + ")"
 
 
 def remove_dest_and_journal(dest: Location, reason: str) -> None:

@@ -13,16 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import json
 import logging
-import math
 import os
 import re
-import shutil
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -31,10 +27,6 @@ import zarr.errors
 
 from relu_dask import conventions
 from relu_dask.blocks import StoredArray, describe_stored, read_metadata, read_metadata_bytes
-from relu_dask.chunkfiles import (
-    chunk_key_encoding,
-    format_chunk_key,
-)
 from relu_dask.errors import DestinationExistsError, InputError, NotWritableError, UnsupportedDtypeError
 from relu_dask.kernel import check_dtype
 from relu_dask.locations import Location
@@ -54,7 +46,6 @@ __all__ = [
     "create_dest_group",
     "create_mask_array",
     "create_subgroup",
-    "fingerprint_array",
     "has_array",
     "is_consolidated",
     "is_group",
@@ -66,7 +57,6 @@ __all__ = [
     "remove_dest",
     "remove_partial_writes",
     "unconsolidate",
-    "write_synthetic_activations",
 ]
 
 log = logging.getLogger(__name__)
@@ -535,242 +525,6 @@ def open_array(location: Location | str | os.PathLike[str], array_path: str = ""
     """Open one array read-only (``array_path`` inside a group, if given)."""
     where = location if isinstance(location, Location) else Location(os.fspath(location))
     return _array_at(where, array_path, mode="r")
-
-
-def write_synthetic_activations(
-    path: Path, *, shape: tuple[int, int], chunk_shape: tuple[int, int], seed: int, num_threads: int = 2
-) -> None:
-    """Write seeded synthetic float32 ReLU inputs to a new Zarr v3 array at ``path``.
-
-    Each unit (column) has its own mean and spread, some far below zero (dead units) and
-    some far above (always on); a few exact zeros and NaNs are planted. Rows are written a
-    chunk at a time, each from its own seeded generator, so memory stays one chunk per
-    thread and the data does not depend on the thread count. The array is written under a
-    temporary name and renamed into place, so a killed run never leaves half an array.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    rows, units = shape
-    rng = np.random.default_rng(seed)
-    mean = rng.normal(0.0, 1.0, units).astype(np.float32)
-    mean[rng.choice(units, max(1, units // 50), replace=False)] = -8.0  # dead units
-    mean[rng.choice(units, max(1, units // 50), replace=False)] = 8.0  # always on
-    spread = rng.uniform(0.5, 2.0, units).astype(np.float32)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    array = zarr.create_array(
-        store=str(tmp),
-        shape=shape,
-        chunks=chunk_shape,
-        dtype="float32",
-        fill_value=0.0,
-        dimension_names=("sample", "unit"),
-        zarr_format=3,
-        attributes={"description": "synthetic ReLU inputs (relu-dask demo)", "seed": seed},
-    )
-
-    def write_rows(start: int) -> None:
-        stop = min(start + chunk_shape[0], rows)
-        local = np.random.default_rng([seed, start])
-        block = local.standard_normal((stop - start, units), dtype=np.float32)
-        block *= spread
-        block += mean
-        block[local.random(block.shape, dtype=np.float32) < 1e-4] = 0.0
-        if start == 0:
-            block[0, :3] = np.nan
-        array[start:stop] = block
-
-    with ThreadPoolExecutor(max_workers=num_threads) as pool:
-        list(pool.map(write_rows, range(0, rows, chunk_shape[0])))
-    if path.exists():  # another demo made it meanwhile: keep theirs
-        shutil.rmtree(tmp)
-    else:
-        os.replace(tmp, path)
-
-
-def fingerprint_array(src: SourceArray, num_samples: int = 16, append_axis: int | None = None) -> dict[str, Any]:
-    """A cheap identity of one source array, to tell whether it changed between runs.
-
-    Its path, shape, dtype and chunking; a hash of its metadata document (and one of it
-    less the shape); and the size and modification time of up to ``num_samples`` stored
-    chunk (or shard) objects spread evenly over the chunk grid. Rewriting those chunks, or
-    the array's metadata, changes it; reading never does. With an ``append_axis``, also
-    those of every chunk object of the last chunk row along it (``edge_samples``): a writer
-    that appends rewrites them, which tells a run whether it has.
-    """
-    unit = src.shard_shape or src.chunk_shape
-    grid = tuple(-(-n // c) for n, c in zip(src.shape, unit))
-    total = math.prod(grid)
-    samples = []
-    keys = chunk_key_encoding(src.metadata) if src.metadata else None
-    if total and keys is not None:
-        for linear in sorted({round(i * (total - 1) / max(1, num_samples - 1)) for i in range(num_samples)}):
-            coords = tuple(int(c) for c in np.unravel_index(linear, grid))
-            key = format_chunk_key(coords, *keys)
-            samples.append([key, *stat_chunk(src, key)])
-    layout = {k: v for k, v in (src.metadata or {}).items() if k != "shape"}
-    return {
-        "path": src.path,
-        "shape": list(src.shape),
-        "dtype": str(src.dtype),
-        "chunk_shape": list(src.chunk_shape),
-        "shard_shape": list(src.shard_shape) if src.shard_shape else None,
-        "metadata_sha256": src.metadata_sha256,
-        # The metadata less the shape: equal when the array only grew (or shrank).
-        "layout_sha256": hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest() if layout else None,
-        "chunk_samples": samples,
-        # Every chunk object of the whole chunk rows along the append axis, locally: a growth
-        # never rewrites them, so a change there is a change.
-        **({"settled_sha256": _settled(src, append_axis)} if append_axis is not None else {}),
-        # Where the run holds rows back, the last chunk row may be written further already.
-        **({"edge_samples": _edge_samples(src, append_axis)} if append_axis is not None and not src.held_shape else {}),
-    }
-
-
-#: The most chunk objects :func:`settled_sha256` looks at (one stat each).
-_MAX_SETTLED_KEYS = 100_000
-
-
-def _settled(src: SourceArray, axis: int) -> list[Any] | None:
-    """``[rows, hash]``: the whole chunk rows of ``src`` along ``axis`` and their
-    :func:`settled_sha256` (None where it is not looked at)."""
-    if not -len(src.shape) <= axis < len(src.shape):
-        return None
-    axis %= len(src.shape)
-    rows = (src.held_shape or src.shape)[axis]
-    unit = (src.shard_shape or src.chunk_shape)[axis]
-    rows -= rows % unit
-    digest = settled_sha256(src, axis, rows)
-    return None if digest is None else [rows, digest]
-
-
-def settled_sha256(src: SourceArray, axis: int, rows: int) -> str | None:
-    """A hash of the key, size and modification time of every stored chunk (or shard)
-    object of ``src`` in its first ``rows`` rows along ``axis`` (whole chunk rows), read
-    from a local store; None elsewhere, or where there are too many to look at. Rewriting
-    any of them changes it; appending rows after them does not."""
-    keys = chunk_key_encoding(src.metadata) if src.metadata else None
-    folder = src.location
-    if keys is None or folder is None or not folder.is_local or not math.prod(src.shape):
-        return None
-    unit = src.shard_shape or src.chunk_shape
-    grid = [-(-n // c) if a != axis else rows // c for a, (n, c) in enumerate(zip(src.shape, unit))]
-    if math.prod(grid) > _MAX_SETTLED_KEYS:
-        return None
-    digest = hashlib.sha256()
-    for coords in itertools.product(*map(range, grid)):
-        key = format_chunk_key(coords, *keys)
-        digest.update(f"{key} {stat_chunk(src, key)}\n".encode())
-    return digest.hexdigest()
-
-
-def _edge_keys(src: SourceArray, axis: int) -> list[str] | None:
-    """The keys of the chunk objects of the last chunk row of ``src`` along ``axis`` (None:
-    not known, or too many to look at)."""
-    keys = chunk_key_encoding(src.metadata) if src.metadata else None
-    unit = src.shard_shape or src.chunk_shape
-    grid = [-(-n // c) for n, c in zip(src.shape, unit)]
-    if keys is None or not math.prod(grid) or math.prod(grid) // grid[axis] > _MAX_EDGE_SAMPLES:
-        return None
-    others = [range(n) if a != axis else [n - 1] for a, n in enumerate(grid)]
-    return [format_chunk_key(tuple(c), *keys) for c in itertools.product(*others)]
-
-
-def _edge_samples(src: SourceArray, axis: int) -> list[list[Any]] | None:
-    keys = _edge_keys(src, axis)
-    return None if keys is None else [[key, *stat_chunk(src, key)] for key in keys]
-
-
-def stat_chunk(src: SourceArray, key: str) -> list[Any]:
-    """The size and modification time of a stored chunk (or shard) object of ``src``, as
-    :func:`fingerprint_array` samples them (``[None, None]``: not stored)."""
-    folder = src.location
-    assert folder is not None, "a SourceArray from open_source knows where it is"
-    stat = folder.child(*key.split("/")).stat()
-    return [stat[0], stat[1]] if stat else [None, None]
-
-
-#: How long a run waits by default for the rows a writer appears to be appending to a SOURCE
-#: array (its shape already grown, its chunk objects not all written yet) before it leaves them
-#: for the next run: ``--settle-time``, ``RunOptions.settle_s``, ``$RELU_DASK_SETTLE_TIME``.
-SETTLE_S = 2.0
-_MAX_SETTLE_KEYS = 65536
-_MAX_EDGE_SAMPLES = 1024
-
-
-def written_rows(
-    src: SourceArray,
-    axis: int,
-    from_row: int | None,
-    edge_samples: list[list[Any]] | None,
-    stale: frozenset[str] = frozenset(),
-) -> int:
-    """How many rows of ``src`` along ``axis`` look written, of those a writer appended.
-
-    zarr's ``Array.append`` and xarray's ``to_zarr(append_dim=...)`` grow the shape first,
-    then write the new chunks, in any order. A run that read the new shape in between would
-    take the chunks not yet there for the fill value. ``from_row``: the extent DEST recorded;
-    the rows from there on look written up to the first chunk row with a chunk object
-    missing, and none do while a chunk of the old last chunk row (which the new rows
-    complete) is as ``edge_samples`` recorded it. Without ``from_row`` (a first run), only the
-    last chunk row is looked at: it looks half-written when some of its chunk objects exist
-    and some do not, or when none does while the row before is whole. A chunk that is all
-    fill value is never stored, so it looks unwritten too: ``stale`` are the keys of chunk
-    objects taken as written all the same (missing, or not rewritten, at the last run's hold
-    and still so: all fill value; see :class:`relu_dask.journal.Held`). Only local stores are
-    looked at.
-    """
-    rows = src.shape[axis]
-    keys = chunk_key_encoding(src.metadata) if src.metadata else None
-    folder = src.location
-    if keys is None or folder is None or not folder.is_local:
-        return rows
-    unit = (src.shard_shape or src.chunk_shape)[axis]
-    grid = [-(-n // c) for n, c in zip(src.shape, src.shard_shape or src.chunk_shape)]
-    if not math.prod(grid) or math.prod(grid) // grid[axis] > _MAX_SETTLE_KEYS:
-        return rows
-
-    def row(index: int) -> list[bool]:
-        others = [range(n) if a != axis else [index] for a, n in enumerate(grid)]
-        names = (format_chunk_key(tuple(c), *keys) for c in itertools.product(*others))
-        return [name in stale or stat_chunk(src, name)[0] is not None for name in names]
-
-    if from_row is None:
-        last = row(grid[axis] - 1)
-        if all(last) or (not any(last) and (grid[axis] == 1 or not all(row(grid[axis] - 2)))):
-            return rows
-        return (grid[axis] - 1) * unit
-    if rows <= from_row:
-        return rows
-    if from_row % unit and any(key not in stale and stat_chunk(src, key) == stat for key, *stat in edge_samples or []):
-        return from_row  # the old last chunk row is not completed yet
-    if (grid[axis] - from_row // unit) * (math.prod(grid) // grid[axis]) > _MAX_SETTLE_KEYS:
-        return rows  # too many chunk objects to look at each time
-    for index in range(from_row // unit, grid[axis]):
-        if not all(row(index)):
-            return max(from_row, index * unit)
-    return rows
-
-
-def unwritten_keys(src: SourceArray, axis: int, from_row: int, edge_samples: list[list[Any]] | None) -> list[str]:
-    """The keys of the chunk objects of ``src`` that look unwritten in its rows from
-    ``from_row`` on (see :func:`written_rows`): those not stored, and those of an old last
-    chunk row as ``edge_samples`` recorded them (not rewritten). Empty where they are not
-    looked at (not local, or too many)."""
-    keys = chunk_key_encoding(src.metadata) if src.metadata else None
-    folder = src.location
-    if keys is None or folder is None or not folder.is_local:
-        return []
-    unit = (src.shard_shape or src.chunk_shape)[axis]
-    grid = [-(-n // c) for n, c in zip(src.shape, src.shard_shape or src.chunk_shape)]
-    if not math.prod(grid) or (grid[axis] - from_row // unit) * (math.prod(grid) // grid[axis]) > _MAX_SETTLE_KEYS:
-        return []
-    ranges = [range(from_row // unit, n) if a == axis else range(n) for a, n in enumerate(grid)]
-    names = [format_chunk_key(tuple(c), *keys) for c in itertools.product(*ranges)]
-    missing = [name for name in names if stat_chunk(src, name)[0] is None]
-    unchanged = [key for key, *stat in edge_samples or [] if stat[0] is not None and stat_chunk(src, key) == stat]
-    return sorted({*missing, *unchanged})
 
 
 def resize_mask_array(dest: Location, path: str, shape: tuple[int, ...]) -> None:

@@ -108,8 +108,7 @@ TARGET_RSS_GROWTH = 0.10
 
 
 def _child_generate(dest: str, rows: str) -> dict[str, float]:
-    from relu_dask.demo import DEMO_SEED
-    from relu_dask.storage import write_synthetic_activations
+    from relu_dask.demo import DEMO_SEED, write_synthetic_activations
 
     start = time.perf_counter()
     write_synthetic_activations(

@@ -36,7 +36,8 @@ if TYPE_CHECKING:
         RunStopped,
         UnsupportedDtypeError,
     )
-    from relu_dask.execution import FollowState, execute, follow, run
+    from relu_dask.execution import execute, run
+    from relu_dask.following import FollowState, follow
     from relu_dask.graph import derivative_mask
     from relu_dask.kernel import relu_derivative
     from relu_dask.mask_stats import stats_of_masks
@@ -56,8 +57,8 @@ _HOMES = {
     "RunOptions": "options",
     "RunPlan": "planning",
     "execute": "execution",
-    "follow": "execution",
-    "FollowState": "execution",
+    "follow": "following",
+    "FollowState": "following",
     "plan_run": "planning",
     "ChunkPlan": "chunking",
     "DamagedSourceError": "errors",

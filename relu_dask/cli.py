@@ -25,7 +25,8 @@ from relu_dask import __version__
 from relu_dask.chunking import parse_bytes
 from relu_dask.computing import PROGRESS_INTERVAL_S
 from relu_dask.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, InputError, ReluDaskError, RunStopped
-from relu_dask.execution import deliver, follow_with, run_with
+from relu_dask.execution import deliver, run_with
+from relu_dask.following import follow_with
 from relu_dask.jobfile import FileJob, read_job_file
 from relu_dask.kernel import ENGINES
 from relu_dask.mask_stats import stats_of_masks

@@ -156,9 +156,9 @@ def _imports(module: str) -> set[str]:
 #: Each layer may import only from the layers after it.
 LAYERS = [
     {"cli"},
-    {"demo"},
+    {"demo", "following"},
     {"execution"},
-    {"repair"},
+    {"repair", "prepare", "results"},
     {"mask_stats", "planning"},
     {"options", "resume", "verify", "plot", "jobfile", "xarray"},
     {"graph", "livewriter", "growth"},

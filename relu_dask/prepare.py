@@ -1,0 +1,144 @@
+"""Preparing DEST for a run's tasks: replaced, grown or resumed; its record first, then its arrays.
+
+:func:`prepare_dest` is the first of a run's three steps (prepare DEST, run the tasks,
+record the job: :func:`relu_dask.execution.execute`). Every step is ordered so that a kill
+between any two leaves a DEST the same command finishes (docs/design.md, "Crash
+consistency"): the journal says what is under way before anything it describes is written.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from relu_dask import conventions, journal, storage
+from relu_dask.kernel import rule_for
+from relu_dask.planning import RunPlan
+from relu_dask.resume import remove_dest_and_journal
+
+__all__ = ["prepare_dest"]
+
+log = logging.getLogger(__name__)
+
+
+def prepare_dest(plan: RunPlan) -> None:
+    """Make DEST ready for the plan's tasks, as its state says: replaced (``fresh``), grown
+    (``grow``), or resumed (what a kill left half-written removed)."""
+    if plan.state == "fresh":
+        _start_fresh(plan)
+    elif plan.state == "grow":
+        _start_growing(plan)
+    else:
+        if storage.unconsolidate(plan.dest):  # DEST is about to change: no longer a finished group
+            log.info("DEST %s: consolidated metadata dropped until the run completes", plan.dest)
+        removed = storage.remove_partial_writes(plan.dest)
+        log.info(
+            "resuming DEST %s: %d of %d tasks already done%s",
+            plan.dest,
+            sum(plan.tasks_already_done),
+            plan.num_tasks,
+            f", {removed} half-written file(s) removed" if removed else "",
+        )
+        _create_outputs(plan)
+    journal.reach_step("outputs-created")
+
+
+def _start_fresh(plan: RunPlan) -> None:
+    """Replace DEST (if any) and its journal, record the job, create the outputs.
+
+    The journal goes first: a kill while DEST is being deleted then leaves no record that
+    says "complete" beside a half-deleted DEST (see docs/design.md, "Crash consistency").
+    """
+    remove_dest_and_journal(plan.dest, "--overwrite")
+    block_shapes = [list(p.block_shape) for p in plan.chunk_plans]
+    journal.write_record(plan.dest, journal.JobRecord(plan.inputs.fingerprint, block_shapes))
+    journal.reach_step("job-recorded")
+    _create_outputs(plan)
+
+
+def _start_growing(plan: RunPlan) -> None:
+    """Make DEST's record that of the grown SOURCE, before any of its blocks is written.
+
+    The done markers of blocks cut short by the old extent go first, then ``job.json`` says
+    the new job is under way with the blocks it keeps (:class:`~relu_dask.counts.KeptCounts`),
+    then the mask arrays grow (:func:`_create_outputs`). A kill between any two steps leaves
+    a DEST that the same command grows, or resumes, again.
+    """
+    dest = plan.dest
+    if storage.unconsolidate(dest):
+        log.info("DEST %s: consolidated metadata dropped until the run completes", dest)
+    storage.remove_partial_writes(dest)
+    for index, drop_from in enumerate(plan.drop_markers):
+        axis = plan.inputs.append_axes[index]
+        if drop_from is not None and axis is not None:
+            journal.remove_done_markers_from(dest, index, axis, drop_from)
+    for path, before in plan.grown.items():
+        log.info(
+            "SOURCE has grown: %s %s",
+            path or "the source array",
+            "is new" if before is None else f"from {tuple(before)} to {tuple(_source(plan, path).shape)}",
+        )
+    journal.write_record(
+        dest,
+        journal.JobRecord(
+            plan.inputs.fingerprint,
+            [list(p.block_shape) for p in plan.chunk_plans],
+            append_axis=plan.options.append_axis,
+            kept=[None if k is None else k.to_dict() for k in plan.kept],
+        ),
+    )
+    journal.reach_step("job-recorded")
+    _create_outputs(plan)
+
+
+def _source(plan: RunPlan, path: str) -> storage.SourceArray:
+    return next(a for a in plan.inputs.arrays if a.path == path)
+
+
+def _provenance(plan: RunPlan, src: storage.SourceArray | None) -> dict[str, Any]:
+    from relu_dask import __version__
+
+    options = plan.options
+    info: dict[str, Any] = {
+        "source": plan.inputs.source.url,
+        "rule": rule_for(options.at_zero),
+        "at_zero": options.at_zero,
+        "nan": options.nan,
+        "version": __version__,
+        "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    if src is not None:
+        info.update(source_path=src.path, source_dtype=str(src.dtype), source_zarr_format=src.zarr_format)
+    return {storage.PROVENANCE_KEY: info}
+
+
+def _create_outputs(plan: RunPlan) -> None:
+    """Create DEST's group (for a group SOURCE) and every mask array that is not there yet.
+
+    On a fresh start that is all of them; on resume, those a kill stopped from being made, or
+    that went missing since: an array made now holds no mask yet, so any done markers of its
+    tasks are dropped first (they would otherwise be trusted, and leave it empty).
+    """
+    dest = plan.dest
+    if plan.inputs.is_group and not storage.is_group(dest):
+        storage.create_dest_group(dest, {**plan.inputs.attributes, **_provenance(plan, None)})
+    for path, attributes in sorted(plan.inputs.groups.items()):
+        storage.create_subgroup(dest, path, attributes)
+    for index, (src, chunk_plan) in enumerate(zip(plan.inputs.arrays, plan.chunk_plans)):
+        if storage.has_array(dest, src.path):
+            storage.resize_mask_array(dest, src.path, src.shape)  # SOURCE grew (no-op otherwise)
+            continue
+        journal.done_dir(dest, index).remove_tree()
+        storage.create_mask_array(
+            dest,
+            src.path,
+            shape=src.shape,
+            chunk_shape=chunk_plan.dest_chunk_shape,
+            shard_shape=chunk_plan.dest_shard_shape,
+            dimension_names=src.dimension_names,
+            attributes={**conventions.mask_attributes(src), **_provenance(plan, src)},
+            compressor=plan.options.dest_compressor,
+        )
+    for coordinate in plan.inputs.coordinates:  # small, and copied again whole after a kill
+        storage.copy_array(dest, coordinate)

@@ -1,0 +1,179 @@
+"""A run's results: the tasks' count rows and the blocks kept from earlier runs, summed into
+the report and into the job DEST records.
+
+The last of a run's three steps (:func:`relu_dask.execution.execute`): :func:`record_counts`
+adds up each array's counts (:class:`relu_dask.counts.BlockCounts`), its per-unit ones, its
+per-block ones and digests and its last block row along the append axis (for the next
+growth), and fills in the report's figures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from relu_dask import chunking, journal, storage
+from relu_dask.counts import BlockCounts, KeptCounts
+from relu_dask.graph import MaskTasks
+from relu_dask.locations import Location
+from relu_dask.mask_stats import mask_unit_ones, unit_stats
+from relu_dask.planning import RunPlan
+from relu_dask.report import ArrayReport, RunReport
+from relu_dask.task import ArrayTasks
+
+__all__ = ["record_counts", "set_counts", "set_stats"]
+
+
+def record_counts(
+    report: RunReport,
+    plan: RunPlan,
+    array_tasks: list[ArrayTasks],
+    tasks: list[MaskTasks | None],
+    results: Iterator[Any],
+) -> tuple[
+    list[BlockCounts], list[list[int] | None], list[list[int]], list[list[int]], list[dict[str, list[int]] | None]
+]:
+    """Sum the tasks' rows, and the blocks kept from earlier runs, into each array's report.
+
+    Returns, per array, the totals, the per-unit ones, the per-block ones and digests, and the
+    last block row's counts along the append axis (for the next growth: see ``job.json``'s
+    ``edge_blocks``).
+    """
+    totals: list[BlockCounts] = []
+    units: list[list[int] | None] = []
+    block_ones: list[list[int]] = []
+    digests: list[list[int]] = []
+    edges: list[dict[str, list[int]] | None] = []
+    width = len(BlockCounts.FIELDS)
+    kept_all = plan.kept or (None,) * len(array_tasks)
+    for entry, src, array, task, kept in zip(report.arrays, plan.inputs.arrays, array_tasks, tasks, kept_all):
+        counts = BlockCounts()
+        unit_ones: list[int] | None = None
+        result = np.asarray(next(results)) if task is not None else None
+        if result is not None:
+            rows = result.reshape(-1, result.shape[-1])
+            counts = BlockCounts.total(rows[:, :width].tolist())
+            if array.unit_axis is not None:
+                unit_ones = _per_unit(result, array)
+        elif array.unit_axis is not None and kept is None:  # an empty array
+            unit_ones = [0] * src.shape[array.unit_axis]
+        set_counts(entry, counts, src, plan.dest)
+        entry.bytes_read = counts.elements_read * src.dtype.itemsize
+        entry.tasks_skipped = counts.resumed
+        entry.tasks_done_now = entry.num_tasks - counts.resumed
+        if kept is not None:
+            counts = counts + kept.counts
+            unit_ones = _with_kept_units(kept, array, unit_ones)
+            if array.unit_axis is not None and unit_ones is None:  # not kept along this axis: read the masks
+                unit_ones = mask_unit_ones(plan.dest, src.path, array.unit_axis, plan.options.scheduler)
+            set_counts(entry, counts, src, plan.dest)
+        ones = _per_block(array.plan, kept, result, "ones")
+        digests.append(_per_block(array.plan, kept, result, "digest"))
+        set_stats(entry, src, array.unit_axis, unit_ones, plan.inputs.coordinates)
+        _warn_if_relu_outputs(report, entry)
+        totals.append(counts)
+        units.append(unit_ones)
+        block_ones.append(ones)
+        edges.append(_edge_blocks(array, plan.inputs.append_axes[len(edges)], kept, result))
+    return totals, units, block_ones, digests, edges
+
+
+def _with_kept_units(kept: KeptCounts, array: ArrayTasks, now: list[int] | None) -> list[int] | None:
+    """The per-unit ones of the whole array: those kept, and those of the blocks run now."""
+    axis = array.unit_axis
+    if axis is None or kept.unit_ones is None or kept.unit_axis != axis:
+        return None
+    if axis == kept.axis:  # the units grow with the array: the new ones follow the kept ones
+        return [*kept.unit_ones, *(now or [])]
+    if not now:
+        return list(kept.unit_ones)
+    return [a + b for a, b in zip(kept.unit_ones, now, strict=True)]
+
+
+def _per_block(plan: chunking.ChunkPlan, kept: KeptCounts | None, result: np.ndarray | None, field: str) -> list[int]:
+    """One count of each block (``ones`` or ``digest``, of :class:`BlockCounts`) over the
+    whole grid, in C order: the kept blocks', then those run now."""
+    column = BlockCounts.FIELDS.index(field)
+    now = result[..., column] if result is not None else np.zeros(plan.task_numblocks, dtype=np.int64)
+    if kept is None:
+        return [int(v) for v in now.reshape(-1)] if plan.num_tasks else []
+    kept_values = kept.block_ones if field == "ones" else kept.block_digests or (-1,) * len(kept.block_ones)
+    kept_shape = [kept.first_block if a == kept.axis else n for a, n in enumerate(plan.numblocks)]
+    before = np.asarray(kept_values, dtype=np.int64).reshape(kept_shape)
+    if not plan.num_tasks:
+        return [int(v) for v in before.reshape(-1)]
+    return [int(v) for v in np.concatenate([before, now.astype(np.int64)], axis=kept.axis).reshape(-1)]
+
+
+def _edge_blocks(
+    array: ArrayTasks, axis: int | None, kept: KeptCounts | None, result: np.ndarray | None
+) -> dict[str, list[int]] | None:
+    """The last block row's counts along the append axis ``axis``, where the array's extent is
+    not a whole number of blocks (the next growth redoes that row); None where it is."""
+    plan = array.plan
+    if axis is None:
+        return None
+    if result is None:  # no block ran: the kept blocks' edge stays, if its per-unit ones are along this run's
+        same_units = kept is not None and kept.unit_axis == array.unit_axis
+        return kept.edge if kept is not None and kept.axis == axis and same_units else None
+    if not plan.shape[axis] % plan.block_shape[axis]:
+        return None
+    first = plan.first_blocks or (0,) * len(plan.shape)
+    last = plan.task_numblocks[axis] - 1
+    edge = {}
+    for index in np.ndindex(*(1 if a == axis else n for a, n in enumerate(plan.task_numblocks))):
+        at = tuple(last if a == axis else i for a, i in enumerate(index))
+        row = result[at]
+        name = journal.marker_name(tuple(i + f for i, f in zip(at, first)))
+        units = []
+        if array.unit_axis is not None:
+            width = len(BlockCounts.FIELDS)
+            extent = plan.task_chunks[array.unit_axis][at[array.unit_axis]]
+            units = [int(v) for v in row[width : width + extent]]
+        edge[name] = [*BlockCounts.from_row(row.tolist()).recorded(), *units]
+    return edge
+
+
+def set_stats(
+    entry: ArrayReport,
+    src: storage.SourceArray,
+    axis: int | None,
+    unit_ones: list[int] | None,
+    coordinates: Sequence[storage.SourceArray] = (),
+) -> None:
+    if axis is not None and unit_ones is not None:
+        entry.stats = unit_stats(src, axis, unit_ones, coordinates)
+
+
+def _per_unit(result: np.ndarray, array: ArrayTasks) -> list[int]:
+    """Per-unit ones: sum over every block axis but the unit axis, then lay the blocks end to end."""
+    axis = array.unit_axis
+    assert axis is not None
+    ndim = result.ndim - 1
+    by_unit_block = result.sum(axis=tuple(a for a in range(ndim) if a != axis)).reshape(-1, result.shape[-1])
+    extents = array.plan.task_chunks[axis]
+    width = len(BlockCounts.FIELDS)
+    return [int(v) for j, n in enumerate(extents) for v in by_unit_block[j, width : width + n]]
+
+
+def set_counts(entry: ArrayReport, counts: BlockCounts, src: storage.SourceArray, dest: Location) -> None:
+    entry.num_elements = counts.elements
+    entry.num_ones = counts.ones
+    entry.num_nans = counts.nans
+    entry.num_zeros = counts.zeros
+    entry.bytes_written = storage.array_location(dest, src.path).disk_bytes()
+
+
+def _warn_if_relu_outputs(report: RunReport, entry: ArrayReport) -> None:
+    if report.rule != "x >= 0" or not entry.num_elements:
+        return
+    negatives = entry.num_elements - entry.num_ones - entry.num_nans
+    if negatives == 0 and entry.num_zeros >= 0.1 * entry.num_elements:
+        name = entry.path or "the source"
+        report.warnings.append(
+            f"{name} has no negative values and {entry.num_zeros / entry.num_elements:.0%} exact zeros: "
+            "it looks like ReLU outputs, not inputs; with the rule x >= 0 every value gives 1. "
+            "If these are ReLU outputs, use --at-zero 0 (rule x > 0)"
+        )

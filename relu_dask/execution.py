@@ -31,6 +31,7 @@ from relu_dask.errors import NaNFoundError, ProcessingError, ReluDaskError, RunS
 from relu_dask.graph import build_mask_tasks
 from relu_dask.kernel import Engine
 from relu_dask.locations import Location
+from relu_dask.lock import hold_lock
 from relu_dask.mask_stats import mask_unit_ones
 from relu_dask.options import RunOptions
 from relu_dask.planning import RunPlan, open_inputs, plan_run
@@ -169,7 +170,7 @@ def run_with(options: RunOptions) -> RunReport:
     execute; draw the plot and write the report the options ask for."""
     refuse_in_a_spawned_copy_of_main()
     inputs = open_inputs(options)
-    with journal.hold_lock(inputs.dest):
+    with hold_lock(inputs.dest):
         journal.reach_step("locked")
         report = execute(plan_run(options, inputs, under_lock=True))
     return deliver(report, options)
@@ -196,7 +197,7 @@ def execute(plan: RunPlan, session: Session | None = None) -> RunReport:
     again under it first: another run may have changed DEST since.
     """
     if not plan.under_lock:
-        with journal.hold_lock(plan.dest):
+        with hold_lock(plan.dest):
             journal.reach_step("locked")
             return execute(plan_run(plan.options, plan.inputs, under_lock=True), session)
     if plan.inputs.held is not None:  # rows held back now (or no longer): for the next run

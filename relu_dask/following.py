@@ -20,6 +20,7 @@ from typing import Any
 from relu_dask import journal, storage
 from relu_dask.errors import InputError, ReluDaskError, RunStopped
 from relu_dask.execution import deliver, execute
+from relu_dask.lock import hold_lock
 from relu_dask.options import RunOptions
 from relu_dask.planning import RunInputs, open_inputs, plan_run
 from relu_dask.report import RunReport
@@ -86,7 +87,7 @@ def follow_with(
     refuse_in_a_spawned_copy_of_main()
     inputs = open_inputs(options)
     try:
-        with journal.hold_lock(inputs.dest, following=True), open_session(options.scheduler) as session:
+        with hold_lock(inputs.dest, following=True), open_session(options.scheduler) as session:
             journal.reach_step("locked")
             last_growth = time.monotonic()
             while True:

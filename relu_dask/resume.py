@@ -19,6 +19,7 @@ from relu_dask import journal, storage
 from relu_dask.errors import DestinationExistsError, ReluDaskError
 from relu_dask.growth import Rehash, Restat, compare_jobs
 from relu_dask.locations import Location, parse_location, parse_storage_options
+from relu_dask.lock import lock_holder
 
 __all__ = [
     "DestState",
@@ -213,7 +214,7 @@ def job_status(dest: str | os.PathLike[str], storage_options: str | dict[str, An
     path = parse_location(dest, parse_storage_options(storage_options))
     record = journal.read_record(path)
     exists = path.exists()
-    running = journal.lock_holder(path)
+    running = lock_holder(path)
     if record is None or not exists:
         replacing = exists and journal.is_being_replaced(path)
         return JobStatus(str(dest), "unknown" if exists else "absent", running, replacing=replacing)

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,17 +264,21 @@ def _local_cluster(spec: SchedulerSpec, session: Session) -> Iterator[Session]:
     limit = session.memory_per_thread_bytes * threads
     refuse_in_a_spawned_copy_of_main()
     try:
-        cluster = LocalCluster(
-            n_workers=workers,
-            threads_per_worker=threads,
-            memory_limit=limit,
-            host="127.0.0.1",
-            dashboard_address=spec.dashboard_address,
-            processes=True,
-            # A failed task is reported once, as one line, by relu-dask; the workers' own
-            # tracebacks are for --debug.
-            silence_logs=logging.WARNING if log.isEnabledFor(logging.DEBUG) else logging.CRITICAL,
-        )
+        with warnings.catch_warnings():
+            # distributed says so when the dashboard's port is taken (another run's): it serves
+            # the dashboard on another port, and the line below gives the link.
+            warnings.filterwarnings("ignore", message=r"Port \d+ is already in use", category=UserWarning)
+            cluster = LocalCluster(
+                n_workers=workers,
+                threads_per_worker=threads,
+                memory_limit=limit,
+                host="127.0.0.1",
+                dashboard_address=spec.dashboard_address,
+                processes=True,
+                # A failed task is reported once, as one line, by relu-dask; the workers' own
+                # tracebacks are for --debug.
+                silence_logs=logging.WARNING if log.isEnabledFor(logging.DEBUG) else logging.CRITICAL,
+            )
     except Exception as exc:
         if _main_is_a_script():  # the commonest cause by far: a script without the guard
             raise InputError(

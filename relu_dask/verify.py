@@ -31,6 +31,7 @@ from relu_dask import blocks, chunkio, journal, storage
 from relu_dask.errors import InputError, NotWritableError
 from relu_dask.kernel import relu_derivative
 from relu_dask.locations import Location, parse_location, parse_storage_options
+from relu_dask.lock import hold_lock
 from relu_dask.schedulers import count_cores
 from relu_dask.task import mask_digest
 
@@ -83,7 +84,7 @@ def verify_dest(
     location = parse_location(dest, parse_storage_options(storage_options))
     with contextlib.ExitStack() as held:
         try:
-            held.enter_context(journal.hold_lock(location))
+            held.enter_context(hold_lock(location))
             writable = True
         except NotWritableError as exc:  # a read-only DEST is checked all the same; nothing recorded
             log.warning("%s: verifying without the lock, and recording nothing", exc)

@@ -162,7 +162,7 @@ LAYERS = [
     {"mask_stats", "planning"},
     {"options", "resume", "verify", "plot", "jobfile", "xarray"},
     {"graph", "livewriter", "growth"},
-    {"task", "fingerprint"},
+    {"task", "fingerprint", "lock"},
     {"computing", "storage", "journal", "report"},
     {"schedulers", "blocks"},
     {"chunkfiles"},

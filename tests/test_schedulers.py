@@ -365,3 +365,22 @@ def test_a_local_cluster_gives_each_worker_the_memory_the_plan_counted_on() -> N
         workers = session.client.scheduler_info()["workers"]
         assert [int(w["memory_limit"]) for w in workers.values()] == [planned.memory_per_thread_bytes]
     assert planned.memory_per_thread_bytes == memory_limit_bytes()
+
+
+# distributed leaves the socket it tried the taken port with to the garbage collector
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_dashboard_port_in_use_is_served_elsewhere_without_distributeds_warning() -> None:
+    """Another run's dashboard holds the port: relu-dask's own line gives the link, and
+    distributed's UserWarning does not reach the user (it broke the one-line output)."""
+    import socket
+    import warnings
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        spec = parse_scheduler("local", num_workers=1, threads_per_worker=1, dashboard_address=f"127.0.0.1:{port}")
+        with warnings.catch_warnings(record=True) as caught, open_session(spec) as session:
+            warnings.simplefilter("always", UserWarning)
+            assert session.dashboard_link and f":{port}/" not in session.dashboard_link
+    assert not [w for w in caught if "already in use" in str(w.message)]

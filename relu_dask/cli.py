@@ -31,6 +31,7 @@ from relu_dask.jobfile import FileJob, read_job_file
 from relu_dask.kernel import ENGINES
 from relu_dask.mask_stats import stats_of_masks
 from relu_dask.options import RunOptions
+from relu_dask.outputs import COMPRESSORS, DEFAULT_COMPRESSOR
 from relu_dask.planning import plan_run
 from relu_dask.report import RunReport, render_summary
 from relu_dask.resume import job_status
@@ -40,7 +41,6 @@ from relu_dask.schedulers import (
     DEFAULT_RETRIES,
     parse_scheduler,
 )
-from relu_dask.storage import COMPRESSORS, DEFAULT_COMPRESSOR
 
 __all__ = ["build_parser", "main"]
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from dask.base import tokenize
 
-from relu_dask import chunking, chunkio, journal, storage
+from relu_dask import chunking, chunkio, journal, outputs, storage
 from relu_dask.computing import PROGRESS_INTERVAL_S, STOP_GRACE_S, Progress, compute
 from relu_dask.errors import NaNFoundError, ProcessingError, ReluDaskError, RunStopped
 from relu_dask.graph import build_mask_tasks
@@ -74,7 +74,7 @@ def run(
     unit_axis: int = -1,
     plot_path: str | os.PathLike[str] | None = None,
     storage_options: str | dict[str, Any] | None = None,
-    dest_compressor: str = storage.DEFAULT_COMPRESSOR,
+    dest_compressor: str = outputs.DEFAULT_COMPRESSOR,
     append_axis: int | str | None = 0,
     settle_s: float | None = None,
     dry_run: bool = False,
@@ -227,8 +227,8 @@ def _complete_report(plan: RunPlan) -> RunReport:
         if axis is not None and (unit_ones is None or recorded_axes[index] != axis):
             unit_ones = mask_unit_ones(plan.dest, src.path, axis, plan.options.scheduler)  # no --stats the first time
         set_stats(entry, src, axis, unit_ones, plan.inputs.coordinates)
-    if plan.inputs.is_group and not storage.is_consolidated(plan.dest):  # a kill came between the two
-        storage.consolidate(plan.dest)
+    if plan.inputs.is_group and not outputs.is_consolidated(plan.dest):  # a kill came between the two
+        outputs.consolidate(plan.dest)
     if record.fingerprint != plan.inputs.fingerprint:  # an older relu-dask's record: keys it lacked
         journal.write_record(plan.dest, replace(record, fingerprint=plan.inputs.fingerprint))
     return report
@@ -302,7 +302,7 @@ def _execute(plan: RunPlan) -> RunReport:
     journal.reach_step("complete")
     journal.remove_done_markers(inputs.dest)
     if inputs.is_group:
-        storage.consolidate(inputs.dest)
+        outputs.consolidate(inputs.dest)
     return report
 
 

@@ -23,8 +23,8 @@ from relu_dask.errors import InputError
 from relu_dask.kernel import ENGINES, Engine, parse_at_zero, parse_nan_policy
 from relu_dask.livewriter import SETTLE_S
 from relu_dask.locations import Location, parse_location, parse_storage_options
+from relu_dask.outputs import DEFAULT_COMPRESSOR, parse_compressor
 from relu_dask.schedulers import SchedulerSpec, parse_scheduler
-from relu_dask.storage import DEFAULT_COMPRESSOR, parse_compressor
 
 __all__ = ["SETTLE_ENV", "RunOptions", "check_output_files", "default_settle_s", "parse_append_axis", "parse_settle_s"]
 
@@ -190,7 +190,7 @@ class RunOptions:
 
     @property
     def dest_location(self) -> Location:
-        """DEST as given (for a group SOURCE, :func:`relu_dask.storage.prepare_dest` may refine it)."""
+        """DEST as given (for a group SOURCE, :func:`relu_dask.outputs.prepare_dest` may refine it)."""
         return parse_location(self.dest, self.storage_options)
 
 

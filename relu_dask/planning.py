@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Literal
 
-from relu_dask import chunking, journal, storage
+from relu_dask import chunking, journal, outputs, storage
 from relu_dask.chunking import format_bytes
 from relu_dask.counts import KeptCounts
 from relu_dask.errors import ReluDaskError
@@ -77,7 +77,7 @@ def open_inputs(options: RunOptions) -> RunInputs:
     )
     source = options.source_location
     contents = storage.open_source(source)
-    dest = storage.prepare_dest(source, options.dest_location)
+    dest = outputs.prepare_dest(source, options.dest_location)
     record = None if options.overwrite else journal.read_record(dest)
     recorded: dict[str, dict[str, Any]] = {}
     for entry in record.fingerprint.get("arrays", []) if record else []:

@@ -12,7 +12,7 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from relu_dask import conventions, journal, storage
+from relu_dask import conventions, journal, outputs, storage
 from relu_dask.kernel import rule_for
 from relu_dask.planning import RunPlan
 from relu_dask.resume import remove_dest_and_journal
@@ -30,9 +30,9 @@ def prepare_dest(plan: RunPlan) -> None:
     elif plan.state == "grow":
         _start_growing(plan)
     else:
-        if storage.unconsolidate(plan.dest):  # DEST is about to change: no longer a finished group
+        if outputs.unconsolidate(plan.dest):  # DEST is about to change: no longer a finished group
             log.info("DEST %s: consolidated metadata dropped until the run completes", plan.dest)
-        removed = storage.remove_partial_writes(plan.dest)
+        removed = outputs.remove_partial_writes(plan.dest)
         log.info(
             "resuming DEST %s: %d of %d tasks already done%s",
             plan.dest,
@@ -66,9 +66,9 @@ def _start_growing(plan: RunPlan) -> None:
     a DEST that the same command grows, or resumes, again.
     """
     dest = plan.dest
-    if storage.unconsolidate(dest):
+    if outputs.unconsolidate(dest):
         log.info("DEST %s: consolidated metadata dropped until the run completes", dest)
-    storage.remove_partial_writes(dest)
+    outputs.remove_partial_writes(dest)
     for index, drop_from in enumerate(plan.drop_markers):
         axis = plan.inputs.append_axes[index]
         if drop_from is not None and axis is not None:
@@ -110,7 +110,7 @@ def _provenance(plan: RunPlan, src: storage.SourceArray | None) -> dict[str, Any
     }
     if src is not None:
         info.update(source_path=src.path, source_dtype=str(src.dtype), source_zarr_format=src.zarr_format)
-    return {storage.PROVENANCE_KEY: info}
+    return {outputs.PROVENANCE_KEY: info}
 
 
 def _create_outputs(plan: RunPlan) -> None:
@@ -121,16 +121,16 @@ def _create_outputs(plan: RunPlan) -> None:
     tasks are dropped first (they would otherwise be trusted, and leave it empty).
     """
     dest = plan.dest
-    if plan.inputs.is_group and not storage.is_group(dest):
-        storage.create_dest_group(dest, {**plan.inputs.attributes, **_provenance(plan, None)})
+    if plan.inputs.is_group and not outputs.is_group(dest):
+        outputs.create_dest_group(dest, {**plan.inputs.attributes, **_provenance(plan, None)})
     for path, attributes in sorted(plan.inputs.groups.items()):
-        storage.create_subgroup(dest, path, attributes)
+        outputs.create_subgroup(dest, path, attributes)
     for index, (src, chunk_plan) in enumerate(zip(plan.inputs.arrays, plan.chunk_plans)):
         if storage.has_array(dest, src.path):
-            storage.resize_mask_array(dest, src.path, src.shape)  # SOURCE grew (no-op otherwise)
+            outputs.resize_mask_array(dest, src.path, src.shape)  # SOURCE grew (no-op otherwise)
             continue
         journal.done_dir(dest, index).remove_tree()
-        storage.create_mask_array(
+        outputs.create_mask_array(
             dest,
             src.path,
             shape=src.shape,
@@ -141,4 +141,4 @@ def _create_outputs(plan: RunPlan) -> None:
             compressor=plan.options.dest_compressor,
         )
     for coordinate in plan.inputs.coordinates:  # small, and copied again whole after a kill
-        storage.copy_array(dest, coordinate)
+        outputs.copy_array(dest, coordinate)

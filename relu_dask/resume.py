@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from relu_dask import journal, storage
+from relu_dask import journal, outputs, storage
 from relu_dask.errors import DestinationExistsError, ReluDaskError
 from relu_dask.growth import Rehash, Restat, compare_jobs
 from relu_dask.locations import Location, parse_location, parse_storage_options
@@ -58,9 +58,9 @@ def dest_state(
     """
     if overwrite:
         if journal.is_being_replaced(dest):  # a run deleting DEST was killed: what it left
-            storage.check_replaceable_remains(dest)
+            outputs.check_replaceable_remains(dest)
         else:
-            storage.check_replaceable(dest)
+            outputs.check_replaceable(dest)
         return "fresh", None, {}
     if not dest.exists():
         return "fresh", None, {}
@@ -110,7 +110,7 @@ def dest_state(
 
 def outputs_present(dest: Location, array_paths: list[str], *, is_group: bool) -> bool:
     """Whether DEST holds the group (for a group SOURCE) and every mask array of the job."""
-    if is_group and not storage.is_group(dest):
+    if is_group and not outputs.is_group(dest):
         return False
     return not missing_arrays(dest, array_paths)
 
@@ -132,7 +132,7 @@ def remove_dest_and_journal(dest: Location, reason: str) -> None:
     journal.remove_journal(dest)
     journal.reach_step("journal-forgotten")
     if replacing:
-        storage.remove_dest(dest, reason)
+        outputs.remove_dest(dest, reason)
     journal.reach_step("dest-removed")
     journal.unmark_replacing(dest)
 

@@ -9,7 +9,7 @@ import dask
 import numpy as np
 from _support import activations, oracle, read_mask, write_zarr
 
-from relu_dask import chunking, storage
+from relu_dask import chunking, outputs, storage
 from relu_dask.counts import BlockCounts
 from relu_dask.graph import TASK_PREFIX, build_mask_tasks, derivative_mask
 from relu_dask.locations import parse_location
@@ -21,7 +21,7 @@ def _job(tmp_path: Path, x: np.ndarray) -> ArrayTasks:
     (src,) = storage.open_source(parse_location(tmp_path / "src.zarr")).arrays
     plan = chunking.plan_chunks(src.shape, src.dtype.itemsize, src.chunk_shape, src.chunk_shape, None, chunks=(8, 8))
     dest = parse_location(tmp_path / "out.zarr")
-    storage.create_mask_array(
+    outputs.create_mask_array(
         dest, "", shape=src.shape, chunk_shape=(8, 8), shard_shape=None, dimension_names=None, attributes={}
     )
     assert src.stored is not None

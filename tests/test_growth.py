@@ -655,8 +655,8 @@ def test_coordinates_are_checked_against_their_own_groups_dimensions(tmp_path: P
     """Two Datasets in subgroups, each with its own ``step``: each is checked on its own."""
     xr = pytest.importorskip("xarray")
     from relu_dask import storage
-    from relu_dask.locations import parse_location
     from relu_dask.livewriter import _written
+    from relu_dask.locations import parse_location
 
     source = tmp_path / "acts.zarr"
     for group, rows in (("train", 100), ("eval", 30)):

@@ -162,7 +162,7 @@ LAYERS = [
     {"mask_stats", "planning"},
     {"options", "resume", "verify", "plot", "jobfile", "xarray"},
     {"graph", "livewriter", "growth"},
-    {"task", "fingerprint", "lock"},
+    {"task", "fingerprint", "lock", "outputs"},
     {"computing", "storage", "journal", "report"},
     {"schedulers", "blocks"},
     {"chunkfiles"},

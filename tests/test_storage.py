@@ -13,7 +13,7 @@ from _support import activations, oracle, read_mask, write_zarr
 from numcodecs import Delta
 
 import relu_dask
-from relu_dask import blocks, storage
+from relu_dask import blocks, outputs, storage
 from relu_dask.errors import DamagedSourceError, InputError, UnsupportedDtypeError
 from relu_dask.locations import parse_location
 
@@ -203,7 +203,7 @@ def test_read_block_gives_zarrs_bits_for_any_selection(tmp_path: Path, zarr_form
     assert np.array_equal(aligned, array.array[4:8, 6:12], equal_nan=True)
 
 
-@pytest.mark.parametrize("compressor", storage.COMPRESSORS)
+@pytest.mark.parametrize("compressor", outputs.COMPRESSORS)
 @pytest.mark.parametrize("dtype", ["int8", "float32"])
 def test_write_block_writes_the_chunk_files_zarr_writes(tmp_path: Path, compressor: str, dtype: str) -> None:
     """Block by block, edges and multi-chunk blocks included: the same files, byte for byte."""
@@ -219,7 +219,7 @@ def test_write_block_writes_the_chunk_files_zarr_writes(tmp_path: Path, compress
             chunks=(4, 3),
             dtype=dtype,
             fill_value=0,
-            compressors=storage._compressors(compressor),
+            compressors=outputs._compressors(compressor),
         )
         arrays.append(created)
     arrays[0][...] = x
@@ -305,4 +305,4 @@ def test_opening_an_array_where_there_is_a_group_or_nothing(tmp_path: Path) -> N
             open_one(group, "inner")
         with pytest.raises(KeyError):
             open_one(single, "fc1")  # an array has no members
-    assert isinstance(storage.create_dest_group(parse_location(tmp_path / "d.zarr"), {"k": 1}), zarr.Group)
+    assert isinstance(outputs.create_dest_group(parse_location(tmp_path / "d.zarr"), {"k": 1}), zarr.Group)

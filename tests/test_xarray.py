@@ -15,7 +15,7 @@ from _support import activations, cli, kill_at_step
 
 import relu_dask
 import relu_dask.xarray as rx
-from relu_dask import journal, storage
+from relu_dask import journal, outputs
 from relu_dask.errors import DestinationExistsError, InputError, NaNFoundError, UnsupportedDtypeError
 from relu_dask.locations import parse_location
 
@@ -142,7 +142,7 @@ def test_a_dataset_written_by_xarray_comes_out_with_its_coordinates_and_attribut
     assert masks.attrs["model"] == "toy" and "relu_dask" in masks.attrs
     assert masks.fc1.attrs["layer"] == "fc1" and "_FillValue" not in zarr.open_array(dest / "fc1").attrs
     assert masks.fc1.dims == ("step", "unit") and masks.conv.dims == ("step", "channel", "h", "w")
-    assert storage.is_consolidated(parse_location(dest))
+    assert outputs.is_consolidated(parse_location(dest))
 
     fc1 = next(a for a in report.arrays if a.path == "fc1").stats
     assert fc1 is not None and fc1.unit_labels == [f"u{i}" for i in range(64)]
@@ -179,16 +179,16 @@ def test_a_partial_dest_is_never_consolidated(tmp_path: Path) -> None:
     args = ("run", str(source), str(dest), "--scheduler", "synchronous", "--progress", "none")
     where = parse_location(dest)
     kill_at_step("tasks-done", *args)  # a first run, killed before it completed
-    assert dest.exists() and not storage.is_consolidated(where)
-    assert cli(*args).returncode == 0 and storage.is_consolidated(where)
+    assert dest.exists() and not outputs.is_consolidated(where)
+    assert cli(*args).returncode == 0 and outputs.is_consolidated(where)
     shutil.rmtree(dest / "fc1")  # a complete DEST loses an array: the next run redoes it
     kill_at_step("outputs-created", *args)
-    assert not storage.is_consolidated(where)  # dropped before anything changed
+    assert not outputs.is_consolidated(where)  # dropped before anything changed
     kill_at_step("complete", *args)  # complete, but killed before consolidating
-    assert not storage.is_consolidated(where)
+    assert not outputs.is_consolidated(where)
     again = cli(*args)
     assert again.returncode == 0, again.stderr
-    assert storage.is_consolidated(where)
+    assert outputs.is_consolidated(where)
     xr.testing.assert_equal(_open_quietly(dest), (_opened(source) >= 0).astype(np.int8))
 
 

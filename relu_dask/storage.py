@@ -1,10 +1,9 @@
-"""Zarr stores in and out: SOURCE opened, DEST created, checked, replaced; zarr's public API only.
+"""Zarr arrays opened: SOURCE's to read, DEST's to write into; zarr's public API only.
 
 Use :func:`open_source` to find the arrays to process (one array, or every real-numbered
-array of a group, recursively), :func:`prepare_dest` to check where DEST goes, and
-:func:`create_mask_array` to create each output array before any task writes to it.
-Blocks move in and out of those arrays through :mod:`relu_dask.blocks`; with it, the only
-modules that import zarr.
+array of a group, recursively, with xarray's coordinates to copy and what is skipped), and
+:func:`open_mask_array` for a mask array the tasks write. DEST is created, consolidated and
+replaced by :mod:`relu_dask.outputs`; blocks move in and out through :mod:`relu_dask.blocks`.
 SOURCE and DEST are :class:`~relu_dask.locations.Location` s: local paths, or fsspec URLs
 (``s3://...``) opened through zarr's fsspec store with their storage options.
 """

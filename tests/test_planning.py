@@ -156,7 +156,7 @@ def _imports(module: str) -> set[str]:
 #: Each layer may import only from the layers after it.
 LAYERS = [
     {"cli"},
-    {"demo", "following"},
+    {"demo", "following", "commandline"},
     {"execution"},
     {"repair", "prepare", "results"},
     {"mask_stats", "planning"},

@@ -29,7 +29,15 @@ from relu_dask.chunkfiles import (
 from relu_dask.errors import DamagedSourceError
 from relu_dask.locations import Location
 
-__all__ = ["StoredArray", "describe_stored", "drop_stored_objects", "read_block", "read_metadata", "write_block"]
+__all__ = [
+    "StoredArray",
+    "describe_stored",
+    "drop_stored_objects",
+    "read_block",
+    "read_metadata",
+    "read_metadata_bytes",
+    "write_block",
+]
 
 
 @dataclass(frozen=True)

@@ -142,7 +142,8 @@ def _describe_v3(folder: Path, doc: dict[str, Any]) -> ChunkFiles | NotDirect:
     keys = chunk_key_encoding(doc)
     if keys is None:
         return NotDirect(f"chunk key encoding {doc.get('chunk_key_encoding')!r}")
-    return _files(folder, doc["shape"], chunk_shape, dtype, "C", codec, _fill_v3(doc["fill_value"], dtype), *keys)
+    fmt = chunkio.ChunkFormat(chunk_shape, dtype, "C", codec)
+    return _files(folder, doc["shape"], fmt, _fill_v3(doc["fill_value"], dtype), keys)
 
 
 def _describe_v2(folder: Path, doc: dict[str, Any]) -> ChunkFiles | NotDirect:
@@ -165,7 +166,8 @@ def _describe_v2(folder: Path, doc: dict[str, Any]) -> ChunkFiles | NotDirect:
     if keys is None:
         return NotDirect(f"dimension separator {doc.get('dimension_separator')!r}")
     chunk_shape = tuple(int(n) for n in doc["chunks"])
-    return _files(folder, doc["shape"], chunk_shape, dtype, order, codec, _fill_v2(doc.get("fill_value"), dtype), *keys)
+    fmt = chunkio.ChunkFormat(chunk_shape, dtype, order, codec)
+    return _files(folder, doc["shape"], fmt, _fill_v2(doc.get("fill_value"), dtype), keys)
 
 
 def chunk_key_encoding(document: dict[str, Any]) -> tuple[str, str] | None:
@@ -202,23 +204,15 @@ def format_chunk_key(coords: tuple[int, ...], prefix: str, separator: str) -> st
 
 
 def _files(
-    folder: Path,
-    shape: list[int],
-    chunk_shape: tuple[int, ...],
-    dtype: np.dtype,
-    order: str,
-    codec: Any,
-    fill_value: Any,
-    prefix: str,
-    separator: str,
+    folder: Path, shape: list[int], fmt: chunkio.ChunkFormat, fill_value: Any, keys: tuple[str, str]
 ) -> ChunkFiles | NotDirect:
+    chunk_shape, dtype = fmt.chunk_shape, fmt.dtype
     shape_t = tuple(int(n) for n in shape)
     if len(chunk_shape) != len(shape_t) or any(c < 1 for c in chunk_shape):
         return NotDirect(f"chunk shape {list(chunk_shape)} does not fit shape {list(shape_t)}")
     if math.prod(chunk_shape) * dtype.itemsize >= 2**31:
         return NotDirect("chunks of 2 GiB or more")  # past what a blosc frame can hold
-    fmt = chunkio.ChunkFormat(chunk_shape, dtype, order, codec)
-    return ChunkFiles(folder, shape_t, fmt, fill_value, prefix, separator)
+    return ChunkFiles(folder, shape_t, fmt, fill_value, *keys)
 
 
 #: Zarr v3 core data types of real numbers, and their numpy names (native byte order).

@@ -23,6 +23,7 @@ from relu_dask.errors import InputError
 __all__ = [
     "DEFAULT_BLOCK_BYTES",
     "ChunkPlan",
+    "ChunksSpec",
     "format_bytes",
     "parse_bytes",
     "parse_chunks",

@@ -50,6 +50,7 @@ __all__ = [
     "ChunkFormat",
     "Scratch",
     "blosc_content_size",
+    "frame_is_whole",
     "read_chunk",
     "release_buffers",
     "scratch",

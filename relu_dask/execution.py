@@ -19,29 +19,27 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import replace
-from typing import Any
+from typing import Any, Unpack
 
 from dask.base import tokenize
 
-from relu_dask import chunking, chunkio, journal, outputs, storage
-from relu_dask.computing import PROGRESS_INTERVAL_S, STOP_GRACE_S, Progress, compute
+from relu_dask import chunkio, journal, outputs, storage
+from relu_dask.computing import STOP_GRACE_S, compute
 from relu_dask.errors import NaNFoundError, ProcessingError, ReluDaskError, RunStopped
-from relu_dask.graph import build_mask_tasks
-from relu_dask.kernel import Engine
+from relu_dask.graph import MaskTasks, build_mask_tasks
 from relu_dask.locations import Location
 from relu_dask.lock import hold_lock
 from relu_dask.mask_stats import mask_unit_ones
-from relu_dask.options import RunOptions
+from relu_dask.options import RunKeywords, RunOptions
 from relu_dask.planning import RunPlan, open_inputs, plan_run
 from relu_dask.prepare import prepare_dest
 from relu_dask.repair import repair
 from relu_dask.report import RunReport, write_report
-from relu_dask.results import record_counts, set_counts, set_stats
+from relu_dask.results import record_job, set_counts, set_stats
 from relu_dask.resume import remove_dest_and_journal
 from relu_dask.schedulers import (
-    SchedulerSpec,
     Session,
     check_workers_see,
     open_session,
@@ -58,26 +56,8 @@ def run(
     source: str | os.PathLike[str],
     dest: str | os.PathLike[str],
     *,
-    chunks: chunking.ChunksSpec = "auto",
-    dest_chunks: str | Sequence[int] | None = None,
-    dest_shards: str | Sequence[int] | None = None,
-    at_zero: int = 1,
-    nan: str = "zero",
-    engine: Engine = "auto",
-    scheduler: str | SchedulerSpec = "threads",
-    overwrite: bool = False,
-    progress: Progress = "none",
-    progress_interval_s: float = PROGRESS_INTERVAL_S,
-    report_path: str | os.PathLike[str] | None = None,
-    performance_report: str | os.PathLike[str] | None = None,
-    stats: bool = False,
-    unit_axis: int = -1,
-    plot_path: str | os.PathLike[str] | None = None,
-    storage_options: str | dict[str, Any] | None = None,
-    dest_compressor: str = outputs.DEFAULT_COMPRESSOR,
-    append_axis: int | str | None = 0,
-    settle_s: float | None = None,
     dry_run: bool = False,
+    **options: Unpack[RunKeywords],
 ) -> RunReport:
     """Compute the ReLU derivative masks of SOURCE into DEST and return the run report.
 
@@ -137,32 +117,10 @@ def run(
     dry_run
         Plan only: validate, return the plan's report, write nothing (but ``report_path``).
     """
-    options = RunOptions.create(
-        source,
-        dest,
-        chunks=chunks,
-        dest_chunks=dest_chunks,
-        dest_shards=dest_shards,
-        at_zero=at_zero,
-        nan=nan,
-        engine=engine,
-        scheduler=scheduler,
-        overwrite=overwrite,
-        progress=progress,
-        progress_interval_s=progress_interval_s,
-        report_path=report_path,
-        performance_report=performance_report,
-        stats=stats,
-        unit_axis=unit_axis,
-        plot_path=plot_path,
-        storage_options=storage_options,
-        dest_compressor=dest_compressor,
-        append_axis=append_axis,
-        settle_s=settle_s,
-    )
+    run_options = RunOptions.create(source, dest, **options)
     if dry_run:
-        return deliver(plan_run(options).report(), options, plot=False)
-    return run_with(options)
+        return deliver(plan_run(run_options).report(), run_options, plot=False)
+    return run_with(run_options)
 
 
 def run_with(options: RunOptions) -> RunReport:
@@ -235,7 +193,8 @@ def _complete_report(plan: RunPlan) -> RunReport:
 
 
 def _execute(plan: RunPlan) -> RunReport:
-    """Run the plan's tasks on its (started) session; the caller holds DEST's lock."""
+    """Run the plan's tasks on its (started) session, in three steps: prepare DEST, run the
+    tasks, record the job. The caller holds DEST's lock."""
     inputs, session = plan.inputs, plan.session
     if inputs.source.is_local and inputs.dest.is_local:
         check_workers_see(session, [inputs.source.url], [str(inputs.dest.path.parent)])
@@ -244,6 +203,16 @@ def _execute(plan: RunPlan) -> RunReport:
     prepare_dest(plan)
     run = uuid.uuid4().hex  # this run's tasks, apart from any other run's in this process
     array_tasks = _array_tasks(plan, report, run)
+    _log_start(plan, report)
+    tasks = [build_mask_tasks(t) for t in array_tasks]
+    results = _run_tasks(plan, [t for t in tasks if t is not None], run, report)
+    journal.reach_step("tasks-done")
+    record_job(plan, report, array_tasks, tasks, results)
+    return report
+
+
+def _log_start(plan: RunPlan, report: RunReport) -> None:
+    inputs = plan.inputs
     log.info(
         "start: %s -> %s, %d task(s) over %d array(s) on %s",
         inputs.source,
@@ -262,13 +231,16 @@ def _execute(plan: RunPlan) -> RunReport:
             },
         },
     )
-    tasks = [build_mask_tasks(t) for t in array_tasks]
-    to_compute = [t for t in tasks if t is not None]
-    options = plan.options
+
+
+def _run_tasks(plan: RunPlan, to_compute: list[MaskTasks], run: str, report: RunReport) -> list[Any]:
+    """Compute the tasks on the plan's session; their count rows, per array computed. The
+    report gets the wall and CPU time."""
+    options, session = plan.options, plan.session
     start, start_cpu = time.perf_counter(), time.process_time()
     allow_tasks(run)
     # An incremental run keeps DEST on a NaN: its masks of the rows before are the user's.
-    with _processing_errors(inputs.dest, keep=any(k is not None for k in plan.kept)), _stopping(plan, run):
+    with _processing_errors(plan.dest, keep=any(k is not None for k in plan.kept)), _stopping(plan, run):
         try:
             results = compute(
                 session, to_compute, options.progress, options.progress_interval_s, options.performance_report
@@ -282,28 +254,7 @@ def _execute(plan: RunPlan) -> RunReport:
         finally:
             _release_buffers(session)
     report.wall_s, report.cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
-    journal.reach_step("tasks-done")
-    totals, units, block_ones, digests, edges = record_counts(report, plan, array_tasks, tasks, iter(results))
-    journal.write_record(
-        inputs.dest,
-        journal.JobRecord(
-            inputs.fingerprint,
-            [list(p.block_shape) for p in plan.chunk_plans],
-            complete=True,
-            counts=[c.as_row() for c in totals],
-            unit_ones=units,
-            unit_axes=[t.unit_axis for t in array_tasks],
-            block_ones=block_ones,
-            block_digests=digests,
-            append_axis=plan.options.append_axis,
-            edge_blocks=edges,
-        ),
-    )
-    journal.reach_step("complete")
-    journal.remove_done_markers(inputs.dest)
-    if inputs.is_group:
-        outputs.consolidate(inputs.dest)
-    return report
+    return results
 
 
 def _release_buffers(session: Session) -> None:

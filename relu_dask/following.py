@@ -15,13 +15,13 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Unpack
 
 from relu_dask import journal, storage
 from relu_dask.errors import InputError, ReluDaskError, RunStopped
 from relu_dask.execution import deliver, execute
 from relu_dask.lock import hold_lock
-from relu_dask.options import RunOptions
+from relu_dask.options import RunKeywords, RunOptions
 from relu_dask.planning import RunInputs, open_inputs, plan_run
 from relu_dask.report import RunReport
 from relu_dask.schedulers import open_session, refuse_in_a_spawned_copy_of_main
@@ -58,7 +58,7 @@ def follow(
     every_s: float = 30.0,
     idle_s: float | None = None,
     on_pass: Callable[[RunReport, FollowState], None] | None = None,
-    **options: Any,
+    **options: Unpack[RunKeywords],
 ) -> FollowState:
     """:func:`run`, then again over what is appended to SOURCE, checked every ``every_s``
     seconds, until SIGTERM, Ctrl-C or ``idle_s`` seconds without growth (see

@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, TypedDict, Unpack, get_args
 
 from relu_dask import chunking
 from relu_dask.computing import PROGRESS_INTERVAL_S, Progress
@@ -26,7 +26,15 @@ from relu_dask.locations import Location, parse_location, parse_storage_options
 from relu_dask.outputs import DEFAULT_COMPRESSOR, parse_compressor
 from relu_dask.schedulers import SchedulerSpec, parse_scheduler
 
-__all__ = ["SETTLE_ENV", "RunOptions", "check_output_files", "default_settle_s", "parse_append_axis", "parse_settle_s"]
+__all__ = [
+    "SETTLE_ENV",
+    "RunKeywords",
+    "RunOptions",
+    "check_output_files",
+    "default_settle_s",
+    "parse_append_axis",
+    "parse_settle_s",
+]
 
 _PROGRESS: tuple[str, ...] = get_args(Progress)
 
@@ -55,6 +63,33 @@ def default_settle_s() -> float:
     :data:`relu_dask.livewriter.SETTLE_S` (2 s)."""
     text = os.environ.get(SETTLE_ENV, "").strip()
     return parse_settle_s(text, what=SETTLE_ENV) if text else SETTLE_S
+
+
+class RunKeywords(TypedDict, total=False):
+    """The keyword options of :func:`relu_dask.run`, :func:`relu_dask.follow` and
+    :meth:`RunOptions.create`, in the forms they take (text where the CLI gives text): the one
+    place they are declared. :func:`relu_dask.run`'s docstring says what each does and its
+    default."""
+
+    chunks: chunking.ChunksSpec
+    dest_chunks: str | Sequence[int] | None
+    dest_shards: str | Sequence[int] | None
+    at_zero: int | str
+    nan: str
+    engine: Engine
+    scheduler: str | SchedulerSpec
+    overwrite: bool
+    progress: Progress
+    progress_interval_s: float
+    report_path: str | os.PathLike[str] | None
+    performance_report: str | os.PathLike[str] | None
+    stats: bool
+    unit_axis: int
+    plot_path: str | os.PathLike[str] | None
+    storage_options: str | dict[str, Any] | None
+    dest_compressor: str
+    append_axis: int | str | None
+    settle_s: float | str | None
 
 
 @dataclass(frozen=True)
@@ -95,55 +130,42 @@ class RunOptions:
 
     @classmethod
     def create(
-        cls,
-        source: str | os.PathLike[str],
-        dest: str | os.PathLike[str],
-        *,
-        chunks: chunking.ChunksSpec = "auto",
-        dest_chunks: str | Sequence[int] | None = None,
-        dest_shards: str | Sequence[int] | None = None,
-        at_zero: int | str = 1,
-        nan: str = "zero",
-        engine: Engine = "auto",
-        scheduler: str | SchedulerSpec = "threads",
-        overwrite: bool = False,
-        progress: Progress = "none",
-        progress_interval_s: float = PROGRESS_INTERVAL_S,
-        report_path: str | os.PathLike[str] | None = None,
-        performance_report: str | os.PathLike[str] | None = None,
-        stats: bool = False,
-        unit_axis: int = -1,
-        plot_path: str | os.PathLike[str] | None = None,
-        storage_options: str | dict[str, Any] | None = None,
-        dest_compressor: str = DEFAULT_COMPRESSOR,
-        append_axis: int | str | None = 0,
-        settle_s: float | str | None = None,
+        cls, source: str | os.PathLike[str], dest: str | os.PathLike[str], **options: Unpack[RunKeywords]
     ) -> RunOptions:
-        """Parse the text forms the CLI, a job file and :func:`relu_dask.run` take.
+        """Parse the text forms the CLI, a job file and :func:`relu_dask.run` take
+        (:class:`RunKeywords`; each one absent takes its default).
 
         ``stats`` (or a ``plot_path``) turns statistics on along ``unit_axis``;
-        ``settle_s`` None takes :func:`default_settle_s`.
+        ``settle_s`` None takes :func:`default_settle_s`. An unknown keyword is a TypeError,
+        as for any function.
         """
+        unknown = sorted(set(options) - RunKeywords.__optional_keys__)
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s): {', '.join(unknown)}")
+        o = options
+        scheduler = o.get("scheduler", "threads")
+        dest_chunks, dest_shards = o.get("dest_chunks"), o.get("dest_shards")
+        plot_path, settle_s = o.get("plot_path"), o.get("settle_s")
         return cls(
             source=os.fspath(source),
             dest=os.fspath(dest),
-            chunks=chunking.parse_chunks(chunks),
+            chunks=chunking.parse_chunks(o.get("chunks", "auto")),
             dest_chunks=None if dest_chunks is None else chunking.parse_shape(dest_chunks, what="dest chunks"),
             dest_shards=None if dest_shards is None else chunking.parse_shape(dest_shards, what="dest shards"),
-            at_zero=parse_at_zero(at_zero),
-            nan=nan,
-            engine=engine,
+            at_zero=parse_at_zero(o.get("at_zero", 1)),
+            nan=o.get("nan", "zero"),
+            engine=o.get("engine", "auto"),
             scheduler=scheduler if isinstance(scheduler, SchedulerSpec) else parse_scheduler(scheduler),
-            overwrite=overwrite,
-            progress=progress,
-            progress_interval_s=progress_interval_s,
-            report_path=_path_or_none(report_path),
-            performance_report=_path_or_none(performance_report),
-            unit_axis=_axis(unit_axis) if (stats or plot_path is not None) else None,
+            overwrite=o.get("overwrite", False),
+            progress=o.get("progress", "none"),
+            progress_interval_s=o.get("progress_interval_s", PROGRESS_INTERVAL_S),
+            report_path=_path_or_none(o.get("report_path")),
+            performance_report=_path_or_none(o.get("performance_report")),
+            unit_axis=_axis(o.get("unit_axis", -1)) if (o.get("stats", False) or plot_path is not None) else None,
             plot_path=_path_or_none(plot_path),
-            storage_options=parse_storage_options(storage_options),
-            dest_compressor=dest_compressor,
-            append_axis=parse_append_axis(append_axis),
+            storage_options=parse_storage_options(o.get("storage_options")),
+            dest_compressor=o.get("dest_compressor", DEFAULT_COMPRESSOR),
+            append_axis=parse_append_axis(o.get("append_axis", 0)),
             settle_s=default_settle_s() if settle_s is None else parse_settle_s(settle_s),
         )
 

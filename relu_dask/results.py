@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from relu_dask import chunking, journal, storage
+from relu_dask import chunking, journal, outputs, storage
 from relu_dask.counts import BlockCounts, KeptCounts
 from relu_dask.graph import MaskTasks
 from relu_dask.locations import Location
@@ -23,7 +23,39 @@ from relu_dask.planning import RunPlan
 from relu_dask.report import ArrayReport, RunReport
 from relu_dask.task import ArrayTasks
 
-__all__ = ["record_counts", "set_counts", "set_stats"]
+__all__ = ["record_counts", "record_job", "set_counts", "set_stats"]
+
+
+def record_job(
+    plan: RunPlan,
+    report: RunReport,
+    array_tasks: list[ArrayTasks],
+    tasks: list[MaskTasks | None],
+    results: Sequence[Any],
+) -> None:
+    """The last step of a run: sum the counts into the report (:func:`record_counts`), record
+    the job complete in ``job.json``, drop the done markers, consolidate a group DEST."""
+    dest = plan.dest
+    totals, units, block_ones, digests, edges = record_counts(report, plan, array_tasks, tasks, iter(results))
+    journal.write_record(
+        dest,
+        journal.JobRecord(
+            plan.inputs.fingerprint,
+            [list(p.block_shape) for p in plan.chunk_plans],
+            complete=True,
+            counts=[c.as_row() for c in totals],
+            unit_ones=units,
+            unit_axes=[t.unit_axis for t in array_tasks],
+            block_ones=block_ones,
+            block_digests=digests,
+            append_axis=plan.options.append_axis,
+            edge_blocks=edges,
+        ),
+    )
+    journal.reach_step("complete")
+    journal.remove_done_markers(dest)
+    if plan.inputs.is_group:
+        outputs.consolidate(dest)
 
 
 def record_counts(

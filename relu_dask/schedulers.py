@@ -33,6 +33,8 @@ from relu_dask.kernel import numexpr_threads_for
 
 __all__ = [
     "CONNECT_TIMEOUT_S",
+    "DASHBOARD_ADDRESS",
+    "DEFAULT_RETRIES",
     "LOCAL_SCHEDULERS",
     "SchedulerSpec",
     "Session",

@@ -62,6 +62,22 @@ def test_options_refuse_what_the_command_line_refuses(changes: dict[str, object]
         RunOptions.create("a.zarr", "b.zarr", **changes)  # type: ignore[arg-type]
 
 
+def test_run_follow_and_create_take_one_set_of_keywords_and_refuse_others(tmp_path: Path) -> None:
+    """``run``, ``follow`` and ``RunOptions.create`` share :class:`RunKeywords`: they cannot drift."""
+    import inspect
+    import typing
+
+    from relu_dask.options import RunKeywords
+
+    for function in (relu_dask.run, relu_dask.follow, RunOptions.create):
+        hints = typing.get_type_hints(function, include_extras=True)
+        assert typing.get_args(hints["options"]) == (RunKeywords,), function
+        assert inspect.signature(function).parameters["options"].kind is inspect.Parameter.VAR_KEYWORD
+    with pytest.raises(TypeError, match="chunk_size"):
+        relu_dask.run(tmp_path / "a.zarr", tmp_path / "b.zarr", chunk_size="64MiB")  # type: ignore[call-arg]
+    assert not (tmp_path / "b.zarr").exists()
+
+
 def test_the_constructor_checks_parsed_values_too() -> None:
     with pytest.raises(InputError, match="chunks"):
         RunOptions("a", "b", chunks="lots")

@@ -102,7 +102,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
         _print_summary(report)
         return EXIT_OK
-    if args.command == "run" and args.config is not None:
+    if args.command in ("run", "plan") and args.config is not None:
         return _run_job_file(args)
     values = _option_values(args)
     if args.command == "demo":
@@ -187,23 +187,25 @@ def _verify(
 
 
 def _run_job_file(args: argparse.Namespace) -> int:
-    """Run every job of ``--config`` in order; return the worst exit code."""
+    """Run (or plan, for ``relu-dask plan --config``) every job of ``--config`` in order;
+    return the worst exit code."""
     if args.source is not None:
         raise InputError("give either SOURCE and DEST or --config JOBS.toml, not both")
     jobs = read_job_file(args.config)
     worst = EXIT_OK
     outcomes = []
     parsed = [_parse_job(job, args) for job in jobs]  # every job's options are checked before any job runs
-    if any(not isinstance(p, int) and p.follow is not None for p in parsed):
+    if args.command == "run" and any(not isinstance(p, int) and p.follow is not None for p in parsed):
         raise InputError(
             f"{args.config}: follow keeps one job going: use it on the command line (run SOURCE DEST --follow N)"
         )
     for number, (job, job_args) in enumerate(zip(jobs, parsed), start=1):
         log.info(
-            "job %d/%d (%s): relu-dask run %s",
+            "job %d/%d (%s): relu-dask %s %s",
             number,
             len(jobs),
             job.name,
+            args.command,
             " ".join(job.argv),
             extra={"event": "job", "fields": {"job": job.name, "number": number}},
         )

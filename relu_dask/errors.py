@@ -26,6 +26,7 @@ __all__ = [
     "ReluDaskError",
     "RunStopped",
     "StopRequested",
+    "TaskNotStarted",
     "UnsupportedDtypeError",
 ]
 
@@ -70,6 +71,11 @@ class ProcessingError(ReluDaskError, RuntimeError):
     """Failed while processing: I/O, a worker, the disk (exit 1)."""
 
     exit_code = EXIT_FAILED
+
+
+class TaskNotStarted(ReluDaskError):
+    """The run was told to stop (SIGTERM, Ctrl-C, a failed task) before this task began: it
+    did nothing, and the same command runs it again."""
 
 
 class DestinationInUseError(ReluDaskError):

@@ -22,11 +22,11 @@ import numpy as np
 from relu_dask import blocks, chunkio, journal
 from relu_dask.chunking import ChunkPlan
 from relu_dask.counts import BlockCounts
-from relu_dask.errors import NaNFoundError
+from relu_dask.errors import NaNFoundError, TaskNotStarted
 from relu_dask.kernel import Engine, relu_derivative, set_numexpr_threads
 from relu_dask.locations import Location
 
-__all__ = ["ArrayTasks", "TaskNotStarted", "allow_tasks", "mask_digest", "process_block", "wait_for_running_tasks"]
+__all__ = ["ArrayTasks", "allow_tasks", "mask_digest", "process_block", "wait_for_running_tasks"]
 
 
 @dataclass(frozen=True)
@@ -86,10 +86,6 @@ def process_block(tasks: ArrayTasks, block_id: tuple[int, ...] | None = None) ->
 _RUNNING: dict[str, int] = {}
 _STOPPED: set[str] = set()
 _RUNNING_CHANGED = threading.Condition()
-
-
-class TaskNotStarted(Exception):
-    """The run was told to stop before this task began: it did nothing."""
 
 
 def allow_tasks(run: str) -> None:

@@ -19,6 +19,7 @@ from _support import (
     journal_folder,
     oracle,
     read_mask,
+    snapshot,
     start_cli,
     write_zarr,
 )
@@ -301,6 +302,23 @@ dest_chunks = [4, 3]
     report = json.loads((tmp_path / "reports-b-masks.json").read_text())
     assert report["rule"] == "x > 0"
     assert report["arrays"][0]["dest_chunk_shape"] == [4, 3]
+
+
+def test_plan_with_a_job_file_plans_every_job_and_writes_nothing(tmp_path: Path) -> None:
+    write_zarr(tmp_path / "a.zarr", activations((10, 10), seed=1), (5, 5))
+    write_zarr(tmp_path / "b.zarr", activations((12, 6), seed=2), (4, 6))
+    (tmp_path / "jobs.toml").write_text(
+        '[[job]]\nsource = "a.zarr"\ndest = "a-masks.zarr"\n\n'
+        '[[job]]\nsource = "b.zarr"\ndest = "b-masks.zarr"\nchunks = [4, 6]\n'
+    )
+    before = snapshot(tmp_path)
+    proc = cli("plan", "--config", str(tmp_path / "jobs.toml"))
+    assert proc.returncode == 0, proc.stderr
+    assert "2 job(s) from" in proc.stdout and "job 1 a-masks: ok (exit 0)" in proc.stdout
+    assert proc.stdout.count("planned: ") == 2
+    assert "12x6 float32, blocks 4,6, 3 task(s)" in proc.stdout  # b, with its job's chunks
+    assert proc.stdout.count("nothing written") == 2
+    assert snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize(

@@ -161,7 +161,7 @@ def execute(plan: RunPlan, session: Session | None = None) -> RunReport:
     if plan.inputs.held is not None:  # rows held back now (or no longer): for the next run
         journal.write_held(plan.dest, plan.inputs.held if plan.inputs.held.shapes else None)
     if plan.state == "complete":
-        report = _complete_report(plan)
+        report = _complete_report(plan, session)
         if plan.record is not None and plan.record.damaged:
             return repair(plan, report)
         log.info("DEST %s is already complete: nothing to do", plan.dest)
@@ -172,19 +172,23 @@ def execute(plan: RunPlan, session: Session | None = None) -> RunReport:
         return _execute(plan.for_session(opened))
 
 
-def _complete_report(plan: RunPlan) -> RunReport:
+def _complete_report(plan: RunPlan, session: Session | None) -> RunReport:
+    """The report of a DEST already complete: its recorded counts; per-unit ones first asked
+    for now are read back from the masks, on ``session`` (opened for them if None)."""
     assert plan.record is not None, "a complete DEST has its record"
     report = plan.report()
     record = plan.record
     recorded_units = record.unit_ones or [None] * len(plan.inputs.arrays)
     recorded_axes = record.unit_axes or [None] * len(plan.inputs.arrays)
-    for index, (entry, src) in enumerate(zip(report.arrays, plan.inputs.arrays)):
-        set_counts(entry, record.counts_of(index), src, plan.dest)
-        entry.tasks_skipped = entry.num_tasks
-        axis, unit_ones = plan.inputs.unit_axes[index], recorded_units[index]
-        if axis is not None and (unit_ones is None or recorded_axes[index] != axis):
-            unit_ones = mask_unit_ones(plan.dest, src.path, axis, plan.options.scheduler)  # no --stats the first time
-        set_stats(entry, src, axis, unit_ones, plan.inputs.coordinates)
+    with contextlib.ExitStack() as opened:
+        for index, (entry, src) in enumerate(zip(report.arrays, plan.inputs.arrays)):
+            set_counts(entry, record.counts_of(index), src, plan.dest)
+            entry.tasks_skipped = entry.num_tasks
+            axis, unit_ones = plan.inputs.unit_axes[index], recorded_units[index]
+            if axis is not None and (unit_ones is None or recorded_axes[index] != axis):  # no --stats the first time
+                session = session or opened.enter_context(open_session(plan.options.scheduler))
+                unit_ones = mask_unit_ones(plan.dest, src.path, axis, session)
+            set_stats(entry, src, axis, unit_ones, plan.inputs.coordinates)
     if plan.inputs.is_group and not outputs.is_consolidated(plan.dest):  # a kill came between the two
         outputs.consolidate(plan.dest)
     if record.fingerprint != plan.inputs.fingerprint:  # an older relu-dask's record: keys it lacked

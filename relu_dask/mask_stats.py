@@ -22,7 +22,7 @@ from relu_dask.graph import unit_ones_of_mask
 from relu_dask.locations import Location, parse_location, parse_storage_options
 from relu_dask.options import check_output_files
 from relu_dask.report import ArrayReport, RunReport, collect_versions, write_report
-from relu_dask.schedulers import SchedulerSpec, open_session, parse_scheduler
+from relu_dask.schedulers import SchedulerSpec, Session, open_session, parse_scheduler
 from relu_dask.stats import UnitStats, parse_unit_axis, summarize_units
 
 __all__ = ["mask_unit_ones", "stats_of_masks", "unit_stats"]
@@ -41,12 +41,12 @@ def unit_stats(
     return summarize_units(np.asarray(unit_ones), samples, axis, labels)
 
 
-def mask_unit_ones(dest: Location, path: str, axis: int, spec: SchedulerSpec) -> list[int]:
-    """Per-unit ones of a mask array already in DEST, read back with dask."""
+def mask_unit_ones(dest: Location, path: str, axis: int, session: Session) -> list[int]:
+    """Per-unit ones of a mask array already in DEST, read back with dask on ``session``
+    (the run's own: a run never starts a second scheduler)."""
     mask = storage.open_array(dest, path)
     plan = chunking.plan_chunks(mask.shape, 1, mask.chunks, mask.chunks, getattr(mask, "shards", None))
-    with open_session(spec) as session:
-        (ones,) = compute(session, [unit_ones_of_mask(mask, plan, axis)], progress="none")
+    (ones,) = compute(session, [unit_ones_of_mask(mask, plan, axis)], progress="none")
     return [int(v) for v in np.asarray(ones)]
 
 

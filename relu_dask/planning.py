@@ -26,7 +26,7 @@ from relu_dask.livewriter import settle
 from relu_dask.locations import Location
 from relu_dask.options import RunOptions, check_output_files
 from relu_dask.report import ArrayReport, RunReport, collect_versions, render_summary
-from relu_dask.resume import DestState, dest_state
+from relu_dask.resume import DestFound, DestState, dest_state
 from relu_dask.schedulers import Session, plan_session
 from relu_dask.stats import parse_unit_axis
 
@@ -143,6 +143,10 @@ class RunPlan:
     """``grow``, per array: done markers to drop before any task runs, those of the blocks
     from this index on along the append axis (0: all; None: none). They were done for a
     smaller SOURCE, at whose edge their blocks were cut short."""
+    forget_completion: bool = False
+    """DEST's journal said complete but DEST lacks masks it names: the run's first step
+    records ``record`` (made incomplete) and drops the done markers
+    (:attr:`relu_dask.resume.DestFound.forget_completion`)."""
     under_lock: bool = False
     """Whether DEST's state was read under DEST's lock, held by the caller (as
     :func:`relu_dask.run` does); :func:`relu_dask.execution.execute` reads it again under
@@ -163,9 +167,8 @@ class RunPlan:
         sized = (session.num_threads, session.cores_per_thread, session.memory_per_thread_bytes)
         if sized == (self.session.num_threads, self.session.cores_per_thread, self.session.memory_per_thread_bytes):
             return replace(self, session=session)
-        return _plan(
-            self.options, self.inputs, self.state, self.record, self.grown, session, under_lock=self.under_lock
-        )
+        found = DestFound(self.state, self.record, self.grown, self.forget_completion)
+        return _plan(self.options, self.inputs, found, session, under_lock=self.under_lock)
 
     def report(self) -> RunReport:
         """A new report of this plan, before any task ran (the run fills in the rest)."""
@@ -234,35 +237,25 @@ def plan_run(options: RunOptions, inputs: RunInputs | None = None, *, under_lock
 
     Raises the run's one-line errors (:class:`~relu_dask.errors.InputError`,
     :class:`~relu_dask.errors.DestinationExistsError`, a plan that cannot fit in memory)
-    before anything is written. ``under_lock``: the caller holds DEST's lock, and a journal
-    that claims more than DEST holds is corrected on the spot (see
-    :func:`relu_dask.resume.dest_state`).
+    before anything is written. Reads only. ``under_lock``: the caller holds DEST's lock (else
+    :func:`relu_dask.execution.execute` plans again under it).
     """
     inputs = inputs if inputs is not None else open_inputs(options)
     by_path = {a.path: a for a in inputs.arrays}
-    state, record, grown = dest_state(
+    found = dest_state(
         inputs.dest,
         inputs.fingerprint,
         is_group=inputs.is_group,
         overwrite=options.overwrite,
-        under_lock=under_lock,
         append_axis=options.append_axis,
         restat=lambda path, key: stat_chunk(by_path[path], key),
         rehash=lambda path, axis, rows: settled_sha256(by_path[path], axis, rows),
     )
-    return _plan(options, inputs, state, record, grown, plan_session(options.scheduler), under_lock=under_lock)
+    return _plan(options, inputs, found, plan_session(options.scheduler), under_lock=under_lock)
 
 
-def _plan(
-    options: RunOptions,
-    inputs: RunInputs,
-    state: DestState,
-    record: journal.JobRecord | None,
-    grown: dict[str, list[int] | None],
-    session: Session,
-    *,
-    under_lock: bool,
-) -> RunPlan:
+def _plan(options: RunOptions, inputs: RunInputs, found: DestFound, session: Session, *, under_lock: bool) -> RunPlan:
+    state, record, grown = found.state, found.record, found.grown
     memory = session.memory_per_thread_bytes
     if state == "grow":
         assert record is not None, "only a recorded job grows"
@@ -292,7 +285,9 @@ def _plan(
             for i, (src, base) in enumerate(zip(inputs.arrays, kept))
         )
         drops = ()
-        done = tuple(journal.count_done(inputs.dest, i) if record is not None else 0 for i in range(len(plans)))
+        # markers beside a record made incomplete are dropped before any task runs
+        counted = record is not None and not found.forget_completion
+        done = tuple(journal.count_done(inputs.dest, i) if counted else 0 for i in range(len(plans)))
     engine = choose_engine(options.engine, session.cores_per_thread)
     return RunPlan(
         options,
@@ -306,6 +301,7 @@ def _plan(
         kept=kept,
         grown=grown,
         drop_markers=drops,
+        forget_completion=found.forget_completion,
         under_lock=under_lock,
     )
 

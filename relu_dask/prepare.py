@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 def prepare_dest(plan: RunPlan) -> None:
     """Make DEST ready for the plan's tasks, as its state says: replaced (``fresh``), grown
     (``grow``), or resumed (what a kill left half-written removed)."""
+    if plan.forget_completion and plan.record is not None:  # DEST lost masks its journal said were done
+        journal.remove_done_markers(plan.dest)
+        journal.write_record(plan.dest, plan.record)
     if plan.state == "fresh":
         _start_fresh(plan)
     elif plan.state == "grow":

@@ -99,7 +99,7 @@ def record_counts(
             counts = counts + kept.counts
             unit_ones = _with_kept_units(kept, array, unit_ones)
             if array.unit_axis is not None and unit_ones is None:  # not kept along this axis: read the masks
-                unit_ones = mask_unit_ones(plan.dest, src.path, array.unit_axis, plan.options.scheduler)
+                unit_ones = mask_unit_ones(plan.dest, src.path, array.unit_axis, plan.session)
             set_counts(entry, counts, src, plan.dest)
         ones = _per_block(array.plan, kept, result, "ones")
         digests.append(_per_block(array.plan, kept, result, "digest"))

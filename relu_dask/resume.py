@@ -22,6 +22,7 @@ from relu_dask.locations import Location, parse_location, parse_storage_options
 from relu_dask.lock import lock_holder
 
 __all__ = [
+    "DestFound",
     "DestState",
     "JobStatus",
     "dest_state",
@@ -34,36 +35,49 @@ log = logging.getLogger(__name__)
 DestState = Literal["fresh", "resume", "complete", "grow"]
 
 
+@dataclass(frozen=True)
+class DestFound:
+    """What DEST holds, as a run finds it (:func:`dest_state`): nothing is written to find it."""
+
+    state: DestState
+    """``fresh`` (new, or to be replaced), ``resume``, ``complete`` or ``grow``."""
+    record: journal.JobRecord | None = None
+    """The job DEST's journal holds (None when fresh)."""
+    grown: dict[str, list[int] | None] = field(default_factory=dict)
+    """``grow``: the arrays that grew (their shape when recorded) or are new (None)."""
+    forget_completion: bool = False
+    """The journal said complete, but DEST lacks masks it names: ``record`` is made
+    incomplete here, and the run's first step writes it and drops the done markers
+    (:func:`relu_dask.prepare.prepare_dest`), so a kill from then on redoes every task."""
+
+
 def dest_state(
     dest: Location,
     fingerprint: dict[str, Any],
     *,
     is_group: bool,
     overwrite: bool,
-    under_lock: bool,
     append_axis: int | None = None,
     restat: Restat | None = None,
     rehash: Rehash | None = None,
-) -> tuple[DestState, journal.JobRecord | None, dict[str, list[int] | None]]:
+) -> DestFound:
     """Whether DEST is new (or to be replaced), a partial run of this job to resume, complete,
     or the job of a SOURCE that has grown since (``grow``).
 
-    Returns the state, DEST's record, and for ``grow`` the arrays that grew (their shape
-    when recorded) or are new (None). Refuses (:class:`DestinationExistsError`) a DEST that
-    holds anything else, unless ``overwrite``: growth along ``append_axis`` (None: no growth)
-    is told from a change with ``restat`` (see :func:`compare_jobs`). A record that says
-    complete is believed only beside every mask array it names; ``under_lock``, such a record
-    is rewritten as incomplete and its markers dropped before anything is recreated, so that
-    a kill from then on resumes and redoes every task.
+    Refuses (:class:`DestinationExistsError`) a DEST that holds anything else, unless
+    ``overwrite``: growth along ``append_axis`` (None: no growth) is told from a change with
+    ``restat`` and ``rehash`` (see :func:`relu_dask.growth.compare_jobs`). A record that says
+    complete is believed only beside every mask array it names (see
+    :attr:`DestFound.forget_completion`). Reads only.
     """
     if overwrite:
         if journal.is_being_replaced(dest):  # a run deleting DEST was killed: what it left
             outputs.check_replaceable_remains(dest)
         else:
             outputs.check_replaceable(dest)
-        return "fresh", None, {}
+        return DestFound("fresh")
     if not dest.exists():
-        return "fresh", None, {}
+        return DestFound("fresh")
     record = journal.read_record(dest)
     if record is None and journal.is_being_replaced(dest):
         raise DestinationExistsError(
@@ -88,7 +102,8 @@ def dest_state(
             f"DEST {dest} holds another job ({'; '.join(change.said)}): pass --overwrite to replace it"
         )
     old_paths = [a["path"] for a in record.fingerprint.get("arrays", [])]
-    if record.complete and not outputs_present(dest, old_paths, is_group=is_group):
+    forget = record.complete and not outputs_present(dest, old_paths, is_group=is_group)
+    if forget:
         log.warning("DEST %s lacks masks its journal says are complete: computing them again", dest)
         record = dataclasses.replace(
             record,
@@ -100,12 +115,9 @@ def dest_state(
             verified_utc=None,
             edge_blocks=None,
         )
-        if under_lock:
-            journal.remove_done_markers(dest)
-            journal.write_record(dest, record)
     if change.grown or change.coordinates_changed:
-        return "grow", record, change.grown
-    return ("complete" if record.complete else "resume"), record, {}
+        return DestFound("grow", record, change.grown, forget)
+    return DestFound("complete" if record.complete else "resume", record, {}, forget)
 
 
 def outputs_present(dest: Location, array_paths: list[str], *, is_group: bool) -> bool:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _support import activations, cli, write_zarr
+from _support import activations, cli, journal_folder, read_mask, snapshot, write_zarr
 
 import relu_dask
 from relu_dask import journal, storage
@@ -104,6 +104,32 @@ def test_a_plan_touches_nothing_and_says_what_plan_prints(tmp_path: Path) -> Non
     assert printed.stdout.splitlines() == plan.describe()
     assert plan.describe()[-1].startswith("  nothing written; about ")
     assert not dest.exists()
+
+
+def test_planning_writes_nothing_even_where_the_journal_claims_more_than_dest_holds(tmp_path: Path) -> None:
+    """A complete DEST group loses a mask array: the plan (under the lock, too) says it will
+    redo it and writes nothing; the run's first step records the job incomplete, then redoes it."""
+    import shutil
+
+    import zarr
+
+    source, dest = tmp_path / "acts.zarr", tmp_path / "masks.zarr"
+    group = zarr.open_group(str(source), mode="w", zarr_format=3)
+    xs = {name: activations((24, 16), seed=seed) for seed, name in enumerate(("a", "b"))}
+    for name, x in xs.items():
+        group.create_array(name, shape=x.shape, chunks=(8, 16), dtype=x.dtype)[...] = x
+    options = RunOptions.create(source, dest, chunks="8,16", scheduler="synchronous")
+    relu_dask.execute(plan_run(options))
+    shutil.rmtree(dest / "b")
+    journal_before = snapshot(journal_folder(dest))
+    plan = plan_run(options, under_lock=True)
+    assert (plan.state, plan.forget_completion, plan.tasks_already_done) == ("resume", True, (0, 0))
+    assert plan.record is not None and not plan.record.complete
+    assert snapshot(journal_folder(dest)) == journal_before  # planning reads only
+    report = relu_dask.execute(plan)
+    assert report.tasks_done_now == 6
+    for name, x in xs.items():
+        np.testing.assert_array_equal(read_mask(dest, name), (x >= 0).astype(np.int8))
 
 
 def test_execute_writes_exact_masks_and_a_second_plan_sees_it_complete(tmp_path: Path) -> None:

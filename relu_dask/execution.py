@@ -178,13 +178,14 @@ def _complete_report(plan: RunPlan, session: Session | None) -> RunReport:
     assert plan.record is not None, "a complete DEST has its record"
     report = plan.report()
     record = plan.record
-    recorded_units = record.unit_ones or [None] * len(plan.inputs.arrays)
-    recorded_axes = record.unit_axes or [None] * len(plan.inputs.arrays)
+    recorded_units = record.unit_ones or [None] * len(plan.arrays)
+    recorded_axes = record.unit_axes or [None] * len(plan.arrays)
     with contextlib.ExitStack() as opened:
-        for index, (entry, src) in enumerate(zip(report.arrays, plan.inputs.arrays)):
+        for entry, array in zip(report.arrays, plan.arrays, strict=True):
+            index, src = array.index, array.source
             set_counts(entry, record.counts_of(index), src, plan.dest)
             entry.tasks_skipped = entry.num_tasks
-            axis, unit_ones = plan.inputs.unit_axes[index], recorded_units[index]
+            axis, unit_ones = array.unit_axis, recorded_units[index]
             if axis is not None and (unit_ones is None or recorded_axes[index] != axis):  # no --stats the first time
                 session = session or opened.enter_context(open_session(plan.options.scheduler))
                 unit_ones = mask_unit_ones(plan.dest, src.path, axis, session)
@@ -231,7 +232,7 @@ def _log_start(plan: RunPlan, report: RunReport) -> None:
                 "dest": str(inputs.dest),
                 "num_tasks": plan.num_tasks,
                 "scheduler": report.scheduler,
-                "tasks_already_done": sum(plan.tasks_already_done),
+                "tasks_already_done": plan.tasks_already_done,
             },
         },
     )
@@ -244,7 +245,7 @@ def _run_tasks(plan: RunPlan, to_compute: list[MaskTasks], run: str, report: Run
     start, start_cpu = time.perf_counter(), time.process_time()
     allow_tasks(run)
     # An incremental run keeps DEST on a NaN: its masks of the rows before are the user's.
-    with _processing_errors(plan.dest, keep=any(k is not None for k in plan.kept)), _stopping(plan, run):
+    with _processing_errors(plan.dest, keep=plan.incremental), _stopping(plan, run):
         try:
             results = compute(
                 session, to_compute, options.progress, options.progress_interval_s, options.performance_report
@@ -329,10 +330,11 @@ def _array_tasks(plan: RunPlan, report: RunReport, run: str) -> list[ArrayTasks]
     """Each array's tasks, with the mask arrays opened as they are now in DEST."""
     out = []
     options, inputs = plan.options, plan.inputs
-    for index, (src, chunk_plan) in enumerate(zip(inputs.arrays, plan.chunk_plans)):
+    for array in plan.arrays:
+        src, chunk_plan = array.source, array.chunks
         mask = storage.open_mask_array(inputs.dest, src.path)
         assert src.stored is not None, "open_source describes every array"
-        report.arrays[index].set_io_paths(src.stored, mask)
+        report.arrays[array.index].set_io_paths(src.stored, mask)
         token = tokenize(inputs.source.url, src.path, inputs.dest.url, chunk_plan, options.at_zero, plan.engine)
         out.append(
             ArrayTasks(
@@ -344,8 +346,8 @@ def _array_tasks(plan: RunPlan, report: RunReport, run: str) -> list[ArrayTasks]
                 numexpr_threads=plan.session.cores_per_thread,
                 nan_policy=options.nan,
                 name=src.path,
-                done_dir=journal.done_dir(inputs.dest, index),
-                unit_axis=inputs.unit_axes[index],
+                done_dir=journal.done_dir(inputs.dest, array.index),
+                unit_axis=array.unit_axis,
                 token=token,
                 run=run,
             )

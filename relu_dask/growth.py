@@ -217,7 +217,7 @@ def plan_growth(
     """Plan the array at ``path`` (of ``array_paths``, SOURCE's now) of a SOURCE that grew
     since DEST's ``record``: its tasks, the blocks it keeps, and the done markers to drop
     from this block index on along ``axis`` (0: all; None: none; see
-    :attr:`relu_dask.planning.RunPlan.drop_markers`).
+    :attr:`relu_dask.planning.ArrayPlan.drop_markers_from`).
 
     ``grown``: :attr:`JobChange.grown`. ``plan_array(block_shape)`` cuts the array into
     tasks (None: afresh, as a first run would); ``present()`` says whether DEST still has

@@ -30,7 +30,7 @@ from relu_dask.resume import DestFound, DestState, dest_state
 from relu_dask.schedulers import Session, plan_session
 from relu_dask.stats import parse_unit_axis
 
-__all__ = ["RunInputs", "RunPlan", "open_inputs", "plan_run"]
+__all__ = ["ArrayPlan", "RunInputs", "RunPlan", "open_inputs", "plan_run"]
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,34 @@ def open_inputs(options: RunOptions) -> RunInputs:
 
 
 @dataclass(frozen=True)
+class ArrayPlan:
+    """One array's part of a run: its source, how it is cut into tasks, what DEST keeps of it."""
+
+    index: int
+    """Its place among SOURCE's arrays (the journal's array index)."""
+    source: storage.SourceArray
+    chunks: chunking.ChunkPlan
+    """How it is cut into tasks (a resumed run: exactly as the first run cut it)."""
+    unit_axis: int | None
+    """The unit axis of its statistics (None: no statistics, or a scalar)."""
+    append_axis: int | None
+    """The axis it may grow along between runs (None: growth refused, or a scalar)."""
+    tasks_already_done: int = 0
+    """The tasks DEST's journal marks done."""
+    kept: KeptCounts | None = None
+    """The blocks DEST holds already and no task redoes (an incremental run over a grown
+    SOURCE, or its resumption; None: every block has a task)."""
+    drop_markers_from: int | None = None
+    """``grow``: the done markers to drop before any task runs, those of the blocks from this
+    index on along the append axis (0: all; None: none). They were done for a smaller SOURCE,
+    at whose edge their blocks were cut short."""
+
+    @property
+    def path(self) -> str:
+        return self.source.path
+
+
+@dataclass(frozen=True)
 class RunPlan:
     """Everything decided before the first task: frozen, and described by :meth:`describe`."""
 
@@ -130,19 +158,10 @@ class RunPlan:
     session: Session
     """The scheduler's sizing: tasks at once, cores and memory per task."""
     engine: Literal["numpy", "numexpr"]
-    chunk_plans: tuple[chunking.ChunkPlan, ...]
-    """Per array, how it is cut into tasks (a resumed run: exactly as the first run cut it)."""
-    tasks_already_done: tuple[int, ...]
-    """Per array, the tasks DEST's journal marks done."""
-    kept: tuple[KeptCounts | None, ...] = ()
-    """Per array, the blocks DEST holds already and no task redoes (an incremental run over
-    a grown SOURCE, or its resumption; None: every block has a task)."""
+    arrays: tuple[ArrayPlan, ...]
+    """One plan per array of SOURCE, in order."""
     grown: dict[str, list[int] | None] = field(default_factory=dict)
     """``grow``: the arrays that grew since DEST's record (their shape then) or are new (None)."""
-    drop_markers: tuple[int | None, ...] = ()
-    """``grow``, per array: done markers to drop before any task runs, those of the blocks
-    from this index on along the append axis (0: all; None: none). They were done for a
-    smaller SOURCE, at whose edge their blocks were cut short."""
     forget_completion: bool = False
     """DEST's journal said complete but DEST lacks masks it names: the run's first step
     records ``record`` (made incomplete) and drops the done markers
@@ -158,7 +177,17 @@ class RunPlan:
 
     @property
     def num_tasks(self) -> int:
-        return sum(p.num_tasks for p in self.chunk_plans)
+        return sum(a.chunks.num_tasks for a in self.arrays)
+
+    @property
+    def tasks_already_done(self) -> int:
+        """The tasks DEST's journal marks done, of every array."""
+        return sum(a.tasks_already_done for a in self.arrays)
+
+    @property
+    def incremental(self) -> bool:
+        """Whether DEST keeps blocks of an earlier run that no task redoes (SOURCE grew)."""
+        return any(a.kept is not None for a in self.arrays)
 
     def for_session(self, session: Session) -> RunPlan:
         """This plan for a scheduler now started (or connected to): planned again only if
@@ -188,8 +217,8 @@ class RunPlan:
             dashboard_link=self.session.dashboard_link,
             outcome="already complete" if self.state == "complete" else "planned",
         )
-        kept = self.kept or (None,) * len(self.inputs.arrays)
-        for src, plan, done, base in zip(self.inputs.arrays, self.chunk_plans, self.tasks_already_done, kept):
+        for array in self.arrays:
+            src, plan, done, base = array.source, array.chunks, array.tasks_already_done, array.kept
             report.arrays.append(
                 ArrayReport(
                     path=src.path,
@@ -271,36 +300,38 @@ def _plan(options: RunOptions, inputs: RunInputs, found: DestFound, session: Ses
             )
             for src, axis in zip(inputs.arrays, inputs.append_axes)
         ]
-        plans = tuple(g[0] for g in growth)
-        kept = tuple(g[1] for g in growth)
-        drops = tuple(g[2] for g in growth)
-        done: tuple[int, ...] = (0,) * len(plans)  # counted once the markers are dropped
+        done = [0] * len(growth)  # counted once the markers are dropped
     else:
         block_shapes = record.block_shapes if record is not None else None
-        kept = tuple(
+        kept = [
             _if_present(kept_of_partial_run(record, i), inputs.dest, src.path) for i, src in enumerate(inputs.arrays)
-        )
-        plans = tuple(
-            starting_at(_plan_array(options, src, memory, block_shapes[i] if block_shapes else None), base)
+        ]
+        growth = [
+            (
+                starting_at(_plan_array(options, src, memory, block_shapes[i] if block_shapes else None), base),
+                base,
+                None,
+            )
             for i, (src, base) in enumerate(zip(inputs.arrays, kept))
-        )
-        drops = ()
+        ]
         # markers beside a record made incomplete are dropped before any task runs
         counted = record is not None and not found.forget_completion
-        done = tuple(journal.count_done(inputs.dest, i) if counted else 0 for i in range(len(plans)))
-    engine = choose_engine(options.engine, session.cores_per_thread)
+        done = [journal.count_done(inputs.dest, i) if counted else 0 for i in range(len(growth))]
+    arrays = tuple(
+        ArrayPlan(i, src, chunks, unit_axis, append_axis, n, kept, drop_from)
+        for i, (src, unit_axis, append_axis, (chunks, kept, drop_from), n) in enumerate(
+            zip(inputs.arrays, inputs.unit_axes, inputs.append_axes, growth, done)
+        )
+    )
     return RunPlan(
         options,
         inputs,
         state,
         record,
         session,
-        engine,
-        plans,
-        done,
-        kept=kept,
+        choose_engine(options.engine, session.cores_per_thread),
+        arrays,
         grown=grown,
-        drop_markers=drops,
         forget_completion=found.forget_completion,
         under_lock=under_lock,
     )

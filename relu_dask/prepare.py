@@ -39,7 +39,7 @@ def prepare_dest(plan: RunPlan) -> None:
         log.info(
             "resuming DEST %s: %d of %d tasks already done%s",
             plan.dest,
-            sum(plan.tasks_already_done),
+            plan.tasks_already_done,
             plan.num_tasks,
             f", {removed} half-written file(s) removed" if removed else "",
         )
@@ -54,7 +54,7 @@ def _start_fresh(plan: RunPlan) -> None:
     says "complete" beside a half-deleted DEST (see docs/design.md, "Crash consistency").
     """
     remove_dest_and_journal(plan.dest, "--overwrite")
-    block_shapes = [list(p.block_shape) for p in plan.chunk_plans]
+    block_shapes = [list(a.chunks.block_shape) for a in plan.arrays]
     journal.write_record(plan.dest, journal.JobRecord(plan.inputs.fingerprint, block_shapes))
     journal.reach_step("job-recorded")
     _create_outputs(plan)
@@ -72,10 +72,9 @@ def _start_growing(plan: RunPlan) -> None:
     if outputs.unconsolidate(dest):
         log.info("DEST %s: consolidated metadata dropped until the run completes", dest)
     outputs.remove_partial_writes(dest)
-    for index, drop_from in enumerate(plan.drop_markers):
-        axis = plan.inputs.append_axes[index]
-        if drop_from is not None and axis is not None:
-            journal.remove_done_markers_from(dest, index, axis, drop_from)
+    for array in plan.arrays:
+        if array.drop_markers_from is not None and array.append_axis is not None:
+            journal.remove_done_markers_from(dest, array.index, array.append_axis, array.drop_markers_from)
     for path, before in plan.grown.items():
         log.info(
             "SOURCE has grown: %s %s",
@@ -86,9 +85,9 @@ def _start_growing(plan: RunPlan) -> None:
         dest,
         journal.JobRecord(
             plan.inputs.fingerprint,
-            [list(p.block_shape) for p in plan.chunk_plans],
+            [list(a.chunks.block_shape) for a in plan.arrays],
             append_axis=plan.options.append_axis,
-            kept=[None if k is None else k.to_dict() for k in plan.kept],
+            kept=[None if a.kept is None else a.kept.to_dict() for a in plan.arrays],
         ),
     )
     journal.reach_step("job-recorded")
@@ -128,11 +127,12 @@ def _create_outputs(plan: RunPlan) -> None:
         outputs.create_dest_group(dest, {**plan.inputs.attributes, **_provenance(plan, None)})
     for path, attributes in sorted(plan.inputs.groups.items()):
         outputs.create_subgroup(dest, path, attributes)
-    for index, (src, chunk_plan) in enumerate(zip(plan.inputs.arrays, plan.chunk_plans)):
+    for array in plan.arrays:
+        src, chunk_plan = array.source, array.chunks
         if storage.has_array(dest, src.path):
             outputs.resize_mask_array(dest, src.path, src.shape)  # SOURCE grew (no-op otherwise)
             continue
-        journal.done_dir(dest, index).remove_tree()
+        journal.done_dir(dest, array.index).remove_tree()
         outputs.create_mask_array(
             dest,
             src.path,

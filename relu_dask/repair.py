@@ -40,7 +40,7 @@ def repair(plan: RunPlan, report: RunReport) -> RunReport:
     column = BlockCounts.FIELDS.index("digest")
     for key, names in sorted(record.damaged.items()):
         index = int(key)
-        src, chunk_plan, entry = inputs.arrays[index], plan.chunk_plans[index], report.arrays[index]
+        src, chunk_plan, entry = plan.arrays[index].source, plan.arrays[index].chunks, report.arrays[index]
         assert src.stored is not None, "open_source describes every array"
         mask, folder = storage.open_mask_array(inputs.dest, src.path), storage.array_location(inputs.dest, src.path)
         entry.set_io_paths(src.stored, mask)

@@ -9,6 +9,7 @@ growth), and fills in the report's figures.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -25,6 +26,8 @@ from relu_dask.task import ArrayTasks
 
 __all__ = ["record_counts", "record_job", "set_counts", "set_stats"]
 
+log = logging.getLogger(__name__)
+
 
 def record_job(
     plan: RunPlan,
@@ -36,12 +39,15 @@ def record_job(
     """The last step of a run: sum the counts into the report (:func:`record_counts`), record
     the job complete in ``job.json``, drop the done markers, consolidate a group DEST."""
     dest = plan.dest
+    if plan.session.client is not None and outputs.remove_partial_writes(dest):
+        # a worker killed mid-write left its temporary file; its task ran again elsewhere
+        log.info("DEST %s: temporary files of writes cut short by a lost worker removed", dest)
     totals, units, block_ones, digests, edges = record_counts(report, plan, array_tasks, tasks, iter(results))
     journal.write_record(
         dest,
         journal.JobRecord(
             plan.inputs.fingerprint,
-            [list(p.block_shape) for p in plan.chunk_plans],
+            [list(a.chunks.block_shape) for a in plan.arrays],
             complete=True,
             counts=[c.as_row() for c in totals],
             unit_ones=units,
@@ -79,8 +85,8 @@ def record_counts(
     digests: list[list[int]] = []
     edges: list[dict[str, list[int]] | None] = []
     width = len(BlockCounts.FIELDS)
-    kept_all = plan.kept or (None,) * len(array_tasks)
-    for entry, src, array, task, kept in zip(report.arrays, plan.inputs.arrays, array_tasks, tasks, kept_all):
+    for entry, planned, array, task in zip(report.arrays, plan.arrays, array_tasks, tasks, strict=True):
+        src, kept = planned.source, planned.kept
         counts = BlockCounts()
         unit_ones: list[int] | None = None
         result = np.asarray(next(results)) if task is not None else None
@@ -108,7 +114,7 @@ def record_counts(
         totals.append(counts)
         units.append(unit_ones)
         block_ones.append(ones)
-        edges.append(_edge_blocks(array, plan.inputs.append_axes[len(edges)], kept, result))
+        edges.append(_edge_blocks(array, planned.append_axis, kept, result))
     return totals, units, block_ones, digests, edges
 
 

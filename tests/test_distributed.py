@@ -145,6 +145,9 @@ def test_worker_killed_mid_run_does_not_fail_the_job(data: tuple[Path, Path], cl
         time.sleep(0.005)
     assert job.poll() is None, "the job ended before a worker could be killed"
     victim.send_signal(signal.SIGKILL)
+    # what a worker killed between writing a chunk's temporary file and its rename leaves
+    (dest / "c" / "0").mkdir(parents=True, exist_ok=True)
+    (dest / "c" / "0" / "0.0123456789abcdef.partial").write_bytes(b"cut short")
     _out, err = job.communicate(timeout=300)
     assert victim.wait(timeout=10) == -signal.SIGKILL
     assert job.returncode == 0, err

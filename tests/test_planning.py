@@ -97,8 +97,8 @@ def test_a_plan_touches_nothing_and_says_what_plan_prints(tmp_path: Path) -> Non
     plan = plan_run(options)
     assert not dest.exists()
     assert plan.state == "fresh" and plan.record is None
-    assert plan.num_tasks == 6 * 3 and plan.tasks_already_done == (0,)
-    assert [p.block_shape for p in plan.chunk_plans] == [(8, 16)]
+    assert plan.num_tasks == 6 * 3 and plan.tasks_already_done == 0
+    assert [a.chunks.block_shape for a in plan.arrays] == [(8, 16)]
     printed = cli("plan", str(source), str(dest), "--chunks", "8,16", "--scheduler", "synchronous")
     assert printed.returncode == 0, printed.stderr
     assert printed.stdout.splitlines() == plan.describe()
@@ -123,7 +123,7 @@ def test_planning_writes_nothing_even_where_the_journal_claims_more_than_dest_ho
     shutil.rmtree(dest / "b")
     journal_before = snapshot(journal_folder(dest))
     plan = plan_run(options, under_lock=True)
-    assert (plan.state, plan.forget_completion, plan.tasks_already_done) == ("resume", True, (0, 0))
+    assert (plan.state, plan.forget_completion, plan.tasks_already_done) == ("resume", True, 0)
     assert plan.record is not None and not plan.record.complete
     assert snapshot(journal_folder(dest)) == journal_before  # planning reads only
     report = relu_dask.execute(plan)

@@ -18,12 +18,13 @@ from typing import Any
 import numpy as np
 
 from relu_dask.chunkfiles import chunk_key_encoding, format_chunk_key
+from relu_dask.records import ArrayFingerprint
 from relu_dask.storage import SourceArray
 
 __all__ = ["fingerprint_array", "settled_sha256", "stat_chunk"]
 
 
-def fingerprint_array(src: SourceArray, num_samples: int = 16, append_axis: int | None = None) -> dict[str, Any]:
+def fingerprint_array(src: SourceArray, num_samples: int = 16, append_axis: int | None = None) -> ArrayFingerprint:
     """A cheap identity of one source array, to tell whether it changed between runs.
 
     Its path, shape, dtype and chunking; a hash of its metadata document (and one of it
@@ -44,7 +45,7 @@ def fingerprint_array(src: SourceArray, num_samples: int = 16, append_axis: int 
             key = format_chunk_key(coords, *keys)
             samples.append([key, *stat_chunk(src, key)])
     layout = {k: v for k, v in (src.metadata or {}).items() if k != "shape"}
-    return {
+    fingerprint: ArrayFingerprint = {
         "path": src.path,
         "shape": list(src.shape),
         "dtype": str(src.dtype),
@@ -54,12 +55,14 @@ def fingerprint_array(src: SourceArray, num_samples: int = 16, append_axis: int 
         # The metadata less the shape: equal when the array only grew (or shrank).
         "layout_sha256": hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest() if layout else None,
         "chunk_samples": samples,
+    }
+    if append_axis is not None:
         # Every chunk object of the whole chunk rows along the append axis, locally: a growth
         # never rewrites them, so a change there is a change.
-        **({"settled_sha256": _settled(src, append_axis)} if append_axis is not None else {}),
-        # Where the run holds rows back, the last chunk row may be written further already.
-        **({"edge_samples": _edge_samples(src, append_axis)} if append_axis is not None and not src.held_shape else {}),
-    }
+        fingerprint["settled_sha256"] = _settled(src, append_axis)
+        if not src.held_shape:  # where the run holds rows back, the last row may be written further already
+            fingerprint["edge_samples"] = _edge_samples(src, append_axis)
+    return fingerprint
 
 
 #: The most chunk objects :func:`settled_sha256` looks at (one stat each).

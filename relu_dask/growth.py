@@ -19,12 +19,13 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from relu_dask import chunking, journal
 from relu_dask.counts import BlockCounts, KeptCounts
+from relu_dask.records import ArrayFingerprint, JobFingerprint
 
 __all__ = [
     "JobChange",
@@ -58,8 +59,8 @@ class JobChange:
 
 
 def compare_jobs(
-    old: dict[str, Any],
-    new: dict[str, Any],
+    old: JobFingerprint,
+    new: JobFingerprint,
     *,
     append_axis: int | None = None,
     restat: Restat | None = None,
@@ -89,7 +90,8 @@ def compare_jobs(
                 grown[array["path"]] = None
             continue
         # Keys an older relu-dask did not record are not compared.
-        what = [k for k in array if k in before and before[k] != array[k] and k != "edge_samples"]
+        old_keys, new_keys = cast(dict[str, Any], before), cast(dict[str, Any], array)  # every key, as recorded
+        what = [k for k in new_keys if k in old_keys and old_keys[k] != new_keys[k] and k != "edge_samples"]
         if not what:
             continue
         why_not = _why_not_grown(before, array, append_axis, restat, rehash, recorded_axis)
@@ -116,8 +118,8 @@ def compare_jobs(
 
 
 def _why_not_grown(
-    before: dict[str, Any],
-    now: dict[str, Any],
+    before: ArrayFingerprint,
+    now: ArrayFingerprint,
     axis: int | None,
     restat: Restat | None,
     rehash: Rehash | None = None,

@@ -28,6 +28,7 @@ from typing import Any
 
 from relu_dask.counts import BlockCounts
 from relu_dask.locations import Location
+from relu_dask.records import JobFingerprint
 
 __all__ = [
     "STEPS",
@@ -119,7 +120,7 @@ def remove_journal(dest: Location) -> None:
 class JobRecord:
     """What ``job.json`` holds."""
 
-    fingerprint: dict[str, Any]
+    fingerprint: JobFingerprint
     """Source identity and the options that change the result."""
     block_shapes: list[list[int]]
     """The block shape of each array, so that a resumed run cuts the same tasks."""

@@ -22,6 +22,7 @@ from relu_dask.chunkfiles import chunk_key_encoding, format_chunk_key
 from relu_dask.errors import InputError
 from relu_dask.fingerprint import stat_chunk
 from relu_dask.locations import Location
+from relu_dask.records import ArrayFingerprint
 from relu_dask.storage import SourceArray
 
 __all__ = ["SETTLE_S", "Settled", "settle", "unwritten_keys", "written_rows"]
@@ -53,7 +54,7 @@ def settle(
     contents: storage.SourceContents,
     dest: Location,
     append_axis: int | None,
-    recorded: dict[str, dict[str, Any]],
+    recorded: dict[str, ArrayFingerprint],
     settle_s: float,
 ) -> Settled:
     """Read SOURCE again for up to ``settle_s`` seconds until the rows appended since DEST's
@@ -181,14 +182,15 @@ def _missing(
     contents: storage.SourceContents,
     append_axes: tuple[int | None, ...],
     rows: dict[str, int],
-    recorded: dict[str, dict[str, Any]],
+    recorded: dict[str, ArrayFingerprint],
 ) -> dict[str, list[str]]:
     """Per array held back, the keys of its objects not stored (or, of the old edge chunk
     row, not rewritten yet) in the rows held back (:func:`unwritten_keys`)."""
     out = {}
     for src, axis in zip(contents.arrays, append_axes):
         if axis is not None and rows[src.path] < src.shape[axis]:
-            keys = unwritten_keys(src, axis, rows[src.path], recorded.get(src.path, {}).get("edge_samples"))
+            before = recorded.get(src.path)
+            keys = unwritten_keys(src, axis, rows[src.path], before.get("edge_samples") if before else None)
             if keys:
                 out[src.path] = keys
     return out
@@ -197,7 +199,7 @@ def _missing(
 def _written(
     contents: storage.SourceContents,
     append_axes: tuple[int | None, ...],
-    recorded: dict[str, dict[str, Any]],
+    recorded: dict[str, ArrayFingerprint],
     stale: dict[str, frozenset[str]] | None = None,
 ) -> tuple[dict[str, int], dict[str, int]]:
     """Per array, the rows along its append axis that look written (:func:`written_rows`,
@@ -211,13 +213,17 @@ def _written(
     for src, axis in zip(contents.arrays, append_axes):
         if axis is None:
             continue
-        before = recorded.get(src.path, {})
-        old = before.get("shape")
+        before = recorded.get(src.path)
+        old = before["shape"] if before else None
         from_row = int(old[axis]) if isinstance(old, list) and len(old) == len(src.shape) else None
         if from_row is not None and from_row > src.shape[axis]:
             from_row = None  # shrunk: refused later, as a change
         rows[src.path] = written_rows(
-            src, axis, from_row, before.get("edge_samples"), (stale or {}).get(src.path, frozenset())
+            src,
+            axis,
+            from_row,
+            before.get("edge_samples") if before else None,
+            (stale or {}).get(src.path, frozenset()),
         )
         floors[src.path] = from_row or 0
         key = _dimension(src, src.dimension_names[axis] if src.dimension_names else f"#{src.path}")

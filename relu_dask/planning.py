@@ -25,6 +25,7 @@ from relu_dask.kernel import choose_engine, rule_for
 from relu_dask.livewriter import settle
 from relu_dask.locations import Location
 from relu_dask.options import RunOptions, check_output_files
+from relu_dask.records import ArrayFingerprint, JobFingerprint
 from relu_dask.report import ArrayReport, RunReport, collect_versions, render_summary
 from relu_dask.resume import DestFound, DestState, dest_state
 from relu_dask.schedulers import Session, plan_session
@@ -53,7 +54,7 @@ class RunInputs:
     """Per array, the unit axis of the statistics (None: no statistics, or a scalar)."""
     append_axes: tuple[int | None, ...]
     """Per array, the axis it may grow along between runs (None: growth refused, or a scalar)."""
-    fingerprint: dict[str, Any]
+    fingerprint: JobFingerprint
     """Source identity and the options that change the result, as found at the start."""
     held: journal.Held | None = None
     """What this run holds back of rows that look half-written (the run records it: see
@@ -79,19 +80,19 @@ def open_inputs(options: RunOptions) -> RunInputs:
     contents = storage.open_source(source)
     dest = outputs.prepare_dest(source, options.dest_location)
     record = None if options.overwrite else journal.read_record(dest)
-    recorded: dict[str, dict[str, Any]] = {}
+    recorded: dict[str, ArrayFingerprint] = {}
     for entry in record.fingerprint.get("arrays", []) if record else []:
         if isinstance(entry, dict) and isinstance(entry.get("path"), str):
             recorded[entry["path"]] = entry
     taken = settle(source, contents, dest, options.append_axis, recorded, options.settle_s)
     contents, arrays, coordinates, append_axes = taken.contents, taken.arrays, taken.coordinates, taken.append_axes
     unit_axes = tuple(_unit_axis(options.unit_axis, src) for src in arrays)
-    fingerprint = {
+    fingerprint: JobFingerprint = {
         "source": source.url,
         "arrays": [
             # held at the shape DEST recorded: the array as DEST last saw it
             recorded[a.path]
-            if a.held_shape is not None and list(a.held_shape) == recorded.get(a.path, {}).get("shape")
+            if a.held_shape is not None and a.path in recorded and list(a.held_shape) == recorded[a.path]["shape"]
             else fingerprint_array(a, append_axis=axis)
             for a, axis in zip(arrays, append_axes)
         ],

@@ -20,6 +20,7 @@ from relu_dask.errors import DestinationExistsError, ReluDaskError
 from relu_dask.growth import Rehash, Restat, compare_jobs
 from relu_dask.locations import Location, parse_location, parse_storage_options
 from relu_dask.lock import lock_holder
+from relu_dask.records import JobFingerprint
 
 __all__ = [
     "DestFound",
@@ -53,7 +54,7 @@ class DestFound:
 
 def dest_state(
     dest: Location,
-    fingerprint: dict[str, Any],
+    fingerprint: JobFingerprint,
     *,
     is_group: bool,
     overwrite: bool,
@@ -170,7 +171,7 @@ class JobStatus:
     """``complete``: when ``relu-dask verify`` last found DEST whole."""
     damaged: int = 0
     """``complete``: the blocks ``relu-dask verify`` last found wrong (the next run recomputes them)."""
-    fingerprint: dict[str, Any] | None = None
+    fingerprint: JobFingerprint | None = None
     """The job recorded in DEST: its source, rule, NaN policy and arrays."""
     rows: dict[str, int] = field(default_factory=dict)
     """Per array, its extent along the append axis in DEST's job."""

@@ -32,6 +32,7 @@ from relu_dask.errors import InputError, NotWritableError
 from relu_dask.kernel import relu_derivative
 from relu_dask.locations import Location, parse_location, parse_storage_options
 from relu_dask.lock import hold_lock
+from relu_dask.records import ArrayFingerprint
 from relu_dask.schedulers import count_cores
 from relu_dask.task import mask_digest
 
@@ -131,7 +132,7 @@ def _verify_array(
     dest: Location,
     record: journal.JobRecord,
     index: int,
-    array: dict[str, Any],
+    array: ArrayFingerprint,
     pool: Any,
     result: VerifyResult,
     source: Any = None,

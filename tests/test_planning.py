@@ -208,7 +208,7 @@ LAYERS = [
     {"computing", "storage", "journal", "report"},
     {"schedulers", "blocks"},
     {"chunkfiles"},
-    {"chunkio", "kernel", "stats", "locations", "chunking", "counts", "conventions", "workers"},
+    {"chunkio", "kernel", "stats", "locations", "chunking", "counts", "conventions", "workers", "records"},
     {"errors"},
 ]
 

@@ -12,7 +12,9 @@ from collections.abc import Sequence
 from dataclasses import astuple, dataclass, fields
 from typing import ClassVar
 
-__all__ = ["BlockCounts", "KeptCounts"]
+import numpy as np
+
+__all__ = ["BlockCounts", "KeptCounts", "TaskRow"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,58 @@ class BlockCounts:
 
     def __sub__(self, other: BlockCounts) -> BlockCounts:
         return BlockCounts(*(a - b for a, b in zip(self.as_row()[:-1], other.as_row()[:-1])))
+
+
+class TaskRow:
+    """The one place that lays out a task's row and a done marker's numbers.
+
+    A task returns ``[*BlockCounts.as_row(), *unit_ones]``: its counts in
+    :data:`BlockCounts.FIELDS` order, then with ``--stats`` the ones of each unit of its block
+    along the unit axis, padded with zeros to the widest block of its array (dask stacks the
+    rows). A done marker and ``job.json``'s ``edge_blocks`` keep ``[*BlockCounts.recorded(),
+    *unit_ones]``.
+
+    Examples
+    --------
+    >>> row = TaskRow.encode(BlockCounts(4, 3, 0, 1, digest=7), [2, 1], TaskRow.width(3))
+    >>> row.tolist(), row[TaskRow.units(2)].tolist()
+    ([4, 3, 0, 1, 0, 0, 7, 2, 1, 0], [2, 1])
+    >>> TaskRow.decode_recorded(TaskRow.encode_recorded(BlockCounts(4, 3, 0, 1), [2, 1]))
+    (BlockCounts(elements=4, ones=3, nans=0, zeros=1, resumed=0, elements_read=0, digest=-1), [2, 1])
+    """
+
+    HEAD: ClassVar[int] = len(BlockCounts.FIELDS)
+    #: The counts of a row (or of rows stacked along the last axis).
+    COUNTS: ClassVar[slice] = slice(0, HEAD)
+
+    @classmethod
+    def width(cls, num_units: int) -> int:
+        """The length of a row with room for ``num_units`` per-unit ones."""
+        return cls.HEAD + num_units
+
+    @classmethod
+    def units(cls, num_units: int) -> slice:
+        """The first ``num_units`` per-unit ones of a row."""
+        return slice(cls.HEAD, cls.HEAD + num_units)
+
+    @classmethod
+    def encode(cls, counts: BlockCounts, unit_ones: Sequence[int], width: int) -> np.ndarray:
+        """A task's row, ``width`` long (int64)."""
+        row = np.zeros(width, dtype=np.int64)
+        row[cls.COUNTS] = counts.as_row()
+        row[cls.units(len(unit_ones))] = unit_ones
+        return row
+
+    @staticmethod
+    def encode_recorded(counts: BlockCounts, unit_ones: Sequence[int]) -> list[int]:
+        """What a done marker (or an edge block) keeps: the recorded counts, the per-unit ones."""
+        return [*counts.recorded(), *(int(v) for v in unit_ones)]
+
+    @staticmethod
+    def decode_recorded(values: Sequence[int]) -> tuple[BlockCounts, list[int]]:
+        """:meth:`encode_recorded` read back."""
+        head = BlockCounts.NUM_RECORDED
+        return BlockCounts.from_row(values[:head]), [int(v) for v in values[head:]]
 
 
 @dataclass(frozen=True)

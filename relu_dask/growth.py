@@ -24,7 +24,7 @@ from typing import Any, cast
 import numpy as np
 
 from relu_dask import chunking, journal
-from relu_dask.counts import BlockCounts, KeptCounts
+from relu_dask.counts import BlockCounts, KeptCounts, TaskRow
 from relu_dask.records import ArrayFingerprint, JobFingerprint
 
 __all__ = [
@@ -316,10 +316,11 @@ def _without_edge(
             at = [int(i) for i in name.split(".")]
             if len(at) != len(old_shape) or at[axis] != first:
                 return None
-            counts = counts - BlockCounts.from_row(values[: BlockCounts.NUM_RECORDED])
+            row_counts, row_units = TaskRow.decode_recorded(values)
+            counts = counts - row_counts
             if unit_ones is not None and whole.unit_axis is not None:
                 start = at[whole.unit_axis] * block[whole.unit_axis]
-                for k, v in enumerate(values[BlockCounts.NUM_RECORDED :]):
+                for k, v in enumerate(row_units):
                     unit_ones[start + k] -= int(v)
         if unit_ones is not None and whole.unit_axis == axis:
             unit_ones = unit_ones[: first * block[axis]]

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from relu_dask.counts import BlockCounts
+from relu_dask.counts import BlockCounts, TaskRow
 from relu_dask.locations import Location
 from relu_dask.records import JobFingerprint
 
@@ -204,7 +204,7 @@ def record_done(
     if not what or any(c.isspace() for c in what):
         raise ValueError(f"a marker's description is one word, got {what!r}")
     digest = [f"crc32:{counts.digest}"] if counts.digest >= 0 else []
-    values = [str(int(c)) for c in (*counts.recorded(), *per_unit)]
+    values = [str(c) for c in TaskRow.encode_recorded(counts, per_unit)]
     folder.child(marker_name(block_index)).write_text(" ".join([what, *digest, *values]))
 
 
@@ -220,7 +220,7 @@ def read_done(folder: Location, block_index: Sequence[int], what: str) -> tuple[
         return None
     if head != what or len(numbers) < BlockCounts.NUM_RECORDED:
         return None
-    return BlockCounts.resumed_from(numbers, digest), numbers[BlockCounts.NUM_RECORDED :]
+    return BlockCounts.resumed_from(numbers, digest), TaskRow.decode_recorded(numbers)[1]
 
 
 def remove_done_markers_from(dest: Location, array_index: int, axis: int, first_block: int) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from relu_dask import chunking, journal, outputs, storage
-from relu_dask.counts import BlockCounts, KeptCounts
+from relu_dask.counts import BlockCounts, KeptCounts, TaskRow
 from relu_dask.graph import MaskTasks
 from relu_dask.locations import Location
 from relu_dask.mask_stats import mask_unit_ones, unit_stats
@@ -84,7 +84,6 @@ def record_counts(
     block_ones: list[list[int]] = []
     digests: list[list[int]] = []
     edges: list[dict[str, list[int]] | None] = []
-    width = len(BlockCounts.FIELDS)
     for entry, planned, array, task in zip(report.arrays, plan.arrays, array_tasks, tasks, strict=True):
         src, kept = planned.source, planned.kept
         counts = BlockCounts()
@@ -92,7 +91,7 @@ def record_counts(
         result = np.asarray(next(results)) if task is not None else None
         if result is not None:
             rows = result.reshape(-1, result.shape[-1])
-            counts = BlockCounts.total(rows[:, :width].tolist())
+            counts = BlockCounts.total(rows[:, TaskRow.COUNTS].tolist())
             if array.unit_axis is not None:
                 unit_ones = _per_unit(result, array)
         elif array.unit_axis is not None and kept is None:  # an empty array
@@ -167,10 +166,9 @@ def _edge_blocks(
         name = journal.marker_name(tuple(i + f for i, f in zip(at, first)))
         units = []
         if array.unit_axis is not None:
-            width = len(BlockCounts.FIELDS)
             extent = plan.task_chunks[array.unit_axis][at[array.unit_axis]]
-            units = [int(v) for v in row[width : width + extent]]
-        edge[name] = [*BlockCounts.from_row(row.tolist()).recorded(), *units]
+            units = row[TaskRow.units(extent)].tolist()
+        edge[name] = TaskRow.encode_recorded(BlockCounts.from_row(row.tolist()), units)
     return edge
 
 
@@ -192,8 +190,7 @@ def _per_unit(result: np.ndarray, array: ArrayTasks) -> list[int]:
     ndim = result.ndim - 1
     by_unit_block = result.sum(axis=tuple(a for a in range(ndim) if a != axis)).reshape(-1, result.shape[-1])
     extents = array.plan.task_chunks[axis]
-    width = len(BlockCounts.FIELDS)
-    return [int(v) for j, n in enumerate(extents) for v in by_unit_block[j, width : width + n]]
+    return [int(v) for j, n in enumerate(extents) for v in by_unit_block[j, TaskRow.units(n)]]
 
 
 def set_counts(entry: ArrayReport, counts: BlockCounts, src: storage.SourceArray, dest: Location) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 
 from relu_dask import blocks, chunkio, journal
 from relu_dask.chunking import ChunkPlan
-from relu_dask.counts import BlockCounts
+from relu_dask.counts import BlockCounts, TaskRow
 from relu_dask.errors import NaNFoundError, TaskNotStarted
 from relu_dask.kernel import Engine, relu_derivative, set_numexpr_threads
 from relu_dask.locations import Location
@@ -57,8 +57,8 @@ class ArrayTasks:
     def row_width(self) -> int:
         """Length of a task's result row: the counts, then the per-unit ones (with stats)."""
         if self.unit_axis is None:
-            return len(BlockCounts.FIELDS)
-        return len(BlockCounts.FIELDS) + min(self.plan.block_shape[self.unit_axis], self.plan.shape[self.unit_axis])
+            return TaskRow.width(0)
+        return TaskRow.width(min(self.plan.block_shape[self.unit_axis], self.plan.shape[self.unit_axis]))
 
     token: str = ""
     """A stable identity of the tasks (source, dest, plan, rule) for the task names."""
@@ -132,7 +132,7 @@ def _process_block(tasks: ArrayTasks, block_id: tuple[int, ...]) -> np.ndarray:
     width = tasks.row_width
     if tasks.done_dir is not None:
         done = journal.read_done(tasks.done_dir, index, tasks.marker_kind)
-        if done is not None and len(done[1]) == width - len(BlockCounts.FIELDS):
+        if done is not None and TaskRow.width(len(done[1])) == width:
             return _row(*done, width, ndim)
     slices = tasks.plan.block_slices(index)
     if tasks.engine != "numpy" and numexpr.get_num_threads() != tasks.numexpr_threads:
@@ -196,11 +196,7 @@ def _count_nans_and_zeros(block: np.ndarray, scratch: np.ndarray) -> tuple[int, 
 
 def _row(counts: BlockCounts, per_unit: list[int], width: int, ndim: int) -> np.ndarray:
     """One task's result: its counts, then its per-unit ones padded to the full block width."""
-    row = np.zeros(width, dtype=np.int64)
-    head = counts.as_row()
-    row[: len(head)] = head
-    row[len(head) : len(head) + len(per_unit)] = per_unit
-    return row.reshape((1,) * ndim + (width,))
+    return TaskRow.encode(counts, per_unit, width).reshape((1,) * ndim + (width,))
 
 
 def _describe_nan(tasks: ArrayTasks, block: np.ndarray, slices: tuple[slice, ...]) -> str:

@@ -1,0 +1,292 @@
+"""Object-store benchmark: relu-dask against naive dask and a zarr thread-pool loop, on S3.
+
+An S3 endpoint is started on 127.0.0.1 in a process of its own: moto's WSGI application
+(moto is a test dependency) served by werkzeug's threaded server behind a fixed delay per
+request (``--latency-ms``, a first-byte latency; each request sleeps in its own thread, so
+concurrent requests overlap as they would against a real store). The data: seeded float32
+activations, ``--size-mib`` of them (default 256: 16384 x 4096), chunks 1024 x 1024, Zarr v3
+with zarr's default codecs, uploaded once per latency.
+
+The contenders, each a whole fresh process, interleaved round by round (order rotated), every
+output deleted before each start:
+
+* **relu-dask** -- ``python -m relu_dask run s3://... s3://... --storage-options JSON``,
+  default options;
+* **naive dask** -- ``(da.from_zarr(src) >= 0).astype('i1').to_zarr(dst)`` over s3fs;
+* **zarr loop** -- zarr's public API, 32 threads, one chunk each (read, mask, write), over
+  ``zarr.storage.ObjectStore`` with obstore where obstore is installed, else over s3fs.
+
+Every output is compared with numpy's masks of the source, value for value. Printed: the
+machine, then per latency a table of medians (wall, GB/s, peak RSS) with each contender's
+ratio to relu-dask. Usage::
+
+    python scripts/bench_remote.py --latency-ms 0,30 --rounds 3
+    python scripts/bench_remote.py --quick     # 32 MiB, 0 and 30 ms, 1 round: a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+from _bench_util import MIB, ChildResult, markdown_table, median, print_facts, run_child
+
+BUCKET = "bench"
+UNITS = 4096
+CHUNKS = (1024, 1024)
+LOOP_THREADS = 32
+CHILD_TIMEOUT_S = 3600.0
+KEYS = {"key": "testing", "secret": "testing"}
+
+
+# --------------------------------------------------------------------------- children
+
+
+def _child_serve(port: str, latency_ms: str) -> None:
+    """The S3 endpoint: moto behind a delay per request, until killed."""
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
+
+    app = DomainDispatcherApplication(create_backend_app)
+    delay_s = float(latency_ms) / 1000
+
+    def delayed(environ: dict, start_response: object) -> object:
+        time.sleep(delay_s)
+        return app(environ, start_response)  # type: ignore[arg-type]
+
+    make_server("127.0.0.1", int(port), delayed, threaded=True, request_handler=MotoRequestHandler).serve_forever()
+
+
+def _options(endpoint: str) -> dict[str, str]:
+    return {"endpoint_url": endpoint, **KEYS}
+
+
+def _child_generate(endpoint: str, rows: str) -> dict[str, float]:
+    import numpy as np
+    import s3fs
+    import zarr
+
+    s3fs.S3FileSystem(**_options(endpoint)).mkdir(BUCKET)
+    shape = (int(rows), UNITS)
+    src = zarr.create_array(
+        store=f"s3://{BUCKET}/src.zarr", shape=shape, chunks=CHUNKS, dtype="float32", storage_options=_options(endpoint)
+    )
+    rng = np.random.default_rng(20261203)
+    for start in range(0, shape[0], CHUNKS[0]):
+        stop = min(start + CHUNKS[0], shape[0])
+        src[start:stop] = rng.standard_normal((stop - start, UNITS), dtype=np.float32)
+    return {}
+
+
+def _child_relu_dask(endpoint: str, dst: str) -> dict[str, float]:
+    from relu_dask.cli import main
+
+    code = main(["run", f"s3://{BUCKET}/src.zarr", dst, "--storage-options", json.dumps(_options(endpoint)), "--quiet"])
+    if code:
+        raise SystemExit(code)
+    return {}
+
+
+def _child_naive(endpoint: str, dst: str) -> dict[str, float]:
+    import dask.array as da
+
+    options = _options(endpoint)
+    (da.from_zarr(f"s3://{BUCKET}/src.zarr", storage_options=options) >= 0).astype("i1").to_zarr(
+        dst, storage_options=options
+    )
+    return {}
+
+
+def _loop_store(endpoint: str, prefix: str) -> object:
+    """obstore's S3 store through zarr's ObjectStore, or zarr's fsspec store where obstore is missing."""
+    import zarr
+
+    try:
+        from obstore.store import S3Store
+    except ImportError:
+        return zarr.storage.FsspecStore.from_url(f"s3://{BUCKET}/{prefix}", storage_options=_options(endpoint))
+    store = S3Store(
+        BUCKET,
+        prefix=prefix,
+        endpoint=endpoint,
+        access_key_id=KEYS["key"],
+        secret_access_key=KEYS["secret"],
+        region="us-east-1",
+        virtual_hosted_style_request=False,
+        client_options={"allow_http": True},
+    )
+    return zarr.storage.ObjectStore(store)
+
+
+def _child_loop(endpoint: str, dst: str) -> dict[str, float]:
+    import itertools
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    import zarr
+
+    src = zarr.open_array(_loop_store(endpoint, "src.zarr"), mode="r")
+    out = zarr.create_array(
+        _loop_store(endpoint, dst.removeprefix(f"s3://{BUCKET}/")),
+        shape=src.shape,
+        chunks=src.chunks,
+        dtype="int8",
+        fill_value=0,
+    )
+    starts = itertools.product(*(range(0, n, c) for n, c in zip(src.shape, src.chunks)))
+
+    def task(start: tuple[int, ...]) -> None:
+        region = tuple(slice(s, min(s + c, n)) for s, c, n in zip(start, src.chunks, src.shape))
+        out[region] = (np.asarray(src[region]) >= 0).astype(np.int8)
+
+    with ThreadPoolExecutor(LOOP_THREADS) as pool:
+        list(pool.map(task, starts))
+    return {}
+
+
+def _child_check(endpoint: str, dst: str) -> dict[str, float]:
+    """Whether ``dst`` holds numpy's masks of the source, value for value."""
+    import numpy as np
+    import zarr
+
+    options = _options(endpoint)
+    src = zarr.open_array(f"s3://{BUCKET}/src.zarr", mode="r", storage_options=options)
+    out = zarr.open_array(dst, mode="r", storage_options=options)
+    equal = out.shape == src.shape and out.dtype == np.int8
+    for start in range(0, src.shape[0], 4 * CHUNKS[0]) if equal else []:
+        rows = slice(start, start + 4 * CHUNKS[0])
+        equal = equal and np.array_equal(np.asarray(out[rows]), (np.asarray(src[rows]) >= 0).astype(np.int8))
+    return {"equal": float(equal)}
+
+
+def _child_remove(endpoint: str, dst: str) -> dict[str, float]:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**_options(endpoint))
+    for path in (dst, f"{dst.rsplit('/', 1)[0]}/.{dst.rsplit('/', 1)[1]}.relu-dask"):
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    return {}
+
+
+_CHILDREN = {
+    "generate": _child_generate,
+    "relu-dask": _child_relu_dask,
+    "naive dask": _child_naive,
+    "zarr loop": _child_loop,
+    "check": _child_check,
+    "remove": _child_remove,
+}
+CONTENDERS = ("relu-dask", "naive dask", "zarr loop")
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _child(*params: str) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--child", *params]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_endpoint(latency_ms: float) -> tuple[subprocess.Popen[bytes], str]:
+    port = _free_port()
+    server = subprocess.Popen(_child("serve", str(port), str(latency_ms)), stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(400):
+        try:
+            urllib.request.urlopen(endpoint, timeout=2).close()
+            return server, endpoint
+        except OSError:
+            time.sleep(0.05)
+    server.kill()
+    raise RuntimeError("the S3 endpoint did not start")
+
+
+def run_latency(latency_ms: float, rows: int, rounds: int) -> list[list[object]]:
+    server, endpoint = start_endpoint(latency_ms)
+    try:
+        run_child(_child("generate", endpoint, str(rows)), timeout_s=CHILD_TIMEOUT_S)
+        results: dict[str, list[ChildResult]] = {name: [] for name in CONTENDERS}
+        for r in range(rounds):
+            order = CONTENDERS[r % len(CONTENDERS) :] + CONTENDERS[: r % len(CONTENDERS)]
+            for name in order:
+                dst = f"s3://{BUCKET}/out-{name.replace(' ', '-')}.zarr"
+                run_child(_child("remove", endpoint, dst), timeout_s=CHILD_TIMEOUT_S)
+                result = run_child(_child(name, endpoint, dst), timeout_s=CHILD_TIMEOUT_S)
+                results[name].append(result)
+                print(f"  {latency_ms:g} ms, round {r + 1}: {name:12s} {result.wall_s:6.2f} s", flush=True)
+        checks = {}
+        for name in CONTENDERS:
+            dst = f"s3://{BUCKET}/out-{name.replace(' ', '-')}.zarr"
+            checks[name] = json.loads(run_child(_child("check", endpoint, dst)).stdout)["equal"] == 1.0
+    finally:
+        server.kill()
+        server.wait()
+    size = rows * UNITS * 4
+    relu_wall = median([r.wall_s for r in results["relu-dask"]])
+    rows_out: list[list[object]] = []
+    for name in CONTENDERS:
+        wall = median([r.wall_s for r in results[name]])
+        rss = median([r.peak_rss_bytes for r in results[name]]) / MIB
+        rows_out.append(
+            [
+                f"{latency_ms:g}",
+                name,
+                f"{wall:.2f}",
+                f"{size / wall / 1e9:.3f}",
+                f"{wall / relu_wall:.2f}",
+                f"{rss:.0f}",
+                "yes" if checks[name] else "**NO**",
+            ]
+        )
+    return rows_out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--latency-ms", default="0,30", help="per-request delays, comma-separated (default 0,30)")
+    parser.add_argument("--size-mib", type=int, default=256, help="float32 MiB of source (default 256)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--quick", action="store_true", help="32 MiB, 1 round: a smoke test")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        name, *params = args.child
+        if name == "serve":
+            _child_serve(*params)
+            return
+        print(json.dumps(_CHILDREN[name](*params)))
+        return
+    if args.quick:
+        args.size_mib, args.rounds = 32, 1
+    rows = args.size_mib * MIB // (UNITS * 4)
+    try:
+        import obstore  # noqa: F401
+
+        loop = "zarr.storage.ObjectStore over obstore"
+    except ImportError:
+        loop = "zarr's FsspecStore over s3fs (obstore is not installed)"
+    print_facts(extra=[("zarr loop", f"{LOOP_THREADS} threads, {loop}")])
+    print(f"\nsource: {rows} x {UNITS} float32 ({args.size_mib} MiB), chunks {CHUNKS[0]} x {CHUNKS[1]}")
+    table: list[list[object]] = []
+    for latency in (float(v) for v in args.latency_ms.split(",")):
+        table.extend(run_latency(latency, rows, args.rounds))
+    print()
+    headers = ["latency ms", "contender", "wall s", "GB/s", "wall / relu-dask wall", "peak RSS MiB", "exact"]
+    print(markdown_table(headers, table))
+
+
+if __name__ == "__main__":
+    main()

@@ -13,6 +13,8 @@ import hashlib
 import itertools
 import json
 import math
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -21,7 +23,7 @@ from relu_dask.chunkfiles import chunk_key_encoding, format_chunk_key
 from relu_dask.records import ArrayFingerprint
 from relu_dask.storage import SourceArray
 
-__all__ = ["fingerprint_array", "settled_sha256", "stat_chunk"]
+__all__ = ["STAT_CONCURRENCY", "fingerprint_array", "settled_sha256", "stat_chunk", "stat_chunks"]
 
 
 def fingerprint_array(src: SourceArray, num_samples: int = 16, append_axis: int | None = None) -> ArrayFingerprint:
@@ -37,13 +39,12 @@ def fingerprint_array(src: SourceArray, num_samples: int = 16, append_axis: int 
     unit = src.shard_shape or src.chunk_shape
     grid = tuple(-(-n // c) for n, c in zip(src.shape, unit))
     total = math.prod(grid)
-    samples = []
+    samples: list[list[Any]] = []
     keys = chunk_key_encoding(src.metadata) if src.metadata else None
     if total and keys is not None:
-        for linear in sorted({round(i * (total - 1) / max(1, num_samples - 1)) for i in range(num_samples)}):
-            coords = tuple(int(c) for c in np.unravel_index(linear, grid))
-            key = format_chunk_key(coords, *keys)
-            samples.append([key, *stat_chunk(src, key)])
+        linears = sorted({round(i * (total - 1) / max(1, num_samples - 1)) for i in range(num_samples)})
+        names = [format_chunk_key(tuple(int(c) for c in np.unravel_index(i, grid)), *keys) for i in linears]
+        samples = stat_chunks(src, names)
     layout = {k: v for k, v in (src.metadata or {}).items() if k != "shape"}
     fingerprint: ArrayFingerprint = {
         "path": src.path,
@@ -116,7 +117,22 @@ def _edge_keys(src: SourceArray, axis: int) -> list[str] | None:
 
 def _edge_samples(src: SourceArray, axis: int) -> list[list[Any]] | None:
     keys = _edge_keys(src, axis)
-    return None if keys is None else [[key, *stat_chunk(src, key)] for key in keys]
+    return None if keys is None else stat_chunks(src, keys)
+
+
+#: Requests in flight at once when chunk objects of an object store are looked at.
+STAT_CONCURRENCY = 16
+
+
+def stat_chunks(src: SourceArray, keys: Sequence[str]) -> list[list[Any]]:
+    """``[key, size, mtime]`` of each chunk object (:func:`stat_chunk`); on an object store
+    the requests go out together (a round trip each, one after another, made a run's fixed
+    cost grow with the samples)."""
+    folder = src.location
+    if folder is None or folder.is_local or len(keys) < 2:
+        return [[key, *stat_chunk(src, key)] for key in keys]
+    with ThreadPoolExecutor(min(STAT_CONCURRENCY, len(keys))) as pool:
+        return [[key, *stat] for key, stat in zip(keys, pool.map(lambda key: stat_chunk(src, key), keys))]
 
 
 def stat_chunk(src: SourceArray, key: str) -> list[Any]:

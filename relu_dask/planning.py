@@ -18,7 +18,7 @@ from typing import Any, Literal
 from relu_dask import chunking, journal, outputs, storage
 from relu_dask.chunking import format_bytes
 from relu_dask.counts import KeptCounts
-from relu_dask.errors import ReluDaskError
+from relu_dask.errors import InputError, ReluDaskError
 from relu_dask.fingerprint import fingerprint_array, settled_sha256, stat_chunk
 from relu_dask.growth import kept_of_partial_run, num_kept, plan_growth, starting_at
 from relu_dask.kernel import choose_engine, rule_for
@@ -78,6 +78,7 @@ def open_inputs(options: RunOptions) -> RunInputs:
     )
     source = options.source_location
     contents = storage.open_source(source)
+    _refuse_masks_as_source(source, contents)
     dest = outputs.prepare_dest(source, options.dest_location)
     record = None if options.overwrite else journal.read_record(dest)
     recorded: dict[str, ArrayFingerprint] = {}
@@ -116,6 +117,20 @@ def open_inputs(options: RunOptions) -> RunInputs:
         fingerprint,
         taken.held,
     )
+
+
+def _refuse_masks_as_source(source: Location, contents: storage.SourceContents) -> None:
+    """SOURCE that is relu-dask's own output (its provenance attribute says so): its masks
+    would be all 1, a mistake of argument order far more often than a wish."""
+    made = [contents.attributes, *(a.array.attrs for a in contents.arrays)]
+    provenance = next((m[outputs.PROVENANCE_KEY] for m in made if outputs.PROVENANCE_KEY in m), None)
+    if provenance is not None:
+        origin = provenance.get("source") if isinstance(provenance, dict) else None
+        raise InputError(
+            f"SOURCE {source} holds masks relu-dask made"
+            + (f" (from {origin})" if origin else "")
+            + ": pass the activations as SOURCE, the masks' place as DEST"
+        )
 
 
 @dataclass(frozen=True)

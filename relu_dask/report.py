@@ -266,7 +266,8 @@ def render_summary(report: RunReport) -> list[str]:
         if a.grown_from is not None:
             line += f" (grown from {_dims(a.grown_from)}; {a.blocks_kept} block(s) kept)"
         if report.outcome != "planned":
-            line += f", {a.active_fraction:.1%} active, {a.num_nans} NaN, {format_bytes(a.bytes_written)} written"
+            stored = "stored" if report.outcome == "already complete" else "written"
+            line += f", {a.active_fraction:.1%} active, {a.num_nans} NaN, {format_bytes(a.bytes_written)} {stored}"
         else:
             line += f", ~{format_bytes(a.memory_per_task_bytes)} per task"
         lines.append(line)
@@ -285,7 +286,9 @@ def render_summary(report: RunReport) -> list[str]:
         lines.append("  unit activity (mask = 1):")
         for name, unit_stats, fraction in stats:
             lines.extend("  " + line for line in render_stats(name, unit_stats, fraction))
-    if report.outcome != "planned":
+    if report.outcome == "already complete":
+        lines.append(f"  nothing read or written: {report.dest} holds {format_bytes(report.bytes_written)}")
+    elif report.outcome != "planned":
         rate = format_bytes(report.throughput_bytes_per_s)
         lines.append(
             f"  {format_bytes(report.bytes_read)} read in {report.wall_s:.2f} s ({rate}/s), "

@@ -109,7 +109,7 @@ def record_counts(
         ones = _per_block(array.plan, kept, result, "ones")
         digests.append(_per_block(array.plan, kept, result, "digest"))
         set_stats(entry, src, array.unit_axis, unit_ones, plan.inputs.coordinates)
-        _warn_if_relu_outputs(report, entry)
+        _warn_about_zeros(report, entry)
         totals.append(counts)
         units.append(unit_ones)
         block_ones.append(ones)
@@ -201,14 +201,22 @@ def set_counts(entry: ArrayReport, counts: BlockCounts, src: storage.SourceArray
     entry.bytes_written = storage.array_location(dest, src.path).disk_bytes()
 
 
-def _warn_if_relu_outputs(report: RunReport, entry: ArrayReport) -> None:
+def _warn_about_zeros(report: RunReport, entry: ArrayReport) -> None:
+    """Under the rule x >= 0 an exact 0 gives 1: say so where that may not be what was meant
+    (ReLU outputs given as inputs; units always on because their inputs are all 0)."""
     if report.rule != "x >= 0" or not entry.num_elements:
         return
+    name = entry.path or "the source"
     negatives = entry.num_elements - entry.num_ones - entry.num_nans
     if negatives == 0 and entry.num_zeros >= 0.1 * entry.num_elements:
-        name = entry.path or "the source"
         report.warnings.append(
             f"{name} has no negative values and {entry.num_zeros / entry.num_elements:.0%} exact zeros: "
             "it looks like ReLU outputs, not inputs; with the rule x >= 0 every value gives 1. "
             "If these are ReLU outputs, use --at-zero 0 (rule x > 0)"
+        )
+    elif entry.stats is not None and entry.stats.always_on_units and entry.num_zeros >= entry.stats.samples_per_unit:
+        report.warnings.append(
+            f"{name} has {len(entry.stats.always_on_units)} always-on unit(s) and {entry.num_zeros} exact zeros: a "
+            "unit whose inputs are all 0 gives 1 everywhere under the rule x >= 0. To count such units as dead, "
+            "use --at-zero 0 (rule x > 0)"
         )

@@ -343,3 +343,41 @@ def test_status_says_the_rows_waiting_once_for_arrays_that_share_them(tmp_path: 
         layer[100:164] = full[100:164]
     proc = cli("status", str(dest))
     assert "SOURCE has grown: 64 more rows wait" in proc.stdout, proc.stdout
+
+
+def test_masks_given_as_source_are_refused(small_source: tuple[Path, np.ndarray], tmp_path: Path) -> None:
+    source, _ = small_source
+    masks = tmp_path / "masks.zarr"
+    assert cli("run", str(source), str(masks), "--scheduler", "synchronous").returncode == 0
+    before = snapshot(tmp_path)
+    proc = cli("run", str(masks), str(tmp_path / "again.zarr"), "--scheduler", "synchronous")
+    assert proc.returncode == EXIT_USAGE
+    assert_one_line_error(proc.stderr, f"SOURCE {masks} holds masks relu-dask made (from {source})")
+    assert snapshot(tmp_path) == before
+
+
+def test_a_rerun_that_does_nothing_says_it_read_and_wrote_nothing(
+    small_source: tuple[Path, np.ndarray], tmp_path: Path
+) -> None:
+    source, _ = small_source
+    args = ("run", str(source), str(tmp_path / "out.zarr"), "--scheduler", "synchronous")
+    first = cli(*args)
+    assert "B written" in first.stdout and "written to" in first.stdout
+    again = cli(*args)
+    assert again.stdout.startswith("already complete: ")
+    assert "B written" not in again.stdout and "written to" not in again.stdout  # what DEST holds: stored
+    assert "% active, " in again.stdout and "B stored" in again.stdout
+    assert f"  nothing read or written: {tmp_path / 'out.zarr'} holds " in again.stdout
+
+
+def test_units_always_on_because_their_inputs_are_zero_get_the_at_zero_hint(tmp_path: Path) -> None:
+    x = activations((64, 8), seed=5)
+    x[:, 3] = 0.0  # a unit whose inputs are exactly 0: its mask is 1 everywhere under x >= 0
+    write_zarr(tmp_path / "src.zarr", x, (16, 8))
+    args = ("run", str(tmp_path / "src.zarr"), str(tmp_path / "out.zarr"), "--stats", "--scheduler", "synchronous")
+    proc = cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert "the source has 1 always-on unit(s) and 66 exact zeros" in proc.stdout  # 64 of unit 3, 2 elsewhere
+    assert "To count such units as dead, use --at-zero 0" in proc.stdout
+    dead = cli(*args[:3], str(tmp_path / "dead.zarr"), *args[4:], "--at-zero", "0")
+    assert "always-on unit(s) and" not in dead.stdout  # under x > 0 it is a dead unit, nothing to hint

@@ -9,7 +9,7 @@ Nothing here opens a store: :mod:`relu_dask.storage` does, and asks.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ENCODING_ATTRIBUTES",
+    "MEANING_ATTRIBUTES",
     "coordinate_paths",
     "fill_value_attribute",
     "is_nan",
@@ -142,14 +143,44 @@ ENCODING_ATTRIBUTES = frozenset(
 )
 
 
-def mask_attributes(src: SourceArray) -> dict[str, Any]:
-    """A source array's attributes that its mask keeps: all but :data:`ENCODING_ATTRIBUTES`,
-    and a CF time's ``units`` and ``calendar`` (``"hours since ..."`` would make the mask a date)."""
-    attributes = {k: v for k, v in src.array.attrs.items() if k not in ENCODING_ATTRIBUTES}
-    if " since " in str(attributes.get("units", "")):
-        attributes.pop("units")
-        attributes.pop("calendar", None)
-    return attributes
+#: Attributes that say what a source's *values* are (CF's ``long_name``, ``units``, ...): a
+#: mask's values are something else, so they are not copied to it; it says what it is instead.
+MEANING_ATTRIBUTES = frozenset(
+    {
+        "long_name",
+        "standard_name",
+        "units",
+        "calendar",
+        "cell_methods",
+        "actual_range",
+        "flag_values",
+        "flag_masks",
+        "flag_meanings",
+        "ancillary_variables",
+        "description",
+    }
+)
+
+
+def mask_attributes(attributes: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The attributes of the mask of a source array named ``name`` with ``attributes``: the
+    source's, less :data:`ENCODING_ATTRIBUTES` and :data:`MEANING_ATTRIBUTES`, and the mask's
+    own CF description (``long_name``, ``flag_values``, ``flag_meanings``), all netCDF-safe.
+
+    Examples
+    --------
+    >>> mask = mask_attributes({"long_name": "fc1 pre-activation", "units": "1", "layer": "fc1"}, "fc1")
+    >>> mask["long_name"], mask["flag_meanings"], "units" in mask, mask["layer"]
+    ('ReLU derivative mask of fc1 pre-activation', 'inactive active', False, 'fc1')
+    """
+    kept = {k: v for k, v in attributes.items() if k not in ENCODING_ATTRIBUTES and k not in MEANING_ATTRIBUTES}
+    what = attributes.get("long_name") if isinstance(attributes.get("long_name"), str) else None
+    return {
+        **kept,
+        "long_name": f"ReLU derivative mask of {what or name or 'the source'}",
+        "flag_values": [0, 1],
+        "flag_meanings": "inactive active",
+    }
 
 
 def unit_labels(src: SourceArray, axis: int, coordinates: Sequence[SourceArray]) -> list[str] | None:

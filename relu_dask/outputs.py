@@ -31,6 +31,7 @@ __all__ = [
     "COMPRESSORS",
     "DEFAULT_COMPRESSOR",
     "PROVENANCE_KEY",
+    "PROVENANCE_PREFIX",
     "check_replaceable",
     "check_replaceable_remains",
     "consolidate",
@@ -51,7 +52,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-#: The attribute under which DEST records where it came from.
+#: DEST records where it came from in flat, netCDF-safe attributes (strings and numbers) named
+#: with this prefix: ``relu_dask_source``, ``relu_dask_rule``, ``relu_dask_version``, ...
+PROVENANCE_PREFIX = "relu_dask_"
+#: The one nested attribute under which relu-dask before 0.2 recorded the same (read, never written).
 PROVENANCE_KEY = "relu_dask"
 
 

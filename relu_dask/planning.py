@@ -123,9 +123,11 @@ def _refuse_masks_as_source(source: Location, contents: storage.SourceContents) 
     """SOURCE that is relu-dask's own output (its provenance attribute says so): its masks
     would be all 1, a mistake of argument order far more often than a wish."""
     made = [contents.attributes, *(a.array.attrs for a in contents.arrays)]
-    provenance = next((m[outputs.PROVENANCE_KEY] for m in made if outputs.PROVENANCE_KEY in m), None)
-    if provenance is not None:
-        origin = provenance.get("source") if isinstance(provenance, dict) else None
+    source_key = outputs.PROVENANCE_PREFIX + "source"
+    found = next((m for m in made if source_key in m or outputs.PROVENANCE_KEY in m), None)
+    if found is not None:
+        older = found.get(outputs.PROVENANCE_KEY)
+        origin = found.get(source_key) or (older.get("source") if isinstance(older, dict) else None)
         raise InputError(
             f"SOURCE {source} holds masks relu-dask made"
             + (f" (from {origin})" if origin else "")

@@ -112,7 +112,7 @@ def _provenance(plan: RunPlan, src: storage.SourceArray | None) -> dict[str, Any
     }
     if src is not None:
         info.update(source_path=src.path, source_dtype=str(src.dtype), source_zarr_format=src.zarr_format)
-    return {outputs.PROVENANCE_KEY: info}
+    return {outputs.PROVENANCE_PREFIX + key: value for key, value in info.items()}
 
 
 def _create_outputs(plan: RunPlan) -> None:
@@ -140,7 +140,10 @@ def _create_outputs(plan: RunPlan) -> None:
             chunk_shape=chunk_plan.dest_chunk_shape,
             shard_shape=chunk_plan.dest_shard_shape,
             dimension_names=src.dimension_names,
-            attributes={**conventions.mask_attributes(src), **_provenance(plan, src)},
+            attributes={
+                **conventions.mask_attributes(src.array.attrs, src.path.rpartition("/")[2]),
+                **_provenance(plan, src),
+            },
             compressor=plan.options.dest_compressor,
         )
     for coordinate in plan.inputs.coordinates:  # small, and copied again whole after a kill

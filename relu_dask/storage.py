@@ -87,6 +87,11 @@ class SourceArray:
         return tuple(shards) if shards else None
 
     @property
+    def name(self) -> str:
+        """The array's own name: the last part of its path ("" for SOURCE itself)."""
+        return self.path.rpartition("/")[2]
+
+    @property
     def zarr_format(self) -> int:
         if self.metadata:
             return int(self.metadata["zarr_format"])

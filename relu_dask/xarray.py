@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
+from relu_dask.conventions import mask_attributes
 from relu_dask.errors import InputError, UnsupportedDtypeError
 from relu_dask.graph import derivative_mask as _dask_mask
 from relu_dask.kernel import Engine, check_dtype, parse_at_zero, parse_nan_policy
@@ -45,8 +46,12 @@ def derivative_mask(
 
     A DataArray gives its mask; a Dataset gives the masks of its real-numbered data
     variables (others are left out, as ``relu-dask run`` skips them), in the same order.
-    Coordinates and attributes are kept as they were, and each mask's encoding is reset, so
-    that ``to_zarr`` writes plain int8 rather than the source's scale factors or fill values.
+    Coordinates and the Dataset's attributes are kept as they were; each mask keeps its
+    variable's attributes but those that say what its values are or how to decode them, and
+    says what it is (:func:`relu_dask.conventions.mask_attributes`: ``long_name``,
+    ``flag_values``, ``flag_meanings``), as ``relu-dask run`` writes them. Each mask's encoding
+    is reset, so that ``to_zarr`` writes plain int8 rather than the source's scale factors or
+    fill values.
 
     ``at_zero``: the mask at ``x == 0`` (1: rule ``x >= 0``; 0: rule ``x > 0``). ``nan``:
     ``"zero"`` (NaN gives 0) or ``"error"`` (computing a block holding NaN raises
@@ -70,6 +75,7 @@ def _mask(var: xr.DataArray, at_zero: int, nan: str, engine: Engine) -> xr.DataA
     data: Any = var.data
     darr = data if isinstance(data, da.Array) else da.from_array(np.asarray(data), chunks="auto")
     out = var.copy(data=_dask_mask(darr, at_zero=at_zero, engine=engine, nan=nan))
+    out.attrs = mask_attributes(var.attrs, str(var.name) if var.name is not None else "")
     out.encoding = {}
     return out
 

@@ -85,7 +85,7 @@ def dest_files(dest: Path) -> dict[str, bytes]:
     files = snapshot(dest)
     for name, data in files.items():
         if name.endswith("zarr.json"):
-            files[name] = re.sub(rb'"created_utc": "[^"]*"', b'"created_utc": ""', data)
+            files[name] = re.sub(rb'"relu_dask_created_utc": "[^"]*"', b'"relu_dask_created_utc": ""', data)
     return files
 
 

@@ -85,7 +85,7 @@ def test_nested_groups_map_to_the_same_paths(tmp_path: Path, zarr_format: int) -
     write_zarr(tmp_path / "g.zarr", b, (2, 2, 2), zarr_format=zarr_format, name="block2/deep/relu")
     relu_dask.run(tmp_path / "g.zarr", tmp_path / "out.zarr")
     root = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")
-    assert root.attrs["relu_dask"]["rule"] == "x >= 0"
+    assert root.attrs["relu_dask_rule"] == "x >= 0"
     assert np.array_equal(read_mask(tmp_path / "out.zarr", "block1/relu"), oracle(a))
     assert np.array_equal(read_mask(tmp_path / "out.zarr", "block2/deep/relu"), oracle(b))
 

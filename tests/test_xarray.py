@@ -52,6 +52,10 @@ def oracle(ds: xr.Dataset, at_zero: int = 1) -> xr.Dataset:
         name: var.copy(data=((var.values >= 0) if at_zero else (var.values > 0)).astype(np.int8))
         for name, var in ds.data_vars.items()
     }
+    for name, mask in masks.items():  # what a mask says it is
+        mask.attrs.update(
+            long_name=f"ReLU derivative mask of {name}", flag_values=[0, 1], flag_meanings="inactive active"
+        )
     return xr.Dataset(masks, coords=ds.coords, attrs=ds.attrs)
 
 
@@ -139,7 +143,7 @@ def test_a_dataset_written_by_xarray_comes_out_with_its_coordinates_and_attribut
         if zarr_format == 3:  # the same codecs: the same chunk files, byte for byte
             files = {k: v for k, v in _chunk_files(source / name).items() if k != "zarr.json"}
             assert files == {k: v for k, v in _chunk_files(dest / name).items() if k != "zarr.json"}, name
-    assert masks.attrs["model"] == "toy" and "relu_dask" in masks.attrs
+    assert masks.attrs["model"] == "toy" and "relu_dask_source" in masks.attrs
     assert masks.fc1.attrs["layer"] == "fc1" and "_FillValue" not in zarr.open_array(dest / "fc1").attrs
     assert masks.fc1.dims == ("step", "unit") and masks.conv.dims == ("step", "channel", "h", "w")
     assert outputs.is_consolidated(parse_location(dest))
@@ -269,3 +273,29 @@ def test_a_scalar_coordinate_is_copied_never_masked_also_after_an_append(tmp_pat
         masks = xr.open_zarr(dest)
         assert masks["layer_index"].dtype == np.int64 and int(masks["layer_index"]) == 3
         xr.testing.assert_equal(masks, (xr.open_zarr(source, consolidated=False) >= 0).astype("int8"))
+
+
+def test_masks_say_what_they_are_and_go_on_to_netcdf(tmp_path: Path) -> None:
+    """The provenance is flat (strings and numbers, as netCDF holds them); a mask keeps the
+    source's own attributes but not those that say what the source's values are, and says
+    what it is (CF: long_name, flag_values, flag_meanings)."""
+    pytest.importorskip("h5netcdf")
+    ds = toy_dataset()
+    ds["fc1"].attrs.update(long_name="fc1 pre-activation", units="1", standard_name="pre_activation")
+    source, dest = tmp_path / "acts.zarr", tmp_path / "masks.zarr"
+    _write(ds, source, 3)
+    relu_dask.run(source, dest, scheduler="synchronous")
+    masks = _open_quietly(dest)
+    fc1 = masks.fc1.attrs
+    assert fc1["long_name"] == "ReLU derivative mask of fc1 pre-activation" and fc1["layer"] == "fc1"
+    assert list(fc1["flag_values"]) == [0, 1] and fc1["flag_meanings"] == "inactive active"
+    assert "units" not in fc1 and "standard_name" not in fc1
+    assert masks.conv.attrs["long_name"] == "ReLU derivative mask of conv"
+    assert masks.attrs["relu_dask_rule"] == "x >= 0" and masks.attrs["relu_dask_source"] == str(source.resolve())
+    assert all(isinstance(v, str | int | float | list) for v in [*masks.attrs.values(), *fc1.values()])
+    masks.to_netcdf(tmp_path / "masks.nc", engine="h5netcdf")
+    back = xr.open_dataset(tmp_path / "masks.nc", engine="h5netcdf").load()
+    xr.testing.assert_equal(back[["fc1", "conv"]], masks[["fc1", "conv"]])
+    assert back.fc1.attrs["flag_meanings"] == "inactive active"
+    lazy = rx.derivative_mask(ds)  # the same attributes from Python, less the provenance of a run
+    assert lazy.fc1.attrs == {k: v for k, v in fc1.items() if not k.startswith("relu_dask_")} | {"flag_values": [0, 1]}

@@ -95,6 +95,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         report = stats_of_masks(
             args.dest,
             unit_axis=args.unit_axis,
+            unit_dim=args.unit_dim,
             scheduler=args.scheduler,
             report_path=args.report,
             plot_path=args.plot,
@@ -340,6 +341,7 @@ def _option_values(args: argparse.Namespace) -> dict[str, Any]:
         "performance_report": args.performance_report,
         "stats": args.stats,
         "unit_axis": args.unit_axis,
+        "unit_dim": args.unit_dim,
         "plot_path": args.plot,
         "storage_options": args.storage_options,
         "dest_compressor": args.dest_compressor,

@@ -39,6 +39,12 @@ exit codes:
 """
 
 
+UNIT_AXIS_HELP = (
+    "the axis whose indices are the units (default: the axis of a dimension named unit, channel, feature, "
+    "hidden or neuron where an array has one, else -1, the last)"
+)
+UNIT_DIM_HELP = "the units by dimension name (several, comma-separated, for variables named differently)"
+
 MASK_RULE = "the mask is int8: 1 where x >= 0 (or x > 0 with --at-zero 0), else 0; NaN gives 0."
 
 
@@ -127,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
         "active fraction, per unit along --unit-axis the active fraction, the dead and always-on units. "
         "NaN and exact-zero counts need the source: `run --stats` gives them.",
     )
-    stats.add_argument("--unit-axis", type=int, default=-1, help="the axis of the units (default: -1, the last)")
+    stats.add_argument("--unit-axis", type=int, default=None, help=UNIT_AXIS_HELP)
+    stats.add_argument("--unit-dim", metavar="NAME[,NAME]", help=UNIT_DIM_HELP)
     stats.add_argument("--plot", metavar="PATH.png", help="draw the per-unit active fractions")
     stats.add_argument("--report", type=Path, metavar="PATH", help="also write the statistics as JSON")
     stats.add_argument("--scheduler", default="threads", help="synchronous | threads (default) | processes | local")
@@ -299,9 +306,8 @@ def _add_job_options(sub: argparse.ArgumentParser) -> None:
         help="also count, in the same pass, each unit's activity: dead and always-on units, per-unit active "
         "fraction (summary and report)",
     )
-    out.add_argument(
-        "--unit-axis", type=int, default=-1, help="the axis whose indices are the units (default: -1, the last)"
-    )
+    out.add_argument("--unit-axis", type=int, default=None, help=UNIT_AXIS_HELP)
+    out.add_argument("--unit-dim", metavar="NAME[,NAME]", help=UNIT_DIM_HELP)
     out.add_argument("--plot", metavar="PATH.png", help="draw the per-unit active fractions (implies --stats)")
     out.add_argument(
         "--performance-report",

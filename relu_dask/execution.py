@@ -93,9 +93,12 @@ def run(
         Also write the report there as JSON.
     performance_report
         Save dask's performance report of the run there (HTML; distributed schedulers only).
-    stats, unit_axis
-        Also count, in the same pass, the ones of every unit along ``unit_axis`` (default the
-        last): dead and always-on units, per-unit active fraction (``ArrayReport.stats``).
+    stats, unit_axis, unit_dim
+        Also count, in the same pass, the ones of every unit (``ArrayReport.stats``: dead and
+        always-on units, per-unit active fraction). The units are along the dimension named
+        ``unit_dim`` (a name, or several: the first each array has), or along ``unit_axis``;
+        given neither, along a dimension named like the units (``unit``, ``channel``,
+        ``feature``, ``hidden``, ...: :data:`relu_dask.stats.UNIT_DIMS`), else the last axis.
     plot_path
         Draw the per-unit active fractions there (PNG; implies ``stats``).
     dest_compressor

@@ -25,6 +25,7 @@ from relu_dask.livewriter import SETTLE_S
 from relu_dask.locations import Location, parse_location, parse_storage_options
 from relu_dask.outputs import DEFAULT_COMPRESSOR, parse_compressor
 from relu_dask.schedulers import SchedulerSpec, parse_scheduler
+from relu_dask.stats import UNIT_DIMS, parse_unit_dims
 
 __all__ = [
     "SETTLE_ENV",
@@ -34,6 +35,7 @@ __all__ = [
     "default_settle_s",
     "parse_append_axis",
     "parse_settle_s",
+    "unit_fields",
 ]
 
 _PROGRESS: tuple[str, ...] = get_args(Progress)
@@ -84,7 +86,8 @@ class RunKeywords(TypedDict, total=False):
     report_path: str | os.PathLike[str] | None
     performance_report: str | os.PathLike[str] | None
     stats: bool
-    unit_axis: int
+    unit_axis: int | None
+    unit_dim: str | Sequence[str] | None
     plot_path: str | os.PathLike[str] | None
     storage_options: str | dict[str, Any] | None
     dest_compressor: str
@@ -118,7 +121,13 @@ class RunOptions:
     report_path: str | None = None
     performance_report: str | None = None
     unit_axis: int | None = None
-    """With statistics: the unit axis as given (-1: the last); None: no statistics."""
+    """With statistics: the unit axis where an array has none of :attr:`unit_dims` (-1: the
+    last); None: no statistics."""
+    unit_dims: tuple[str, ...] = ()
+    """With statistics: the dimension names whose axis is the units, the first an array has
+    (``--unit-dim``, or :data:`relu_dask.stats.UNIT_DIMS` when no unit axis is given)."""
+    unit_dims_required: bool = False
+    """Whether an array without any of :attr:`unit_dims` is refused (``--unit-dim`` given)."""
     plot_path: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
     dest_compressor: str = DEFAULT_COMPRESSOR
@@ -161,7 +170,7 @@ class RunOptions:
             progress_interval_s=o.get("progress_interval_s", PROGRESS_INTERVAL_S),
             report_path=_path_or_none(o.get("report_path")),
             performance_report=_path_or_none(o.get("performance_report")),
-            unit_axis=_axis(o.get("unit_axis", -1)) if (o.get("stats", False) or plot_path is not None) else None,
+            **unit_fields(o.get("stats", False) or plot_path is not None, o.get("unit_axis"), o.get("unit_dim")),
             plot_path=_path_or_none(plot_path),
             storage_options=parse_storage_options(o.get("storage_options")),
             dest_compressor=o.get("dest_compressor", DEFAULT_COMPRESSOR),
@@ -222,6 +231,20 @@ def _axis(value: int | str) -> int:
         return operator.index(value) if not isinstance(value, str) else int(value)
     except (TypeError, ValueError):
         raise InputError(f"--unit-axis must be an integer axis such as -1, got {value!r}") from None
+
+
+def unit_fields(stats: bool, unit_axis: int | str | None, unit_dim: str | Sequence[str] | None) -> dict[str, Any]:
+    """RunOptions' unit fields: by name (``--unit-dim``), by axis (``--unit-axis``), or, given
+    neither, a dimension named like the units (:data:`relu_dask.stats.UNIT_DIMS`), else the last."""
+    if unit_axis is not None and unit_dim is not None:
+        raise InputError("give --unit-dim (by name) or --unit-axis (by number), not both")
+    if not stats:
+        return {"unit_axis": None}
+    if unit_dim is not None:
+        return {"unit_axis": -1, "unit_dims": parse_unit_dims(unit_dim), "unit_dims_required": True}
+    if unit_axis is None:
+        return {"unit_axis": -1, "unit_dims": UNIT_DIMS}
+    return {"unit_axis": _axis(unit_axis)}
 
 
 def parse_append_axis(value: int | str | None) -> int | None:

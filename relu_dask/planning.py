@@ -29,7 +29,7 @@ from relu_dask.records import ArrayFingerprint, JobFingerprint
 from relu_dask.report import ArrayReport, RunReport, collect_versions, render_summary
 from relu_dask.resume import DestFound, DestState, dest_state
 from relu_dask.schedulers import Session, plan_session
-from relu_dask.stats import parse_unit_axis
+from relu_dask.stats import choose_unit_axis
 
 __all__ = ["ArrayPlan", "RunInputs", "RunPlan", "open_inputs", "plan_run"]
 
@@ -87,7 +87,7 @@ def open_inputs(options: RunOptions) -> RunInputs:
             recorded[entry["path"]] = entry
     taken = settle(source, contents, dest, options.append_axis, recorded, options.settle_s)
     contents, arrays, coordinates, append_axes = taken.contents, taken.arrays, taken.coordinates, taken.append_axes
-    unit_axes = tuple(_unit_axis(options.unit_axis, src) for src in arrays)
+    unit_axes = tuple(_unit_axis(options, src) for src in arrays)
     fingerprint: JobFingerprint = {
         "source": source.url,
         "arrays": [
@@ -391,11 +391,18 @@ def _plan_array(
         raise type(exc)(f"{src.path}: {exc}" if src.path else str(exc)) from None
 
 
-def _unit_axis(unit_axis: int | None, src: storage.SourceArray) -> int | None:
-    """The unit axis of ``src`` (a bad ``--unit-axis`` is refused before anything runs)."""
-    if unit_axis is None or not src.shape:
+def _unit_axis(options: RunOptions, src: storage.SourceArray) -> int | None:
+    """The unit axis of ``src`` (a bad ``--unit-axis`` or ``--unit-dim`` is refused before anything runs)."""
+    if options.unit_axis is None or not src.shape:
         return None
-    return parse_unit_axis(unit_axis, len(src.shape), where=src.path or "the source")
+    return choose_unit_axis(
+        len(src.shape),
+        src.dimension_names,
+        options.unit_axis,
+        options.unit_dims,
+        required=options.unit_dims_required,
+        where=src.path or "the source",
+    )
 
 
 def _dims(shape: tuple[int, ...]) -> str:

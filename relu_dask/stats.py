@@ -9,6 +9,7 @@ channels); its *samples* are all the elements that share that index.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -16,7 +17,16 @@ import numpy as np
 
 from relu_dask.errors import InputError
 
-__all__ = ["MAX_INLINE_UNITS", "UnitStats", "parse_unit_axis", "render_stats", "summarize_units"]
+__all__ = [
+    "MAX_INLINE_UNITS",
+    "UNIT_DIMS",
+    "UnitStats",
+    "choose_unit_axis",
+    "parse_unit_axis",
+    "parse_unit_dims",
+    "render_stats",
+    "summarize_units",
+]
 
 #: Per-unit vectors longer than this go to a side file next to the JSON report.
 MAX_INLINE_UNITS = 65536
@@ -34,6 +44,59 @@ def parse_unit_axis(axis: int | str, ndim: int, *, where: str = "the array") -> 
     if not -ndim <= value < ndim:
         raise InputError(f"--unit-axis {value} is out of range for {where}, which has {ndim} axes")
     return value % ndim
+
+
+#: The dimension names that say "these are the units", looked for (in this order) when neither
+#: ``--unit-dim`` nor ``--unit-axis`` is given: a conv layer's channels, a dense layer's units.
+UNIT_DIMS: tuple[str, ...] = (
+    "unit",
+    "units",
+    "channel",
+    "channels",
+    "feature",
+    "features",
+    "hidden",
+    "neuron",
+    "neurons",
+)
+
+
+def parse_unit_dims(value: str | Sequence[str]) -> tuple[str, ...]:
+    """``--unit-dim``: one dimension name, or several (``unit,channel``) for the variables of a
+    Dataset whose unit dimensions are named differently."""
+    names = tuple(n.strip() for n in (value.split(",") if isinstance(value, str) else value))
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise InputError(f"--unit-dim must be a dimension name, or several separated by commas; got {value!r}")
+    return names
+
+
+def choose_unit_axis(
+    ndim: int,
+    dims: Sequence[str] | None,
+    axis: int,
+    unit_dims: Sequence[str] = (),
+    *,
+    required: bool = False,
+    where: str = "the array",
+) -> int:
+    """The unit axis of an array of ``ndim`` axes named ``dims``: the first of ``unit_dims``
+    it has; else ``axis`` (-1: the last). ``required``: the names were asked for (``--unit-dim``),
+    so an array with none of them is refused rather than given ``axis``.
+
+    Examples
+    --------
+    >>> choose_unit_axis(4, ("step", "channel", "h", "w"), -1, UNIT_DIMS)
+    1
+    >>> choose_unit_axis(2, ("step", "x"), -1, UNIT_DIMS)
+    1
+    """
+    for name in unit_dims:
+        if dims is not None and name in dims:
+            return list(dims).index(name)
+    if required:
+        have = f"dimensions {', '.join(dims)}" if dims else "no dimension names"
+        raise InputError(f"--unit-dim {','.join(unit_dims)}: {where} has {have}")
+    return parse_unit_axis(axis, ndim, where=where)
 
 
 @dataclass

@@ -182,3 +182,47 @@ def test_stats_of_a_store_without_masks_is_refused(tmp_path: Path) -> None:
     proc = cli("stats", str(tmp_path / "acts.zarr"))
     assert proc.returncode == 2
     assert "holds no int8 masks (fc1 float32): give the DEST of a relu-dask run" in proc.stderr
+
+
+def _conv_and_dense(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
+    conv = planted((30, 32, 3, 2), unit_axis=1, seed=11)  # N, C, H, W: the channels are the units
+    dense = planted((30, 32), unit_axis=1, seed=12)
+    write_zarr(tmp_path / "g.zarr", conv, (10, 32, 3, 2), name="conv", dimension_names=("step", "channel", "h", "w"))
+    write_zarr(tmp_path / "g.zarr", dense, (10, 32), name="fc1", dimension_names=("step", "unit"))
+    return tmp_path / "g.zarr", conv, dense
+
+
+def test_units_are_found_by_dimension_name(tmp_path: Path) -> None:
+    """No option: a dimension named like the units (channel, unit, ...) gives the axis, so a
+    conv layer's units are its channels, not its last spatial axis."""
+    source, conv, dense = _conv_and_dense(tmp_path)
+    report = relu_dask.run(source, tmp_path / "out.zarr", stats=True, scheduler="synchronous")
+    stats = {a.path: a.stats for a in report.arrays}
+    assert stats["conv"] is not None and stats["conv"].unit_axis == 1
+    assert stats["conv"].unit_ones == np.count_nonzero(conv >= 0, axis=(0, 2, 3)).tolist()
+    assert stats["fc1"] is not None and stats["fc1"].unit_ones == np.count_nonzero(dense >= 0, axis=0).tolist()
+    by_number = relu_dask.run(source, tmp_path / "w.zarr", stats=True, unit_axis=-1, scheduler="synchronous")
+    assert [a.stats.unit_axis for a in by_number.arrays if a.stats] == [3, 1]  # asked for: the last axis
+
+
+def test_unit_dim_by_name_per_variable_and_its_refusals(tmp_path: Path) -> None:
+    source, conv, _ = _conv_and_dense(tmp_path)
+    args = ("run", str(source), str(tmp_path / "out.zarr"), "--stats", "--scheduler", "synchronous")
+    proc = cli(*args, "--unit-dim", "channel")
+    assert proc.returncode == 2 and "--unit-dim channel: fc1 has dimensions step, unit" in proc.stderr
+    assert not (tmp_path / "out.zarr").exists()
+    both = cli(*args, "--unit-dim", "channel", "--unit-axis", "1")
+    assert both.returncode == 2 and "not both" in both.stderr
+    report = tmp_path / "r.json"
+    ok = cli(*args, "--unit-dim", "h,unit", "--report", str(report))  # h for conv, unit for fc1
+    assert ok.returncode == 0, ok.stderr
+    arrays = {a["path"]: a["stats"] for a in json.loads(report.read_text())["arrays"]}
+    assert arrays["conv"]["unit_axis"] == 2 and arrays["fc1"]["unit_axis"] == 1
+    assert arrays["conv"]["unit_ones"] == np.count_nonzero(conv >= 0, axis=(0, 1, 3)).tolist()
+    later = cli("stats", str(tmp_path / "out.zarr"), "--unit-dim", "channel,unit", "--report", str(report))
+    assert later.returncode == 0, later.stderr
+    arrays = {a["path"]: a["stats"] for a in json.loads(report.read_text())["arrays"]}
+    assert (
+        arrays["conv"]["unit_axis"] == 1
+        and arrays["conv"]["unit_ones"] == np.count_nonzero(conv >= 0, axis=(0, 2, 3)).tolist()
+    )

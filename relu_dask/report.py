@@ -295,6 +295,7 @@ def render_summary(report: RunReport) -> list[str]:
             f"{format_bytes(report.bytes_written)} written to {report.dest}"
         )
     if report.dashboard_link:
-        lines.append(f"  dashboard: {report.dashboard_link}")
+        closed = " (closed with the run's LocalCluster; its link was logged as it started)"
+        lines.append(f"  dashboard: {report.dashboard_link}{closed if report.scheduler == 'local' else ''}")
     lines.extend(f"  warning: {w}" for w in report.warnings)
     return lines

@@ -256,6 +256,7 @@ def test_dashboard_answers_on_loopback_only_while_a_job_runs(data: tuple[Path, P
             out, err = job.communicate(timeout=300)
     assert job.returncode == 0, err
     assert "dashboard: http://127.0.0.1:" in out
+    assert "(closed with the run's LocalCluster; its link was logged as it started)" in out
     assert (tmp_path / "perf.html").stat().st_size > 10_000
     assert "Dask Performance Report" in (tmp_path / "perf.html").read_text()
 

@@ -350,6 +350,7 @@ def _array_tasks(plan: RunPlan, report: RunReport, run: str) -> list[ArrayTasks]
                 nan_policy=options.nan,
                 name=src.path,
                 done_dir=journal.done_dir(inputs.dest, array.index),
+                may_be_done=plan.state != "fresh",  # a fresh DEST's journal holds no marker
                 unit_axis=array.unit_axis,
                 token=token,
                 run=run,

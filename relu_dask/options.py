@@ -9,6 +9,7 @@ parsed specs travel.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 import os
@@ -24,7 +25,7 @@ from relu_dask.kernel import ENGINES, Engine, parse_at_zero, parse_nan_policy
 from relu_dask.livewriter import SETTLE_S
 from relu_dask.locations import Location, parse_location, parse_storage_options
 from relu_dask.outputs import DEFAULT_COMPRESSOR, parse_compressor
-from relu_dask.schedulers import SchedulerSpec, parse_scheduler
+from relu_dask.schedulers import SchedulerSpec, count_cores, parse_scheduler
 from relu_dask.stats import UNIT_DIMS, parse_unit_dims
 
 __all__ = [
@@ -153,18 +154,22 @@ class RunOptions:
             raise TypeError(f"unexpected keyword argument(s): {', '.join(unknown)}")
         o = options
         scheduler = o.get("scheduler", "threads")
+        spec = scheduler if isinstance(scheduler, SchedulerSpec) else parse_scheduler(scheduler)
+        storage_options = parse_storage_options(o.get("storage_options"))
+        remote = not all(parse_location(p, storage_options).is_local for p in (source, dest))
+        chunks, spec = _for_the_store(chunking.parse_chunks(o.get("chunks", "auto")), spec, remote=remote)
         dest_chunks, dest_shards = o.get("dest_chunks"), o.get("dest_shards")
         plot_path, settle_s = o.get("plot_path"), o.get("settle_s")
         return cls(
             source=os.fspath(source),
             dest=os.fspath(dest),
-            chunks=chunking.parse_chunks(o.get("chunks", "auto")),
+            chunks=chunks,
             dest_chunks=None if dest_chunks is None else chunking.parse_shape(dest_chunks, what="dest chunks"),
             dest_shards=None if dest_shards is None else chunking.parse_shape(dest_shards, what="dest shards"),
             at_zero=parse_at_zero(o.get("at_zero", 1)),
             nan=o.get("nan", "zero"),
             engine=o.get("engine", "auto"),
-            scheduler=scheduler if isinstance(scheduler, SchedulerSpec) else parse_scheduler(scheduler),
+            scheduler=spec,
             overwrite=o.get("overwrite", False),
             progress=o.get("progress", "none"),
             progress_interval_s=o.get("progress_interval_s", PROGRESS_INTERVAL_S),
@@ -172,7 +177,7 @@ class RunOptions:
             performance_report=_path_or_none(o.get("performance_report")),
             **unit_fields(o.get("stats", False) or plot_path is not None, o.get("unit_axis"), o.get("unit_dim")),
             plot_path=_path_or_none(plot_path),
-            storage_options=parse_storage_options(o.get("storage_options")),
+            storage_options=storage_options,
             dest_compressor=o.get("dest_compressor", DEFAULT_COMPRESSOR),
             append_axis=parse_append_axis(o.get("append_axis", 0)),
             settle_s=default_settle_s() if settle_s is None else parse_settle_s(settle_s),
@@ -231,6 +236,25 @@ def _axis(value: int | str) -> int:
         return operator.index(value) if not isinstance(value, str) else int(value)
     except (TypeError, ValueError):
         raise InputError(f"--unit-axis must be an integer axis such as -1, got {value!r}") from None
+
+
+#: On an object store a task waits on the network more than it computes: the threads
+#: scheduler runs at least this many tasks at once (unless ``--workers`` says otherwise) ...
+REMOTE_THREADS = 8
+#: ... on blocks of about this many bytes (for ``--chunks auto``), so that memory stays flat.
+REMOTE_BLOCK_BYTES = 8 * 2**20
+
+
+def _for_the_store(
+    chunks: str | int | tuple[int, ...], spec: SchedulerSpec, *, remote: bool
+) -> tuple[str | int | tuple[int, ...], SchedulerSpec]:
+    """``--chunks`` and the scheduler as given, or, where SOURCE or DEST is an object store and
+    they were left to relu-dask, more tasks in flight on smaller blocks (latency hidden)."""
+    if not remote:
+        return chunks, spec
+    if spec.name == "threads" and spec.num_workers is None:
+        spec = dataclasses.replace(spec, num_workers=max(REMOTE_THREADS, count_cores()))
+    return (REMOTE_BLOCK_BYTES if chunks == "auto" else chunks), spec
 
 
 def unit_fields(stats: bool, unit_axis: int | str | None, unit_dim: str | Sequence[str] | None) -> dict[str, Any]:

@@ -48,6 +48,9 @@ class ArrayTasks:
     """The array's name for messages."""
     done_dir: Location | None = None
     """Where tasks mark themselves done (see :mod:`relu_dask.journal`); None for nowhere."""
+    may_be_done: bool = True
+    """Whether a task may find its block marked done already (a resumed or grown DEST); a
+    fresh run's tasks do not look (on an object store, a round trip each saved)."""
     unit_axis: int | None = None
     """With ``--stats``: the axis of the units, whose ones each task also counts per unit."""
     run: str = ""
@@ -130,7 +133,7 @@ def _process_block(tasks: ArrayTasks, block_id: tuple[int, ...]) -> np.ndarray:
     ndim = len(tasks.plan.shape)
     index = block_id[:ndim]
     width = tasks.row_width
-    if tasks.done_dir is not None:
+    if tasks.done_dir is not None and tasks.may_be_done:
         done = journal.read_done(tasks.done_dir, index, tasks.marker_kind)
         if done is not None and TaskRow.width(len(done[1])) == width:
             return _row(*done, width, ndim)

@@ -78,6 +78,21 @@ def test_run_follow_and_create_take_one_set_of_keywords_and_refuse_others(tmp_pa
     assert not (tmp_path / "b.zarr").exists()
 
 
+def test_an_object_store_gets_more_tasks_in_flight_on_smaller_blocks_unless_told() -> None:
+    from relu_dask.options import REMOTE_BLOCK_BYTES, REMOTE_THREADS
+    from relu_dask.schedulers import count_cores
+
+    s3 = '{"anon": true}'
+    remote = RunOptions.create("s3://b/acts.zarr", "masks.zarr", storage_options=s3)
+    assert remote.scheduler.num_workers == max(REMOTE_THREADS, count_cores()) and remote.chunks == REMOTE_BLOCK_BYTES
+    told = RunOptions.create("a.zarr", "s3://b/m.zarr", storage_options=s3, chunks="64MiB", scheduler="threads")
+    assert told.chunks == 64 * 2**20 and told.scheduler.num_workers == max(REMOTE_THREADS, count_cores())
+    local = RunOptions.create("a.zarr", "b.zarr")
+    assert local.chunks == "auto" and local.scheduler.num_workers is None
+    synchronous = RunOptions.create("s3://b/a.zarr", "s3://b/m.zarr", storage_options=s3, scheduler="synchronous")
+    assert synchronous.scheduler.num_workers is None
+
+
 def test_the_constructor_checks_parsed_values_too() -> None:
     with pytest.raises(InputError, match="chunks"):
         RunOptions("a", "b", chunks="lots")

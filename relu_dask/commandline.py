@@ -216,7 +216,7 @@ def _add_job_options(sub: argparse.ArgumentParser) -> None:
     chunking.add_argument(
         "--chunks",
         default="auto",
-        help="processing block: auto (about 64MiB, aligned), a byte size like 256MiB, "
+        help="processing block: auto (about 64MiB, aligned; 8MiB on an object store), a byte size like 256MiB, "
         "or a shape like 8192,4096 (default: auto)",
     )
     chunking.add_argument("--dest-chunks", help="chunk shape of the masks, like 4096,4096 (default: the source's)")
@@ -258,7 +258,12 @@ def _add_job_options(sub: argparse.ArgumentParser) -> None:
         help="synchronous | threads (default) | processes | local (a dask.distributed LocalCluster) "
         "| tcp://HOST:PORT (an existing scheduler)",
     )
-    sched.add_argument("--workers", type=int, help="threads/processes pool size, or LocalCluster workers")
+    sched.add_argument(
+        "--workers",
+        type=int,
+        help="threads/processes pool size (default: the cores; threads: at least 8 on an object store), "
+        "or LocalCluster workers",
+    )
     sched.add_argument("--threads-per-worker", type=int, help="threads per LocalCluster worker")
     sched.add_argument("--memory-limit", help="memory limit per LocalCluster worker, like 4GiB (default: auto)")
     sched.add_argument(

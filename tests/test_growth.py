@@ -784,7 +784,9 @@ def test_a_first_run_beside_a_writer_mid_append_leaves_its_rows_for_the_next(tmp
     _same_as_fresh(source, dest, tmp_path, second)
 
 
-def test_two_variables_of_one_dataset_are_taken_as_long_as_the_shorter(tmp_path: Path) -> None:
+def _two_variables(tmp_path: Path) -> tuple[Any, np.ndarray, np.ndarray, Path, Path]:
+    """xarray, and a Dataset of two variables a and b along one dimension step (12 of their 16
+    rows written), its store and DEST's place."""
     xr = pytest.importorskip("xarray")
     a, b = activations((16, 8), seed=17), activations((16, 8), seed=18)
     source, dest = tmp_path / "acts.zarr", tmp_path / "masks.zarr"
@@ -792,6 +794,11 @@ def test_two_variables_of_one_dataset_are_taken_as_long_as_the_shorter(tmp_path:
     ds.to_zarr(
         source, mode="w", zarr_format=3, encoding={"a": {"chunks": (4, 8)}, "b": {"chunks": (4, 8)}}, consolidated=False
     )
+    return xr, a, b, source, dest
+
+
+def test_two_variables_of_one_dataset_are_taken_as_long_as_the_shorter(tmp_path: Path) -> None:
+    xr, a, b, source, dest = _two_variables(tmp_path)
     relu_dask.run(source, dest)
     group = zarr.open_group(source, mode="a")
     group["b"].resize((16, 8))  # xarray appends b first, then step, then a
@@ -809,13 +816,7 @@ def test_two_variables_of_one_dataset_are_taken_as_long_as_the_shorter(tmp_path:
 
 
 def test_of_two_variables_sharing_a_dimension_one_that_alone_grew_is_taken_by_the_next_run(tmp_path: Path) -> None:
-    xr = pytest.importorskip("xarray")
-    a, b = activations((16, 8), seed=17), activations((16, 8), seed=18)
-    source, dest = tmp_path / "acts.zarr", tmp_path / "masks.zarr"
-    ds = xr.Dataset({"a": (("step", "unit"), a[:12]), "b": (("step", "unit"), b[:12])}, coords={"step": np.arange(12)})
-    ds.to_zarr(
-        source, mode="w", zarr_format=3, encoding={"a": {"chunks": (4, 8)}, "b": {"chunks": (4, 8)}}, consolidated=False
-    )
+    _, a, b, source, dest = _two_variables(tmp_path)
     args = ("run", str(source), str(dest), "--verify")
     assert cli(*args).returncode == 0
     group = zarr.open_group(source, mode="a")

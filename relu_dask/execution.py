@@ -181,15 +181,14 @@ def _complete_report(plan: RunPlan, session: Session | None) -> RunReport:
     assert plan.record is not None, "a complete DEST has its record"
     report = plan.report()
     record = plan.record
-    recorded_units = record.unit_ones or [None] * len(plan.arrays)
-    recorded_axes = record.unit_axes or [None] * len(plan.arrays)
     with contextlib.ExitStack() as opened:
         for entry, array in zip(report.arrays, plan.arrays, strict=True):
             index, src = array.index, array.source
-            set_counts(entry, record.counts_of(index), src, plan.dest)
+            recorded = record.array(index)
+            set_counts(entry, recorded.counts, src, plan.dest)
             entry.tasks_skipped = entry.num_tasks
-            axis, unit_ones = array.unit_axis, recorded_units[index]
-            if axis is not None and (unit_ones is None or recorded_axes[index] != axis):  # no --stats the first time
+            axis, unit_ones = array.unit_axis, recorded.unit_ones
+            if axis is not None and (unit_ones is None or recorded.unit_axis != axis):  # no --stats the first time
                 session = session or opened.enter_context(open_session(plan.options.scheduler))
                 unit_ones = mask_unit_ones(plan.dest, src.path, axis, session)
             set_stats(entry, src, axis, unit_ones, plan.inputs.coordinates)

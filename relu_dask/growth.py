@@ -191,9 +191,7 @@ def _shape(shape: list[int]) -> str:
 
 def kept_of_partial_run(record: journal.JobRecord | None, index: int) -> KeptCounts | None:
     """The kept blocks an interrupted incremental run recorded for array ``index``."""
-    if record is None or record.complete or not record.kept or index >= len(record.kept):
-        return None
-    data = record.kept[index]
+    data = None if record is None or record.complete else record.array(index).kept
     return None if data is None else KeptCounts.from_dict(data)
 
 
@@ -257,33 +255,25 @@ def plan_growth(
 
 def _kept_whole(record: journal.JobRecord, index: int, block: list[int], axis: int | None) -> KeptCounts | None:
     """Every block of array ``index`` of a complete record, as kept blocks along ``axis``."""
-    if axis is None or not record.block_ones or index >= len(record.block_ones):
+    recorded = record.array(index)
+    if axis is None or recorded.block_ones is None:
         return None
     shape = record.fingerprint["arrays"][index]["shape"]
     if not math.prod(shape):
         return None
-    unit_axis = record.unit_axes[index] if record.unit_axes and index < len(record.unit_axes) else None
-    unit_ones = record.unit_ones[index] if record.unit_ones and index < len(record.unit_ones) else None
+    unit_ones = recorded.unit_ones
     recorded_axis = None if record.append_axis is None else record.append_axis % len(shape)
-    edges = record.edge_blocks if recorded_axis == axis and record.edge_blocks else []
+    digests = recorded.block_digests
     return KeptCounts(
         axis=axis,
         first_block=-(-shape[axis] // block[axis]),
-        counts=BlockCounts.from_row(record.counts_of(index).recorded()),
-        block_ones=tuple(record.block_ones[index]),
-        block_digests=_recorded_digests(record, index),
-        unit_axis=unit_axis if unit_ones is not None else None,
+        counts=BlockCounts.from_row(recorded.counts.recorded()),
+        block_ones=tuple(recorded.block_ones),
+        block_digests=None if digests is None else tuple(int(v) for v in digests),
+        unit_axis=recorded.unit_axis if unit_ones is not None else None,
         unit_ones=tuple(unit_ones) if unit_ones is not None else None,
-        edge=edges[index] if index < len(edges) else None,
+        edge=recorded.edge_blocks if recorded_axis == axis else None,
     )
-
-
-def _recorded_digests(record: journal.JobRecord, index: int) -> tuple[int, ...] | None:
-    """The block digests a complete record holds for array ``index`` (None: an older relu-dask's)."""
-    digests, ones = record.block_digests, record.block_ones or []
-    if not digests or index >= min(len(digests), len(ones)) or len(digests[index]) != len(ones[index]):
-        return None
-    return tuple(int(v) for v in digests[index])
 
 
 def _without_edge(

@@ -32,6 +32,7 @@ from relu_dask.records import JobFingerprint
 
 __all__ = [
     "STEPS",
+    "ArrayRecord",
     "Held",
     "JobRecord",
     "count_done",
@@ -116,6 +117,27 @@ def remove_journal(dest: Location) -> None:
     remove_done_markers(dest)
 
 
+@dataclass(frozen=True)
+class ArrayRecord:
+    """What ``job.json`` records of one array (:meth:`JobRecord.array`): the per-array lists
+    of the file read at one index, each None where it is not recorded (an older relu-dask, a
+    run not complete, or no statistics)."""
+
+    counts: BlockCounts
+    """Its summed counts (all zero where none are recorded)."""
+    unit_axis: int | None = None
+    unit_ones: list[int] | None = None
+    """Per-unit ones along :attr:`unit_axis`, once complete with statistics."""
+    block_ones: list[int] | None = None
+    """The ones of each block (C order), once complete."""
+    block_digests: list[int] | None = None
+    """The digest of each block, as many as :attr:`block_ones` (else None: an older relu-dask's)."""
+    edge_blocks: dict[str, list[int]] | None = None
+    """The last block row's counts along the append axis (see :attr:`JobRecord.edge_blocks`)."""
+    kept: dict[str, Any] | None = None
+    """While an incremental run is under way: the blocks kept from before."""
+
+
 @dataclass
 class JobRecord:
     """What ``job.json`` holds."""
@@ -158,6 +180,23 @@ class JobRecord:
         """The summed counts of array ``index`` (all zero where none are recorded)."""
         rows = self.counts or []
         return BlockCounts.from_row(rows[index]) if index < len(rows) else BlockCounts()
+
+    def array(self, index: int) -> ArrayRecord:
+        """What this record holds of array ``index``: the one place its per-array lists are indexed."""
+
+        def at(values: list[Any] | None) -> Any:
+            return values[index] if values is not None and index < len(values) else None
+
+        ones, digests = at(self.block_ones), at(self.block_digests)
+        return ArrayRecord(
+            counts=self.counts_of(index),
+            unit_axis=at(self.unit_axes),
+            unit_ones=at(self.unit_ones),
+            block_ones=ones,
+            block_digests=digests if digests is not None and ones is not None and len(digests) == len(ones) else None,
+            edge_blocks=at(self.edge_blocks),
+            kept=at(self.kept),
+        )
 
     def to_json(self) -> str:
         return json.dumps({"format": _FORMAT, **self.__dict__}, indent=1, sort_keys=True)

@@ -45,7 +45,7 @@ def repair(plan: RunPlan, report: RunReport) -> RunReport:
         mask, folder = storage.open_mask_array(inputs.dest, src.path), storage.array_location(inputs.dest, src.path)
         entry.set_io_paths(src.stored, mask)
         tasks = ArrayTasks(src.stored, mask, chunk_plan, options.at_zero, plan.engine, name=src.path, run=run)
-        written = (record.block_digests or [])[index] if index < len(record.block_digests or []) else []
+        written = record.array(index).block_digests or []
         for name in names:
             block = tuple(int(i) for i in name.split(".")) if chunk_plan.shape else ()
             blocks.drop_stored_objects(mask, folder, chunk_plan.block_slices(block))

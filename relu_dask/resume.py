@@ -232,7 +232,7 @@ def job_status(dest: str | os.PathLike[str], storage_options: str | dict[str, An
         replacing = exists and journal.is_being_replaced(path)
         return JobStatus(str(dest), "unknown" if exists else "absent", running, replacing=replacing)
     arrays = record.fingerprint.get("arrays", [])
-    kept = record.kept or [None] * len(arrays)
+    kept = [record.array(i).kept for i in range(len(arrays))]
     total = 0
     for array, block, base in zip(arrays, record.block_shapes, kept):
         if math.prod(array["shape"]) != 0:

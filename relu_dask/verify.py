@@ -156,10 +156,12 @@ def _verify_array(
         pool.map(lambda b: _read_block(mask, b, block, name, source if b in compared else None, at_zero), blocks)
     )
     result.num_blocks += len(blocks)
-    recorded = record.block_ones[index] if record.block_ones else None
-    expected = recorded if recorded is not None and len(recorded) == len(blocks) else None
-    digests = record.block_digests[index] if record.block_digests and index < len(record.block_digests) else None
-    digests = digests if digests is not None and len(digests) == len(blocks) else [-1] * len(blocks)
+    recorded = record.array(index)
+    expected = (
+        recorded.block_ones if recorded.block_ones is not None and len(recorded.block_ones) == len(blocks) else None
+    )
+    digests = recorded.block_digests if expected is not None and recorded.block_digests is not None else None
+    digests = digests if digests is not None else [-1] * len(blocks)
     for linear, (coords, (ones, digest, problems, chunks)) in enumerate(zip(blocks, found)):
         result.num_chunks_read += len(chunks)
         named = ", ".join(chunks[:_NAMED]) + (f" and {len(chunks) - _NAMED} more" if len(chunks) > _NAMED else "")
@@ -174,7 +176,7 @@ def _verify_array(
             result.problems.extend(problems)
             result.damaged.setdefault(str(index), []).append(journal.marker_name(coords))
     if expected is None:  # a journal from before per-block counts: the array's total
-        total, want = sum(f[0] for f in found), (record.counts or [[0, 0]] * (index + 1))[index][1]
+        total, want = sum(f[0] for f in found), recorded.counts.ones
         if total != want:
             result.problems.append(f"{name}: holds {total} ones, the run recorded {want}")
 

@@ -18,6 +18,7 @@ that hand dask arrays to the user.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,10 +32,20 @@ from relu_dask.task import ArrayTasks, process_block
 if TYPE_CHECKING:
     import dask.array as da
 
-__all__ = ["TASK_PREFIX", "MaskTasks", "build_mask_tasks", "derivative_mask", "unit_ones_of_mask"]
+__all__ = [
+    "ARRAY_TASK_PREFIX",
+    "TASK_PREFIX",
+    "MaskTasks",
+    "build_mask_tasks",
+    "derivative_mask",
+    "task_prefix",
+    "unit_ones_of_mask",
+]
 
-#: Dask key prefix of the mask tasks, as seen in the dashboard's task stream.
+#: Dask key prefix of :func:`derivative_mask`'s lazy masks.
 TASK_PREFIX = "relu-mask"
+#: The first part of the names of a run's tasks (:func:`task_prefix`).
+ARRAY_TASK_PREFIX = "relu_mask"
 
 
 def derivative_mask(darr: da.Array, *, at_zero: int = 1, engine: Engine = "numpy", nan: str = "zero") -> da.Array:
@@ -135,7 +146,22 @@ def build_mask_tasks(tasks: ArrayTasks) -> MaskTasks | None:
     """
     if tasks.plan.num_tasks == 0:
         return None
-    return MaskTasks(tasks, f"{TASK_PREFIX}-{tasks.token or tokenize(tasks.plan, tasks.at_zero, tasks.engine)}")
+    token = tasks.token or tokenize(tasks.plan, tasks.at_zero, tasks.engine)
+    return MaskTasks(tasks, f"{task_prefix(tasks.name)}-{token}")
+
+
+def task_prefix(path: str) -> str:
+    """The name before the token of the tasks of the array at ``path``: what dask's dashboard
+    (progress, task stream, performance report) groups tasks by (``dask.utils.key_split``
+    keeps a key's first ``-``-separated word whole), so one bar per array.
+
+    Examples
+    --------
+    >>> task_prefix("fc1"), task_prefix("block1/relu-out"), task_prefix("")
+    ('relu_mask_fc1', 'relu_mask_block1.relu_out', 'relu_mask')
+    """
+    escaped = re.sub(r"[^A-Za-z0-9_.]", "_", path.replace("/", "."))
+    return f"{ARRAY_TASK_PREFIX}_{escaped}" if escaped else ARRAY_TASK_PREFIX
 
 
 def unit_ones_of_mask(mask: Any, plan: ChunkPlan, axis: int) -> da.Array:

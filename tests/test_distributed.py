@@ -299,3 +299,19 @@ def test_a_script_without_the_main_guard_is_told_to_add_it(tmp_path: Path) -> No
     assert 'put the call under `if __name__ == "__main__":`' in last
     assert "called at the top level of a script that a worker process it started" in proc.stderr  # the workers'
     assert not (tmp_path / "masks.zarr").exists()
+
+
+def test_the_dashboard_shows_one_task_group_per_array(tmp_path: Path) -> None:
+    """Task names start with the array's path (escaped so that dask's ``key_split`` keeps it
+    whole): the progress page, task stream and performance report show one bar per layer."""
+    import relu_dask
+    from relu_dask.schedulers import parse_scheduler
+
+    source = tmp_path / "g.zarr"
+    write_zarr(source, activations((64, 16), seed=1), (16, 16), name="fc1")
+    write_zarr(source, activations((64, 16), seed=2), (16, 16), name="block1/relu-out")
+    spec = parse_scheduler("local", num_workers=1, threads_per_worker=2, dashboard_address="127.0.0.1:0")
+    perf = tmp_path / "perf.html"
+    relu_dask.run(source, tmp_path / "out.zarr", chunks="16,16", scheduler=spec, performance_report=perf)
+    html = perf.read_text()
+    assert "relu_mask_fc1" in html and "relu_mask_block1.relu_out" in html

@@ -35,7 +35,7 @@ def test_building_the_tasks_computes_nothing_and_computing_them_writes_every_mas
     assert tasks is not None
     keys = tasks.__dask_keys__()
     assert len(keys) == job.plan.num_tasks == 9
-    assert all(k[0] == f"{TASK_PREFIX}-t" for k in keys)
+    assert all(k[0] == "relu_mask-t" for k in keys)  # SOURCE itself: no path after the prefix
     assert not any((tmp_path / "out.zarr").rglob("c/*/*"))  # built, not run: no chunk written
     (counts,) = dask.compute(tasks, scheduler="synchronous")
     assert counts.shape == (3, 3, len(BlockCounts.FIELDS))

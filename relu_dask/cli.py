@@ -338,6 +338,7 @@ def _option_values(args: argparse.Namespace) -> dict[str, Any]:
         "progress": progress,
         "progress_interval_s": args.progress_interval,
         "report_path": args.report,
+        "metrics_path": args.metrics_file,
         "performance_report": args.performance_report,
         "stats": args.stats,
         "unit_axis": args.unit_axis,

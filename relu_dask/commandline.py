@@ -293,6 +293,12 @@ def _add_job_options(sub: argparse.ArgumentParser) -> None:
     out = sub.add_argument_group("output")
     out.add_argument("--report", type=Path, metavar="PATH", help="also write the run report as JSON to PATH")
     out.add_argument(
+        "--metrics-file",
+        type=Path,
+        metavar="PATH.prom",
+        help="also write the run's figures in Prometheus' text format, atomically (node_exporter's textfile collector)",
+    )
+    out.add_argument(
         "--progress",
         choices=("auto", "bar", "log", "none"),
         default="auto",

@@ -32,6 +32,7 @@ from relu_dask.graph import MaskTasks, build_mask_tasks
 from relu_dask.locations import Location
 from relu_dask.lock import hold_lock
 from relu_dask.mask_stats import mask_unit_ones
+from relu_dask.metrics import write_metrics
 from relu_dask.options import RunKeywords, RunOptions
 from relu_dask.planning import RunPlan, open_inputs, plan_run
 from relu_dask.prepare import prepare_dest
@@ -137,15 +138,17 @@ def run_with(options: RunOptions) -> RunReport:
     return deliver(report, options)
 
 
-def deliver(report: RunReport, options: RunOptions, *, plot: bool = True) -> RunReport:
-    """Draw the plot (unless not ``plot``) and write the JSON report the options ask for;
-    return the report."""
+def deliver(report: RunReport, options: RunOptions, *, plot: bool = True, rows_behind: int | None = None) -> RunReport:
+    """Draw the plot (unless not ``plot``) and write the JSON report and the metrics file the
+    options ask for (a plan writes no metrics); return the report."""
     if plot and options.plot_path is not None:
         from relu_dask.plot import plot_unit_activity
 
         plot_unit_activity(report, options.plot_path)
     if options.report_path is not None:
         write_report(report, options.report_path)
+    if options.metrics_path is not None and report.outcome != "planned":
+        write_metrics(options.metrics_path, report, rows_behind=rows_behind)
     return report
 
 

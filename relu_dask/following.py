@@ -21,6 +21,7 @@ from relu_dask import journal, storage
 from relu_dask.errors import InputError, ReluDaskError, RunStopped
 from relu_dask.execution import deliver, execute
 from relu_dask.lock import hold_lock
+from relu_dask.metrics import write_metrics
 from relu_dask.options import RunKeywords, RunOptions
 from relu_dask.planning import RunInputs, open_inputs, plan_run
 from relu_dask.report import RunReport
@@ -92,13 +93,12 @@ def follow_with(
             last_growth = time.monotonic()
             while True:
                 report = execute(plan_run(options, inputs, under_lock=True), session)
-                if not state.passes or report.outcome != "already complete":  # the report of the last work
-                    deliver(report, options)
-                options = replace(options, overwrite=False)  # replaced once, then followed
-                state.passes += 1
                 # what DEST's record holds, not what SOURCE had: rows held back for a writer are behind
                 state.rows_done = _rows_recorded(inputs) or state.rows_done
                 state.rows_behind = max(0, _rows(inputs) - state.rows_done)
+                _deliver_pass(report, options, state)
+                options = replace(options, overwrite=False)  # replaced once, then followed
+                state.passes += 1
                 if report.outcome != "already complete":
                     last_growth = time.monotonic()
                     state.reports.append(report)
@@ -128,6 +128,15 @@ def follow_with(
         state.rows_done = max(state.rows_done, _rows_recorded(inputs))
         state.rows_behind = max(0, _source_rows(options, inputs) - state.rows_done)
     return state
+
+
+def _deliver_pass(report: RunReport, options: RunOptions, state: FollowState) -> None:
+    """After a pass: the report and plot of the last pass that did work, and the metrics of
+    every pass (a scrape then sees the follow alive, and how far behind it is)."""
+    if not state.passes or report.outcome != "already complete":
+        deliver(report, options, rows_behind=state.rows_behind)
+    elif options.metrics_path is not None:
+        write_metrics(options.metrics_path, report, rows_behind=state.rows_behind)
 
 
 def _source_rows(options: RunOptions, inputs: RunInputs) -> int:

@@ -32,7 +32,7 @@ from relu_dask.errors import InputError
 
 __all__ = ["FileJob", "read_job_file"]
 
-_PATH_KEYS = ("source", "dest", "report", "plot", "performance_report")
+_PATH_KEYS = ("source", "dest", "report", "plot", "performance_report", "metrics_file")
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,7 @@ class RunKeywords(TypedDict, total=False):
     progress: Progress
     progress_interval_s: float
     report_path: str | os.PathLike[str] | None
+    metrics_path: str | os.PathLike[str] | None
     performance_report: str | os.PathLike[str] | None
     stats: bool
     unit_axis: int | None
@@ -120,6 +121,8 @@ class RunOptions:
     progress: Progress = "none"
     progress_interval_s: float = PROGRESS_INTERVAL_S
     report_path: str | None = None
+    metrics_path: str | None = None
+    """Where to write the run's figures in Prometheus' text format (``--metrics-file``)."""
     performance_report: str | None = None
     unit_axis: int | None = None
     """With statistics: the unit axis where an array has none of :attr:`unit_dims` (-1: the
@@ -174,6 +177,7 @@ class RunOptions:
             progress=o.get("progress", "none"),
             progress_interval_s=o.get("progress_interval_s", PROGRESS_INTERVAL_S),
             report_path=_path_or_none(o.get("report_path")),
+            metrics_path=_path_or_none(o.get("metrics_path")),
             performance_report=_path_or_none(o.get("performance_report")),
             **unit_fields(o.get("stats", False) or plot_path is not None, o.get("unit_axis"), o.get("unit_dim")),
             plot_path=_path_or_none(plot_path),

@@ -74,7 +74,10 @@ class RunInputs:
 def open_inputs(options: RunOptions) -> RunInputs:
     """Open SOURCE, locate DEST, check the unit axis against every array; touch nothing."""
     check_output_files(
-        report=options.report_path, plot=options.plot_path, performance_report=options.performance_report
+        report=options.report_path,
+        plot=options.plot_path,
+        performance_report=options.performance_report,
+        metrics_file=options.metrics_path,
     )
     source = options.source_location
     contents = storage.open_source(source)

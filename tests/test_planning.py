@@ -219,7 +219,7 @@ LAYERS = [
     {"mask_stats", "planning"},
     {"options", "resume", "verify", "plot", "jobfile", "xarray"},
     {"graph", "livewriter", "growth"},
-    {"task", "fingerprint", "lock", "outputs"},
+    {"task", "fingerprint", "lock", "outputs", "metrics"},
     {"computing", "storage", "journal", "report"},
     {"schedulers", "blocks"},
     {"chunkfiles"},

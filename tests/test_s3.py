@@ -95,3 +95,20 @@ def test_local_source_to_s3_dest_and_refusals(s3: dict[str, str], tmp_path: Path
     assert changed.returncode == 2 and "holds another job" in changed.stderr
     missing = cli("run", f"s3://{BUCKET}/nothing.zarr", f"s3://{BUCKET}/o.zarr", "--storage-options", options)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_a_missing_bucket_and_an_unreachable_endpoint_are_one_line_each(s3: dict[str, str], tmp_path: Path) -> None:
+    options = json.dumps(s3)
+    bucket = cli("run", "s3://no-such-bucket/acts.zarr", f"s3://{BUCKET}/o.zarr", "--storage-options", options)
+    assert bucket.returncode == 2
+    assert bucket.stderr.splitlines() == [
+        "relu-dask: error: SOURCE s3://no-such-bucket/acts.zarr does not exist (or its storage cannot be reached)"
+    ]
+    # nothing listens on port 1; botocore's retries kept to one attempt so the test stays short
+    unreachable = {**s3, "endpoint_url": "http://127.0.0.1:1", "config_kwargs": {"retries": {"max_attempts": 1}}}
+    proc = cli(
+        "run", f"s3://{BUCKET}/acts.zarr", str(tmp_path / "o.zarr"), "--storage-options", json.dumps(unreachable)
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("relu-dask: error:")]
+    assert line.startswith(f"relu-dask: error: cannot reach s3://{BUCKET}/acts.zarr: ") and "127.0.0.1:1" in line

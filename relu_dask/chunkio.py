@@ -252,7 +252,7 @@ def frame_is_whole(path: str | os.PathLike[str], fmt: ChunkFormat) -> bool:
             size = os.fstat(f.fileno()).st_size
     except FileNotFoundError:
         return True
-    return len(head) == 16 and int.from_bytes(head[12:16], "little") == size
+    return _blosc_frame_bytes(head) == size
 
 
 def _read_exactly(f: Any, buffer: np.ndarray) -> bool:
@@ -286,9 +286,14 @@ def blosc_content_size(frame: np.ndarray | bytes) -> int | None:
     """
     view = _as_bytes(frame)
     head = view[:16].tobytes()
-    if len(head) < 16 or int.from_bytes(head[12:16], "little") != view.size:
+    if _blosc_frame_bytes(head) != view.size:
         return None
     return int.from_bytes(head[4:8], "little")
+
+
+def _blosc_frame_bytes(head: bytes) -> int | None:
+    """The length a blosc (1) frame's 16-byte header states for the whole frame (None: no header)."""
+    return int.from_bytes(head[12:16], "little") if len(head) >= 16 else None
 
 
 def zstd_content_size(frame: np.ndarray | bytes) -> int | None:

@@ -20,10 +20,10 @@ from relu_dask.computing import compute
 from relu_dask.errors import InputError
 from relu_dask.graph import unit_ones_of_mask
 from relu_dask.locations import Location, parse_location, parse_storage_options
-from relu_dask.options import check_output_files, unit_fields
+from relu_dask.options import check_output_files, unit_choice
 from relu_dask.report import ArrayReport, RunReport, collect_versions, write_report
 from relu_dask.schedulers import SchedulerSpec, Session, open_session, parse_scheduler
-from relu_dask.stats import UnitStats, choose_unit_axis, summarize_units
+from relu_dask.stats import UnitStats, summarize_units
 
 __all__ = ["mask_unit_ones", "stats_of_masks", "unit_stats"]
 
@@ -66,7 +66,7 @@ def stats_of_masks(
     The units: as for ``run`` (``unit_dim`` by name, ``unit_axis`` by number, else a
     dimension named like the units, else the last axis).
     """
-    units = unit_fields(True, unit_axis, unit_dim)
+    units = unit_choice(unit_axis, unit_dim)
     spec = scheduler if isinstance(scheduler, SchedulerSpec) else parse_scheduler(scheduler)
     check_output_files(report=report_path, plot=plot_path)
     contents = storage.open_source(parse_location(dest, parse_storage_options(storage_options)))
@@ -96,7 +96,7 @@ def stats_of_masks(
             if src.dtype != np.int8:
                 report.skipped.append({"path": src.path, "reason": f"dtype {src.dtype} is not an int8 mask"})
                 continue
-            axis = _unit_axis(src, units, str(dest))
+            axis = units.axis_of(len(src.shape), src.dimension_names, where=src.path or str(dest))
             plan = chunking.plan_chunks(src.shape, 1, src.chunk_shape, src.chunk_shape, src.shard_shape)
             entry = ArrayReport(
                 path=src.path,
@@ -126,17 +126,3 @@ def stats_of_masks(
     if report_path is not None:
         write_report(report, report_path)
     return report
-
-
-def _unit_axis(src: storage.SourceArray, units: dict[str, Any], dest: str) -> int | None:
-    """The unit axis of the mask array ``src`` as ``units`` (:func:`unit_fields`) choose it."""
-    if not src.shape:
-        return None
-    return choose_unit_axis(
-        len(src.shape),
-        src.dimension_names,
-        units["unit_axis"],
-        units.get("unit_dims", ()),
-        required=units.get("unit_dims_required", False),
-        where=src.path or dest,
-    )

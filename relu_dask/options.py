@@ -26,7 +26,7 @@ from relu_dask.livewriter import SETTLE_S
 from relu_dask.locations import Location, parse_location, parse_storage_options
 from relu_dask.outputs import DEFAULT_COMPRESSOR, parse_compressor
 from relu_dask.schedulers import SchedulerSpec, count_cores, parse_scheduler
-from relu_dask.stats import UNIT_DIMS, parse_unit_dims
+from relu_dask.stats import UNIT_DIMS, UnitChoice, parse_unit_dims
 
 __all__ = [
     "SETTLE_ENV",
@@ -36,7 +36,7 @@ __all__ = [
     "default_settle_s",
     "parse_append_axis",
     "parse_settle_s",
-    "unit_fields",
+    "unit_choice",
 ]
 
 _PROGRESS: tuple[str, ...] = get_args(Progress)
@@ -163,6 +163,7 @@ class RunOptions:
         chunks, spec = _for_the_store(chunking.parse_chunks(o.get("chunks", "auto")), spec, remote=remote)
         dest_chunks, dest_shards = o.get("dest_chunks"), o.get("dest_shards")
         plot_path, settle_s = o.get("plot_path"), o.get("settle_s")
+        units = unit_choice(o.get("unit_axis"), o.get("unit_dim"))
         return cls(
             source=os.fspath(source),
             dest=os.fspath(dest),
@@ -179,7 +180,7 @@ class RunOptions:
             report_path=_path_or_none(o.get("report_path")),
             metrics_path=_path_or_none(o.get("metrics_path")),
             performance_report=_path_or_none(o.get("performance_report")),
-            **unit_fields(o.get("stats", False) or plot_path is not None, o.get("unit_axis"), o.get("unit_dim")),
+            **_unit_fields(units if o.get("stats", False) or plot_path is not None else None),
             plot_path=_path_or_none(plot_path),
             storage_options=storage_options,
             dest_compressor=o.get("dest_compressor", DEFAULT_COMPRESSOR),
@@ -225,6 +226,13 @@ class RunOptions:
             raise InputError("--storage-options only apply to URLs such as s3://bucket/path")
 
     @property
+    def units(self) -> UnitChoice | None:
+        """How each array's unit axis is chosen (None: no statistics)."""
+        if self.unit_axis is None:
+            return None
+        return UnitChoice(self.unit_axis, self.unit_dims, self.unit_dims_required)
+
+    @property
     def source_location(self) -> Location:
         return parse_location(self.source, self.storage_options)
 
@@ -261,18 +269,23 @@ def _for_the_store(
     return (REMOTE_BLOCK_BYTES if chunks == "auto" else chunks), spec
 
 
-def unit_fields(stats: bool, unit_axis: int | str | None, unit_dim: str | Sequence[str] | None) -> dict[str, Any]:
-    """RunOptions' unit fields: by name (``--unit-dim``), by axis (``--unit-axis``), or, given
-    neither, a dimension named like the units (:data:`relu_dask.stats.UNIT_DIMS`), else the last."""
+def unit_choice(unit_axis: int | str | None, unit_dim: str | Sequence[str] | None) -> UnitChoice:
+    """The units by name (``--unit-dim``), by axis (``--unit-axis``), or, given neither, a
+    dimension named like the units (:data:`relu_dask.stats.UNIT_DIMS`), else the last axis."""
     if unit_axis is not None and unit_dim is not None:
         raise InputError("give --unit-dim (by name) or --unit-axis (by number), not both")
-    if not stats:
-        return {"unit_axis": None}
     if unit_dim is not None:
-        return {"unit_axis": -1, "unit_dims": parse_unit_dims(unit_dim), "unit_dims_required": True}
+        return UnitChoice(dims=parse_unit_dims(unit_dim), required=True)
     if unit_axis is None:
-        return {"unit_axis": -1, "unit_dims": UNIT_DIMS}
-    return {"unit_axis": _axis(unit_axis)}
+        return UnitChoice(dims=UNIT_DIMS)
+    return UnitChoice(axis=_axis(unit_axis))
+
+
+def _unit_fields(units: UnitChoice | None) -> dict[str, Any]:
+    """RunOptions' unit fields for ``units`` (None: no statistics)."""
+    if units is None:
+        return {"unit_axis": None}
+    return {"unit_axis": units.axis, "unit_dims": units.dims, "unit_dims_required": units.required}
 
 
 def parse_append_axis(value: int | str | None) -> int | None:

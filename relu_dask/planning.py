@@ -29,7 +29,6 @@ from relu_dask.records import ArrayFingerprint, JobFingerprint
 from relu_dask.report import ArrayReport, RunReport, collect_versions, render_summary
 from relu_dask.resume import DestFound, DestState, dest_state
 from relu_dask.schedulers import Session, plan_session
-from relu_dask.stats import choose_unit_axis
 
 __all__ = ["ArrayPlan", "RunInputs", "RunPlan", "open_inputs", "plan_run"]
 
@@ -396,16 +395,8 @@ def _plan_array(
 
 def _unit_axis(options: RunOptions, src: storage.SourceArray) -> int | None:
     """The unit axis of ``src`` (a bad ``--unit-axis`` or ``--unit-dim`` is refused before anything runs)."""
-    if options.unit_axis is None or not src.shape:
-        return None
-    return choose_unit_axis(
-        len(src.shape),
-        src.dimension_names,
-        options.unit_axis,
-        options.unit_dims,
-        required=options.unit_dims_required,
-        where=src.path or "the source",
-    )
+    units = options.units
+    return None if units is None else units.axis_of(len(src.shape), src.dimension_names, where=src.path or "the source")
 
 
 def _dims(shape: tuple[int, ...]) -> str:

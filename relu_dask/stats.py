@@ -20,8 +20,8 @@ from relu_dask.errors import InputError
 __all__ = [
     "MAX_INLINE_UNITS",
     "UNIT_DIMS",
+    "UnitChoice",
     "UnitStats",
-    "choose_unit_axis",
     "parse_unit_axis",
     "parse_unit_dims",
     "render_stats",
@@ -70,33 +70,36 @@ def parse_unit_dims(value: str | Sequence[str]) -> tuple[str, ...]:
     return names
 
 
-def choose_unit_axis(
-    ndim: int,
-    dims: Sequence[str] | None,
-    axis: int,
-    unit_dims: Sequence[str] = (),
-    *,
-    required: bool = False,
-    where: str = "the array",
-) -> int:
-    """The unit axis of an array of ``ndim`` axes named ``dims``: the first of ``unit_dims``
-    it has; else ``axis`` (-1: the last). ``required``: the names were asked for (``--unit-dim``),
-    so an array with none of them is refused rather than given ``axis``.
+@dataclass(frozen=True)
+class UnitChoice:
+    """How an array's unit axis is chosen: the first of :attr:`dims` it has, else :attr:`axis`."""
 
-    Examples
-    --------
-    >>> choose_unit_axis(4, ("step", "channel", "h", "w"), -1, UNIT_DIMS)
-    1
-    >>> choose_unit_axis(2, ("step", "x"), -1, UNIT_DIMS)
-    1
-    """
-    for name in unit_dims:
-        if dims is not None and name in dims:
-            return list(dims).index(name)
-    if required:
-        have = f"dimensions {', '.join(dims)}" if dims else "no dimension names"
-        raise InputError(f"--unit-dim {','.join(unit_dims)}: {where} has {have}")
-    return parse_unit_axis(axis, ndim, where=where)
+    axis: int = -1
+    """The unit axis where an array has none of :attr:`dims` (-1: the last)."""
+    dims: tuple[str, ...] = ()
+    """Dimension names whose axis is the units (``--unit-dim``, or :data:`UNIT_DIMS`)."""
+    required: bool = False
+    """The names were asked for (``--unit-dim``): an array with none of them is refused."""
+
+    def axis_of(self, ndim: int, dims: Sequence[str] | None, *, where: str = "the array") -> int | None:
+        """The unit axis of an array of ``ndim`` axes named ``dims`` (None for a 0-d array: no units).
+
+        Examples
+        --------
+        >>> UnitChoice(dims=UNIT_DIMS).axis_of(4, ("step", "channel", "h", "w"))
+        1
+        >>> UnitChoice(dims=UNIT_DIMS).axis_of(2, ("step", "x"))
+        1
+        """
+        if ndim == 0:
+            return None
+        for name in self.dims:
+            if dims is not None and name in dims:
+                return list(dims).index(name)
+        if self.required:
+            have = f"dimensions {', '.join(dims)}" if dims else "no dimension names"
+            raise InputError(f"--unit-dim {','.join(self.dims)}: {where} has {have}")
+        return parse_unit_axis(self.axis, ndim, where=where)
 
 
 @dataclass

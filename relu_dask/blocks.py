@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from pathlib import Path, PurePath, PurePosixPath
 from typing import Any
 
 import numpy as np
 import zarr
 import zarr.errors
 
-from relu_dask import chunkio
+from relu_dask import chunkio, objectstores
 from relu_dask.chunkfiles import (
     ChunkFiles,
     NotDirect,
@@ -59,9 +60,14 @@ class StoredArray:
     """Where the array is (its URL), for messages."""
     keys: tuple[str, str] | None = None
     """Its chunk key encoding (prefix, separator), for messages; None if not one of the spec's."""
+    bucket: objectstores.Bucket | None = None
+    """Where ``files`` are objects in an S3 bucket (their paths its keys), reached through
+    obstore; None for chunk files on the local file system."""
 
     def describe_chunk(self, coords: tuple[int, ...]) -> str:
         """The stored object at ``coords`` in words: its file where the key encoding is known."""
+        if self.files is not None and self.bucket is not None:
+            return f"chunk {self.bucket.url(str(self.files.path(coords)))}"
         if self.files is not None:
             return f"chunk file {self.files.path(coords)}"
         if self.keys is not None:
@@ -103,17 +109,25 @@ def describe_stored(array: zarr.Array, location: Location | None, metadata: dict
     """Decide how the tasks read and write ``array`` (stored at ``location``)."""
     where = str(location) if location is not None else "the array"
     keys = chunk_key_encoding(metadata) if metadata is not None else None
-    if location is None or not location.is_local:
+    if location is None:
         return StoredArray(array, None, "not on the local file system", where, keys)
+    bucket: objectstores.Bucket | None = None
+    folder: PurePath
+    if location.is_local:
+        folder = location.path
+    elif (direct := location.object_store) is not None:
+        bucket, folder = direct[0], PurePosixPath(direct[1])
+    else:
+        return StoredArray(array, None, f"not on the local file system ({location.why_not_object_store})", where, keys)
     if metadata is None:
         return StoredArray(array, None, "no metadata document readable", where, keys)
-    described = describe_chunk_files(location.path, metadata)
+    described = describe_chunk_files(folder, metadata)
     if isinstance(described, NotDirect):
         return StoredArray(array, None, described.reason, where, keys)
     if not _agrees(described, array):
         reason = "its metadata document differs from what zarr opened (consolidated metadata out of date?)"
         return StoredArray(array, None, reason, where, keys)
-    return StoredArray(array, described, "", where, keys)
+    return StoredArray(array, described, "", where, keys, bucket)
 
 
 def _agrees(files: ChunkFiles, array: zarr.Array) -> bool:
@@ -158,12 +172,13 @@ def read_block(stored: StoredArray, selection: tuple[slice, ...], into: chunkio.
     cells = list(itertools.product(*ranges))
     if not cells or 0 in shape:
         return np.asarray(stored.array[selection])
+    fetched = _fetch(stored, cells)
     out: np.ndarray | None = None
     for coords in cells:
         lo = tuple(i * c for i, c in zip(coords, grid))
         inner = tuple(slice(max(a, b) - b, min(a + n, b + c) - b) for a, n, b, c in zip(starts, shape, lo, grid))
         at = tuple(slice(max(a, b) - a, min(a + n, b + c) - a) for a, n, b, c in zip(starts, shape, lo, grid))
-        part = _read_cell(stored, coords, lo, inner, into)
+        part = _read_cell(stored, coords, lo, inner, into, fetched.pop(coords, None))
         if len(cells) == 1 and isinstance(part, np.ndarray):
             return part  # the whole selection is one stored object's region: no copy
         if out is None:
@@ -174,18 +189,48 @@ def read_block(stored: StoredArray, selection: tuple[slice, ...], into: chunkio.
     return out
 
 
+def _fetch(stored: StoredArray, cells: list[tuple[int, ...]]) -> dict[tuple[int, ...], Any]:
+    """The stored bytes of every chunk of a block in a bucket, fetched at once (else nothing).
+
+    A chunk that is not stored reads as :data:`_UNSTORED`. All of a block's compressed
+    chunks are held at once: a block on an object store is a few MiB (options.REMOTE_BLOCK_BYTES).
+    """
+    files, bucket = stored.files, stored.bucket
+    if files is None or bucket is None:
+        return {}
+    found = objectstores.get_many(bucket, [str(files.path(c)) for c in cells])
+    return {c: _UNSTORED if raw is None else raw for c, raw in zip(cells, found)}
+
+
+#: What :func:`_fetch` gives for a chunk its bucket does not hold.
+_UNSTORED = memoryview(b"")
+
+
 def _read_cell(
-    stored: StoredArray, coords: tuple[int, ...], lo: tuple[int, ...], inner: tuple[slice, ...], into: chunkio.Scratch
+    stored: StoredArray,
+    coords: tuple[int, ...],
+    lo: tuple[int, ...],
+    inner: tuple[slice, ...],
+    into: chunkio.Scratch,
+    fetched: Any = None,
 ) -> Any:
-    """The part ``inner`` of the stored object at ``coords``: an array, or the fill value (a scalar)."""
+    """The part ``inner`` of the stored object at ``coords``: an array, or the fill value (a scalar).
+
+    ``fetched``: the object's bytes where :func:`_fetch` read them from a bucket.
+    """
     files = stored.files
     if files is not None:
         try:
-            chunk = chunkio.read_chunk(files.path(coords), files.format, into)
+            if fetched is _UNSTORED:
+                raise FileNotFoundError(str(files.path(coords)))
+            if fetched is not None:
+                chunk = chunkio.decode_chunk(fetched, files.format, into)
+            else:
+                chunk = chunkio.read_chunk(files.path(coords), files.format, into)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return files.fill_value  # not stored: the fill value, as the spec says
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot read chunk file {files.path(coords)}: {exc.strerror}") from exc
+            raise OSError(exc.errno, f"cannot read {stored.describe_chunk(coords)}: {exc.strerror}") from exc
         except _DECODE_ERRORS as exc:
             raise _damaged(stored, coords, exc) from exc
         if chunk is not None:
@@ -231,6 +276,8 @@ def write_block(stored: StoredArray, selection: tuple[slice, ...], block: np.nda
         stored.array[selection] = block  # a cut chunk needs zarr's read-modify-write
         return
     ranges = [range(s.start // c, -(-s.stop // c)) for s, c in zip(selection, grid)]
+    puts: list[tuple[str, Any]] = []
+    deletes: list[str] = []
     for coords in itertools.product(*ranges):
         lo = tuple(i * c for i, c in zip(coords, grid))
         part = block[
@@ -238,14 +285,26 @@ def write_block(stored: StoredArray, selection: tuple[slice, ...], block: np.nda
         ]
         path = files.path(coords)
         if _all_fill(part, files.fill_value):
-            path.unlink(missing_ok=True)
+            if stored.bucket is not None:
+                deletes.append(str(path))
+            else:
+                Path(path).unlink(missing_ok=True)
             continue
         if part.shape != grid or not part.flags.c_contiguous:
-            padded = into.take(chunkio.PADDED, grid, files.format.dtype)
+            if stored.bucket is None:
+                padded = into.take(chunkio.PADDED, grid, files.format.dtype)
+            else:  # kept until the block's PUTs, one for each such chunk
+                padded = np.empty(grid, files.format.dtype)
             padded[...] = files.fill_value
             padded[tuple(slice(0, k) for k in part.shape)] = part
             part = padded
-        chunkio.write_chunk(path, part, files.format)
+        if stored.bucket is not None:
+            puts.append((str(path), chunkio.encode_chunk(part, files.format)))
+        else:
+            chunkio.write_chunk(path, part, files.format)
+    if stored.bucket is not None:  # all of the block's chunks at once
+        objectstores.put_many(stored.bucket, puts)
+        objectstores.delete_many(stored.bucket, deletes)
 
 
 def drop_stored_objects(stored: StoredArray, folder: Location, selection: tuple[slice, ...]) -> int:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import PurePath
 from typing import Any
 
 import numpy as np
@@ -43,10 +43,11 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ChunkFiles:
-    """Where one local array's chunk files are and how to read and write them."""
+    """Where one array's chunk files (or objects) are and how to read and write them."""
 
-    folder: Path
-    """The array's folder (holding its metadata document)."""
+    folder: PurePath
+    """The array's folder (holding its metadata document): a local path, or the key prefix
+    of its objects in a bucket (a PurePosixPath)."""
     shape: tuple[int, ...]
     """The array's shape."""
     format: chunkio.ChunkFormat
@@ -63,14 +64,14 @@ class ChunkFiles:
 
         Examples
         --------
-        >>> files = ChunkFiles(Path("a"), (4, 4), chunkio.ChunkFormat((2, 2), "f4"), 0.0, "c", "/")
+        >>> files = ChunkFiles(PurePath("a"), (4, 4), chunkio.ChunkFormat((2, 2), "f4"), 0.0, "c", "/")
         >>> files.key((1, 0))
         'c/1/0'
         """
         return format_chunk_key(coords, self.key_prefix, self.separator)
 
-    def path(self, coords: tuple[int, ...]) -> Path:
-        """The file of the chunk at ``coords``."""
+    def path(self, coords: tuple[int, ...]) -> PurePath:
+        """The file of the chunk at ``coords`` (its key in a bucket)."""
         return self.folder.joinpath(*self.key(coords).split("/"))
 
 
@@ -81,7 +82,7 @@ class NotDirect:
     reason: str
 
 
-def describe_chunk_files(folder: Path, document: dict[str, Any]) -> ChunkFiles | NotDirect:
+def describe_chunk_files(folder: PurePath, document: dict[str, Any]) -> ChunkFiles | NotDirect:
     """Decide, from a local array's metadata document, whether chunkio can do its byte work.
 
     ``document`` is the parsed ``zarr.json`` (v3) or ``.zarray`` (v2) of the array in
@@ -112,7 +113,7 @@ def parse_metadata(raw: bytes) -> dict[str, Any]:
     return document
 
 
-def _describe_v3(folder: Path, doc: dict[str, Any]) -> ChunkFiles | NotDirect:
+def _describe_v3(folder: PurePath, doc: dict[str, Any]) -> ChunkFiles | NotDirect:
     if doc.get("node_type") != "array":
         return NotDirect("not an array")
     if doc.get("storage_transformers"):
@@ -146,7 +147,7 @@ def _describe_v3(folder: Path, doc: dict[str, Any]) -> ChunkFiles | NotDirect:
     return _files(folder, doc["shape"], fmt, _fill_v3(doc["fill_value"], dtype), keys)
 
 
-def _describe_v2(folder: Path, doc: dict[str, Any]) -> ChunkFiles | NotDirect:
+def _describe_v2(folder: PurePath, doc: dict[str, Any]) -> ChunkFiles | NotDirect:
     if not isinstance(doc["dtype"], str):
         return NotDirect("structured data type")
     dtype = np.dtype(doc["dtype"])
@@ -204,7 +205,7 @@ def format_chunk_key(coords: tuple[int, ...], prefix: str, separator: str) -> st
 
 
 def _files(
-    folder: Path, shape: list[int], fmt: chunkio.ChunkFormat, fill_value: Any, keys: tuple[str, str]
+    folder: PurePath, shape: list[int], fmt: chunkio.ChunkFormat, fill_value: Any, keys: tuple[str, str]
 ) -> ChunkFiles | NotDirect:
     chunk_shape, dtype = fmt.chunk_shape, fmt.dtype
     shape_t = tuple(int(n) for n in shape)

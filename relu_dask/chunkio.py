@@ -50,6 +50,8 @@ __all__ = [
     "ChunkFormat",
     "Scratch",
     "blosc_content_size",
+    "decode_chunk",
+    "encode_chunk",
     "frame_is_whole",
     "read_chunk",
     "release_buffers",
@@ -196,39 +198,65 @@ def read_chunk(path: str | os.PathLike[str], fmt: ChunkFormat, into: Scratch) ->
     """
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
-        chunk = into.take(CHUNK, (fmt.nbytes,), np.uint8)
         if fmt.codec is None:
+            chunk = into.take(CHUNK, (fmt.nbytes,), np.uint8)
             if size != fmt.nbytes or not _read_exactly(f, chunk):
                 return None
-        else:
-            stored = into.take(STORED, (size,), np.uint8)
-            if not _read_exactly(f, stored) or _decoded_size(fmt.codec.codec_id, stored) != fmt.nbytes:
-                return None
-            decoded = fmt.codec.decode(stored, out=chunk)
-            if not np.may_share_memory(decoded, chunk):  # a numcodecs that did not decode into out
-                return None
+            return _shaped(chunk, fmt)
+        stored = into.take(STORED, (size,), np.uint8)
+        if not _read_exactly(f, stored):
+            return None
+    return decode_chunk(stored, fmt, into)
+
+
+def decode_chunk(stored: Any, fmt: ChunkFormat, into: Scratch) -> np.ndarray | None:
+    """Decode one stored chunk's bytes (an object read from a store) into ``into``'s
+    :data:`CHUNK` buffer; None where only zarr can tell what they hold (see :func:`read_chunk`)."""
+    raw = np.frombuffer(stored, dtype=np.uint8) if not isinstance(stored, np.ndarray) else stored
+    chunk = into.take(CHUNK, (fmt.nbytes,), np.uint8)
+    if fmt.codec is None:
+        if raw.size != fmt.nbytes:
+            return None
+        chunk[...] = raw
+        return _shaped(chunk, fmt)
+    if _decoded_size(fmt.codec.codec_id, raw) != fmt.nbytes:
+        return None
+    decoded = fmt.codec.decode(raw, out=chunk)
+    if not np.may_share_memory(decoded, chunk):  # a numcodecs that did not decode into out
+        return None
+    return _shaped(chunk, fmt)
+
+
+def _shaped(chunk: np.ndarray, fmt: ChunkFormat) -> np.ndarray:
     return chunk.view(fmt.dtype).reshape(fmt.chunk_shape, order=fmt.order)  # type: ignore[call-overload]
 
 
-def write_chunk(path: str | os.PathLike[str], chunk: np.ndarray, fmt: ChunkFormat) -> None:
-    """Encode ``chunk`` (the whole chunk, C-ordered, ``fmt.dtype``) and write it to ``path``.
-
-    Atomically, as zarr's LocalStore writes: into a temporary ``*.partial`` file beside it,
-    then renamed over ``path``; a killed write leaves at most that temporary file.
-    """
+def encode_chunk(chunk: np.ndarray, fmt: ChunkFormat) -> Any:
+    """The stored bytes of ``chunk`` (the whole chunk, C-ordered, ``fmt.dtype``): what
+    zarr stores for it (a buffer: the chunk's own memory where there is no codec)."""
     if chunk.shape != fmt.chunk_shape or chunk.dtype != fmt.dtype or not chunk.flags.c_contiguous:
         raise ValueError(
             f"a chunk of {fmt.chunk_shape} {fmt.dtype}, C-ordered, is needed, got {chunk.shape} {chunk.dtype}"
         )
     # The codec gets the chunk's bytes, as zarr hands them to it: a blosc that is not told
     # the type size (numcodecs before 0.16) then shuffles as zarr's does.
-    data = chunk if fmt.codec is None else fmt.codec.encode(chunk.reshape(-1).view(np.uint8))
+    flat = chunk.reshape(-1).view(np.uint8)
+    return flat.data if fmt.codec is None else fmt.codec.encode(flat)
+
+
+def write_chunk(path: str | os.PathLike[str], chunk: np.ndarray, fmt: ChunkFormat) -> None:
+    """Encode ``chunk`` (see :func:`encode_chunk`) and write it to ``path``.
+
+    Atomically, as zarr's LocalStore writes: into a temporary ``*.partial`` file beside it,
+    then renamed over ``path``; a killed write leaves at most that temporary file.
+    """
+    data = encode_chunk(chunk, fmt)
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(f".{uuid.uuid4().hex}.partial")
     try:
         with open(partial, "wb") as f:
-            f.write(data.data if isinstance(data, np.ndarray) else data)
+            f.write(data)
         os.replace(partial, target)
     except BaseException:
         partial.unlink(missing_ok=True)

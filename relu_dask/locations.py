@@ -4,14 +4,16 @@ Use :func:`parse_location` to turn a user's path or URL (``s3://bucket/acts.zarr
 ``gs://...``, ``file:///...``) and its storage options into a :class:`Location`, whose few
 file operations the journal and the storage module need. Local paths get POSIX guarantees
 (atomic rename, exclusive create); object stores get what they offer: a single object is
-written whole or not at all, but "create if absent" is a check then a write, so two runs
-started in the same instant on one DEST in an object store may both take its lock (see the
-docs/cli.md, Object storage).
+written whole or not at all. S3 URLs are reached through obstore where
+:mod:`relu_dask.objectstores` can (then "create if absent" is a conditional write, so of two
+runs started in the same instant on one DEST only one takes its lock), else through fsspec
+(then it is a check and a write; see docs/cli.md, Object storage).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from relu_dask import objectstores
 from relu_dask.errors import InputError
 
 __all__ = ["Location", "parse_location", "parse_storage_options"]
@@ -67,6 +70,18 @@ class Location:
         assert self.is_local, self.url
         return Path(self.url)
 
+    @property
+    def object_store(self) -> tuple[objectstores.Bucket, str] | None:
+        """The bucket and key where obstore reaches this location directly (None: fsspec)."""
+        found = _bucket_of(self.url, self.options_json)
+        return None if isinstance(found, str) else found
+
+    @property
+    def why_not_object_store(self) -> str:
+        """Why this URL is reached through fsspec rather than obstore ("" where it is not)."""
+        found = _bucket_of(self.url, self.options_json)
+        return found if isinstance(found, str) else ""
+
     def _fs(self) -> tuple[Any, str]:
         import fsspec.core
 
@@ -94,6 +109,8 @@ class Location:
     def exists(self) -> bool:
         if self.is_local:
             return self.path.exists() or self.path.is_symlink()
+        if (direct := self.object_store) is not None:
+            return objectstores.exists(*direct)
         fs, path = self._fs()
         return bool(fs.exists(path))
 
@@ -101,12 +118,13 @@ class Location:
         """The object's text; FileNotFoundError if it is not there."""
         if self.is_local:
             return self.path.read_text()
-        fs, path = self._fs()
-        return bytes(fs.cat_file(path)).decode()
+        return self.read_bytes().decode()
 
     def read_bytes(self) -> bytes:
         if self.is_local:
             return self.path.read_bytes()
+        if (direct := self.object_store) is not None:
+            return bytes(objectstores.get(*direct))
         fs, path = self._fs()
         return bytes(fs.cat_file(path))
 
@@ -118,6 +136,8 @@ class Location:
             except OSError:
                 return None
             return st.st_size, st.st_mtime
+        if (direct := self.object_store) is not None:
+            return objectstores.head(*direct)
         fs, path = self._fs()
         try:
             info = fs.info(path)
@@ -131,6 +151,9 @@ class Location:
         """Names directly under this location ([] if none)."""
         if self.is_local:
             return sorted(p.name for p in self.path.iterdir()) if self.path.is_dir() else []
+        if (direct := self.object_store) is not None:
+            bucket, key = direct
+            return sorted({k[len(key) + 1 :].split("/", 1)[0] for k, _ in objectstores.list_prefix(bucket, f"{key}/")})
         fs, path = self._fs()
         try:
             return sorted(str(p).rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
@@ -146,6 +169,9 @@ class Location:
                     with contextlib.suppress(OSError):
                         total += os.path.getsize(os.path.join(root, name))
             return total
+        if (direct := self.object_store) is not None:
+            bucket, key = direct
+            return sum(size for _, size in objectstores.list_prefix(bucket, f"{key}/"))
         fs, path = self._fs()
         try:
             return int(fs.du(path, total=True))
@@ -161,6 +187,9 @@ class Location:
             tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
             tmp.write_text(text)
             os.replace(tmp, self.path)
+            return
+        if (direct := self.object_store) is not None:
+            objectstores.put(*direct, text)
             return
         fs, path = self._fs()
         fs.pipe_file(path, text.encode())  # one PUT: the object is whole or absent
@@ -181,7 +210,9 @@ class Location:
                     os.unlink(self.path)
                 raise
             return True
-        if self.exists():  # object stores: a check, then a write
+        if (direct := self.object_store) is not None:  # a conditional write: one winner
+            return objectstores.create(*direct, text)
+        if self.exists():  # through fsspec: a check, then a write
             return False
         self.write_text(text)
         return True
@@ -198,6 +229,9 @@ class Location:
         if self.is_local:
             self.path.unlink(missing_ok=True)
             return
+        if (direct := self.object_store) is not None:
+            objectstores.delete_many(direct[0], [direct[1]])
+            return
         fs, path = self._fs()
         with contextlib.suppress(FileNotFoundError):
             fs.rm_file(path)
@@ -209,6 +243,10 @@ class Location:
                 shutil.rmtree(self.path)
             else:
                 self.path.unlink(missing_ok=True)
+            return
+        if (direct := self.object_store) is not None:
+            bucket, key = direct
+            objectstores.delete_many(bucket, [key, *(k for k, _ in objectstores.list_prefix(bucket, f"{key}/"))])
             return
         fs, path = self._fs()
         with contextlib.suppress(FileNotFoundError):
@@ -229,6 +267,11 @@ class Location:
         other.write_text(text)
         self.remove()
         return True
+
+
+@functools.lru_cache(maxsize=256)
+def _bucket_of(url: str, options_json: str) -> tuple[objectstores.Bucket, str] | str:
+    return objectstores.bucket_of(url, json.loads(options_json))
 
 
 def parse_location(text: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> Location:

@@ -21,7 +21,7 @@ import numpy as np
 import zarr
 import zarr.errors
 
-from relu_dask import conventions
+from relu_dask import conventions, objectstores
 from relu_dask.blocks import StoredArray, describe_stored, read_metadata, read_metadata_bytes
 from relu_dask.errors import InputError, UnsupportedDtypeError
 from relu_dask.kernel import check_dtype
@@ -128,9 +128,12 @@ class SourceContents:
 
 
 def zarr_kwargs(location: Location) -> dict[str, Any]:
-    """How zarr opens ``location``: a local path, or a URL with its storage options."""
+    """How zarr opens ``location``: a local path, zarr's ObjectStore over obstore where
+    :mod:`relu_dask.objectstores` reaches it, or a URL with its fsspec storage options."""
     if location.is_local:
         return {"store": location.url}
+    if (direct := location.object_store) is not None:
+        return {"store": objectstores.zarr_store(*direct)}
     return {"store": location.url, "storage_options": location.storage_options}
 
 

@@ -216,7 +216,8 @@ def _read_block(
         chunks.append(mask.describe_chunk(chunk))
         try:
             values[tuple(slice(r.start - a, r.stop - a) for r, a in zip(region, lo))] = mask.array[region]
-            if mask.files is not None and not chunkio.frame_is_whole(mask.files.path(chunk), mask.files.format):
+            local = mask.files is not None and mask.bucket is None
+            if local and not chunkio.frame_is_whole(mask.files.path(chunk), mask.files.format):  # type: ignore[union-attr]
                 raise ValueError("bytes follow its encoded frame")
         except Exception as exc:  # noqa: BLE001 - whatever zarr or a codec raises, it is this chunk's problem
             problems.append(f"{name}: block {coords}: {chunks[-1]} cannot be read ({type(exc).__name__}: {exc})")

@@ -224,6 +224,7 @@ LAYERS = [
     {"schedulers", "blocks"},
     {"chunkfiles"},
     {"chunkio", "kernel", "stats", "locations", "chunking", "counts", "conventions", "workers", "records"},
+    {"objectstores"},
     {"errors"},
 ]
 

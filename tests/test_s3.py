@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from _support import activations, cli, oracle
+from _support import activations, cli, oracle, snapshot
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
@@ -112,3 +112,97 @@ def test_a_missing_bucket_and_an_unreachable_endpoint_are_one_line_each(s3: dict
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("relu-dask: error:")]
     assert line.startswith(f"relu-dask: error: cannot reach s3://{BUCKET}/acts.zarr: ") and "127.0.0.1:1" in line
+
+
+# --------------------------------------------------------------------------- the direct path
+
+
+def _objects(s3: dict[str, str], prefix: str) -> dict[str, bytes]:
+    """Every object under ``prefix`` (keys relative to it), byte for byte."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3, skip_instance_cache=True)
+    root = f"{BUCKET}/{prefix}"
+    return {key[len(root) + 1 :]: fs.cat_file(key) for key in fs.find(root)}
+
+
+def _group_with_layouts(store: object, storage_options: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+    """Three layouts the direct path takes: a v3 group of zstd (zarr's default) and raw bytes
+    with an all-negative chunk (its mask all fill, so not stored), and beside it (``-v2``) a v2
+    group of blosc; uneven edges."""
+    import numcodecs
+
+    group = zarr.open_group(store=store, mode="w", storage_options=storage_options)
+    x, y = activations((70, 45), "float32", seed=31), activations((33, 20), "float64", seed=32)
+    y[:16, :16] = -1.0
+    group.create_array("zstd", shape=x.shape, chunks=(16, 16), dtype="float32")[...] = x
+    group.create_array("raw", shape=y.shape, chunks=(16, 16), dtype="float64", compressors=None)[...] = y
+    v2 = zarr.open_group(store=f"{store}-v2", mode="w", zarr_format=2, storage_options=storage_options)
+    v2.create_array("blosc", shape=x.shape, chunks=(32, 8), dtype="float32", compressors=numcodecs.Blosc())[...] = x
+    return {"zstd": x, "raw": y, "blosc": x}
+
+
+def test_the_direct_path_writes_on_s3_the_bytes_a_local_run_writes(s3: dict[str, str], tmp_path: Path) -> None:
+    pytest.importorskip("obstore")
+    local = _group_with_layouts(str(tmp_path / "acts.zarr"))
+    _group_with_layouts(f"s3://{BUCKET}/layouts/acts.zarr", s3)
+    options = ["--storage-options", json.dumps(s3)]
+    for suffix in ("", "-v2"):
+        assert cli("run", str(tmp_path / f"acts.zarr{suffix}"), str(tmp_path / f"masks{suffix}")).returncode == 0
+        source, dest = f"s3://{BUCKET}/layouts/acts.zarr{suffix}", f"s3://{BUCKET}/layouts/masks{suffix}"
+        proc = cli("run", source, dest, *options, "--report", str(tmp_path / "r.json"))
+        assert proc.returncode == 0, proc.stderr
+        for entry in json.loads((tmp_path / "r.json").read_text())["arrays"]:
+            assert (entry["read_path"], entry["write_path"]) == ("direct", "direct"), entry
+        masks = zarr.open_group(store=dest, mode="r", storage_options=s3)
+        for name in masks.array_keys():
+            assert np.array_equal(masks[name][...], oracle(local[name])), name
+        metadata = ("zarr.json", ".zarray", ".zattrs", ".zgroup")
+        chunks = {k: v for k, v in _objects(s3, f"layouts/masks{suffix}").items() if not k.endswith(metadata)}
+        expected = {k: v for k, v in snapshot(tmp_path / f"masks{suffix}").items() if not k.endswith(metadata)}
+        assert chunks == expected and len(chunks) > 10
+        verified = cli("verify", dest, *options, "--source")
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "raw/c/0/0" not in _objects(s3, "layouts/masks") and "raw/c/0/1" in _objects(s3, "layouts/masks")
+    # a mask object replaced by another that decodes but holds other masks: verify finds it
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3, skip_instance_cache=True)
+    fs.pipe_file(f"{BUCKET}/layouts/masks/zstd/c/1/1", fs.cat_file(f"{BUCKET}/layouts/masks/zstd/c/1/2"))
+    damaged = cli("verify", f"s3://{BUCKET}/layouts/masks", *options)
+    assert damaged.returncode == 1 and "zstd: block" in damaged.stdout + damaged.stderr
+    assert cli("run", f"s3://{BUCKET}/layouts/acts.zarr", f"s3://{BUCKET}/layouts/masks", *options).returncode == 0
+    assert np.array_equal(
+        zarr.open_array(store=f"s3://{BUCKET}/layouts/masks/zstd", mode="r", storage_options=s3)[...],
+        oracle(local["zstd"]),
+    )
+
+
+def test_options_obstore_cannot_take_keep_to_s3fs_and_say_so(s3: dict[str, str], tmp_path: Path) -> None:
+    x = activations((40, 30), "float32", seed=33)
+    zarr.create_array(
+        store=f"s3://{BUCKET}/fallback/acts.zarr", shape=x.shape, chunks=(8, 30), dtype="float32", storage_options=s3
+    )[...] = x
+    options = json.dumps({**s3, "use_listings_cache": False})  # an s3fs option obstore has no word for
+    dest = f"s3://{BUCKET}/fallback/masks.zarr"
+    proc = cli("run", f"s3://{BUCKET}/fallback/acts.zarr", dest, "--storage-options", options)
+    assert proc.returncode == 0, proc.stderr
+    said = "read through zarr, not directly: not on the local file system (storage option(s) use_listings_cache"
+    assert said in proc.stdout
+    assert np.array_equal(zarr.open_array(store=dest, mode="r", storage_options=s3)[...], oracle(x))
+
+
+def test_of_runs_racing_for_the_lock_on_s3_one_wins(s3: dict[str, str]) -> None:
+    """Taking the lock is a conditional write (If-None-Match: *): of 8 threads, one creates it."""
+    pytest.importorskip("obstore")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from relu_dask.locations import parse_location
+
+    for attempt in range(3):
+        lock = parse_location(f"s3://{BUCKET}/race/{attempt}/lock", s3)
+        assert lock.object_store is not None
+        with ThreadPoolExecutor(8) as pool:
+            won = list(pool.map(lambda i, lock=lock: lock.create(f"run {i}"), range(8)))
+        assert won.count(True) == 1
+        assert lock.read_text() == f"run {won.index(True)}"

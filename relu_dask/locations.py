@@ -245,8 +245,7 @@ class Location:
                 self.path.unlink(missing_ok=True)
             return
         if (direct := self.object_store) is not None:
-            bucket, key = direct
-            objectstores.delete_many(bucket, [key, *(k for k, _ in objectstores.list_prefix(bucket, f"{key}/"))])
+            objectstores.delete_tree(*direct)
             return
         fs, path = self._fs()
         with contextlib.suppress(FileNotFoundError):

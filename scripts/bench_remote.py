@@ -5,7 +5,8 @@ An S3 endpoint is started on 127.0.0.1 in a process of its own: moto's WSGI appl
 request (``--latency-ms``, a first-byte latency; each request sleeps in its own thread, so
 concurrent requests overlap as they would against a real store). The data: seeded float32
 activations, ``--size-mib`` of them (default 256: 16384 x 4096), chunks 1024 x 1024, Zarr v3
-with zarr's default codecs, uploaded once per latency.
+with zarr's default codecs, the array ``acts`` (dimensions ``sample``, ``unit``) of a group
+that xarray opens as a Dataset, uploaded once per latency.
 
 The contenders, each a whole fresh process, interleaved round by round (order rotated), every
 output deleted before each start:
@@ -13,15 +14,19 @@ output deleted before each start:
 * **relu-dask** -- ``python -m relu_dask run s3://... s3://... --storage-options JSON``,
   default options;
 * **naive dask** -- ``(da.from_zarr(src) >= 0).astype('i1').to_zarr(dst)`` over s3fs;
+* **xarray** -- ``(xr.open_zarr(src) >= 0).astype('i1').to_zarr(dst)`` over s3fs, dask's
+  default scheduler;
 * **zarr loop** -- zarr's public API, 32 threads, one chunk each (read, mask, write), over
-  ``zarr.storage.ObjectStore`` with obstore where obstore is installed, else over s3fs.
+  ``zarr.storage.ObjectStore`` with obstore where obstore is installed, else over s3fs;
+* **tensorstore** -- its ``s3`` kvstore and ``zarr3`` driver, slabs of 1024 rows read, masked
+  and written with 8 slabs in flight (where tensorstore is installed).
 
 Every output is compared with numpy's masks of the source, value for value. Printed: the
 machine, then per latency a table of medians (wall, GB/s, peak RSS) with each contender's
 ratio to relu-dask. Usage::
 
-    python scripts/bench_remote.py --latency-ms 0,30 --rounds 3
-    python scripts/bench_remote.py --quick     # 32 MiB, 0 and 30 ms, 1 round: a smoke test
+    python scripts/bench_remote.py --latency-ms 0,30,100 --rounds 3
+    python scripts/bench_remote.py --quick     # 32 MiB, 1 round: a smoke test
 """
 
 from __future__ import annotations
@@ -75,9 +80,8 @@ def _child_generate(endpoint: str, rows: str) -> dict[str, float]:
 
     s3fs.S3FileSystem(**_options(endpoint)).mkdir(BUCKET)
     shape = (int(rows), UNITS)
-    src = zarr.create_array(
-        store=f"s3://{BUCKET}/src.zarr", shape=shape, chunks=CHUNKS, dtype="float32", storage_options=_options(endpoint)
-    )
+    group = zarr.open_group(store=f"s3://{BUCKET}/src.zarr", mode="w", storage_options=_options(endpoint))
+    src = group.create_array("acts", shape=shape, chunks=CHUNKS, dtype="float32", dimension_names=("sample", "unit"))
     rng = np.random.default_rng(20261203)
     for start in range(0, shape[0], CHUNKS[0]):
         stop = min(start + CHUNKS[0], shape[0])
@@ -98,9 +102,49 @@ def _child_naive(endpoint: str, dst: str) -> dict[str, float]:
     import dask.array as da
 
     options = _options(endpoint)
-    (da.from_zarr(f"s3://{BUCKET}/src.zarr", storage_options=options) >= 0).astype("i1").to_zarr(
-        dst, storage_options=options
+    (da.from_zarr(f"s3://{BUCKET}/src.zarr", component="acts", storage_options=options) >= 0).astype("i1").to_zarr(
+        dst, component="acts", storage_options=options
     )
+    return {}
+
+
+def _child_xarray(endpoint: str, dst: str) -> dict[str, float]:
+    import xarray as xr
+
+    options = _options(endpoint)
+    source = xr.open_zarr(f"s3://{BUCKET}/src.zarr", consolidated=False, storage_options=options)
+    (source >= 0).astype("i1").to_zarr(dst, storage_options=options)
+    return {}
+
+
+def _child_tensorstore(endpoint: str, dst: str) -> dict[str, float]:
+    import os
+
+    import numpy as np
+    import tensorstore as ts
+
+    os.environ.update(AWS_ACCESS_KEY_ID=KEYS["key"], AWS_SECRET_ACCESS_KEY=KEYS["secret"])
+
+    def kvstore(path: str) -> dict[str, str]:
+        return {"driver": "s3", "bucket": BUCKET, "path": path, "endpoint": endpoint, "aws_region": "us-east-1"}
+
+    src = ts.open({"driver": "zarr3", "kvstore": kvstore("src.zarr/acts/")}).result()
+    out = ts.open(
+        {"driver": "zarr3", "kvstore": kvstore(dst.removeprefix(f"s3://{BUCKET}/") + "/acts/")},
+        create=True,
+        dtype=ts.int8,
+        shape=src.shape,
+        chunk_layout=ts.ChunkLayout(chunk_shape=CHUNKS),
+    ).result()
+    pending: list[object] = []
+    for start in range(0, src.shape[0], CHUNKS[0]):
+        rows = slice(start, min(start + CHUNKS[0], src.shape[0]))
+        values = src[rows].read().result()
+        pending.append(out[rows].write((values >= 0).astype(np.int8)))
+        if len(pending) >= 8:
+            pending.pop(0).result()  # type: ignore[attr-defined]
+    for write in pending:
+        write.result()  # type: ignore[attr-defined]
     return {}
 
 
@@ -132,9 +176,9 @@ def _child_loop(endpoint: str, dst: str) -> dict[str, float]:
     import numpy as np
     import zarr
 
-    src = zarr.open_array(_loop_store(endpoint, "src.zarr"), mode="r")
+    src = zarr.open_array(_loop_store(endpoint, "src.zarr/acts"), mode="r")
     out = zarr.create_array(
-        _loop_store(endpoint, dst.removeprefix(f"s3://{BUCKET}/")),
+        _loop_store(endpoint, dst.removeprefix(f"s3://{BUCKET}/") + "/acts"),
         shape=src.shape,
         chunks=src.chunks,
         dtype="int8",
@@ -157,8 +201,8 @@ def _child_check(endpoint: str, dst: str) -> dict[str, float]:
     import zarr
 
     options = _options(endpoint)
-    src = zarr.open_array(f"s3://{BUCKET}/src.zarr", mode="r", storage_options=options)
-    out = zarr.open_array(dst, mode="r", storage_options=options)
+    src = zarr.open_array(f"s3://{BUCKET}/src.zarr/acts", mode="r", storage_options=options)
+    out = zarr.open_array(f"{dst}/acts", mode="r", storage_options=options)
     equal = out.shape == src.shape and out.dtype == np.int8
     for start in range(0, src.shape[0], 4 * CHUNKS[0]) if equal else []:
         rows = slice(start, start + 4 * CHUNKS[0])
@@ -180,11 +224,13 @@ _CHILDREN = {
     "generate": _child_generate,
     "relu-dask": _child_relu_dask,
     "naive dask": _child_naive,
+    "xarray": _child_xarray,
     "zarr loop": _child_loop,
+    "tensorstore": _child_tensorstore,
     "check": _child_check,
     "remove": _child_remove,
 }
-CONTENDERS = ("relu-dask", "naive dask", "zarr loop")
+CONTENDERS = ("relu-dask", "naive dask", "xarray", "zarr loop", "tensorstore")
 
 
 # --------------------------------------------------------------------------- driver
@@ -214,49 +260,71 @@ def start_endpoint(latency_ms: float) -> tuple[subprocess.Popen[bytes], str]:
     raise RuntimeError("the S3 endpoint did not start")
 
 
+def contenders() -> tuple[str, ...]:
+    """The contenders this machine can run (tensorstore where it is installed)."""
+    try:
+        import tensorstore  # noqa: F401
+    except ImportError:
+        return tuple(name for name in CONTENDERS if name != "tensorstore")
+    return CONTENDERS
+
+
 def run_latency(latency_ms: float, rows: int, rounds: int) -> list[list[object]]:
+    names = contenders()
     server, endpoint = start_endpoint(latency_ms)
     try:
         run_child(_child("generate", endpoint, str(rows)), timeout_s=CHILD_TIMEOUT_S)
-        results: dict[str, list[ChildResult]] = {name: [] for name in CONTENDERS}
+        results: dict[str, list[ChildResult]] = {name: [] for name in (*names, RERUN, STARTUP)}
         for r in range(rounds):
-            order = CONTENDERS[r % len(CONTENDERS) :] + CONTENDERS[: r % len(CONTENDERS)]
+            order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
-                dst = f"s3://{BUCKET}/out-{name.replace(' ', '-')}.zarr"
+                dst = _dst(name)
                 run_child(_child("remove", endpoint, dst), timeout_s=CHILD_TIMEOUT_S)
                 result = run_child(_child(name, endpoint, dst), timeout_s=CHILD_TIMEOUT_S)
                 results[name].append(result)
                 print(f"  {latency_ms:g} ms, round {r + 1}: {name:12s} {result.wall_s:6.2f} s", flush=True)
-        checks = {}
-        for name in CONTENDERS:
-            dst = f"s3://{BUCKET}/out-{name.replace(' ', '-')}.zarr"
-            checks[name] = json.loads(run_child(_child("check", endpoint, dst)).stdout)["equal"] == 1.0
+            # relu-dask again on the complete DEST it left, and the start-up it cannot go below
+            rerun = _child("relu-dask", endpoint, _dst("relu-dask"))
+            results[RERUN].append(run_child(rerun, timeout_s=CHILD_TIMEOUT_S))
+            results[STARTUP].append(run_child([sys.executable, "-m", "relu_dask", "--help"]))
+        checks = {name: json.loads(run_child(_child("check", endpoint, _dst(name))).stdout)["equal"] for name in names}
     finally:
         server.kill()
         server.wait()
     size = rows * UNITS * 4
     relu_wall = median([r.wall_s for r in results["relu-dask"]])
     rows_out: list[list[object]] = []
-    for name in CONTENDERS:
+    for name in (*names, RERUN, STARTUP):
         wall = median([r.wall_s for r in results[name]])
         rss = median([r.peak_rss_bytes for r in results[name]]) / MIB
+        moved = name not in (RERUN, STARTUP)
+        exact = checks.get(name if moved else "relu-dask" if name == RERUN else "", "-")
+        exact = {1.0: "yes", 0.0: "**NO**"}.get(exact, exact)
         rows_out.append(
             [
                 f"{latency_ms:g}",
                 name,
                 f"{wall:.2f}",
-                f"{size / wall / 1e9:.3f}",
+                f"{size / wall / 1e9:.3f}" if moved else "-",
                 f"{wall / relu_wall:.2f}",
                 f"{rss:.0f}",
-                "yes" if checks[name] else "**NO**",
+                exact,
             ]
         )
     return rows_out
 
 
+RERUN = "relu-dask rerun (DEST complete)"
+STARTUP = "relu-dask --help (start-up)"
+
+
+def _dst(name: str) -> str:
+    return f"s3://{BUCKET}/out-{name.replace(' ', '-')}.zarr"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--latency-ms", default="0,30", help="per-request delays, comma-separated (default 0,30)")
+    parser.add_argument("--latency-ms", default="0,30,100", help="per-request delays in ms (default 0,30,100)")
     parser.add_argument("--size-mib", type=int, default=256, help="float32 MiB of source (default 256)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--quick", action="store_true", help="32 MiB, 1 round: a smoke test")

@@ -210,9 +210,10 @@ def copy_array(dest: Location, src: SourceArray) -> zarr.Array:
 
     Same dtype, shape, chunks, fill value, dimension names and attributes (xarray's v2
     ``_ARRAY_DIMENSIONS`` become v3 ``dimension_names``); a v3 source's codecs too, so that
-    its chunk files come out byte for byte the same. Fixed-width text (numpy ``<U``) is
-    stored as Zarr's variable-length ``string``: the same values, where zarr-python warns on
-    every open of fixed-width text in v3 that its format may change. Whatever was at that
+    its chunk files come out byte for byte the same. Text keeps its kind: fixed-width (numpy
+    ``<U9``) stays fixed-width (zarr's ``fixed_length_utf32``, what xarray writes for it; zarr
+    warns when it writes that data type, not when it reads it), and variable-length text stays
+    Zarr's ``string``, so xarray reads back the dtype it read from SOURCE. Whatever was at that
     path is replaced (a copy a kill cut short is made again whole). Read and written a shard
     (or chunk) at a time.
     """
@@ -224,7 +225,7 @@ def copy_array(dest: Location, src: SourceArray) -> zarr.Array:
         attributes["_FillValue"] = conventions.fill_value_attribute(a.fill_value, np.dtype(a.dtype))
     options: dict[str, Any] = {
         "shape": src.shape,
-        "dtype": str if text else a.dtype,
+        "dtype": str if text and np.dtype(a.dtype).kind != "U" else a.dtype,
         "chunks": a.chunks,
         "fill_value": "" if text else a.fill_value,
         "dimension_names": src.dimension_names,

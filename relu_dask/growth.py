@@ -239,8 +239,10 @@ def plan_growth(
     old_rows = grown[path]
     assert old_rows is not None and axis is not None, "a grown array has its old shape and an append axis"
     if block[axis] >= old_rows[axis]:
-        # One block row covered the old extent: plan afresh for the new one, redo it all.
-        return plan_array(None), None, 0
+        # One block row covered the old extent: it is all redone, once, in block rows no
+        # longer than that extent, so that the next growth keeps them (not afresh: a small
+        # array's one block would cover the new extent too, and be read whole every time).
+        return _rows_within(plan_array, old_rows[axis], axis), None, 0
     plan = plan_array(block)
     if recorded is not None and recorded.axis != axis:  # grown along another axis than recorded
         return plan, None, 0
@@ -251,6 +253,21 @@ def plan_growth(
     if recorded is None:
         return plan, None, 0 if drop_all == 0 else first
     return starting_at(plan, recorded), recorded, 0 if drop_all == 0 else first
+
+
+def _rows_within(
+    plan_array: Callable[[list[int] | None], chunking.ChunkPlan], rows: int, axis: int
+) -> chunking.ChunkPlan:
+    """The plan of a fresh run, but with blocks of at most ``rows`` along ``axis`` (whole
+    units of writing and of the source's chunks; one such unit where ``rows`` is less)."""
+    fresh = plan_array(None)
+    unit = math.lcm(fresh.write_unit[axis], fresh.source_chunk_shape[axis])
+    along = max(unit, rows // unit * unit)
+    if along >= fresh.block_shape[axis]:
+        return fresh
+    block = list(fresh.block_shape)
+    block[axis] = along
+    return plan_array(block)
 
 
 def _kept_whole(record: journal.JobRecord, index: int, block: list[int], axis: int | None) -> KeptCounts | None:

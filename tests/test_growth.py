@@ -875,3 +875,28 @@ def test_an_old_chunk_rewritten_while_source_grew_is_found_though_not_sampled(tm
     with pytest.raises(DestinationExistsError, match=r"a chunk of its first 400 rows along axis 0 was rewritten"):
         relu_dask.run(source, dest, chunks=(64, 64))
     assert snapshot(dest) == before
+
+
+def test_a_small_array_grown_many_times_reads_its_old_rows_at_most_once_more(tmp_path: Path) -> None:
+    """A first run of one block row (auto blocks cover a small array whole) is redone once;
+    from then on each growth reads the new rows plus at most one block row, as docs say."""
+    full = activations((640, 64), seed=21)
+    source, dest = tmp_path / "acts.zarr", tmp_path / "masks.zarr"
+    array = write_zarr(source, full[:100], (16, 64))
+    first = relu_dask.run(source, dest, stats=True)
+    assert first.arrays[0].num_tasks == 1  # the whole array in one block
+    read, old_rows, old_block_rows = [], 100, 100
+    for rows in (150, 230, 300, 420, 500, 640):
+        _grow(array, full, rows)
+        grown = relu_dask.run(source, dest, stats=True)
+        entry = grown.arrays[0]
+        assert entry.grown_from == [old_rows, 64]
+        read.append(entry.bytes_read // (64 * 4))
+        # the new rows, and at most the one block row of the old edge
+        assert read[-1] <= rows - old_rows + old_block_rows, (rows, read)
+        block_rows = json.loads((journal_folder(dest) / "job.json").read_text())["block_shapes"][0][0]
+        assert block_rows <= max(16, old_rows // 16 * 16)  # so the next growth keeps the rest
+        assert np.array_equal(read_mask(dest), oracle(full[:rows]))
+        old_rows, old_block_rows = rows, block_rows
+    assert sum(read) <= 640 + 100 + 6 * 96, read  # the new rows, the first run once more, an edge block row each
+    _same_as_fresh(source, dest, tmp_path, grown, stats=True)

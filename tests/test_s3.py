@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -10,11 +11,12 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import zarr
-from _support import activations, cli, oracle, snapshot
+from _support import activations, cli, kill_at_step, oracle, snapshot, start_cli
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
@@ -206,3 +208,191 @@ def test_of_runs_racing_for_the_lock_on_s3_one_wins(s3: dict[str, str]) -> None:
             won = list(pool.map(lambda i, lock=lock: lock.create(f"run {i}"), range(8)))
         assert won.count(True) == 1
         assert lock.read_text() == f"run {won.index(True)}"
+
+
+# --------------------------------------------------------------------------- kills, growth, schedulers on S3
+
+
+def _s3_source(s3: dict[str, str], prefix: str, x: np.ndarray, chunks: tuple[int, ...]) -> Any:
+    """``x`` as a zarr v3 array at ``s3://BUCKET/prefix``; the zarr array (to grow it)."""
+    array = zarr.create_array(
+        store=f"s3://{BUCKET}/{prefix}", shape=x.shape, chunks=chunks, dtype=x.dtype, storage_options=s3
+    )
+    array[...] = x
+    return array
+
+
+def _s3_mask(s3: dict[str, str], dest: str) -> np.ndarray:
+    array = zarr.open_array(store=dest, mode="r", storage_options=s3)
+    assert array.dtype == np.int8
+    return np.asarray(array[...])
+
+
+def test_a_run_on_s3_killed_after_creating_its_outputs_resumes_exactly(s3: dict[str, str], tmp_path: Path) -> None:
+    pytest.importorskip("obstore")
+    x = activations((64, 48), "float32", seed=41)
+    _s3_source(s3, "killed/acts.zarr", x, (16, 16))
+    source, dest = f"s3://{BUCKET}/killed/acts.zarr", f"s3://{BUCKET}/killed/masks.zarr"
+    args = ("run", source, dest, "--storage-options", json.dumps(s3), "--chunks", "16,16", "--progress", "none")
+    kill_at_step("outputs-created", *args)
+    assert json.loads(cli("status", dest, "--storage-options", json.dumps(s3), "--json").stdout)["state"] != "complete"
+    again = cli(*args, "--report", str(tmp_path / "r.json"))
+    assert again.returncode == 0, again.stderr
+    assert np.array_equal(_s3_mask(s3, dest), oracle(x))
+    entry = json.loads((tmp_path / "r.json").read_text())["arrays"][0]
+    assert (entry["read_path"], entry["write_path"]) == ("direct", "direct"), entry
+    assert entry["tasks_done_now"] == entry["num_tasks"] == 12
+
+
+def test_a_run_on_s3_killed_mid_way_resumes_from_its_done_markers(s3: dict[str, str], tmp_path: Path) -> None:
+    """A real SIGKILL once some tasks have written their done markers; the rerun skips those."""
+    pytest.importorskip("obstore")
+    import psutil
+    import s3fs
+
+    x = activations((256, 256), "float32", seed=42)
+    options = json.dumps(s3)
+    fs = s3fs.S3FileSystem(**s3, skip_instance_cache=True)
+    for attempt in range(3):
+        prefix = f"midway/{attempt}"
+        _s3_source(s3, f"{prefix}/acts.zarr", x, (16, 16))
+        source, dest = f"s3://{BUCKET}/{prefix}/acts.zarr", f"s3://{BUCKET}/{prefix}/masks.zarr"
+        args = ("run", source, dest, "--storage-options", options, "--chunks", "16,16", "--progress", "none")
+        done = f"{BUCKET}/{prefix}/.masks.zarr.relu-dask/done"
+        proc = start_cli(*args, "--scheduler", "synchronous")
+        end = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < end:
+            fs.invalidate_cache()
+            if fs.exists(done) and len(fs.find(done)) >= 5:
+                break
+            time.sleep(0.02)
+        if proc.poll() is not None:
+            continue  # finished before it could be killed: again, with a fresh DEST
+        psutil.Process(proc.pid).send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        fs.invalidate_cache()
+        marked = len(fs.find(done))
+        assert 5 <= marked < 256
+        status = json.loads(cli("status", dest, "--storage-options", options, "--json").stdout)
+        assert status["state"] != "complete", status
+        again = cli(*args, "--report", str(tmp_path / "r.json"))
+        assert again.returncode == 0, again.stderr
+        assert np.array_equal(_s3_mask(s3, dest), oracle(x))
+        report = json.loads((tmp_path / "r.json").read_text())
+        assert report["tasks_skipped"] >= marked and report["tasks_skipped"] > 0
+        assert report["tasks_skipped"] + report["tasks_done_now"] == report["num_tasks"] == 256
+        assert report["arrays"][0]["tasks_already_done"] == report["tasks_skipped"]
+        assert "resumed:" in again.stdout
+        return
+    pytest.fail("the run finished before it could be killed, 3 times")
+
+
+def test_growth_on_s3_is_incremental_and_exact(s3: dict[str, str], tmp_path: Path) -> None:
+    pytest.importorskip("obstore")
+    full = activations((150, 32), "float32", seed=43)
+    array = _s3_source(s3, "growth/acts.zarr", full[:100], (16, 16))
+    source, dest = f"s3://{BUCKET}/growth/acts.zarr", f"s3://{BUCKET}/growth/masks.zarr"
+    args = ("run", source, dest, "--storage-options", json.dumps(s3), "--chunks", "32,32")
+    first = cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert np.array_equal(_s3_mask(s3, dest), oracle(full[:100]))
+    array.resize((150, 32))
+    array[100:150] = full[100:150]
+    grown = cli(*args, "--report", str(tmp_path / "r.json"))
+    assert grown.returncode == 0, grown.stderr
+    assert "(grown from 100x32; 3 block(s) kept)" in grown.stdout, grown.stdout
+    entry = json.loads((tmp_path / "r.json").read_text())["arrays"][0]
+    assert entry["grown_from"] == [100, 32] and entry["blocks_kept"] == 3 and entry["tasks_done_now"] == 2
+    assert (entry["read_path"], entry["write_path"]) == ("direct", "direct"), entry
+    assert entry["bytes_read"] <= (150 - 96) * 32 * 4  # the new rows and the old edge block, no more
+    assert np.array_equal(_s3_mask(s3, dest), oracle(full))
+    again = cli(*args)
+    assert again.returncode == 0 and "already complete" in again.stdout
+
+
+def test_a_local_cluster_reads_and_writes_s3_directly(s3: dict[str, str], tmp_path: Path) -> None:
+    pytest.importorskip("obstore")
+    pytest.importorskip("distributed")
+    x = activations((64, 40), "float32", seed=44)
+    _s3_source(s3, "cluster/acts.zarr", x, (16, 16))
+    dest = f"s3://{BUCKET}/cluster/masks.zarr"
+    proc = cli(
+        "run",
+        f"s3://{BUCKET}/cluster/acts.zarr",
+        dest,
+        "--storage-options",
+        json.dumps(s3),
+        "--scheduler",
+        "local",
+        "--workers",
+        "1",
+        "--threads-per-worker",
+        "2",
+        "--dashboard-address",
+        "127.0.0.1:0",
+        "--progress",
+        "none",
+        "--report",
+        str(tmp_path / "r.json"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["scheduler"] == "local"
+    (entry,) = report["arrays"]
+    assert (entry["read_path"], entry["write_path"]) == ("direct", "direct"), entry
+    assert np.array_equal(_s3_mask(s3, dest), oracle(x))
+
+
+def test_status_of_a_complete_s3_dest_and_plan_writes_nothing(s3: dict[str, str]) -> None:
+    x = activations((40, 24), "float32", seed=45)
+    _s3_source(s3, "plan/acts.zarr", x, (8, 8))
+    options = json.dumps(s3)
+    source = f"s3://{BUCKET}/plan/acts.zarr"
+    before = _objects(s3, "plan")
+    planned = cli("plan", source, f"s3://{BUCKET}/plan/masks.zarr", "--storage-options", options)
+    assert planned.returncode == 0, planned.stderr
+    assert _objects(s3, "plan") == before  # no DEST, no journal beside it, no lock
+    assert not any(key.startswith(("masks.zarr", ".masks.zarr")) for key in _objects(s3, "plan"))
+    absent = json.loads(cli("status", f"s3://{BUCKET}/plan/masks.zarr", "--storage-options", options, "--json").stdout)
+    assert absent["state"] == "absent", absent
+    dest = f"s3://{BUCKET}/plan/done.zarr"
+    assert cli("run", source, dest, "--storage-options", options).returncode == 0
+    status = cli("status", dest, "--storage-options", options, "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["state"] == "complete"
+    # and plan over a complete DEST writes nothing either
+    before = _objects(s3, "plan")
+    assert cli("plan", source, dest, "--storage-options", options).returncode == 0
+    assert _objects(s3, "plan") == before
+
+
+def test_wrong_credentials_end_in_one_line_naming_the_url(tmp_path: Path) -> None:
+    """A moto server that checks credentials (``INITIAL_NO_AUTH_ACTION_COUNT=0``: every request
+    is authenticated against its IAM, where no key exists): 403, one line, exit 2, soon."""
+    import os
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+    )
+    try:
+        for _ in range(200):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        wrong = json.dumps({"endpoint_url": f"http://127.0.0.1:{port}", "key": "wrong", "secret": "wrong"})
+        start = time.monotonic()
+        proc = cli("run", f"s3://{BUCKET}/acts.zarr", str(tmp_path / "o.zarr"), "--storage-options", wrong)
+        assert time.monotonic() - start < 60  # a bound, not a timing: botocore and obstore retry for seconds
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(f"relu-dask: error: cannot reach s3://{BUCKET}/acts.zarr: ") and "403" in line
+    assert not (tmp_path / "o.zarr").exists()

@@ -111,11 +111,14 @@ def _s3_config(options: dict[str, Any], client: dict[str, Any]) -> dict[str, Any
     for ours, theirs in (("key", "access_key_id"), ("secret", "secret_access_key"), ("token", "session_token")):
         if options.get(ours):
             config[theirs] = str(options[ours])
-    endpoint = options.get("endpoint_url") or client.get("endpoint_url")
+    endpoint = options.get("endpoint_url") or client.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         config["endpoint"] = str(endpoint)
     region = client.get("region_name") or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    config["region"] = str(region or "us-east-1")
+    if not region and not endpoint:
+        # AWS itself answers only in the bucket's region, which s3fs looks up and obstore does not
+        return "no region given (client_kwargs.region_name or AWS_REGION): s3fs finds the bucket's"
+    config["region"] = str(region or "us-east-1")  # an endpoint of its own (MinIO, Ceph, moto) takes any
     if options.get("anon"):
         config["skip_signature"] = True
     if options.get("requester_pays"):

@@ -39,12 +39,15 @@ def fingerprint_array(src: SourceArray, num_samples: int = 16, append_axis: int 
     unit = src.shard_shape or src.chunk_shape
     grid = tuple(-(-n // c) for n, c in zip(src.shape, unit))
     total = math.prod(grid)
-    samples: list[list[Any]] = []
+    names: list[str] = []
     keys = chunk_key_encoding(src.metadata) if src.metadata else None
     if total and keys is not None:
         linears = sorted({round(i * (total - 1) / max(1, num_samples - 1)) for i in range(num_samples)})
         names = [format_chunk_key(tuple(int(c) for c in np.unravel_index(i, grid)), *keys) for i in linears]
-        samples = stat_chunks(src, names)
+    # the samples and the edge chunks looked at together: on an object store, requests that go out at once
+    edge = _edge_keys(src, append_axis) if append_axis is not None and not src.held_shape else None
+    stats = stat_chunks(src, [*names, *(edge or [])])
+    samples = stats[: len(names)]
     layout = {k: v for k, v in (src.metadata or {}).items() if k != "shape"}
     fingerprint: ArrayFingerprint = {
         "path": src.path,
@@ -62,7 +65,7 @@ def fingerprint_array(src: SourceArray, num_samples: int = 16, append_axis: int 
         # never rewrites them, so a change there is a change.
         fingerprint["settled_sha256"] = _settled(src, append_axis)
         if not src.held_shape:  # where the run holds rows back, the last row may be written further already
-            fingerprint["edge_samples"] = _edge_samples(src, append_axis)
+            fingerprint["edge_samples"] = None if edge is None else stats[len(names) :]
     return fingerprint
 
 
@@ -113,11 +116,6 @@ def _edge_keys(src: SourceArray, axis: int) -> list[str] | None:
         return None
     others = [range(n) if a != axis else [n - 1] for a, n in enumerate(grid)]
     return [format_chunk_key(tuple(c), *keys) for c in itertools.product(*others)]
-
-
-def _edge_samples(src: SourceArray, axis: int) -> list[list[Any]] | None:
-    keys = _edge_keys(src, axis)
-    return None if keys is None else stat_chunks(src, keys)
 
 
 #: Requests in flight at once when chunk objects of an object store are looked at.

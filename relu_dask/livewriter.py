@@ -56,12 +56,14 @@ def settle(
     append_axis: int | None,
     recorded: dict[str, ArrayFingerprint],
     settle_s: float,
+    held_before: journal.Held | None = None,
 ) -> Settled:
     """Read SOURCE again for up to ``settle_s`` seconds until the rows appended since DEST's
     record (``recorded``: its fingerprint per array path) look written; hold back what still
     does not, unless SOURCE's shapes are those a run already held rows back at (then the
-    chunks still missing are all fill value)."""
-    held_before = journal.read_held(dest)
+    chunks still missing are all fill value). ``held_before``: DEST's ``held.json`` where
+    the caller read it already."""
+    held_before = journal.read_held(dest) if held_before is None else held_before
     stale = {path: frozenset(keys) for path, keys in held_before.missing.items()}
     end = time.monotonic() + settle_s
     while True:

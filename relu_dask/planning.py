@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Literal
@@ -82,23 +83,20 @@ def open_inputs(options: RunOptions) -> RunInputs:
     contents = storage.open_source(source)
     _refuse_masks_as_source(source, contents)
     dest = outputs.prepare_dest(source, options.dest_location)
-    record = None if options.overwrite else journal.read_record(dest)
+    with ThreadPoolExecutor(1) as pool:  # two independent reads: on an object store, one round trip
+        held = pool.submit(journal.read_held, dest)
+        record = None if options.overwrite else journal.read_record(dest)
+        held_before = held.result()
     recorded: dict[str, ArrayFingerprint] = {}
     for entry in record.fingerprint.get("arrays", []) if record else []:
         if isinstance(entry, dict) and isinstance(entry.get("path"), str):
             recorded[entry["path"]] = entry
-    taken = settle(source, contents, dest, options.append_axis, recorded, options.settle_s)
+    taken = settle(source, contents, dest, options.append_axis, recorded, options.settle_s, held_before)
     contents, arrays, coordinates, append_axes = taken.contents, taken.arrays, taken.coordinates, taken.append_axes
     unit_axes = tuple(_unit_axis(options, src) for src in arrays)
     fingerprint: JobFingerprint = {
         "source": source.url,
-        "arrays": [
-            # held at the shape DEST recorded: the array as DEST last saw it
-            recorded[a.path]
-            if a.held_shape is not None and a.path in recorded and list(a.held_shape) == recorded[a.path]["shape"]
-            else fingerprint_array(a, append_axis=axis)
-            for a, axis in zip(arrays, append_axes)
-        ],
+        "arrays": _fingerprints(source, arrays, append_axes, recorded),
         "coordinates": [fingerprint_array(c) for c in coordinates],
         "rule": rule_for(options.at_zero),
         "nan": options.nan,
@@ -119,6 +117,26 @@ def open_inputs(options: RunOptions) -> RunInputs:
         fingerprint,
         taken.held,
     )
+
+
+def _fingerprints(
+    source: Location,
+    arrays: tuple[storage.SourceArray, ...],
+    append_axes: tuple[int | None, ...],
+    recorded: dict[str, ArrayFingerprint],
+) -> list[ArrayFingerprint]:
+    """Each array's fingerprint; one held back at the shape DEST recorded keeps DEST's (the
+    array as DEST last saw it). On an object store the arrays are looked at together."""
+
+    def one(a: storage.SourceArray, axis: int | None) -> ArrayFingerprint:
+        if a.held_shape is not None and a.path in recorded and list(a.held_shape) == recorded[a.path]["shape"]:
+            return recorded[a.path]
+        return fingerprint_array(a, append_axis=axis)
+
+    if source.is_local or len(arrays) < 2:
+        return [one(a, axis) for a, axis in zip(arrays, append_axes)]
+    with ThreadPoolExecutor(min(8, len(arrays))) as pool:
+        return list(pool.map(one, arrays, append_axes))
 
 
 def _refuse_masks_as_source(source: Location, contents: storage.SourceContents) -> None:

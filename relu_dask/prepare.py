@@ -57,7 +57,7 @@ def _start_fresh(plan: RunPlan) -> None:
     block_shapes = [list(a.chunks.block_shape) for a in plan.arrays]
     journal.write_record(plan.dest, journal.JobRecord(plan.inputs.fingerprint, block_shapes))
     journal.reach_step("job-recorded")
-    _create_outputs(plan)
+    _create_outputs(plan, fresh=True)
 
 
 def _start_growing(plan: RunPlan) -> None:
@@ -115,24 +115,27 @@ def _provenance(plan: RunPlan, src: storage.SourceArray | None) -> dict[str, Any
     return {outputs.PROVENANCE_PREFIX + key: value for key, value in info.items()}
 
 
-def _create_outputs(plan: RunPlan) -> None:
+def _create_outputs(plan: RunPlan, *, fresh: bool = False) -> None:
     """Create DEST's group (for a group SOURCE) and every mask array that is not there yet.
 
-    On a fresh start that is all of them; on resume, those a kill stopped from being made, or
-    that went missing since: an array made now holds no mask yet, so any done markers of its
-    tasks are dropped first (they would otherwise be trusted, and leave it empty).
+    On a fresh start (``fresh``: DEST and its done markers were just removed) that is all of
+    them, and nothing is asked first (on an object store, round trips saved); on resume,
+    those a kill stopped from being made, or that went missing since: an array made now holds
+    no mask yet, so any done markers of its tasks are dropped first (they would otherwise be
+    trusted, and leave it empty).
     """
     dest = plan.dest
-    if plan.inputs.is_group and not outputs.is_group(dest):
+    if plan.inputs.is_group and (fresh or not outputs.is_group(dest)):
         outputs.create_dest_group(dest, {**plan.inputs.attributes, **_provenance(plan, None)})
     for path, attributes in sorted(plan.inputs.groups.items()):
         outputs.create_subgroup(dest, path, attributes)
     for array in plan.arrays:
         src, chunk_plan = array.source, array.chunks
-        if storage.has_array(dest, src.path):
+        if not fresh and storage.has_array(dest, src.path):
             outputs.resize_mask_array(dest, src.path, src.shape)  # SOURCE grew (no-op otherwise)
             continue
-        journal.done_dir(dest, array.index).remove_tree()
+        if not fresh:
+            journal.done_dir(dest, array.index).remove_tree()
         outputs.create_mask_array(
             dest,
             src.path,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -59,9 +60,11 @@ def record_job(
         ),
     )
     journal.reach_step("complete")
-    journal.remove_done_markers(dest)
-    if plan.inputs.is_group:
-        outputs.consolidate(dest)
+    with ThreadPoolExecutor(1) as pool:  # independent: on an object store, their round trips overlap
+        dropped = pool.submit(journal.remove_done_markers, dest)
+        if plan.inputs.is_group:
+            outputs.consolidate(dest)
+        dropped.result()
 
 
 def record_counts(

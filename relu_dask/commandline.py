@@ -287,8 +287,9 @@ def _add_job_options(sub: argparse.ArgumentParser) -> None:
     )
     sched.add_argument(
         "--dashboard-address",
-        default=DASHBOARD_ADDRESS,
-        help="where a LocalCluster serves its dashboard (default: %(default)s)",
+        metavar="HOST:PORT",
+        help=f"where a LocalCluster serves its dashboard (default: {DASHBOARD_ADDRESS}) with the live page at "
+        "/relu-dask; with another scheduler, where relu-dask serves the live page itself (default: nowhere)",
     )
     out = sub.add_argument_group("output")
     out.add_argument("--report", type=Path, metavar="PATH", help="also write the run report as JSON to PATH")

@@ -42,11 +42,13 @@ def compute(
     progress: Progress = "auto",
     progress_interval_s: float = PROGRESS_INTERVAL_S,
     performance_report: str | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> list[Any]:
     """Compute dask ``collections`` on ``session`` with a progress display; return the results.
 
     On a distributed scheduler, ``performance_report`` saves dask's performance report of
-    the computation there (an HTML file).
+    the computation there (an HTML file); on the local schedulers, dask's ``callbacks``
+    watch it (a distributed scheduler has its own ways).
     """
     if not collections:
         return []
@@ -60,6 +62,8 @@ def compute(
         return _compute_distributed(session, collections, mode, progress_interval_s)
     outputs = _output_keys(collections)
     with contextlib.ExitStack() as stack:
+        for callback in callbacks:
+            stack.enter_context(callback)
         if mode == "bar":
             from dask.diagnostics import ProgressBar
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 import signal
 import time
@@ -25,7 +26,7 @@ from typing import Any, Unpack
 
 from dask.base import tokenize
 
-from relu_dask import chunkio, journal, outputs, storage
+from relu_dask import chunkio, conventions, journal, livepage, outputs, storage
 from relu_dask.computing import STOP_GRACE_S, compute
 from relu_dask.errors import NaNFoundError, ProcessingError, ReluDaskError, RunStopped
 from relu_dask.graph import MaskTasks, build_mask_tasks
@@ -215,7 +216,8 @@ def _execute(plan: RunPlan) -> RunReport:
     array_tasks = _array_tasks(plan, report, run)
     _log_start(plan, report)
     tasks = [build_mask_tasks(t) for t in array_tasks]
-    results = _run_tasks(plan, [t for t in tasks if t is not None], run, report)
+    with _live_page(plan, array_tasks, tasks) as callbacks:
+        results = _run_tasks(plan, [t for t in tasks if t is not None], run, report, callbacks)
     journal.reach_step("tasks-done")
     record_job(plan, report, array_tasks, tasks, results)
     return report
@@ -243,9 +245,42 @@ def _log_start(plan: RunPlan, report: RunReport) -> None:
     )
 
 
-def _run_tasks(plan: RunPlan, to_compute: list[MaskTasks], run: str, report: RunReport) -> list[Any]:
-    """Compute the tasks on the plan's session; their count rows, per array computed. The
-    report gets the wall and CPU time."""
+@contextlib.contextmanager
+def _live_page(plan: RunPlan, array_tasks: list[ArrayTasks], tasks: list[MaskTasks | None]) -> Iterator[list[Any]]:
+    """Where the session serves the live page: tell it of the run's arrays, and yield the
+    dask callbacks that feed it on a local scheduler (a cluster's tasks log events instead)."""
+    session = plan.session
+    if session.live_page is None:
+        yield []
+        return
+    arrays = []
+    for planned, each in zip(plan.arrays, array_tasks, strict=True):
+        src, axis = planned.source, each.unit_axis
+        arrays.append(
+            livepage.ArrayLive(
+                src.path,
+                math.prod(each.plan.task_numblocks),
+                src.dtype.itemsize,
+                unit_axis=axis,
+                unit_block=0 if axis is None else each.plan.block_shape[axis],
+                units=0 if axis is None else src.shape[axis],
+                labels=None if axis is None else conventions.unit_labels(src, axis, plan.inputs.coordinates),
+            )
+        )
+    livepage.begin(array_tasks[0].run if array_tasks else "", arrays, {t.name: t.tasks.name for t in tasks if t})
+    if session.client is not None:
+        session.client.subscribe_topic(livepage.TOPIC, livepage.on_event)  # events of a run not this one: dropped
+    try:
+        yield [] if session.client is not None else [livepage.BlockWatcher()]
+    finally:
+        livepage.finish()
+
+
+def _run_tasks(
+    plan: RunPlan, to_compute: list[MaskTasks], run: str, report: RunReport, callbacks: list[Any]
+) -> list[Any]:
+    """Compute the tasks on the plan's session (dask ``callbacks`` watching on a local
+    scheduler); their count rows, per array computed. The report gets the wall and CPU time."""
     options, session = plan.options, plan.session
     start, start_cpu = time.perf_counter(), time.process_time()
     allow_tasks(run)
@@ -253,7 +288,12 @@ def _run_tasks(plan: RunPlan, to_compute: list[MaskTasks], run: str, report: Run
     with _processing_errors(plan.dest, keep=plan.incremental), _stopping(plan, run):
         try:
             results = compute(
-                session, to_compute, options.progress, options.progress_interval_s, options.performance_report
+                session,
+                to_compute,
+                options.progress,
+                options.progress_interval_s,
+                options.performance_report,
+                callbacks,
             )
         except Exception:
             # A task failed (a NaN with --nan error, a disk full): the pool's other threads may
@@ -355,6 +395,7 @@ def _array_tasks(plan: RunPlan, report: RunReport, run: str) -> list[ArrayTasks]
                 may_be_done=plan.state != "fresh",  # a fresh DEST's journal holds no marker
                 unit_axis=array.unit_axis,
                 token=token,
+                live=plan.session.live_page is not None and plan.session.client is not None,
                 run=run,
             )
         )

@@ -119,7 +119,7 @@ def _edge_keys(src: SourceArray, axis: int) -> list[str] | None:
 
 
 #: Requests in flight at once when chunk objects of an object store are looked at.
-STAT_CONCURRENCY = 16
+STAT_CONCURRENCY = 32
 
 
 def stat_chunks(src: SourceArray, keys: Sequence[str]) -> list[list[Any]]:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Unpack
 
-from relu_dask import journal, storage
+from relu_dask import journal, livepage, storage
 from relu_dask.errors import InputError, ReluDaskError, RunStopped
 from relu_dask.execution import deliver, execute
 from relu_dask.lock import hold_lock
@@ -96,6 +96,7 @@ def follow_with(
                 # what DEST's record holds, not what SOURCE had: rows held back for a writer are behind
                 state.rows_done = _rows_recorded(inputs) or state.rows_done
                 state.rows_behind = max(0, _rows(inputs) - state.rows_done)
+                livepage.set_follow(state.rows_done, state.rows_behind, state.passes + 1)
                 _deliver_pass(report, options, state)
                 options = replace(options, overwrite=False)  # replaced once, then followed
                 state.passes += 1
@@ -111,6 +112,7 @@ def follow_with(
                 time.sleep(every_s)
                 inputs = open_inputs(options)
                 state.rows_behind = max(0, _rows(inputs) - state.rows_done)
+                livepage.set_follow(state.rows_done, state.rows_behind, state.passes)
                 log.info(
                     "follow: %s",
                     state.describe(),

@@ -27,7 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from relu_dask import chunking
+import dask
+
+from relu_dask import chunking, livepage
 from relu_dask.errors import InputError
 from relu_dask.kernel import numexpr_threads_for
 
@@ -76,8 +78,9 @@ class SchedulerSpec:
     """Threads per LocalCluster worker; default: fitted to the machine."""
     memory_limit_bytes: int | None = None
     """Memory limit per LocalCluster worker; default: the machine's memory shared out."""
-    dashboard_address: str = DASHBOARD_ADDRESS
-    """Where a LocalCluster serves its dashboard."""
+    dashboard_address: str | None = None
+    """Where a LocalCluster serves its dashboard (None: :data:`DASHBOARD_ADDRESS`); for the
+    other schedulers, where relu-dask serves its live page (None: nowhere)."""
     connect_timeout_s: float = CONNECT_TIMEOUT_S
     """Seconds to wait for an existing scheduler before giving up."""
     scheduler_file: str | None = None
@@ -98,12 +101,13 @@ def parse_scheduler(
     num_workers: int | None = None,
     threads_per_worker: int | None = None,
     memory_limit: str | int | None = None,
-    dashboard_address: str = DASHBOARD_ADDRESS,
+    dashboard_address: str | None = None,
     connect_timeout_s: float = CONNECT_TIMEOUT_S,
     scheduler_file: str | None = None,
     retries: int = DEFAULT_RETRIES,
 ) -> SchedulerSpec:
-    """Parse ``--scheduler`` and its sizing options.
+    """Parse ``--scheduler`` and its sizing options (``dashboard_address``: where a
+    LocalCluster serves its dashboard, or relu-dask its live page for another scheduler).
 
     >>> parse_scheduler("tcp://127.0.0.1:8786").name
     'address'
@@ -122,22 +126,40 @@ def parse_scheduler(
             raise InputError("give either --scheduler or --scheduler-file, not both")
         if not Path(scheduler_file).is_file():
             raise InputError(f"scheduler file {scheduler_file} does not exist: is the scheduler running?")
+        _check_address(dashboard_address)
         return SchedulerSpec(
             "address",
             None,
+            dashboard_address=dashboard_address,
             connect_timeout_s=float(connect_timeout_s),
             scheduler_file=str(scheduler_file),
             retries=retries,
         )
+    _check_address(dashboard_address)
     if "://" in value:
         if not value.startswith(("tcp://", "tls://", "inproc://", "ws://", "wss://")):
             raise InputError(f"scheduler address {value!r} must start with tcp:// (or tls://)")
-        return SchedulerSpec("address", value, connect_timeout_s=float(connect_timeout_s), retries=retries)
+        return SchedulerSpec(
+            "address",
+            value,
+            dashboard_address=dashboard_address,
+            connect_timeout_s=float(connect_timeout_s),
+            retries=retries,
+        )
     if value not in _SCHEDULERS:
         raise InputError(f"scheduler must be one of {', '.join(_SCHEDULERS)} or tcp://HOST:PORT, got {value!r}")
-    if value == "local":
-        _warn_if_public(dashboard_address)
+    if value == "local" or dashboard_address is not None:
+        _warn_if_public(dashboard_address or DASHBOARD_ADDRESS)
     return SchedulerSpec(value, None, num_workers, threads_per_worker, limit, dashboard_address, retries=retries)
+
+
+def _check_address(address: str | None) -> None:
+    """A ``--dashboard-address`` is ``HOST:PORT`` (port 0: any free one)."""
+    if address is None:
+        return
+    _, colon, port = address.rpartition(":")
+    if not colon or not port.isdigit() or int(port) > 65535:
+        raise InputError(f"--dashboard-address must be HOST:PORT, such as 127.0.0.1:8787, got {address!r}")
 
 
 def _warn_if_public(dashboard_address: str) -> None:
@@ -164,6 +186,8 @@ class Session:
     client: Any = None
     """The ``distributed.Client``, for distributed schedulers."""
     dashboard_link: str | None = None
+    live_page: str | None = None
+    """Where relu-dask's live page is served (:mod:`relu_dask.livepage`), if anywhere."""
 
 
 def plan_session(spec: SchedulerSpec) -> Session:
@@ -244,15 +268,17 @@ def memory_limit_bytes() -> int:
 def open_session(spec: SchedulerSpec) -> Iterator[Session]:
     """Start (or connect to) the scheduler; close what was started on the way out."""
     session = plan_session(spec)
-    if spec.name in LOCAL_SCHEDULERS:
-        yield session
-        return
     if spec.name == "local":
         with _local_cluster(spec, session) as started:
             yield started
         return
-    with _connect(spec) as connected:
-        yield connected
+    with contextlib.ExitStack() as stack:
+        if spec.name not in LOCAL_SCHEDULERS:
+            session = stack.enter_context(_connect(spec))
+        if spec.dashboard_address is not None:  # the live page, served by relu-dask itself
+            session.live_page = stack.enter_context(livepage.serve(spec.dashboard_address))
+            log.info("live page: %s", session.live_page)
+        yield session
 
 
 @contextlib.contextmanager
@@ -270,17 +296,20 @@ def _local_cluster(spec: SchedulerSpec, session: Session) -> Iterator[Session]:
             # distributed says so when the dashboard's port is taken (another run's): it serves
             # the dashboard on another port, and the line below gives the link.
             warnings.filterwarnings("ignore", message=r"Port \d+ is already in use", category=UserWarning)
-            cluster = LocalCluster(
-                n_workers=workers,
-                threads_per_worker=threads,
-                memory_limit=limit,
-                host="127.0.0.1",
-                dashboard_address=spec.dashboard_address,
-                processes=True,
-                # A failed task is reported once, as one line, by relu-dask; the workers' own
-                # tracebacks are for --debug.
-                silence_logs=logging.WARNING if log.isEnabledFor(logging.DEBUG) else logging.CRITICAL,
-            )
+            # the scheduler (in this process) serves the live page among the dashboard's routes
+            routes = [*dask.config.get("distributed.scheduler.http.routes", []), "relu_dask.livepage"]
+            with dask.config.set({"distributed.scheduler.http.routes": routes}):
+                cluster = LocalCluster(
+                    n_workers=workers,
+                    threads_per_worker=threads,
+                    memory_limit=limit,
+                    host="127.0.0.1",
+                    dashboard_address=spec.dashboard_address or DASHBOARD_ADDRESS,
+                    processes=True,
+                    # A failed task is reported once, as one line, by relu-dask; the workers' own
+                    # tracebacks are for --debug.
+                    silence_logs=logging.WARNING if log.isEnabledFor(logging.DEBUG) else logging.CRITICAL,
+                )
     except Exception as exc:
         if _main_is_a_script():  # the commonest cause by far: a script without the guard
             raise InputError(
@@ -297,11 +326,13 @@ def _local_cluster(spec: SchedulerSpec, session: Session) -> Iterator[Session]:
             install(client)  # its processes leave a stop by SIGTERM or Ctrl-C to relu-dask
             session.client = client
             session.dashboard_link = client.dashboard_link
+            session.live_page = livepage.page_url(client.dashboard_link)
             log.info(
-                "started a LocalCluster: %d worker(s) x %d thread(s), dashboard %s",
+                "started a LocalCluster: %d worker(s) x %d thread(s), dashboard %s, live page %s",
                 workers,
                 threads,
                 client.dashboard_link,
+                session.live_page,
             )
             yield session
         finally:

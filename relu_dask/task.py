@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numexpr
 import numpy as np
 
-from relu_dask import blocks, chunkio, journal
+from relu_dask import blocks, chunkio, journal, livepage
 from relu_dask.chunking import ChunkPlan
 from relu_dask.counts import BlockCounts, TaskRow
 from relu_dask.errors import NaNFoundError, TaskNotStarted
@@ -65,6 +65,9 @@ class ArrayTasks:
 
     token: str = ""
     """A stable identity of the tasks (source, dest, plan, rule) for the task names."""
+    live: bool = False
+    """Whether each task, on a distributed worker, logs its row for the live page
+    (:func:`relu_dask.livepage.announce`)."""
 
     @property
     def marker_kind(self) -> str:
@@ -82,7 +85,10 @@ def process_block(tasks: ArrayTasks, block_id: tuple[int, ...] | None = None) ->
     """
     assert block_id is not None, "dask passes block_id"
     with _running(tasks.run):
-        return _process_block(tasks, block_id)
+        row = _process_block(tasks, block_id)
+    if tasks.live:
+        livepage.announce(tasks.run, tasks.name, block_id[: len(tasks.plan.shape)], row.reshape(-1))
+    return row
 
 
 #: Per run (its id): tasks running in this process, and whether the run was told to stop.

@@ -222,7 +222,7 @@ LAYERS = [
     {"task", "fingerprint", "lock", "outputs", "metrics"},
     {"computing", "storage", "journal", "report"},
     {"schedulers", "blocks"},
-    {"chunkfiles"},
+    {"chunkfiles", "livepage"},
     {"chunkio", "kernel", "stats", "locations", "chunking", "counts", "conventions", "workers", "records"},
     {"objectstores"},
     {"errors"},

@@ -227,7 +227,9 @@ class Contender:
     def argv(self, src: Path, dst: Path, report: Path, codecs_json: str = "") -> list[str]:
         py = sys.executable
         if self.key.startswith("relu-dask"):
-            stats = ["--stats"] if self.key == "relu-dask-stats" else []
+            stats = ["--stats"] if self.key in ("relu-dask-stats", "relu-dask-live") else []
+            if self.key == "relu-dask-live":  # the live page served, fed as blocks finish (nobody watching)
+                stats += ["--dashboard-address", "127.0.0.1:0"]
             return [
                 py,
                 "-m",
@@ -280,6 +282,7 @@ def make_contenders() -> list[Contender]:
     contenders = [
         Contender("relu-dask", "relu-dask run (defaults)", True),
         Contender("relu-dask-stats", "relu-dask run --stats (unit statistics in the same pass)", True),
+        Contender("relu-dask-live", "relu-dask run --stats --dashboard-address (the live page)", True),
         Contender("naive", "naive dask `(from_zarr(src) >= 0).astype('i1').to_zarr(dst)`", True),
         Contender("codec-floor", f"codec floor (read+decode, mask, encode+write; {FLOOR_THREADS} threads)", True),
     ]
@@ -541,6 +544,9 @@ def print_targets(stats: dict[str, dict[str, float]]) -> None:
                 extra < TARGET_STATS_EXTRA,
             )
         )
+    if "relu-dask-live" in stats and "relu-dask-stats" in stats:
+        extra = stats["relu-dask-live"]["work"] / stats["relu-dask-stats"]["work"] - 1
+        checks.append(("extra time of the live page over --stats (fraction)", extra, "< 0.02", extra < 0.02))
     for key in PIPELINES:
         if key in stats:
             # Issue 13: zarr's public API with a faster pipeline, within 10% of relu-dask's

@@ -5,6 +5,7 @@ real browser (headless Chromium)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -155,6 +156,8 @@ def test_the_page_follows_a_real_run_to_the_figures_numpy_gives(tmp_path: Path, 
 def test_a_browser_draws_the_page(tmp_path: Path) -> None:
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
+        if os.environ.get("RELU_DASK_REQUIRE_BROWSER"):
+            pytest.fail("no Chromium, and RELU_DASK_REQUIRE_BROWSER says there must be one (.ci/run installs it)")
         pytest.skip("no Chromium on this machine (.ci/run installs Debian's chromium)")
     _layers(tmp_path / "acts.zarr", rows=240)
     port = _free_port()

@@ -29,6 +29,7 @@ import asyncio
 import functools
 import json
 import math
+import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -42,6 +43,7 @@ import numpy as np
 from dask.callbacks import Callback
 
 from relu_dask.counts import BlockCounts, TaskRow
+from relu_dask.errors import InputError
 
 __all__ = [
     "PAGE",
@@ -298,18 +300,36 @@ def page_url(dashboard_link: str) -> str:
     return f"{base[0]}://{host}/{PAGE}" if len(base) == 2 else f"http://{host}/{PAGE}"
 
 
+def _listen(host: str, port: int, address: str) -> socket.socket:
+    """A listening socket at ``host:port``; one line (:class:`InputError`) where it cannot be had."""
+    try:
+        family, kind, proto, _, where = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        listening = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise InputError(f"cannot serve the live page at {address}: {exc.strerror or exc}") from None
+    try:
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind(where)
+        listening.listen(128)
+        listening.setblocking(False)
+    except OSError as exc:
+        listening.close()
+        raise InputError(f"cannot serve the live page at {address}: {exc.strerror or exc}") from None
+    return listening
+
+
 @contextmanager
 def serve(address: str) -> Iterator[str]:
     """Serve the page at ``address`` (``HOST:PORT``; port 0 for a free one) while the
     ``with`` block runs; yields its URL."""
     from tornado import web
     from tornado.httpserver import HTTPServer
-    from tornado.netutil import bind_sockets
 
     host, _, port = address.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
-    sockets = bind_sockets(int(port or 0), address=host)
-    bound = sockets[0].getsockname()[1]
+    listening = _listen(host, int(port or 0), address)
+    sockets = [listening]
+    bound = listening.getsockname()[1]
     started = threading.Event()
     loop_box: list[asyncio.AbstractEventLoop] = []
     server_box: list[HTTPServer] = []

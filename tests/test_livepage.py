@@ -114,13 +114,19 @@ def _watch(url: str, proc: subprocess.Popen[bytes], total: int) -> list[dict[str
     raise AssertionError(f"the page never showed all {total} tasks done: last {seen[-1:] or 'nothing'}")
 
 
-@pytest.mark.parametrize("scheduler", ["local", "threads"])
-def test_the_page_follows_a_real_run_to_the_figures_numpy_gives(tmp_path: Path, scheduler: str) -> None:
+@pytest.mark.parametrize("scheduler", ["local", "threads", "external"])
+def test_the_page_follows_a_real_run_to_the_figures_numpy_gives(
+    tmp_path: Path, scheduler: str, request: pytest.FixtureRequest
+) -> None:
     data = _layers(tmp_path / "acts.zarr")
     port = _free_port()
     log = tmp_path / "stderr.log"
     args = [str(tmp_path / "acts.zarr"), str(tmp_path / "masks.zarr"), "--stats", "--chunks", "8,64"]
-    args += ["--scheduler", scheduler, "--workers", "1", "--dashboard-address", f"127.0.0.1:{port}"]
+    args += ["--dashboard-address", f"127.0.0.1:{port}"]
+    if scheduler == "external":  # a cluster of the user's: its workers log events, relu-dask serves the page
+        args += ["--scheduler", request.getfixturevalue("dask_cluster")]
+    else:
+        args += ["--scheduler", scheduler, "--workers", "1"]
     if scheduler == "local":
         args += ["--threads-per-worker", "1"]
     proc = _follow(args, log)
@@ -188,3 +194,19 @@ def test_a_bad_dashboard_address_is_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2 and proc.stderr.splitlines() == [
         "relu-dask: error: --dashboard-address must be HOST:PORT, such as 127.0.0.1:8787, got '8787'"
     ]
+
+
+def test_a_taken_port_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        _layers(tmp_path / "acts.zarr", rows=16)
+        proc = cli(
+            "run", str(tmp_path / "acts.zarr"), str(tmp_path / "m.zarr"), "--dashboard-address", f"127.0.0.1:{port}"
+        )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"relu-dask: error: cannot serve the live page at 127.0.0.1:{port}: Address already in use"
+    ]
+    assert not (tmp_path / "m.zarr").exists()

@@ -96,8 +96,8 @@ def follow_with(
                 # what DEST's record holds, not what SOURCE had: rows held back for a writer are behind
                 state.rows_done = _rows_recorded(inputs) or state.rows_done
                 state.rows_behind = max(0, _rows(inputs) - state.rows_done)
-                livepage.set_follow(state.rows_done, state.rows_behind, state.passes + 1)
                 _deliver_pass(report, options, state)
+                livepage.set_follow(state.rows_done, state.rows_behind, state.passes + 1)
                 options = replace(options, overwrite=False)  # replaced once, then followed
                 state.passes += 1
                 if report.outcome != "already complete":

@@ -253,6 +253,7 @@ class RunPlan:
             versions=collect_versions(),
             nan_policy=self.options.nan,
             dashboard_link=self.session.dashboard_link,
+            live_page=self.session.live_page,
             outcome="already complete" if self.state == "complete" else "planned",
         )
         for array in self.arrays:

@@ -140,6 +140,8 @@ class RunReport:
     """What the user should know: plan notes, data that looks like ReLU outputs, ..."""
     dashboard_link: str | None = None
     """The dask dashboard's address, for distributed schedulers."""
+    live_page: str | None = None
+    """Where the run's live page was served (:mod:`relu_dask.livepage`), if anywhere."""
     wall_s: float = 0.0
     """Wall-clock seconds from the first task submitted to the last finished."""
     cpu_s: float = 0.0
@@ -297,5 +299,7 @@ def render_summary(report: RunReport) -> list[str]:
     if report.dashboard_link:
         closed = " (closed with the run's LocalCluster; its link was logged as it started)"
         lines.append(f"  dashboard: {report.dashboard_link}{closed if report.scheduler == 'local' else ''}")
+    if report.live_page:
+        lines.append(f"  live page: {report.live_page} (served while the run lasted)")
     lines.extend(f"  warning: {w}" for w in report.warnings)
     return lines

@@ -122,7 +122,7 @@ def test_the_page_follows_a_real_run_to_the_figures_numpy_gives(
     port = _free_port()
     log = tmp_path / "stderr.log"
     args = [str(tmp_path / "acts.zarr"), str(tmp_path / "masks.zarr"), "--stats", "--chunks", "8,64"]
-    args += ["--dashboard-address", f"127.0.0.1:{port}"]
+    args += ["--dashboard-address", f"127.0.0.1:{port}", "--report", str(tmp_path / "report.json")]
     if scheduler == "external":  # a cluster of the user's: its workers log events, relu-dask serves the page
         args += ["--scheduler", request.getfixturevalue("dask_cluster")]
     else:
@@ -153,6 +153,7 @@ def test_the_page_follows_a_real_run_to_the_figures_numpy_gives(
         units = entry["units"]
         assert (units["dead_labels"], units["always_on_labels"]) == (want["dead"], want["always_on"])
         assert units["histogram"] == want["histogram"]
+    assert json.loads((tmp_path / "report.json").read_text())["live_page"] == f"http://127.0.0.1:{port}/relu-dask"
     # the link is said when the run starts, before any task
     lines = log.read_text().splitlines()
     said = next(i for i, line in enumerate(lines) if f"127.0.0.1:{port}/relu-dask" in line)

@@ -32,6 +32,7 @@ import math
 import socket
 import threading
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -187,15 +188,18 @@ def announce(run: str, path: str, index: Sequence[int], row: np.ndarray) -> None
         worker = get_worker()
     except (ImportError, ValueError):  # not on a worker: the local schedulers' callback sees it
         return
-    message = {"run": run, "path": path, "index": [int(i) for i in index], "row": [int(v) for v in row]}
-    worker.log_event(TOPIC, message)
+    # Compact (the scheduler keeps a topic's last events, distributed.admin.low-level-log-length:
+    # a list of Python ints per unit would cost it hundreds of MiB for wide layers).
+    packed = zlib.compress(np.asarray(row, dtype="<i8").tobytes(), 1)
+    worker.log_event(TOPIC, {"run": run, "path": path, "index": [int(i) for i in index], "row": packed})
 
 
 def on_event(event: Any) -> None:
     """A task's event (``(time, message)``), received by relu-dask's client."""
     _, message = event
     if isinstance(message, dict) and "path" in message:
-        add(message["path"], message["index"], np.asarray(message["row"], dtype=np.int64), message.get("run"))
+        row = np.frombuffer(zlib.decompress(message["row"]), dtype="<i8")
+        add(message["path"], message["index"], row, message.get("run"))
 
 
 def snapshot() -> dict[str, Any]:
@@ -351,7 +355,7 @@ def serve(address: str) -> Iterator[str]:
     thread.start()
     started.wait()
     try:
-        yield f"http://{host}:{bound}/{PAGE}"
+        yield f"http://{f'[{host}]' if ':' in host else host}:{bound}/{PAGE}"
     finally:
         loop_box[0].call_soon_threadsafe(loop_box[0].stop)
         thread.join(timeout=5)

@@ -153,7 +153,8 @@ class Location:
             return sorted(p.name for p in self.path.iterdir()) if self.path.is_dir() else []
         if (direct := self.object_store) is not None:
             bucket, key = direct
-            return sorted({k[len(key) + 1 :].split("/", 1)[0] for k, _ in objectstores.list_prefix(bucket, f"{key}/")})
+            under = f"{key}/" if key else ""  # a bucket's root: every key
+            return sorted({k[len(under) :].split("/", 1)[0] for k, _ in objectstores.list_prefix(bucket, under)})
         fs, path = self._fs()
         try:
             return sorted(str(p).rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
@@ -171,7 +172,7 @@ class Location:
             return total
         if (direct := self.object_store) is not None:
             bucket, key = direct
-            return sum(size for _, size in objectstores.list_prefix(bucket, f"{key}/"))
+            return sum(size for _, size in objectstores.list_prefix(bucket, f"{key}/" if key else ""))
         fs, path = self._fs()
         try:
             return int(fs.du(path, total=True))

@@ -138,11 +138,13 @@ def _acquire(lock: Location, me: dict[str, Any], stale_after_s: float, dest: Loc
 
 
 def _cannot_write(lock: Location, exc: OSError) -> ReluDaskError:
-    """The one line for a lock that cannot be written: a read-only or foreign folder (exit 2),
-    or a full disk and other I/O errors (exit 1)."""
+    """The one line for a lock that cannot be written: a read-only or foreign folder, or an
+    object store that refuses (exit 2), or a full disk and other I/O errors (exit 1)."""
     why = exc.strerror or str(exc)
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return NotWritableError(f"cannot write DEST's lock {lock} ({why}): DEST's folder must be writable")
+    if not lock.is_local:  # a bucket that is not there, credentials that may not write, an endpoint down
+        return NotWritableError(f"cannot write DEST's lock {lock} ({why}): check DEST's bucket and storage options")
     return ProcessingError(f"cannot write DEST's lock {lock} ({why}): free some space (or fix the disk) and rerun")
 
 

@@ -123,10 +123,25 @@ def _s3_config(options: dict[str, Any], client: dict[str, Any]) -> dict[str, Any
         config["skip_signature"] = True
     if options.get("requester_pays"):
         config["request_payer"] = True
+    if "access_key_id" in config and "session_token" not in config and _environment_token():
+        # obstore would sign the given keys with the environment's token (another identity's)
+        return "keys given without a token beside AWS_SESSION_TOKEN in the environment: s3fs keeps them apart"
     signed = "access_key_id" in config or config.get("skip_signature") or os.environ.get("AWS_ACCESS_KEY_ID")
-    if not signed and (os.environ.get("AWS_PROFILE") or os.path.exists(os.path.expanduser("~/.aws/credentials"))):
-        return "credentials from an AWS profile are read by s3fs"
+    if not signed and _aws_profile():
+        return "credentials from an AWS profile (~/.aws) are read by s3fs"
     return config
+
+
+def _environment_token() -> bool:
+    return bool(os.environ.get("AWS_SESSION_TOKEN") or os.environ.get("AWS_SECURITY_TOKEN"))
+
+
+def _aws_profile() -> bool:
+    """Whether botocore could find credentials in a profile, which obstore does not read
+    (SSO, ``credential_process``, ``role_arn``, plain keys): any profile or config file."""
+    if any(os.environ.get(name) for name in ("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")):
+        return True
+    return any(os.path.exists(os.path.expanduser(f"~/.aws/{name}")) for name in ("credentials", "config"))
 
 
 def _seconds(value: Any) -> float | None:
@@ -182,7 +197,9 @@ class ObjectStoreError(OSError):
 def _failed(bucket: Bucket, key: str, exc: Exception) -> OSError:
     # A listing in a bucket that is not there: obstore says NotFound only of objects, and of
     # the rest gives the status in words (NoSuchBucket, 404): nothing is stored there.
-    if isinstance(exc, FileNotFoundError) or "NoSuchBucket" in str(exc) or "404 Not Found" in str(exc):
+    if "NoSuchBucket" in str(exc):
+        return FileNotFoundError(2, f"bucket {bucket.name} does not exist", bucket.url(key))
+    if isinstance(exc, FileNotFoundError) or "404 Not Found" in str(exc):
         return FileNotFoundError(2, "no such object", bucket.url(key))
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     retried = "" if "retries" in first else f" (retried at most {bucket.retries} times)"
@@ -261,7 +278,12 @@ def create(bucket: Bucket, key: str, data: Any) -> bool:
     try:
         obstore.put(_client(bucket), key, _buffer(data), mode="create")
     except (AlreadyExistsError, PreconditionError):
-        return False
+        # ours if it holds our bytes: a retried PUT whose first try landed (the lock's text is one
+        # run's own: its host, pid and start)
+        try:
+            return bytes(get(bucket, key)) == bytes(_buffer(data))
+        except FileNotFoundError:
+            return False
     except NotSupportedError:
         if head(bucket, key) is not None:
             return False

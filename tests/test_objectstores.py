@@ -18,6 +18,8 @@ ENDPOINT = "http://127.0.0.1:9000"
 def _no_aws_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_ENDPOINT_URL"):
         monkeypatch.delenv(name, raising=False)
+    for name in ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.aws/credentials
 
 
@@ -80,3 +82,25 @@ def test_credentials_of_an_aws_profile_stay_with_s3fs(monkeypatch: pytest.Monkey
     found = objectstores.bucket_of("s3://lab/acts.zarr", {"endpoint_url": ENDPOINT})
     assert isinstance(found, str) and "AWS profile" in found
     assert not isinstance(objectstores.bucket_of("s3://lab/a", {"endpoint_url": ENDPOINT, "key": "K"}), str)
+
+
+@pytest.mark.parametrize("where", ["config", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"])
+def test_any_aws_profile_file_stays_with_s3fs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, where: str) -> None:
+    """SSO, credential_process, role_arn: botocore reads them from ~/.aws/config, obstore does not."""
+    if where == "config":
+        (tmp_path / ".aws").mkdir()
+        (tmp_path / ".aws" / "config").write_text("[default]\ncredential_process = /bin/false\n")
+    else:
+        monkeypatch.setenv(where, str(tmp_path / "elsewhere"))
+    found = objectstores.bucket_of("s3://lab/acts.zarr", {"endpoint_url": ENDPOINT})
+    assert isinstance(found, str) and "AWS profile" in found
+
+
+def test_keys_given_beside_an_environment_token_stay_with_s3fs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """obstore would sign the given keys with the environment's session token (another identity's)."""
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "ENV-TOKEN")
+    given = {"endpoint_url": ENDPOINT, "key": "K", "secret": "S"}
+    found = objectstores.bucket_of("s3://lab/acts.zarr", given)
+    assert isinstance(found, str) and "AWS_SESSION_TOKEN" in found
+    bucket, _ = _config("s3://lab/acts.zarr", {**given, "token": "T"})  # a token of their own: obstore
+    assert json.loads(bucket.config_json)["session_token"] == "T"

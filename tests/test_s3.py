@@ -106,6 +106,11 @@ def test_a_missing_bucket_and_an_unreachable_endpoint_are_one_line_each(s3: dict
     assert bucket.stderr.splitlines() == [
         "relu-dask: error: SOURCE s3://no-such-bucket/acts.zarr does not exist (or its storage cannot be reached)"
     ]
+    zarr.create_array(store=str(tmp_path / "acts.zarr"), shape=(4, 4), dtype="float32")[...] = 1.0
+    into = cli("run", str(tmp_path / "acts.zarr"), "s3://no-such-bucket/o.zarr", "--storage-options", options)
+    assert into.returncode == 2 and "Traceback" not in into.stderr
+    (said,) = [x for x in into.stderr.splitlines() if x.startswith("relu-dask: error:")]
+    assert "no-such-bucket" in said and "space" not in said  # a bucket, not a disk
     # nothing listens on port 1; botocore's retries kept to one attempt so the test stays short
     unreachable = {**s3, "endpoint_url": "http://127.0.0.1:1", "config_kwargs": {"retries": {"max_attempts": 1}}}
     proc = cli(

@@ -47,7 +47,7 @@ from relu_dask.schedulers import (
     open_session,
     refuse_in_a_spawned_copy_of_main,
 )
-from relu_dask.task import ArrayTasks, allow_tasks, wait_for_running_tasks
+from relu_dask.task import ArrayTasks, allow_tasks, stop_tasks_on_worker, wait_for_running_tasks
 
 __all__ = ["deliver", "execute", "run", "run_with"]
 
@@ -299,12 +299,23 @@ def _run_tasks(
             # A task failed (a NaN with --nan error, a disk full): the pool's other threads may
             # still run theirs. None starts now, and those running finish, before DEST is
             # removed or its lock let go.
-            wait_for_running_tasks(run, STOP_GRACE_S)
+            _stop_tasks(session, run)
             raise
         finally:
             _release_buffers(session)
     report.wall_s, report.cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
     return results
+
+
+def _stop_tasks(session: Session, run: str) -> int:
+    """No task of ``run`` starts now, here or on a cluster's workers (one a worker had queued
+    may otherwise start after the cancel); wait (up to :data:`STOP_GRACE_S`) for those
+    running; return how many still run."""
+    still = wait_for_running_tasks(run, STOP_GRACE_S)
+    if session.client is not None:
+        with contextlib.suppress(Exception):  # a worker that went away runs nothing
+            still += sum(session.client.run(stop_tasks_on_worker, run, STOP_GRACE_S).values())
+    return still
 
 
 def _release_buffers(session: Session) -> None:
@@ -323,7 +334,7 @@ def _stopping(plan: RunPlan, run: str) -> Iterator[None]:
         yield
     except KeyboardInterrupt as stop:
         signum = getattr(stop, "signum", signal.SIGINT)
-        still = wait_for_running_tasks(run, STOP_GRACE_S)
+        still = _stop_tasks(plan.session, run)
         done = sum(journal.count_done(plan.dest, i) for i in range(len(plan.inputs.arrays)))
         name = signal.Signals(signum).name
         left = f"; {still} task(s) still running were let go" if still else ""

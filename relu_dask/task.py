@@ -9,6 +9,7 @@ done (:mod:`relu_dask.journal`). It returns only a few counts, never the block.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 import time
@@ -26,7 +27,14 @@ from relu_dask.errors import NaNFoundError, TaskNotStarted
 from relu_dask.kernel import Engine, relu_derivative, set_numexpr_threads
 from relu_dask.locations import Location
 
-__all__ = ["ArrayTasks", "allow_tasks", "mask_digest", "process_block", "wait_for_running_tasks"]
+__all__ = [
+    "ArrayTasks",
+    "allow_tasks",
+    "mask_digest",
+    "process_block",
+    "stop_tasks_on_worker",
+    "wait_for_running_tasks",
+]
 
 
 @dataclass(frozen=True)
@@ -133,6 +141,18 @@ def wait_for_running_tasks(run: str, timeout_s: float) -> int:
         while _RUNNING.get(run) and (left := end - time.monotonic()) > 0:
             _RUNNING_CHANGED.wait(left)
         return _RUNNING.get(run, 0)
+
+
+async def stop_tasks_on_worker(run: str, timeout_s: float) -> int:
+    """:func:`wait_for_running_tasks` on a distributed worker (``Client.run``, on its event
+    loop, which it does not block): no task of ``run`` starts there now; wait for those
+    running (at most ``timeout_s``); return how many still run."""
+    end = time.monotonic() + timeout_s
+    with _RUNNING_CHANGED:
+        _STOPPED.add(run)
+    while _RUNNING.get(run) and time.monotonic() < end:
+        await asyncio.sleep(0.05)
+    return _RUNNING.get(run, 0)
 
 
 def _process_block(tasks: ArrayTasks, block_id: tuple[int, ...]) -> np.ndarray:

@@ -191,3 +191,12 @@ class SchedulerCase:
     """Tasks it runs at once, as the run report's ``num_threads`` says."""
     distributed: bool
     """Whether it is a ``dask.distributed`` cluster (it has a dashboard)."""
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a server a test starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

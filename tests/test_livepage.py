@@ -19,16 +19,10 @@ from typing import Any
 import numpy as np
 import pytest
 import xarray as xr
-from _support import cli, cli_env
+from _support import cli, cli_env, free_port
 
 from relu_dask import livepage
 from relu_dask.counts import BlockCounts, TaskRow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _get(url: str) -> Any:
@@ -119,7 +113,7 @@ def test_the_page_follows_a_real_run_to_the_figures_numpy_gives(
     tmp_path: Path, scheduler: str, request: pytest.FixtureRequest
 ) -> None:
     data = _layers(tmp_path / "acts.zarr")
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "stderr.log"
     args = [str(tmp_path / "acts.zarr"), str(tmp_path / "masks.zarr"), "--stats", "--chunks", "8,64"]
     args += ["--dashboard-address", f"127.0.0.1:{port}", "--report", str(tmp_path / "report.json")]
@@ -167,7 +161,7 @@ def test_a_browser_draws_the_page(tmp_path: Path) -> None:
             pytest.fail("no Chromium, and RELU_DASK_REQUIRE_BROWSER says there must be one (.ci/run installs it)")
         pytest.skip("no Chromium on this machine (.ci/run installs Debian's chromium)")
     _layers(tmp_path / "acts.zarr", rows=240)
-    port = _free_port()
+    port = free_port()
     args = [str(tmp_path / "acts.zarr"), str(tmp_path / "masks.zarr"), "--stats", "--chunks", "8,64"]
     proc = _follow([*args, "--workers", "1", "--dashboard-address", f"127.0.0.1:{port}"], tmp_path / "log")
     try:

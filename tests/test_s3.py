@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import zarr
-from _support import activations, cli, kill_at_step, oracle, snapshot, start_cli
+from _support import activations, cli, free_port, kill_at_step, oracle, snapshot, start_cli
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
@@ -24,16 +23,10 @@ pytest.importorskip("moto")
 BUCKET = "activations"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def s3() -> Iterator[dict[str, str]]:
     """A moto S3 server on 127.0.0.1 with an empty bucket; the storage options to reach it."""
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
@@ -376,7 +369,7 @@ def test_wrong_credentials_end_in_one_line_naming_the_url(tmp_path: Path) -> Non
     is authenticated against its IAM, where no key exists): 403, one line, exit 2, soon."""
     import os
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,

@@ -1,8 +1,13 @@
 """A job's record on disk: its fingerprint, which tasks are done, and who holds it.
 
-Use this module to make a run resumable and exclusive. It lives beside DEST (a local folder
-or an object-store prefix, see :mod:`relu_dask.locations`), in a hidden folder
-``.<DEST name>.relu-dask/`` (inside DEST, zarr would warn about an unknown object):
+Use this module to make a run resumable and exclusive. It lives inside DEST (a local folder
+or an object-store prefix, see :mod:`relu_dask.locations`), in the hidden folder
+``DEST/.relu-dask/`` (:data:`JOURNAL_NAME`), so that DEST is moved, copied or deleted with
+its record as one thing. zarr, xarray and tensorstore open DEST and its arrays without a
+word about it; only a listing of a group without consolidated metadata (DEST while a run is
+under way) meets it, and zarr then warns of an object it does not know (docs/design.md, "The
+journal"). Older relu-dask kept it beside DEST (``.<DEST name>.relu-dask/``): such a record
+is moved in by the first command that meets it (:func:`adopt_legacy_journal`).
 
 * ``job.json`` -- the job's fingerprint (what SOURCE was, the options that change the
   result, the block shape) and, once every task is done, ``"complete": true`` with the
@@ -31,14 +36,18 @@ from relu_dask.locations import Location
 from relu_dask.records import JobFingerprint
 
 __all__ = [
+    "JOURNAL_NAME",
     "STEPS",
     "ArrayRecord",
     "Held",
     "JobRecord",
+    "adopt_legacy_journal",
     "count_done",
     "done_dir",
     "is_being_replaced",
     "journal_dir",
+    "legacy_files",
+    "legacy_journal_dir",
     "mark_replacing",
     "marker_name",
     "reach_step",
@@ -78,9 +87,57 @@ def reach_step(step: str) -> None:
         os.kill(os.getpid(), signal.SIGSTOP)
 
 
+#: The name of the hidden folder inside DEST that records its job.
+JOURNAL_NAME = ".relu-dask"
+
+
 def journal_dir(dest: Location) -> Location:
-    """The hidden folder beside DEST that records the job: ``.<name>.relu-dask``."""
+    """The hidden folder inside DEST that records the job: ``DEST/.relu-dask``."""
+    return dest.child(JOURNAL_NAME)
+
+
+def legacy_journal_dir(dest: Location) -> Location:
+    """Where an older relu-dask kept DEST's record: beside it, ``.<name>.relu-dask``."""
     return dest.sibling(f".{dest.name}.relu-dask")
+
+
+def legacy_files(dest: Location) -> list[str]:
+    """The files of an older relu-dask's record beside DEST ([] if none, or if DEST has no
+    place beside it, as a bucket's root)."""
+    if "/" not in dest.url.split("://", 1)[-1].strip("/"):
+        return []
+    try:
+        return legacy_journal_dir(dest).files()
+    except (OSError, ValueError) as exc:
+        log.debug("DEST %s: no older record beside it (%s)", dest, exc)
+        return []
+
+
+def adopt_legacy_journal(dest: Location) -> bool:
+    """Move an older relu-dask's record of DEST (:func:`legacy_journal_dir`) into DEST; return
+    whether there was one.
+
+    The caller makes sure nobody holds either lock. File by file, each one written inside
+    before it is removed outside, so a kill part way leaves both halves readable and the next
+    call finishes; a file already inside is newer and kept. The old lock is not moved.
+    """
+    legacy = legacy_journal_dir(dest)
+    files = legacy_files(dest)
+    if not files:
+        if legacy.is_local:  # an empty folder
+            with contextlib.suppress(OSError):
+                legacy.path.rmdir()
+        return False
+    names = [name for name in files if name != "lock" and not name.startswith("lock.")]
+    inside = journal_dir(dest)
+    for name in names:
+        source, target = legacy.child(*name.split("/")), inside.child(*name.split("/"))
+        if target.stat() is None:
+            target.write_bytes(source.read_bytes())
+        source.remove()
+    legacy.remove_tree()
+    log.info("moved DEST's record from %s into %s", legacy, inside)
+    return bool(names)
 
 
 def mark_replacing(dest: Location) -> None:

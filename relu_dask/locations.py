@@ -161,39 +161,63 @@ class Location:
         except FileNotFoundError:
             return []
 
-    def disk_bytes(self) -> int:
-        """Bytes stored under this location."""
+    def disk_bytes(self, *, skip: str | None = None) -> int:
+        """Bytes stored under this location (but under its child named ``skip``)."""
         if self.is_local:
             total = 0
-            for root, _dirs, files in os.walk(self.path):
+            for root, dirs, files in os.walk(self.path):
+                if root == str(self.path) and skip in dirs:
+                    dirs.remove(skip)
                 for name in files:
                     with contextlib.suppress(OSError):
                         total += os.path.getsize(os.path.join(root, name))
             return total
         if (direct := self.object_store) is not None:
             bucket, key = direct
-            return sum(size for _, size in objectstores.list_prefix(bucket, f"{key}/" if key else ""))
+            under = f"{key}/" if key else ""
+            return sum(size for k, size in objectstores.list_prefix(bucket, under) if not _below(k[len(under) :], skip))
         fs, path = self._fs()
         try:
-            return int(fs.du(path, total=True))
+            sizes = fs.du(path, total=False)
         except FileNotFoundError:
             return 0
+        return sum(int(n) for p, n in sizes.items() if not _below(str(p)[len(path) :].lstrip("/"), skip))
+
+    def files(self) -> list[str]:
+        """The paths, relative to this location, of every object (file) under it ([] if none)."""
+        if self.is_local:
+            if not self.path.is_dir():
+                return []
+            return sorted(p.relative_to(self.path).as_posix() for p in self.path.rglob("*") if not p.is_dir())
+        if (direct := self.object_store) is not None:
+            bucket, key = direct
+            under = f"{key}/" if key else ""
+            return sorted(k[len(under) :] for k, _ in objectstores.list_prefix(bucket, under))
+        fs, path = self._fs()
+        try:
+            return sorted(str(p)[len(path) :].lstrip("/") for p in fs.find(path))
+        except FileNotFoundError:
+            return []
 
     # -- writing ------------------------------------------------------------------------
 
     def write_text(self, text: str) -> None:
         """Write the whole object at once: locally a temporary file and a rename."""
+        self.write_bytes(text.encode())
+
+    def write_bytes(self, data: bytes) -> None:
+        """Write the whole object at once: locally a temporary file and a rename."""
         if self.is_local:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-            tmp.write_text(text)
+            tmp.write_bytes(data)
             os.replace(tmp, self.path)
             return
         if (direct := self.object_store) is not None:
-            objectstores.put(*direct, text)
+            objectstores.put(*direct, data)
             return
         fs, path = self._fs()
-        fs.pipe_file(path, text.encode())  # one PUT: the object is whole or absent
+        fs.pipe_file(path, data)  # one PUT: the object is whole or absent
 
     def create(self, text: str) -> bool:
         """Create the object with ``text`` unless it exists; return whether this call made it."""
@@ -237,8 +261,20 @@ class Location:
         with contextlib.suppress(FileNotFoundError):
             fs.rm_file(path)
 
-    def remove_tree(self) -> None:
-        """Remove everything under this location; absent is fine."""
+    def remove_tree(self, *, keep: str | None = None) -> None:
+        """Remove everything under this location (but its child named ``keep``); absent is fine."""
+        if keep is not None and (direct := self.object_store) is not None:  # one listing, bulk deletes
+            bucket, key = direct
+            under = f"{key}/" if key else ""
+            objectstores.delete_many(
+                bucket, [k for k, _ in objectstores.list_prefix(bucket, under) if not _below(k[len(under) :], keep)]
+            )
+            return
+        if keep is not None:
+            for name in self.list_names():
+                if name != keep:
+                    self.child(name).remove_tree()
+            return
         if self.is_local:
             if self.path.is_dir() and not self.path.is_symlink():
                 shutil.rmtree(self.path)
@@ -267,6 +303,11 @@ class Location:
         other.write_text(text)
         self.remove()
         return True
+
+
+def _below(relative: str, name: str | None) -> bool:
+    """Whether the relative path ``relative`` is ``name`` or under it."""
+    return name is not None and (relative == name or relative.startswith(name + "/"))
 
 
 @functools.lru_cache(maxsize=256)

@@ -18,13 +18,14 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from relu_dask.errors import DestinationInUseError, NotWritableError, ProcessingError, ReluDaskError
-from relu_dask.journal import journal_dir
+from relu_dask.journal import adopt_legacy_journal, journal_dir, legacy_files, legacy_journal_dir
 from relu_dask.locations import Location
 
-__all__ = ["HEARTBEAT_S", "STALE_AFTER_S", "hold_lock", "lock_holder"]
+__all__ = ["HEARTBEAT_S", "STALE_AFTER_S", "adopt_if_idle", "hold_lock", "lock_holder"]
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,8 @@ def _stale_reason(owner: dict[str, Any], age_s: float, stale_after_s: float) -> 
         start = _process_start_time(int(owner.get("pid", -1)))
         if start is None:
             return "its process is gone"
-        if abs(start - float(owner.get("pid_started", start))) > 1.0:
+        recorded = owner.get("pid_started")  # None: its start time could not be read then
+        if isinstance(recorded, int | float) and abs(start - float(recorded)) > 1.0:
             return "its pid now belongs to another process"
         return None
     if age_s > stale_after_s:
@@ -76,8 +78,12 @@ def hold_lock(
     A lock whose holder is gone (same host: its pid is gone or reused; another host: no
     heartbeat for ``stale_after_s``) is taken over with a warning. ``following``: the
     holder is a follow (``run --follow``), which may hold it for days: a run refused says so.
+    An older relu-dask's lock beside DEST is honoured too, and its record moved into DEST
+    (:func:`relu_dask.journal.adopt_legacy_journal`). A local DEST folder the lock made is
+    removed again if the run leaves nothing in it.
     """
     lock = journal_dir(dest).child("lock")
+    made_dest = dest.is_local and not dest.exists()
     me = {
         "host": socket.gethostname(),
         "pid": os.getpid(),
@@ -87,25 +93,35 @@ def hold_lock(
     }
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(lock, stop, heartbeat_s), name="relu-dask-lock", daemon=True)
+    legacy = legacy_journal_dir(dest)
     try:
-        _acquire(lock, me, stale_after_s, dest)
-        beat.start()
+        with ThreadPoolExecutor(1) as pool:  # is there an older relu-dask's record beside DEST? (meanwhile)
+            older = pool.submit(legacy_files, dest)
+            _acquire(lock, me, stale_after_s, dest)
+            beat.start()
+        if older.result():
+            _refuse_if_held(legacy.child("lock"), stale_after_s, dest)
+            adopt_legacy_journal(dest)
         yield
     finally:
-        _finish_even_if_stopped(_release, lock, me, dest, stop, beat)
+        _finish_even_if_stopped(_release, lock, me, made_dest, stop, beat)
 
 
-def _release(lock: Location, me: dict[str, Any], dest: Location, stop: threading.Event, beat: threading.Thread) -> None:
+def _release(
+    lock: Location, me: dict[str, Any], made_dest: bool, stop: threading.Event, beat: threading.Thread
+) -> None:
     stop.set()
     if beat.is_alive():
         beat.join()
     with contextlib.suppress(OSError, ValueError):
         if json.loads(lock.read_text()).get("pid") == me["pid"]:
             lock.remove()
-    folder = journal_dir(dest)
+    folder = lock.parent()
     if folder.is_local:  # a run refused under the lock leaves nothing behind
         with contextlib.suppress(OSError):
             folder.path.rmdir()
+            if made_dest:
+                folder.parent().path.rmdir()
 
 
 def _finish_even_if_stopped(step: Any, *args: Any) -> None:
@@ -166,6 +182,24 @@ def _read_owner(lock: Location) -> tuple[dict[str, Any], float] | None:
         return {}, age_s
 
 
+def _refuse_if_held(lock: Location, stale_after_s: float, dest: Location) -> None:
+    """Raise :class:`DestinationInUseError` if a live process holds ``lock``."""
+    found = _read_owner(lock)
+    if found is not None and found[0] and _stale_reason(found[0], found[1], stale_after_s) is None:
+        _refuse(found[0], lock, dest)
+
+
+def _refuse(owner: dict[str, Any], lock: Location, dest: Location) -> None:
+    if owner.get("following"):
+        raise DestinationInUseError(
+            f"DEST {dest} is kept up to date by a relu-dask follow, {_describe(owner)}: it processes what SOURCE "
+            f"gains itself; stop it (SIGTERM, or Ctrl-C where it runs) to run something else on DEST (lock: {lock})"
+        )
+    raise DestinationInUseError(
+        f"DEST {dest} is in use by another relu-dask run, {_describe(owner)}; wait for it to finish (lock: {lock})"
+    )
+
+
 def _take_over_if_stale(lock: Location, stale_after_s: float, dest: Location) -> None:
     found = _read_owner(lock)
     if found is None:
@@ -175,15 +209,8 @@ def _take_over_if_stale(lock: Location, stale_after_s: float, dest: Location) ->
         time.sleep(0.2)
         return
     reason = _stale_reason(owner, age_s, stale_after_s) if owner else "it is unreadable"
-    if reason is None and owner.get("following"):
-        raise DestinationInUseError(
-            f"DEST {dest} is kept up to date by a relu-dask follow, {_describe(owner)}: it processes what SOURCE "
-            f"gains itself; stop it (SIGTERM, or Ctrl-C where it runs) to run something else on DEST (lock: {lock})"
-        )
     if reason is None:
-        raise DestinationInUseError(
-            f"DEST {dest} is in use by another relu-dask run, {_describe(owner)}; wait for it to finish (lock: {lock})"
-        )
+        _refuse(owner, lock, dest)
     # Locally only one of several runs taking over can win this rename.
     aside = lock.sibling(f"lock.stale-{os.getpid()}")
     if not lock.rename_to(aside):
@@ -201,12 +228,27 @@ def _take_over_if_stale(lock: Location, stale_after_s: float, dest: Location) ->
 
 
 def lock_holder(dest: Location) -> str | None:
-    """Who holds DEST's lock now (``pid N on HOST (since ...)``), or None if nobody alive does."""
-    found = _read_owner(journal_dir(dest).child("lock"))
-    if not found or not found[0]:
-        return None
-    owner, age_s = found
-    return None if _stale_reason(owner, age_s, STALE_AFTER_S) else _describe(owner)
+    """Who holds DEST's lock now (``pid N on HOST (since ...)``), or None if nobody alive does
+    (an older relu-dask's lock beside DEST counts too)."""
+    for lock in (journal_dir(dest).child("lock"), legacy_journal_dir(dest).child("lock")):
+        found = _read_owner(lock)
+        if found and found[0] and _stale_reason(found[0], found[1], STALE_AFTER_S) is None:
+            return _describe(found[0])
+    return None
+
+
+def adopt_if_idle(dest: Location) -> bool:
+    """Move an older relu-dask's record of DEST into DEST (see
+    :func:`relu_dask.journal.adopt_legacy_journal`) unless a run holds DEST now; return
+    whether a record was moved. For the commands that read DEST's record without its lock
+    (``status``, ``plan``, a run before it locks DEST): one listing when there is none."""
+    if not legacy_files(dest) or lock_holder(dest) is not None:
+        return False
+    try:
+        return adopt_legacy_journal(dest)
+    except OSError as exc:  # read-only, say: it is read where it is (or moved by the next run)
+        log.debug("DEST %s: the older record beside it not moved: %s", dest, exc)
+        return False
 
 
 def _heartbeat(lock: Location, stop: threading.Event, every_s: float) -> None:

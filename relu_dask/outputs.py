@@ -24,6 +24,7 @@ import zarr.errors
 
 from relu_dask import conventions
 from relu_dask.errors import DestinationExistsError, InputError, NotWritableError
+from relu_dask.journal import JOURNAL_NAME
 from relu_dask.locations import Location
 from relu_dask.storage import METADATA_NAMES, SourceArray, array_at, zarr_kwargs
 
@@ -39,6 +40,7 @@ __all__ = [
     "create_dest_group",
     "create_mask_array",
     "create_subgroup",
+    "holds_data",
     "is_consolidated",
     "is_group",
     "parse_compressor",
@@ -106,6 +108,10 @@ def prepare_dest(source: Location, dest: Location) -> Location:
     if src.startswith(dst + "/"):
         raise InputError(f"SOURCE {source} is inside DEST {dest}: writing DEST would destroy SOURCE")
     if dest.is_local:
+        if dest.path.exists() and not dest.path.is_dir():  # its record would go inside: refuse it first
+            raise DestinationExistsError(
+                f"DEST {dest} is a file, not a Zarr store; relu-dask will not delete it: choose another DEST"
+            )
         parent = dest.path.parent
         if not parent.is_dir():
             raise InputError(f"the folder {parent} for DEST does not exist: create it first")
@@ -115,9 +121,16 @@ def prepare_dest(source: Location, dest: Location) -> Location:
     return dest
 
 
+def holds_data(dest: Location) -> bool:
+    """Whether DEST holds anything but its journal (:data:`relu_dask.journal.JOURNAL_NAME`)."""
+    if dest.is_local and not dest.path.is_dir():
+        return dest.path.exists() or dest.path.is_symlink()
+    return any(name != JOURNAL_NAME for name in dest.list_names())
+
+
 def check_replaceable(dest: Location) -> None:
     """Raise unless DEST is absent or a Zarr store (relu_dask never deletes anything else)."""
-    if dest.exists() and not _is_zarr_store(dest):
+    if holds_data(dest) and not _is_zarr_store(dest):
         raise DestinationExistsError(
             f"DEST {dest} exists and is not a Zarr store; relu-dask will not delete it: choose another DEST"
         )
@@ -131,10 +144,10 @@ def check_replaceable_remains(dest: Location) -> None:
     file left is still one of a Zarr store's (metadata, chunk keys, ``*.partial`` writes).
     Anything else found there is the user's, and is never deleted.
     """
-    if not dest.exists() or _is_zarr_store(dest):
+    if not holds_data(dest) or _is_zarr_store(dest):
         return
     local_folder = dest.is_local and dest.path.is_dir() and not dest.path.is_symlink()
-    if local_folder and all(_ZARR_FILE.fullmatch(p.name) for p in dest.path.rglob("*") if not p.is_dir()):
+    if local_folder and all(_ZARR_FILE.fullmatch(name.rsplit("/", 1)[-1]) for name in _data_files(dest)):
         return
     check_replaceable(dest)
 
@@ -150,16 +163,23 @@ def _is_zarr_store(dest: Location) -> bool:
     return any(dest.child(name).stat() is not None for name in METADATA_NAMES)
 
 
+def _data_files(dest: Location) -> list[str]:
+    return [name for name in dest.files() if name.split("/", 1)[0] != JOURNAL_NAME]
+
+
 def remove_dest(dest: Location, reason: str) -> None:
-    """Delete DEST: one that :func:`check_replaceable` allowed to replace, or this run's own."""
-    if dest.exists():
-        log.info("removing DEST %s (%s)", dest, reason)
-        dest.remove_tree()
+    """Delete DEST: one that :func:`check_replaceable` allowed to replace, or this run's own.
+    Its journal, inside, stays (:func:`relu_dask.resume.remove_dest_and_journal` says when
+    which goes)."""
+    log.info("removing DEST %s (%s)", dest, reason)
+    dest.remove_tree(keep=JOURNAL_NAME)
 
 
 def create_dest_group(dest: Location, attributes: dict[str, Any]) -> zarr.Group:
-    """Create DEST as a Zarr v3 group with ``attributes``."""
-    return zarr.open_group(mode="w-", zarr_format=3, attributes=attributes, **zarr_kwargs(dest))
+    """Create DEST as a Zarr v3 group with ``attributes`` (its journal may be there already;
+    a group or array is not)."""
+    store = zarr_kwargs(dest)
+    return zarr.create_group(store.pop("store"), zarr_format=3, attributes=attributes, **store)
 
 
 def create_subgroup(dest: Location, path: str, attributes: dict[str, Any]) -> None:
@@ -307,7 +327,7 @@ def remove_partial_writes(dest: Location) -> int:
     if not dest.is_local:
         return 0
     removed = 0
-    for path in dest.path.rglob("*.partial"):
+    for path in dest.path.rglob("*.partial"):  # (the journal writes none)
         with contextlib.suppress(OSError):
             path.unlink()
             removed += 1

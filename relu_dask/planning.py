@@ -25,6 +25,7 @@ from relu_dask.growth import kept_of_partial_run, num_kept, plan_growth, startin
 from relu_dask.kernel import choose_engine, rule_for
 from relu_dask.livewriter import settle
 from relu_dask.locations import Location
+from relu_dask.lock import adopt_if_idle
 from relu_dask.options import RunOptions, check_output_files
 from relu_dask.records import ArrayFingerprint, JobFingerprint
 from relu_dask.report import ArrayReport, RunReport, collect_versions, render_summary
@@ -83,10 +84,14 @@ def open_inputs(options: RunOptions) -> RunInputs:
     contents = storage.open_source(source)
     _refuse_masks_as_source(source, contents)
     dest = outputs.prepare_dest(source, options.dest_location)
-    with ThreadPoolExecutor(1) as pool:  # two independent reads: on an object store, one round trip
+    with ThreadPoolExecutor(2) as pool:  # independent reads: on an object store, one round trip
+        adopted = pool.submit(adopt_if_idle, dest)  # an older relu-dask's record beside DEST
         held = pool.submit(journal.read_held, dest)
         record = None if options.overwrite else journal.read_record(dest)
         held_before = held.result()
+        if adopted.result():  # read again, from where it is now
+            held_before = journal.read_held(dest)
+            record = None if options.overwrite else journal.read_record(dest)
     recorded: dict[str, ArrayFingerprint] = {}
     for entry in record.fingerprint.get("arrays", []) if record else []:
         if isinstance(entry, dict) and isinstance(entry.get("path"), str):

@@ -201,7 +201,7 @@ def set_counts(entry: ArrayReport, counts: BlockCounts, src: storage.SourceArray
     entry.num_ones = counts.ones
     entry.num_nans = counts.nans
     entry.num_zeros = counts.zeros
-    entry.bytes_written = storage.array_location(dest, src.path).disk_bytes()
+    entry.bytes_written = storage.array_location(dest, src.path).disk_bytes(skip=journal.JOURNAL_NAME)
 
 
 def _warn_about_zeros(report: RunReport, entry: ArrayReport) -> None:

@@ -19,7 +19,7 @@ from relu_dask import journal, outputs, storage
 from relu_dask.errors import DestinationExistsError, ReluDaskError
 from relu_dask.growth import Rehash, Restat, compare_jobs
 from relu_dask.locations import Location, parse_location, parse_storage_options
-from relu_dask.lock import lock_holder
+from relu_dask.lock import adopt_if_idle, lock_holder
 from relu_dask.records import JobFingerprint
 
 __all__ = [
@@ -77,7 +77,7 @@ def dest_state(
         else:
             outputs.check_replaceable(dest)
         return DestFound("fresh")
-    if not dest.exists():
+    if not outputs.holds_data(dest):  # nothing, or its record alone (a run stopped before it made DEST)
         return DestFound("fresh")
     record = journal.read_record(dest)
     if record is None and journal.is_being_replaced(dest):
@@ -139,7 +139,7 @@ def remove_dest_and_journal(dest: Location, reason: str) -> None:
     The record of the replacement first (what a kill leaves of DEST is then ours to
     delete), then ``job.json`` and the markers (nothing claims DEST is complete), then DEST.
     """
-    replacing = dest.exists()
+    replacing = outputs.holds_data(dest)
     if replacing:
         journal.mark_replacing(dest)
     journal.remove_journal(dest)
@@ -225,8 +225,9 @@ def job_status(dest: str | os.PathLike[str], storage_options: str | dict[str, An
     version). ``running`` names the process holding DEST's lock, if any.
     """
     path = parse_location(dest, parse_storage_options(storage_options))
+    adopt_if_idle(path)  # an older relu-dask's record beside DEST
     record = journal.read_record(path)
-    exists = path.exists()
+    exists = outputs.holds_data(path)
     running = lock_holder(path)
     if record is None or not exists:
         replacing = exists and journal.is_being_replaced(path)

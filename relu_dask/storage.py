@@ -161,7 +161,9 @@ def open_source(source: Location) -> SourceContents:
         return SourceContents([src])
     contents = SourceContents([], attributes=dict(node.attrs))
     try:
-        members = sorted(node.members(max_depth=None), key=lambda m: m[0])
+        with warnings.catch_warnings():  # a relu-dask DEST given as SOURCE: its journal is no Zarr node
+            warnings.filterwarnings("ignore", message=r"Object at \.relu-dask is not recognized")
+            members = sorted(node.members(max_depth=None), key=lambda m: m[0])
     except (PermissionError, OSError) as exc:
         raise InputError(f"SOURCE {source} could not be read: {exc}") from exc
     found = [_source_array(name, member, source) for name, member in members if isinstance(member, zarr.Array)]

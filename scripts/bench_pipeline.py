@@ -331,11 +331,14 @@ def remove(path: Path) -> None:
 
 
 def tree_digest(path: Path) -> tuple[int, str]:
-    """Bytes on disk and a digest of every chunk file (not the metadata) under ``path``."""
+    """Bytes on disk and a digest of every chunk file (not the metadata, not relu-dask's record
+    ``.relu-dask/``) under ``path``."""
     digest = hashlib.blake2b(digest_size=16)
     total = 0
     for root, dirs, files in os.walk(path):
         dirs.sort()
+        if ".relu-dask" in dirs:
+            dirs.remove(".relu-dask")
         for name in sorted(files):
             full = Path(root) / name
             total += full.stat().st_size
@@ -668,11 +671,6 @@ class GrowthSetup:
         return (self.old_rows + self.new_rows) // CHUNK_SHAPE[0]
 
 
-def journal_of(dest: Path) -> Path:
-    """relu-dask's journal: the hidden folder beside DEST."""
-    return dest.with_name(f".{dest.name}.relu-dask")
-
-
 def write_json_atomically(path: Path, data: object) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2))
@@ -713,9 +711,8 @@ def restore_old_state(setup: GrowthSetup) -> None:
     set_grown_shape(setup, grown=False)
     for i in range(setup.old_chunk_rows, setup.all_chunk_rows):
         remove(setup.grown / "c" / str(i))  # unlinks the links: the big source's files stay as they are
-    for name in (setup.dest.name, journal_of(setup.dest).name):
-        remove(setup.dest.parent / name)
-        shutil.copytree(setup.pristine / name, setup.dest.parent / name)
+    remove(setup.dest)  # DEST with its record inside
+    shutil.copytree(setup.pristine / setup.dest.name, setup.dest)
 
 
 def make_growth_setup(data_dir: Path, old_gib: float, new_gib: float) -> GrowthSetup:
@@ -750,8 +747,7 @@ def make_growth_setup(data_dir: Path, old_gib: float, new_gib: float) -> GrowthS
     result = run_child(relu_dask_argv(setup.grown, setup.dest), timeout_s=CHILD_TIMEOUT_S)
     print(f"  done in {result.wall_s:.1f} s", file=sys.stderr, flush=True)
     setup.pristine.mkdir()
-    for folder in (setup.dest, journal_of(setup.dest)):
-        shutil.copytree(folder, setup.pristine / folder.name)
+    shutil.copytree(setup.dest, setup.pristine / setup.dest.name)  # with its record inside
     return setup
 
 
@@ -806,7 +802,6 @@ def check_growth_output(setup: GrowthSetup) -> GrowthCheck:
         num_bytes=num_bytes,
     )
     remove(reference)
-    remove(journal_of(reference))
     return check
 
 

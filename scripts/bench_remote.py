@@ -214,9 +214,8 @@ def _child_remove(endpoint: str, dst: str) -> dict[str, float]:
     import s3fs
 
     fs = s3fs.S3FileSystem(**_options(endpoint))
-    for path in (dst, f"{dst.rsplit('/', 1)[0]}/.{dst.rsplit('/', 1)[1]}.relu-dask"):
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
+    if fs.exists(dst):  # DEST and its record inside it
+        fs.rm(dst, recursive=True)
     return {}
 
 

@@ -155,8 +155,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 result = measure(cmd, dst)
                 results.setdefault((name, t), []).append(result)
                 work.setdefault((name, t), []).append(work_phase(name, result, report))
-                remove(dst)
-                remove(dst.parent / f".{dst.name}.relu-dask")
+                remove(dst)  # DEST and its record inside it
         print(f"round {round_no + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     rows = []
     speed: dict[str, list[float]] = {"floor": [], "relu-dask": []}

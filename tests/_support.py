@@ -80,9 +80,9 @@ def snapshot(path: Path) -> dict[str, bytes]:
 def dest_files(dest: Path) -> dict[str, bytes]:
     """Every file of DEST, byte for byte: the chunk files as they are, and the metadata
     (``zarr.json``) as written but for the one thing two runs of a job write differently, the
-    value of the creation time in its provenance. (DEST's journal is not in DEST: it is the
-    folder beside it.)"""
-    files = snapshot(dest)
+    value of the creation time in its provenance. DEST's journal (``.relu-dask/``, the run's
+    record) is left out."""
+    files = {k: v for k, v in snapshot(dest).items() if not k.startswith(".relu-dask/")}
     for name, data in files.items():
         if name.endswith("zarr.json"):
             files[name] = re.sub(rb'"relu_dask_created_utc": "[^"]*"', b'"relu_dask_created_utc": ""', data)
@@ -90,8 +90,9 @@ def dest_files(dest: Path) -> dict[str, bytes]:
 
 
 def chunk_files(path: Path) -> dict[str, bytes]:
-    """The chunk files of a store (metadata excluded: it holds a creation time)."""
-    return {k: v for k, v in snapshot(path).items() if not k.endswith(("zarr.json", ".zarray", ".zgroup", ".zattrs"))}
+    """The chunk files of a store (metadata excluded: it holds a creation time; a DEST's journal too)."""
+    metadata = ("zarr.json", ".zarray", ".zgroup", ".zattrs")
+    return {k: v for k, v in snapshot(path).items() if not k.endswith(metadata) and not k.startswith(".relu-dask/")}
 
 
 def cli_env() -> dict[str, str]:
@@ -171,8 +172,8 @@ def kill_at_step(step: str, *args: str) -> None:
 
 
 def journal_folder(dest: Path) -> Path:
-    """The hidden folder beside DEST where relu-dask keeps the job's record."""
-    return dest.parent / f".{dest.name}.relu-dask"
+    """The hidden folder inside DEST where relu-dask keeps the job's record."""
+    return dest / ".relu-dask"
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ def test_a_record_round_trips_and_another_format_is_not_read(tmp_path: Path) -> 
     record = journal.JobRecord({"source": "s"}, [[4, 4]], complete=True, counts=[[1, 2, 3, 4, 0, 1]], block_ones=[[2]])
     journal.write_record(dest, record)
     assert journal.read_record(dest) == record
-    folder = tmp_path / ".out.zarr.relu-dask"
+    folder = tmp_path / "out.zarr" / ".relu-dask"
     data = json.loads((folder / "job.json").read_text())
     (folder / "job.json").write_text(json.dumps({**data, "format": 999}))
     assert journal.read_record(dest) is None
@@ -28,8 +28,8 @@ def test_a_record_round_trips_and_another_format_is_not_read(tmp_path: Path) -> 
 
 def test_a_record_from_before_per_block_counts_still_reads(tmp_path: Path) -> None:
     dest = parse_location(tmp_path / "out.zarr")
-    folder = tmp_path / ".out.zarr.relu-dask"
-    folder.mkdir()
+    folder = tmp_path / "out.zarr" / ".relu-dask"
+    folder.mkdir(parents=True)
     old = {"format": 1, "fingerprint": {}, "block_shapes": [[2]], "complete": True, "counts": None}
     (folder / "job.json").write_text(json.dumps(old))
     record = journal.read_record(dest)

@@ -187,6 +187,8 @@ def test_job_status_of_absent_and_foreign_dest(tmp_path: Path) -> None:
         "state": "absent",
     }
     (tmp_path / "other").mkdir()
+    assert relu_dask.job_status(tmp_path / "other").state == "absent"  # an empty folder: a run fills it
+    (tmp_path / "other" / "notes.txt").write_text("mine")
     assert relu_dask.job_status(tmp_path / "other").state == "unknown"
 
 

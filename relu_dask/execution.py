@@ -21,6 +21,7 @@ import signal
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Unpack
 
@@ -39,7 +40,7 @@ from relu_dask.planning import RunPlan, open_inputs, plan_run
 from relu_dask.prepare import prepare_dest
 from relu_dask.repair import repair
 from relu_dask.report import RunReport, write_report
-from relu_dask.results import record_job, set_counts, set_stats
+from relu_dask.results import measure_stored, record_job, set_counts, set_stats
 from relu_dask.resume import remove_dest_and_journal
 from relu_dask.schedulers import (
     Session,
@@ -189,15 +190,18 @@ def _complete_report(plan: RunPlan, session: Session | None) -> RunReport:
         for entry, array in zip(report.arrays, plan.arrays, strict=True):
             index, src = array.index, array.source
             recorded = record.array(index)
-            set_counts(entry, recorded.counts, src, plan.dest)
+            set_counts(entry, recorded.counts)
             entry.tasks_skipped = entry.num_tasks
             axis, unit_ones = array.unit_axis, recorded.unit_ones
             if axis is not None and (unit_ones is None or recorded.unit_axis != axis):  # no --stats the first time
                 session = session or opened.enter_context(open_session(plan.options.scheduler))
                 unit_ones = mask_unit_ones(plan.dest, src.path, axis, session)
             set_stats(entry, src, axis, unit_ones, plan.inputs.coordinates)
-    if plan.inputs.is_group and not outputs.is_consolidated(plan.dest):  # a kill came between the two
-        outputs.consolidate(plan.dest)
+    with ThreadPoolExecutor(1) as pool:  # on an object store, at once
+        measured = pool.submit(measure_stored, report, plan)
+        if plan.inputs.is_group and not outputs.is_consolidated(plan.dest):  # a kill came between the two
+            outputs.consolidate(plan.dest, plan.dest_nodes)
+        measured.result()
     if record.fingerprint != plan.inputs.fingerprint:  # an older relu-dask's record: keys it lacked
         journal.write_record(plan.dest, replace(record, fingerprint=plan.inputs.fingerprint))
     return report
@@ -386,9 +390,10 @@ def _array_tasks(plan: RunPlan, report: RunReport, run: str) -> list[ArrayTasks]
     """Each array's tasks, with the mask arrays opened as they are now in DEST."""
     out = []
     options, inputs = plan.options, plan.inputs
-    for array in plan.arrays:
+    with ThreadPoolExecutor(min(8, max(1, len(plan.arrays)))) as pool:  # on an object store: at once
+        masks = list(pool.map(lambda a: storage.open_mask_array(inputs.dest, a.source.path), plan.arrays))
+    for array, mask in zip(plan.arrays, masks, strict=True):
         src, chunk_plan = array.source, array.chunks
-        mask = storage.open_mask_array(inputs.dest, src.path)
         assert src.stored is not None, "open_source describes every array"
         report.arrays[array.index].set_io_paths(src.stored, mask)
         token = tokenize(inputs.source.url, src.path, inputs.dest.url, chunk_plan, options.at_zero, plan.engine)

@@ -153,8 +153,7 @@ class Location:
             return sorted(p.name for p in self.path.iterdir()) if self.path.is_dir() else []
         if (direct := self.object_store) is not None:
             bucket, key = direct
-            under = f"{key}/" if key else ""  # a bucket's root: every key
-            return sorted({k[len(under) :].split("/", 1)[0] for k, _ in objectstores.list_prefix(bucket, under)})
+            return objectstores.list_names(bucket, f"{key}/" if key else "")  # "": a bucket's root
         fs, path = self._fs()
         try:
             return sorted(str(p).rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))

@@ -43,6 +43,7 @@ __all__ = [
     "get",
     "get_many",
     "head",
+    "list_names",
     "list_prefix",
     "put",
     "put_many",
@@ -328,6 +329,22 @@ def list_prefix(bucket: Bucket, prefix: str, *, limit: int | None = None) -> lis
             return []  # no bucket: nothing under the prefix
         raise error from None
     return found
+
+
+def list_names(bucket: Bucket, prefix: str) -> list[str]:
+    """The names directly under ``prefix`` (a folder: ending in ``/``, or "" for the bucket's
+    root): its objects and its sub-prefixes, one level, as S3 lists with a delimiter."""
+    import obstore
+
+    try:
+        found = obstore.list_with_delimiter(_client(bucket), prefix or None)
+    except Exception as exc:  # noqa: BLE001
+        error = _failed(bucket, prefix, exc)
+        if isinstance(error, FileNotFoundError):
+            return []
+        raise error from None
+    paths = [str(p) for p in found["common_prefixes"]] + [str(m["path"]) for m in found["objects"]]
+    return sorted({p[len(prefix) :].strip("/").split("/", 1)[0] for p in paths if p.startswith(prefix)} - {""})
 
 
 def _buffer(data: Any) -> Any:

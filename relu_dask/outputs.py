@@ -15,14 +15,17 @@ import json
 import logging
 import os
 import re
+import tempfile
 import warnings
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 import zarr.errors
 
-from relu_dask import conventions
+from relu_dask import conventions, objectstores
 from relu_dask.errors import DestinationExistsError, InputError, NotWritableError
 from relu_dask.journal import JOURNAL_NAME
 from relu_dask.locations import Location
@@ -266,13 +269,39 @@ def copy_array(dest: Location, src: SourceArray) -> zarr.Array:
     return out
 
 
-def consolidate(dest: Location) -> None:
+def consolidate(dest: Location, nodes: Sequence[str] = ()) -> None:
     """Write DEST's consolidated metadata (one read for ``xarray.open_zarr``): at the end of
-    a complete run only."""
+    a complete run only.
+
+    ``nodes``: the paths of DEST's arrays and groups, where the run knows them. On an object
+    store their metadata documents are then read at once and consolidated by zarr in a local
+    folder, and the group's document written back: two round trips, where zarr's own
+    consolidation lists DEST and reads node by node.
+    """
+    if nodes and (direct := dest.object_store) is not None:
+        bucket, key = direct
+        paths = sorted({""} | {"/".join(p.split("/")[:i]) for p in nodes for i in range(1, p.count("/") + 2)})
+        documents = objectstores.get_many(bucket, [f"{key}/{p}/zarr.json" if p else f"{key}/zarr.json" for p in paths])
+        if all(d is not None for d in documents):
+            with tempfile.TemporaryDirectory(prefix="relu-dask-meta-") as folder:
+                for path, document in zip(paths, documents, strict=True):
+                    target = Path(folder, path, "zarr.json")
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(bytes(document))  # type: ignore[arg-type]
+                _consolidate_with_zarr(folder)
+                dest.child("zarr.json").write_bytes(Path(folder, "zarr.json").read_bytes())
+            return
+    _consolidate_with_zarr(dest)
+
+
+def _consolidate_with_zarr(where: str | Location) -> None:
+    """zarr's consolidation of the group at ``where`` (a local folder, or DEST)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "not part of the Zarr v3 spec yet": we know, and xarray reads it
-        root = zarr.open_group(mode="r+", zarr_format=3, **zarr_kwargs(dest))
-        zarr.consolidate_metadata(root.store)
+        store = (
+            where if isinstance(where, str) else zarr.open_group(mode="r+", zarr_format=3, **zarr_kwargs(where)).store
+        )
+        zarr.consolidate_metadata(store)
 
 
 def is_consolidated(dest: Location) -> bool:

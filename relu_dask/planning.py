@@ -81,15 +81,15 @@ def open_inputs(options: RunOptions) -> RunInputs:
         metrics_file=options.metrics_path,
     )
     source = options.source_location
-    contents = storage.open_source(source)
-    _refuse_masks_as_source(source, contents)
-    dest = outputs.prepare_dest(source, options.dest_location)
-    with ThreadPoolExecutor(2) as pool:  # independent reads: on an object store, one round trip
-        adopted = pool.submit(adopt_if_idle, dest)  # an older relu-dask's record beside DEST
-        held = pool.submit(journal.read_held, dest)
-        record = None if options.overwrite else journal.read_record(dest)
-        held_before = held.result()
-        if adopted.result():  # read again, from where it is now
+    with ThreadPoolExecutor(3) as pool:  # DEST's record read while SOURCE opens: on an object store, at once
+        older = pool.submit(journal.legacy_files, options.dest_location)  # an older relu-dask's, beside DEST
+        held = pool.submit(journal.read_held, options.dest_location)
+        recorded_job = pool.submit(lambda: None if options.overwrite else journal.read_record(options.dest_location))
+        contents = storage.open_source(source)
+        _refuse_masks_as_source(source, contents)
+        dest = outputs.prepare_dest(source, options.dest_location)
+        held_before, record = held.result(), recorded_job.result()
+        if older.result() and adopt_if_idle(dest):  # moved into DEST: read again, from there
             held_before = journal.read_held(dest)
             record = None if options.overwrite else journal.read_record(dest)
     recorded: dict[str, ArrayFingerprint] = {}
@@ -213,10 +213,18 @@ class RunPlan:
     """Whether DEST's state was read under DEST's lock, held by the caller (as
     :func:`relu_dask.run` does); :func:`relu_dask.execution.execute` reads it again under
     the lock otherwise."""
+    dest_clean: bool = False
+    """``fresh``: DEST held nothing to remove (:attr:`relu_dask.resume.DestFound.clean`)."""
 
     @property
     def dest(self) -> Location:
         return self.inputs.dest
+
+    @property
+    def dest_nodes(self) -> list[str]:
+        """The paths of the arrays and groups the run makes in DEST (masks, coordinates, groups)."""
+        inputs = self.inputs
+        return [*(a.source.path for a in self.arrays), *(c.path for c in inputs.coordinates), *inputs.groups]
 
     @property
     def num_tasks(self) -> int:
@@ -239,7 +247,7 @@ class RunPlan:
         sized = (session.num_threads, session.cores_per_thread, session.memory_per_thread_bytes)
         if sized == (self.session.num_threads, self.session.cores_per_thread, self.session.memory_per_thread_bytes):
             return replace(self, session=session)
-        found = DestFound(self.state, self.record, self.grown, self.forget_completion)
+        found = DestFound(self.state, self.record, self.grown, self.forget_completion, self.dest_clean)
         return _plan(self.options, self.inputs, found, session, under_lock=self.under_lock)
 
     def report(self) -> RunReport:
@@ -378,6 +386,7 @@ def _plan(options: RunOptions, inputs: RunInputs, found: DestFound, session: Ses
         grown=grown,
         forget_completion=found.forget_completion,
         under_lock=under_lock,
+        dest_clean=found.clean,
     )
 
 

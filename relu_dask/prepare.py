@@ -9,11 +9,13 @@ consistency"): the journal says what is under way before anything it describes i
 from __future__ import annotations
 
 import logging
+import tempfile
 from datetime import UTC, datetime
 from typing import Any
 
-from relu_dask import conventions, journal, outputs, storage
+from relu_dask import conventions, journal, objectstores, outputs, storage
 from relu_dask.kernel import rule_for
+from relu_dask.locations import Location, parse_location
 from relu_dask.planning import RunPlan
 from relu_dask.resume import remove_dest_and_journal
 
@@ -53,7 +55,11 @@ def _start_fresh(plan: RunPlan) -> None:
     The journal goes first: a kill while DEST is being deleted then leaves no record that
     says "complete" beside a half-deleted DEST (see docs/design.md, "Crash consistency").
     """
-    remove_dest_and_journal(plan.dest, "--overwrite")
+    if plan.dest_clean:  # nothing there to remove
+        journal.reach_step("journal-forgotten")
+        journal.reach_step("dest-removed")
+    else:
+        remove_dest_and_journal(plan.dest, "--overwrite")
     block_shapes = [list(a.chunks.block_shape) for a in plan.arrays]
     journal.write_record(plan.dest, journal.JobRecord(plan.inputs.fingerprint, block_shapes))
     journal.reach_step("job-recorded")
@@ -119,12 +125,26 @@ def _create_outputs(plan: RunPlan, *, fresh: bool = False) -> None:
     """Create DEST's group (for a group SOURCE) and every mask array that is not there yet.
 
     On a fresh start (``fresh``: DEST and its done markers were just removed) that is all of
-    them, and nothing is asked first (on an object store, round trips saved); on resume,
-    those a kill stopped from being made, or that went missing since: an array made now holds
-    no mask yet, so any done markers of its tasks are dropped first (they would otherwise be
-    trusted, and leave it empty).
+    them, and nothing is asked first; on an object store they are made in a local folder by
+    zarr and uploaded at once (one round trip, where zarr asks and writes node by node). On
+    resume, those a kill stopped from being made, or that went missing since: an array made
+    now holds no mask yet, so any done markers of its tasks are dropped first (they would
+    otherwise be trusted, and leave it empty).
     """
-    dest = plan.dest
+    if fresh and (direct := plan.dest.object_store) is not None:
+        with tempfile.TemporaryDirectory(prefix="relu-dask-dest-") as folder:
+            staged = parse_location(folder)
+            _make_outputs(plan, staged, fresh=True)
+            bucket, key = direct
+            objectstores.put_many(
+                bucket, [(f"{key}/{name}", staged.child(name).read_bytes()) for name in staged.files()]
+            )
+        return
+    _make_outputs(plan, plan.dest, fresh=fresh)
+
+
+def _make_outputs(plan: RunPlan, dest: Location, *, fresh: bool) -> None:
+    """:func:`_create_outputs`, into ``dest`` (DEST, or a local folder staging a fresh one)."""
     if plan.inputs.is_group and (fresh or not outputs.is_group(dest)):
         outputs.create_dest_group(dest, {**plan.inputs.attributes, **_provenance(plan, None)})
     for path, attributes in sorted(plan.inputs.groups.items()):

@@ -19,13 +19,12 @@ import numpy as np
 from relu_dask import chunking, journal, outputs, storage
 from relu_dask.counts import BlockCounts, KeptCounts, TaskRow
 from relu_dask.graph import MaskTasks
-from relu_dask.locations import Location
 from relu_dask.mask_stats import mask_unit_ones, unit_stats
 from relu_dask.planning import RunPlan
 from relu_dask.report import ArrayReport, RunReport
 from relu_dask.task import ArrayTasks
 
-__all__ = ["record_counts", "record_job", "set_counts", "set_stats"]
+__all__ = ["measure_stored", "record_counts", "record_job", "set_counts", "set_stats"]
 
 log = logging.getLogger(__name__)
 
@@ -44,27 +43,27 @@ def record_job(
         # a worker killed mid-write left its temporary file; its task ran again elsewhere
         log.info("DEST %s: temporary files of writes cut short by a lost worker removed", dest)
     totals, units, block_ones, digests, edges = record_counts(report, plan, array_tasks, tasks, iter(results))
-    journal.write_record(
-        dest,
-        journal.JobRecord(
-            plan.inputs.fingerprint,
-            [list(a.chunks.block_shape) for a in plan.arrays],
-            complete=True,
-            counts=[c.as_row() for c in totals],
-            unit_ones=units,
-            unit_axes=[t.unit_axis for t in array_tasks],
-            block_ones=block_ones,
-            block_digests=digests,
-            append_axis=plan.options.append_axis,
-            edge_blocks=edges,
-        ),
+    record = journal.JobRecord(
+        plan.inputs.fingerprint,
+        [list(a.chunks.block_shape) for a in plan.arrays],
+        complete=True,
+        counts=[c.as_row() for c in totals],
+        unit_ones=units,
+        unit_axes=[t.unit_axis for t in array_tasks],
+        block_ones=block_ones,
+        block_digests=digests,
+        append_axis=plan.options.append_axis,
+        edge_blocks=edges,
     )
-    journal.reach_step("complete")
-    with ThreadPoolExecutor(1) as pool:  # independent: on an object store, their round trips overlap
+    with ThreadPoolExecutor(2) as pool:  # independent: on an object store, their round trips overlap
+        measured = pool.submit(measure_stored, report, plan)
+        journal.write_record(dest, record)
+        journal.reach_step("complete")
         dropped = pool.submit(journal.remove_done_markers, dest)
         if plan.inputs.is_group:
-            outputs.consolidate(dest)
+            outputs.consolidate(dest, plan.dest_nodes)
         dropped.result()
+        measured.result()
 
 
 def record_counts(
@@ -99,7 +98,7 @@ def record_counts(
                 unit_ones = _per_unit(result, array)
         elif array.unit_axis is not None and kept is None:  # an empty array
             unit_ones = [0] * src.shape[array.unit_axis]
-        set_counts(entry, counts, src, plan.dest)
+        set_counts(entry, counts)
         entry.bytes_read = counts.elements_read * src.dtype.itemsize
         entry.tasks_skipped = counts.resumed
         entry.tasks_done_now = entry.num_tasks - counts.resumed
@@ -108,7 +107,7 @@ def record_counts(
             unit_ones = _with_kept_units(kept, array, unit_ones)
             if array.unit_axis is not None and unit_ones is None:  # not kept along this axis: read the masks
                 unit_ones = mask_unit_ones(plan.dest, src.path, array.unit_axis, plan.session)
-            set_counts(entry, counts, src, plan.dest)
+            set_counts(entry, counts)
         ones = _per_block(array.plan, kept, result, "ones")
         digests.append(_per_block(array.plan, kept, result, "digest"))
         set_stats(entry, src, array.unit_axis, unit_ones, plan.inputs.coordinates)
@@ -196,12 +195,24 @@ def _per_unit(result: np.ndarray, array: ArrayTasks) -> list[int]:
     return [int(v) for j, n in enumerate(extents) for v in by_unit_block[j, TaskRow.units(n)]]
 
 
-def set_counts(entry: ArrayReport, counts: BlockCounts, src: storage.SourceArray, dest: Location) -> None:
+def set_counts(entry: ArrayReport, counts: BlockCounts) -> None:
     entry.num_elements = counts.elements
     entry.num_ones = counts.ones
     entry.num_nans = counts.nans
     entry.num_zeros = counts.zeros
-    entry.bytes_written = storage.array_location(dest, src.path).disk_bytes(skip=journal.JOURNAL_NAME)
+
+
+def measure_stored(report: RunReport, plan: RunPlan) -> None:
+    """Each array's bytes in DEST (``bytes_written``): its files listed, all arrays at once."""
+    dest = plan.dest
+
+    def stored(path: str) -> int:
+        return storage.array_location(dest, path).disk_bytes(skip=journal.JOURNAL_NAME)
+
+    with ThreadPoolExecutor(min(8, max(1, len(plan.arrays)))) as pool:
+        sizes = list(pool.map(stored, [a.source.path for a in plan.arrays]))
+    for entry, size in zip(report.arrays, sizes, strict=True):
+        entry.bytes_written = size
 
 
 def _warn_about_zeros(report: RunReport, entry: ArrayReport) -> None:

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -50,6 +51,9 @@ class DestFound:
     """The journal said complete, but DEST lacks masks it names: ``record`` is made
     incomplete here, and the run's first step writes it and drops the done markers
     (:func:`relu_dask.prepare.prepare_dest`), so a kill from then on redoes every task."""
+    clean: bool = False
+    """``fresh``: DEST holds nothing to remove first, neither masks nor a record (its lock and
+    ``held.json`` aside), so replacing it is nothing to do (on an object store, no request)."""
 
 
 def dest_state(
@@ -77,8 +81,12 @@ def dest_state(
         else:
             outputs.check_replaceable(dest)
         return DestFound("fresh")
-    if not outputs.holds_data(dest):  # nothing, or its record alone (a run stopped before it made DEST)
-        return DestFound("fresh")
+    with ThreadPoolExecutor(1) as pool:  # on an object store, both listings at once
+        recorded = pool.submit(journal.journal_dir(dest).files)
+        holds_data = outputs.holds_data(dest)
+    if not holds_data:  # nothing, or its record alone (a run stopped before it made DEST)
+        left = [name for name in recorded.result() if name != "held.json" and name.split(".", 1)[0] != "lock"]
+        return DestFound("fresh", clean=not left)
     record = journal.read_record(dest)
     if record is None and journal.is_being_replaced(dest):
         raise DestinationExistsError(
@@ -138,16 +146,21 @@ def remove_dest_and_journal(dest: Location, reason: str) -> None:
 
     The record of the replacement first (what a kill leaves of DEST is then ours to
     delete), then ``job.json`` and the markers (nothing claims DEST is complete), then DEST.
+    One listing says what is there; only that is deleted (a new DEST: nothing, no request).
     """
-    replacing = outputs.holds_data(dest)
+    files = set(dest.files())
+    replacing = any(name.split("/", 1)[0] != journal.JOURNAL_NAME for name in files)
+    folder = f"{journal.JOURNAL_NAME}/"
     if replacing:
         journal.mark_replacing(dest)
-    journal.remove_journal(dest)
+    if f"{folder}job.json" in files or any(name.startswith(f"{folder}done/") for name in files):
+        journal.remove_journal(dest)
     journal.reach_step("journal-forgotten")
     if replacing:
         outputs.remove_dest(dest, reason)
     journal.reach_step("dest-removed")
-    journal.unmark_replacing(dest)
+    if replacing or f"{folder}replacing" in files:
+        journal.unmark_replacing(dest)
 
 
 JobState = Literal["absent", "unknown", "partial", "complete"]

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -152,9 +153,16 @@ def open_source(source: Location) -> SourceContents:
             raise InputError(f"SOURCE {source} does not exist")
         if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
             raise InputError(f"SOURCE {source} is not readable (permission denied)")
-    elif not _exists(source):
-        raise InputError(f"SOURCE {source} does not exist (or its storage cannot be reached)")
-    node = _open_node(source)
+        node = _open_node(source)
+    else:
+        with ThreadPoolExecutor(1) as pool:  # asked meanwhile, for the message if it cannot be opened
+            exists = pool.submit(_exists, source)
+            try:
+                node = _open_node(source)
+            except Exception:  # "cannot reach" (from exists) before "does not exist", before what zarr said
+                if not exists.result():
+                    raise InputError(f"SOURCE {source} does not exist (or its storage cannot be reached)") from None
+                raise
     if isinstance(node, zarr.Array):
         src = _source_array("", node, source)
         check_dtype(src.dtype, where=f"SOURCE {source}")
@@ -166,7 +174,9 @@ def open_source(source: Location) -> SourceContents:
             members = sorted(node.members(max_depth=None), key=lambda m: m[0])
     except (PermissionError, OSError) as exc:
         raise InputError(f"SOURCE {source} could not be read: {exc}") from exc
-    found = [_source_array(name, member, source) for name, member in members if isinstance(member, zarr.Array)]
+    arrays = [(name, member) for name, member in members if isinstance(member, zarr.Array)]
+    with ThreadPoolExecutor(min(8, max(1, len(arrays)))) as pool:  # their documents read at once
+        found = list(pool.map(lambda item: _source_array(item[0], item[1], source), arrays))
     contents.groups.update({name: dict(g.attrs) for name, g in members if isinstance(g, zarr.Group)})
     coordinates = conventions.coordinate_paths(found, {"": contents.attributes, **contents.groups})
     for src in found:
@@ -197,10 +207,12 @@ def _open_node(source: Location) -> zarr.Array | zarr.Group:
             # Opening is read-only: warnings about how other dtypes *would* be written
             # are not the user's concern here.
             warnings.simplefilter("ignore")
-            node = zarr.open(mode="r", **zarr_kwargs(source))
-            if isinstance(node, zarr.Group):  # members as they are, not as consolidated metadata last saw them
-                node = zarr.open_group(mode="r", use_consolidated=False, **zarr_kwargs(source))
-            return node
+            try:  # members as they are, not as consolidated metadata last saw them
+                return zarr.open_group(mode="r", use_consolidated=False, **zarr_kwargs(source))
+            except zarr.errors.ContainsArrayError:  # a v3 array: its document is read again
+                return zarr.open_array(mode="r", zarr_format=3, **zarr_kwargs(source))
+            except zarr.errors.NodeNotFoundError:  # a v2 array, or nothing: zarr says which
+                return zarr.open(mode="r", **zarr_kwargs(source))
     except PermissionError as exc:
         raise InputError(f"SOURCE {source} is not readable (permission denied: {exc.filename})") from exc
     except (zarr.errors.NodeNotFoundError, FileNotFoundError, NotADirectoryError):
@@ -277,10 +289,20 @@ def array_at(where: Location, path: str, *, mode: Literal["r", "r+"]) -> zarr.Ar
 
 
 def open_mask_array(dest: Location, path: str, *, writable: bool = True) -> StoredArray:
-    """Open a mask array of DEST (for writing, unless not ``writable``), with how its chunks are written and read."""
-    array = array_at(dest, path, mode="r+" if writable else "r")
+    """Open a mask array of DEST (for writing, unless not ``writable``), with how its chunks are written and read.
+
+    DEST is Zarr v3 (relu-dask made it): zarr reads one document, and relu-dask reads it
+    meanwhile for the direct path (on an object store, one round trip for both).
+    """
     location = array_location(dest, path)
-    return describe_stored(array, location, read_metadata(location))
+    mode: Literal["r", "r+"] = "r+" if writable else "r"
+    with ThreadPoolExecutor(1) as pool:
+        metadata = pool.submit(read_metadata, location)
+        try:
+            array = zarr.open_array(mode=mode, zarr_format=3, path=path, **zarr_kwargs(dest))
+        except (zarr.errors.NodeNotFoundError, FileNotFoundError, ValueError):  # not a v3 array: say what it is
+            array = array_at(dest, path, mode=mode)
+        return describe_stored(array, location, metadata.result())
 
 
 def open_array(location: Location | str | os.PathLike[str], array_path: str = "") -> zarr.Array:

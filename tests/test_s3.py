@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import zarr
-from _support import activations, chunk_files, cli, free_port, kill_at_step, oracle, start_cli
+from _support import activations, chunk_files, cli, dest_files, free_port, kill_at_step, oracle, start_cli
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
@@ -143,6 +144,12 @@ def test_a_missing_bucket_and_an_unreachable_endpoint_are_one_line_each(s3: dict
 # --------------------------------------------------------------------------- the direct path
 
 
+def _provenance_free(document: bytes) -> object:
+    """A metadata document without the provenance that differs between two runs (when, and from where)."""
+    text = re.sub(rb'"relu_dask_(created_utc|source)": "[^"]*"', rb'"relu_dask_\1": ""', document)
+    return json.loads(text)
+
+
 def _objects(s3: dict[str, str], prefix: str) -> dict[str, bytes]:
     """Every object under ``prefix`` (keys relative to it), byte for byte."""
     import s3fs
@@ -187,6 +194,14 @@ def test_the_direct_path_writes_on_s3_the_bytes_a_local_run_writes(s3: dict[str,
         chunks = {k: v for k, v in _objects(s3, f"layouts/masks{suffix}").items() if not k.endswith(metadata)}
         chunks = {k: v for k, v in chunks.items() if not k.startswith(".relu-dask/")}  # the journals differ
         assert chunks == chunk_files(tmp_path / f"masks{suffix}") and len(chunks) > 10
+        # every metadata document as the local run's (made there by zarr node by node, here
+        # staged and uploaded, and consolidated from the known nodes): but for where SOURCE was
+        documents = {k: v for k, v in _objects(s3, f"layouts/masks{suffix}").items() if k.endswith("zarr.json")}
+        made_here = dest_files(tmp_path / f"masks{suffix}")
+        assert sorted(documents) == sorted(k for k in made_here if k.endswith("zarr.json")) and len(documents) >= 2
+        for name, document in documents.items():
+            assert _provenance_free(document) == _provenance_free(made_here[name]), name
+        assert "consolidated_metadata" in json.loads(documents["zarr.json"])
         verified = cli("verify", dest, *options, "--source")
         assert verified.returncode == 0, verified.stdout + verified.stderr
     assert "raw/c/0/0" not in _objects(s3, "layouts/masks") and "raw/c/0/1" in _objects(s3, "layouts/masks")

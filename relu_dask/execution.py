@@ -307,6 +307,9 @@ def _run_tasks(
             raise
         finally:
             _release_buffers(session)
+            unwritten = journal.flush_done()  # the done markers the tasks left to the pool
+        if unwritten:
+            raise unwritten[0]  # its block is done, but not marked so: failed as a write to DEST
     report.wall_s, report.cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
     return results
 
@@ -339,6 +342,7 @@ def _stopping(plan: RunPlan, run: str) -> Iterator[None]:
     except KeyboardInterrupt as stop:
         signum = getattr(stop, "signum", signal.SIGINT)
         still = _stop_tasks(plan.session, run)
+        journal.flush_done()  # those the tasks let go of meanwhile: not written is not done
         done = sum(journal.count_done(plan.dest, i) for i in range(len(plan.inputs.arrays)))
         name = signal.Signals(signum).name
         left = f"; {still} task(s) still running were let go" if still else ""
@@ -409,6 +413,7 @@ def _array_tasks(plan: RunPlan, report: RunReport, run: str) -> list[ArrayTasks]
                 name=src.path,
                 done_dir=journal.done_dir(inputs.dest, array.index),
                 may_be_done=plan.state != "fresh",  # a fresh DEST's journal holds no marker
+                defer_markers=plan.session.client is None and plan.session.spec.name in ("threads", "synchronous"),
                 unit_axis=array.unit_axis,
                 token=token,
                 live=plan.session.live_page is not None and plan.session.client is not None,

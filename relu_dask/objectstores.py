@@ -27,7 +27,7 @@ import functools
 import json
 import os
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -47,6 +47,7 @@ __all__ = [
     "list_prefix",
     "put",
     "put_many",
+    "put_soon",
     "zarr_store",
 ]
 
@@ -259,6 +260,11 @@ def put(bucket: Bucket, key: str, data: Any) -> None:
         obstore.put(_client(bucket), key, _buffer(data))
     except Exception as exc:  # noqa: BLE001
         raise _failed(bucket, key, exc) from None
+
+
+def put_soon(bucket: Bucket, key: str, data: Any) -> Future[None]:
+    """Write one whole object from the pool; the future says when it is written (or why not)."""
+    return _pool().submit(put, bucket, key, data)
 
 
 def put_many(bucket: Bucket, items: Sequence[tuple[str, Any]]) -> None:

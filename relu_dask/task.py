@@ -59,6 +59,11 @@ class ArrayTasks:
     may_be_done: bool = True
     """Whether a task may find its block marked done already (a resumed or grown DEST); a
     fresh run's tasks do not look (on an object store, a round trip each saved)."""
+    defer_markers: bool = False
+    """Whether a task leaves writing its done marker to the object store's pool, after its
+    chunks are written, rather than waiting for it: for tasks run in this process (threads,
+    synchronous), which the run waits for before it counts the markers or records the job
+    (:func:`relu_dask.journal.flush_done`)."""
     unit_axis: int | None = None
     """With ``--stats``: the axis of the units, whose ones each task also counts per unit."""
     run: str = ""
@@ -183,7 +188,7 @@ def _process_block(tasks: ArrayTasks, block_id: tuple[int, ...]) -> np.ndarray:
             others = tuple(a for a in range(ndim) if a != tasks.unit_axis)
             per_unit = _sum_ones(mask, others).tolist()
     if tasks.done_dir is not None:
-        journal.record_done(tasks.done_dir, index, counts, per_unit, tasks.marker_kind)
+        journal.record_done(tasks.done_dir, index, counts, per_unit, tasks.marker_kind, defer=tasks.defer_markers)
     return _row(counts, per_unit, width, ndim)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import zarr
-from _support import activations, chunk_files, cli, dest_files, free_port, kill_at_step, oracle, start_cli
+from _support import activations, chunk_files, cli, cli_env, dest_files, free_port, kill_at_step, oracle, start_cli
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
@@ -435,3 +435,44 @@ def test_wrong_credentials_end_in_one_line_naming_the_url(tmp_path: Path) -> Non
     (line,) = proc.stderr.splitlines()
     assert line.startswith(f"relu-dask: error: cannot reach s3://{BUCKET}/acts.zarr: ") and "403" in line
     assert not (tmp_path / "o.zarr").exists()
+
+
+def test_sigterm_on_s3_counts_exactly_the_markers_the_pool_wrote(s3: dict[str, str], tmp_path: Path) -> None:
+    """The threads scheduler's tasks leave their done markers to the store's pool: a stop waits
+    for those before it says how many tasks are done, and nothing is written after it."""
+    import s3fs
+
+    x = activations((256 * 64, 1024), "float32", seed=14)  # 64 MiB in 256 chunks: long enough to stop
+    prefix = "stop"
+    _s3_source(s3, f"{prefix}/acts.zarr", x, (64, 1024))
+    source, dest = f"s3://{BUCKET}/{prefix}/acts.zarr", f"s3://{BUCKET}/{prefix}/masks.zarr"
+    args = ("run", source, dest, "--storage-options", json.dumps(s3), "--chunks", "64,1024", "--scheduler", "threads")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relu_dask", *args, "--progress", "none"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+        start_new_session=True,
+    )
+    fs = s3fs.S3FileSystem(**s3, skip_instance_cache=True)
+    done_prefix = f"{BUCKET}/{prefix}/masks.zarr/.relu-dask/done"
+
+    def markers() -> int:
+        fs.invalidate_cache()
+        return len(fs.find(done_prefix)) if fs.exists(done_prefix) else 0
+
+    end = time.monotonic() + 60
+    while proc.poll() is None and markers() < 4 and time.monotonic() < end:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    (line,) = [x for x in err.splitlines() if x.startswith("relu-dask: error:")]
+    done = int(line.split("stopped by SIGTERM: ")[1].split(" of ")[0])
+    time.sleep(1.0)
+    assert markers() == done and 4 <= done < 256
+    again = cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert np.array_equal(zarr.open_array(store=dest, mode="r", storage_options=s3)[...], oracle(x))

@@ -92,29 +92,43 @@ def hold_lock(
         **({"following": True} if following else {}),
     }
     stop = threading.Event()
-    beat = threading.Thread(target=_heartbeat, args=(lock, stop, heartbeat_s), name="relu-dask-lock", daemon=True)
+    beaten: list[float] = []  # when the lock was last written by us (monotonic): none until taken
+    beat = threading.Thread(
+        target=_heartbeat, args=(lock, stop, heartbeat_s, beaten), name="relu-dask-lock", daemon=True
+    )
     legacy = legacy_journal_dir(dest)
     try:
         with ThreadPoolExecutor(1) as pool:  # is there an older relu-dask's record beside DEST? (meanwhile)
             older = pool.submit(legacy_files, dest)
             _acquire(lock, me, stale_after_s, dest)
+            beaten[:] = [time.monotonic()]
             beat.start()
         if older.result():
             _refuse_if_held(legacy.child("lock"), stale_after_s, dest)
             adopt_legacy_journal(dest)
         yield
     finally:
-        _finish_even_if_stopped(_release, lock, me, made_dest, stop, beat)
+        _finish_even_if_stopped(_release, lock, me, made_dest, stop, beat, beaten, stale_after_s)
 
 
 def _release(
-    lock: Location, me: dict[str, Any], made_dest: bool, stop: threading.Event, beat: threading.Thread
+    lock: Location,
+    me: dict[str, Any],
+    made_dest: bool,
+    stop: threading.Event,
+    beat: threading.Thread,
+    beaten: list[float],
+    stale_after_s: float,
 ) -> None:
+    """Remove our lock. Written by us less than half the stale age ago, nobody can have taken
+    it over (on an object store, the read that checks is a round trip saved); else it is read
+    first, and removed only if it is still ours."""
     stop.set()
     if beat.is_alive():
         beat.join()
     with contextlib.suppress(OSError, ValueError):
-        if json.loads(lock.read_text()).get("pid") == me["pid"]:
+        recent = bool(beaten) and time.monotonic() - beaten[-1] < stale_after_s / 2
+        if beaten and (recent or json.loads(lock.read_text()).get("pid") == me["pid"]):
             lock.remove()
     folder = lock.parent()
     if folder.is_local:  # a run refused under the lock leaves nothing behind
@@ -251,7 +265,8 @@ def adopt_if_idle(dest: Location) -> bool:
         return False
 
 
-def _heartbeat(lock: Location, stop: threading.Event, every_s: float) -> None:
+def _heartbeat(lock: Location, stop: threading.Event, every_s: float, beaten: list[float]) -> None:
     while not stop.wait(every_s):
         with contextlib.suppress(OSError):
             lock.touch()
+            beaten[:] = [time.monotonic()]

@@ -27,6 +27,7 @@ ratio to relu-dask. Usage::
 
     python scripts/bench_remote.py --latency-ms 0,30,100 --rounds 3
     python scripts/bench_remote.py --quick     # 32 MiB, 1 round: a smoke test
+    python scripts/bench_remote.py --size-mib 4096 --latency-ms 30 --rounds 1 --contenders relu-dask
 """
 
 from __future__ import annotations
@@ -268,8 +269,8 @@ def contenders() -> tuple[str, ...]:
     return CONTENDERS
 
 
-def run_latency(latency_ms: float, rows: int, rounds: int) -> list[list[object]]:
-    names = contenders()
+def run_latency(latency_ms: float, rows: int, rounds: int, only: Sequence[str] = ()) -> list[list[object]]:
+    names = tuple(name for name in contenders() if not only or name in only)
     server, endpoint = start_endpoint(latency_ms)
     try:
         run_child(_child("generate", endpoint, str(rows)), timeout_s=CHILD_TIMEOUT_S)
@@ -327,6 +328,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--size-mib", type=int, default=256, help="float32 MiB of source (default 256)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--quick", action="store_true", help="32 MiB, 1 round: a smoke test")
+    parser.add_argument(
+        "--contenders",
+        default="",
+        help=f"a comma-separated subset of {', '.join(CONTENDERS)} (default all; relu-dask always runs)",
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -348,8 +354,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     print_facts(extra=[("zarr loop", f"{LOOP_THREADS} threads, {loop}")])
     print(f"\nsource: {rows} x {UNITS} float32 ({args.size_mib} MiB), chunks {CHUNKS[0]} x {CHUNKS[1]}")
     table: list[list[object]] = []
+    only = {"relu-dask", *(n.strip() for n in args.contenders.split(",") if n.strip())} if args.contenders else set()
+    if unknown := only - set(CONTENDERS):
+        parser.error(f"--contenders: unknown {', '.join(sorted(unknown))}")
     for latency in (float(v) for v in args.latency_ms.split(",")):
-        table.extend(run_latency(latency, rows, args.rounds))
+        table.extend(run_latency(latency, rows, args.rounds, tuple(only)))
     print()
     headers = ["latency ms", "contender", "wall s", "GB/s", "wall / relu-dask wall", "peak RSS MiB", "exact"]
     print(markdown_table(headers, table))

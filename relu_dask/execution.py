@@ -31,7 +31,7 @@ from relu_dask import chunkio, conventions, journal, livepage, outputs, storage
 from relu_dask.computing import STOP_GRACE_S, compute
 from relu_dask.errors import NaNFoundError, ProcessingError, ReluDaskError, RunStopped
 from relu_dask.graph import MaskTasks, build_mask_tasks
-from relu_dask.locations import Location
+from relu_dask.locations import Location, at_once
 from relu_dask.lock import hold_lock
 from relu_dask.mask_stats import mask_unit_ones
 from relu_dask.metrics import write_metrics
@@ -394,8 +394,7 @@ def _array_tasks(plan: RunPlan, report: RunReport, run: str) -> list[ArrayTasks]
     """Each array's tasks, with the mask arrays opened as they are now in DEST."""
     out = []
     options, inputs = plan.options, plan.inputs
-    with ThreadPoolExecutor(min(8, max(1, len(plan.arrays)))) as pool:  # on an object store: at once
-        masks = list(pool.map(lambda a: storage.open_mask_array(inputs.dest, a.source.path), plan.arrays))
+    masks = at_once(lambda a: storage.open_mask_array(inputs.dest, a.source.path), plan.arrays)
     for array, mask in zip(plan.arrays, masks, strict=True):
         src, chunk_plan = array.source, array.chunks
         assert src.stored is not None, "open_source describes every array"

@@ -18,14 +18,19 @@ import json
 import os
 import shutil
 import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from relu_dask import objectstores
 from relu_dask.errors import InputError
 
-__all__ = ["Location", "parse_location", "parse_storage_options"]
+__all__ = ["Location", "at_once", "parse_location", "parse_storage_options"]
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def parse_storage_options(text: str | dict[str, Any] | None) -> dict[str, Any]:
@@ -302,6 +307,16 @@ class Location:
         other.write_text(text)
         self.remove()
         return True
+
+
+def at_once(function: Callable[[T], R], items: Iterable[T], limit: int = 8) -> list[R]:
+    """``function`` of each item, in order, up to ``limit`` at once (threads: on an object
+    store their round trips overlap); one item is called here."""
+    items = list(items)
+    if len(items) < 2:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(min(limit, len(items))) as pool:
+        return list(pool.map(function, items))
 
 
 def _below(relative: str, name: str | None) -> bool:

@@ -24,7 +24,7 @@ from relu_dask.fingerprint import fingerprint_array, settled_sha256, stat_chunk
 from relu_dask.growth import kept_of_partial_run, num_kept, plan_growth, starting_at
 from relu_dask.kernel import choose_engine, rule_for
 from relu_dask.livewriter import settle
-from relu_dask.locations import Location
+from relu_dask.locations import Location, at_once
 from relu_dask.lock import adopt_if_idle
 from relu_dask.options import RunOptions, check_output_files
 from relu_dask.records import ArrayFingerprint, JobFingerprint
@@ -140,8 +140,7 @@ def _fingerprints(
 
     if source.is_local or len(arrays) < 2:
         return [one(a, axis) for a, axis in zip(arrays, append_axes)]
-    with ThreadPoolExecutor(min(8, len(arrays))) as pool:
-        return list(pool.map(one, arrays, append_axes))
+    return at_once(lambda pair: one(*pair), zip(arrays, append_axes))
 
 
 def _refuse_masks_as_source(source: Location, contents: storage.SourceContents) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 from relu_dask import chunking, journal, outputs, storage
 from relu_dask.counts import BlockCounts, KeptCounts, TaskRow
 from relu_dask.graph import MaskTasks
+from relu_dask.locations import at_once
 from relu_dask.mask_stats import mask_unit_ones, unit_stats
 from relu_dask.planning import RunPlan
 from relu_dask.report import ArrayReport, RunReport
@@ -209,8 +210,7 @@ def measure_stored(report: RunReport, plan: RunPlan) -> None:
     def stored(path: str) -> int:
         return storage.array_location(dest, path).disk_bytes(skip=journal.JOURNAL_NAME)
 
-    with ThreadPoolExecutor(min(8, max(1, len(plan.arrays)))) as pool:
-        sizes = list(pool.map(stored, [a.source.path for a in plan.arrays]))
+    sizes = at_once(stored, [a.source.path for a in plan.arrays])
     for entry, size in zip(report.arrays, sizes, strict=True):
         entry.bytes_written = size
 

@@ -148,18 +148,19 @@ def remove_dest_and_journal(dest: Location, reason: str) -> None:
     delete), then ``job.json`` and the markers (nothing claims DEST is complete), then DEST.
     One listing says what is there; only that is deleted (a new DEST: nothing, no request).
     """
-    files = set(dest.files())
-    replacing = any(name.split("/", 1)[0] != journal.JOURNAL_NAME for name in files)
-    folder = f"{journal.JOURNAL_NAME}/"
+    with ThreadPoolExecutor(1) as pool:  # DEST a level deep, its record whole: on an object store, at once
+        recorded = pool.submit(journal.journal_dir(dest).files)
+        replacing = outputs.holds_data(dest)
+        files = set(recorded.result())
     if replacing:
         journal.mark_replacing(dest)
-    if f"{folder}job.json" in files or any(name.startswith(f"{folder}done/") for name in files):
+    if "job.json" in files or any(name.startswith("done/") for name in files):
         journal.remove_journal(dest)
     journal.reach_step("journal-forgotten")
     if replacing:
         outputs.remove_dest(dest, reason)
     journal.reach_step("dest-removed")
-    if replacing or f"{folder}replacing" in files:
+    if replacing or "replacing" in files:
         journal.unmark_replacing(dest)
 
 

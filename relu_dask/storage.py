@@ -26,7 +26,7 @@ from relu_dask import conventions, objectstores
 from relu_dask.blocks import StoredArray, describe_stored, read_metadata, read_metadata_bytes
 from relu_dask.errors import InputError, UnsupportedDtypeError
 from relu_dask.kernel import check_dtype
-from relu_dask.locations import Location
+from relu_dask.locations import Location, at_once
 
 __all__ = [
     "METADATA_NAMES",
@@ -175,8 +175,7 @@ def open_source(source: Location) -> SourceContents:
     except (PermissionError, OSError) as exc:
         raise InputError(f"SOURCE {source} could not be read: {exc}") from exc
     arrays = [(name, member) for name, member in members if isinstance(member, zarr.Array)]
-    with ThreadPoolExecutor(min(8, max(1, len(arrays)))) as pool:  # their documents read at once
-        found = list(pool.map(lambda item: _source_array(item[0], item[1], source), arrays))
+    found = at_once(lambda item: _source_array(item[0], item[1], source), arrays)  # their documents at once
     contents.groups.update({name: dict(g.attrs) for name, g in members if isinstance(g, zarr.Group)})
     coordinates = conventions.coordinate_paths(found, {"": contents.attributes, **contents.groups})
     for src in found:

@@ -10,6 +10,7 @@ one block in or out. With :mod:`relu_dask.storage`, the only modules that import
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path, PurePath, PurePosixPath
 from typing import Any
@@ -18,7 +19,7 @@ import numpy as np
 import zarr
 import zarr.errors
 
-from relu_dask import chunkio, objectstores
+from relu_dask import chunkio, objectstores, writebehind
 from relu_dask.chunkfiles import (
     ChunkFiles,
     NotDirect,
@@ -256,7 +257,9 @@ def _damaged(stored: StoredArray, coords: tuple[int, ...], exc: Exception) -> Da
     )
 
 
-def write_block(stored: StoredArray, selection: tuple[slice, ...], block: np.ndarray, into: chunkio.Scratch) -> None:
+def write_block(
+    stored: StoredArray, selection: tuple[slice, ...], block: np.ndarray, into: chunkio.Scratch, *, later: bool = False
+) -> Future[None] | None:
     """Write ``block`` to ``array[selection]``, a selection of whole chunks (or up to the edge).
 
     Where :mod:`relu_dask.chunkfiles` describes the array's chunk files, each chunk is
@@ -265,16 +268,20 @@ def write_block(stored: StoredArray, selection: tuple[slice, ...], block: np.nda
     with the fill value in ``into``. Any other array, or a selection that cuts a chunk, is
     written by zarr. As zarr does by default, a chunk equal to the fill value is not
     stored, and one stored before is removed.
+
+    ``later``, in a bucket: the chunks are written by the store's pool while the caller goes
+    on (:func:`relu_dask.writebehind.write_later`); the future says when they are written.
+    None where they are written already.
     """
     files = stored.files
     if files is None or block.dtype != files.format.dtype.newbyteorder("="):
         stored.array[selection] = block
-        return
+        return None
     grid, shape = files.format.chunk_shape, files.shape
     whole = all(s.start % c == 0 and (s.stop % c == 0 or s.stop == n) for s, c, n in zip(selection, grid, shape))
     if not whole or files.format.dtype.byteorder == ">" or files.format.order != "C":
         stored.array[selection] = block  # a cut chunk needs zarr's read-modify-write
-        return
+        return None
     ranges = [range(s.start // c, -(-s.stop // c)) for s, c in zip(selection, grid)]
     puts: list[tuple[str, Any]] = []
     deletes: list[str] = []
@@ -299,12 +306,18 @@ def write_block(stored: StoredArray, selection: tuple[slice, ...], block: np.nda
             padded[tuple(slice(0, k) for k in part.shape)] = part
             part = padded
         if stored.bucket is not None:
-            puts.append((str(path), chunkio.encode_chunk(part, files.format)))
+            data = chunkio.encode_chunk(part, files.format)
+            # raw bytes are the block's own memory, which the task reuses before a later write
+            puts.append((str(path), bytes(data) if later and files.format.codec is None else data))
         else:
             chunkio.write_chunk(path, part, files.format)
-    if stored.bucket is not None:  # all of the block's chunks at once
-        objectstores.put_many(stored.bucket, puts)
-        objectstores.delete_many(stored.bucket, deletes)
+    if stored.bucket is None:
+        return None
+    if later:
+        return writebehind.write_later(stored.bucket, puts, deletes)
+    objectstores.put_many(stored.bucket, puts)  # all of the block's chunks at once
+    objectstores.delete_many(stored.bucket, deletes)
+    return None
 
 
 def drop_stored_objects(stored: StoredArray, folder: Location, selection: tuple[slice, ...]) -> int:

@@ -27,7 +27,7 @@ from typing import Any, Unpack
 
 from dask.base import tokenize
 
-from relu_dask import chunkio, conventions, journal, livepage, outputs, storage
+from relu_dask import chunkio, conventions, journal, livepage, outputs, storage, writebehind
 from relu_dask.computing import STOP_GRACE_S, compute
 from relu_dask.errors import NaNFoundError, ProcessingError, ReluDaskError, RunStopped
 from relu_dask.graph import MaskTasks, build_mask_tasks
@@ -307,9 +307,9 @@ def _run_tasks(
             raise
         finally:
             _release_buffers(session)
-            unwritten = journal.flush_done()  # the done markers the tasks left to the pool
+            unwritten = writebehind.finish_writes()  # the chunks and done markers the tasks left to the pool
         if unwritten:
-            raise unwritten[0]  # its block is done, but not marked so: failed as a write to DEST
+            raise unwritten[0]  # a write to DEST that failed
     report.wall_s, report.cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
     return results
 
@@ -342,7 +342,7 @@ def _stopping(plan: RunPlan, run: str) -> Iterator[None]:
     except KeyboardInterrupt as stop:
         signum = getattr(stop, "signum", signal.SIGINT)
         still = _stop_tasks(plan.session, run)
-        journal.flush_done()  # those the tasks let go of meanwhile: not written is not done
+        writebehind.finish_writes()  # those the tasks let go of meanwhile: not written is not done
         done = sum(journal.count_done(plan.dest, i) for i in range(len(plan.inputs.arrays)))
         name = signal.Signals(signum).name
         left = f"; {still} task(s) still running were let go" if still else ""
@@ -412,7 +412,7 @@ def _array_tasks(plan: RunPlan, report: RunReport, run: str) -> list[ArrayTasks]
                 name=src.path,
                 done_dir=journal.done_dir(inputs.dest, array.index),
                 may_be_done=plan.state != "fresh",  # a fresh DEST's journal holds no marker
-                defer_markers=plan.session.client is None and plan.session.spec.name in ("threads", "synchronous"),
+                defer_writes=plan.session.client is None and plan.session.spec.name in ("threads", "synchronous"),
                 unit_axis=array.unit_axis,
                 token=token,
                 live=plan.session.live_page is not None and plan.session.client is not None,

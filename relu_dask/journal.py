@@ -27,13 +27,12 @@ import contextlib
 import json
 import logging
 import os
-import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from relu_dask import objectstores
+from relu_dask import writebehind
 from relu_dask.counts import BlockCounts, TaskRow
 from relu_dask.locations import Location
 from relu_dask.records import JobFingerprint
@@ -47,7 +46,6 @@ __all__ = [
     "adopt_legacy_journal",
     "count_done",
     "done_dir",
-    "flush_done",
     "is_being_replaced",
     "journal_dir",
     "legacy_files",
@@ -299,6 +297,7 @@ def record_done(
     what: str,
     *,
     defer: bool = False,
+    after: Future[None] | None = None,
 ) -> None:
     """Mark one task done, with its counts (called by the task, after its write).
 
@@ -306,8 +305,9 @@ def record_done(
     one) and the per-unit ones. ``what`` says what they are (for instance ``units=1``:
     per-unit ones along axis 1 follow the counts); :func:`read_done` gives them back only to
     a task that expects the same. ``defer``, on an object store: the marker is written by the
-    store's pool while the task goes on (its chunks are written already, so the order holds);
-    :func:`flush_done` waits for every such write.
+    store's pool while the task goes on, once ``after`` (the writes of the block's chunks
+    left to the pool, :func:`relu_dask.writebehind.write_later`) is done, and not if they
+    failed; :func:`relu_dask.writebehind.finish_writes` waits for all.
     """
     if not what or any(c.isspace() for c in what):
         raise ValueError(f"a marker's description is one word, got {what!r}")
@@ -316,30 +316,12 @@ def record_done(
     marker, text = folder.child(marker_name(block_index)), " ".join([what, *digest, *values])
     direct = marker.object_store if defer else None
     if direct is None:
+        if after is not None:
+            after.result()
         marker.write_text(text)
         return
-    written = objectstores.put_soon(*direct, text)
-    with _PENDING_LOCK:
-        _PENDING.append(written)
-
-
-_PENDING: list[Future[None]] = []
-_PENDING_LOCK = threading.Lock()
-
-
-def flush_done() -> list[BaseException]:
-    """Wait for the done markers :func:`record_done` left to the pool; return the errors of
-    those that could not be written (their tasks are redone by the next run)."""
-    with _PENDING_LOCK:
-        pending = list(_PENDING)
-        _PENDING.clear()
-    errors: list[BaseException] = []
-    for written in pending:
-        try:
-            written.result()
-        except Exception as exc:  # noqa: BLE001 - handed to the caller, who says what it means
-            errors.append(exc)
-    return errors
+    bucket, key = direct
+    writebehind.write_later(bucket, [(key, text.encode())], after=after)
 
 
 def read_done(folder: Location, block_index: Sequence[int], what: str) -> tuple[BlockCounts, list[int]] | None:

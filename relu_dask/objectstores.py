@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -47,7 +47,7 @@ __all__ = [
     "list_prefix",
     "put",
     "put_many",
-    "put_soon",
+    "submit",
     "zarr_store",
 ]
 
@@ -262,9 +262,9 @@ def put(bucket: Bucket, key: str, data: Any) -> None:
         raise _failed(bucket, key, exc) from None
 
 
-def put_soon(bucket: Bucket, key: str, data: Any) -> Future[None]:
-    """Write one whole object from the pool; the future says when it is written (or why not)."""
-    return _pool().submit(put, bucket, key, data)
+def submit(fn: Callable[..., Any], *args: Any) -> Future[Any]:
+    """Run ``fn(*args)`` on this process's pool of requests (:data:`IN_FLIGHT` threads)."""
+    return _pool().submit(fn, *args)
 
 
 def put_many(bucket: Bucket, items: Sequence[tuple[str, Any]]) -> None:

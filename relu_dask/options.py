@@ -252,9 +252,9 @@ def _axis(value: int | str) -> int:
 
 #: On an object store a task waits on the network more than it computes: the threads
 #: scheduler runs at least this many tasks at once (unless ``--workers`` says otherwise) ...
-REMOTE_THREADS = 10
+REMOTE_THREADS = 20
 #: ... on blocks of about this many bytes (for ``--chunks auto``), so that memory stays flat.
-REMOTE_BLOCK_BYTES = 8 * 2**20
+REMOTE_BLOCK_BYTES = 4 * 2**20
 
 
 def _for_the_store(

@@ -59,11 +59,11 @@ class ArrayTasks:
     may_be_done: bool = True
     """Whether a task may find its block marked done already (a resumed or grown DEST); a
     fresh run's tasks do not look (on an object store, a round trip each saved)."""
-    defer_markers: bool = False
-    """Whether a task leaves writing its done marker to the object store's pool, after its
-    chunks are written, rather than waiting for it: for tasks run in this process (threads,
-    synchronous), which the run waits for before it counts the markers or records the job
-    (:func:`relu_dask.journal.flush_done`)."""
+    defer_writes: bool = False
+    """Whether a task leaves writing its chunks, then its done marker, to the object store's
+    pool rather than waiting for them: for tasks run in this process (threads, synchronous),
+    whose writes the run waits for before it counts the markers or records the job
+    (:func:`relu_dask.writebehind.finish_writes`)."""
     unit_axis: int | None = None
     """With ``--stats``: the axis of the units, whose ones each task also counts per unit."""
     run: str = ""
@@ -182,13 +182,15 @@ def _process_block(tasks: ArrayTasks, block_id: tuple[int, ...]) -> np.ndarray:
         counts = BlockCounts(
             block.size, int(np.count_nonzero(mask)), nans, zeros, elements_read=block.size, digest=mask_digest(mask)
         )
-        blocks.write_block(tasks.dest, slices, mask, into)
+        written = blocks.write_block(tasks.dest, slices, mask, into, later=tasks.defer_writes)
         per_unit: list[int] = []
         if tasks.unit_axis is not None:
             others = tuple(a for a in range(ndim) if a != tasks.unit_axis)
             per_unit = _sum_ones(mask, others).tolist()
     if tasks.done_dir is not None:
-        journal.record_done(tasks.done_dir, index, counts, per_unit, tasks.marker_kind, defer=tasks.defer_markers)
+        journal.record_done(
+            tasks.done_dir, index, counts, per_unit, tasks.marker_kind, defer=tasks.defer_writes, after=written
+        )
     return _row(counts, per_unit, width, ndim)
 
 

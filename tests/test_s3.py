@@ -476,3 +476,31 @@ def test_sigterm_on_s3_counts_exactly_the_markers_the_pool_wrote(s3: dict[str, s
     again = cli(*args)
     assert again.returncode == 0, again.stderr
     assert np.array_equal(zarr.open_array(store=dest, mode="r", storage_options=s3)[...], oracle(x))
+
+
+def test_writes_left_to_the_pool_keep_their_order_bound_their_bytes_and_say_their_errors(
+    s3: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A done marker left to the pool is written only once its chunks are, and never after one
+    failed; finish_writes says each failure once; a task waits while too many bytes are unwritten."""
+    from relu_dask import objectstores, writebehind
+
+    found, missing = (objectstores.bucket_of(url, s3) for url in (f"s3://{BUCKET}/later", "s3://no-such-bucket/later"))
+    assert isinstance(found, tuple) and isinstance(missing, tuple)
+    (ok, key), (gone, _) = found, missing
+    chunks = writebehind.write_later(ok, [(f"{key}/c/0", b"chunk0"), (f"{key}/c/1", b"chunk1")], [f"{key}/c/2"])
+    writebehind.write_later(ok, [(f"{key}/done/0", b"marker")], after=chunks)
+    failed = writebehind.write_later(gone, [("later/c/0", b"chunk")])
+    writebehind.write_later(ok, [(f"{key}/done/1", b"marker")], after=failed)
+    errors = writebehind.finish_writes()
+    assert len(errors) == 1 and isinstance(errors[0], FileNotFoundError), errors
+    assert "no-such-bucket" in str(errors[0])
+    assert _objects(s3, "later") == {"c/0": b"chunk0", "c/1": b"chunk1", "done/0": b"marker"}
+    assert writebehind.finish_writes() == []
+
+    monkeypatch.setattr(writebehind, "LATER_BYTES", 10)
+    first = writebehind.write_later(ok, [(f"{key}/big/0", bytes(100))])
+    writebehind.write_later(ok, [(f"{key}/big/1", bytes(100))])  # waits: 100 bytes unwritten, 10 allowed
+    assert first.done()
+    assert writebehind.finish_writes() == []
+    assert _objects(s3, "later/big") == {"0": bytes(100), "1": bytes(100)}

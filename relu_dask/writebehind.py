@@ -1,0 +1,133 @@
+"""Writes to an object store that a task leaves to the store's pool while it goes on.
+
+Use :func:`write_later` for a block's chunks (and, after them, its done marker), and
+:func:`finish_writes` where a run must know they are written: before it records the job,
+or, stopped, counts what is done.
+
+Why: at 100 ms per request, a task that waits for its PUTs spends as long writing as
+reading, and while it writes no chunk is fetched. Handed to the pool, the writes overlap
+the next blocks' reads; a 256 MiB run at 100 ms went from 3.0 to 2.7 s (the chunk phase
+1.18 to 0.91 s; ``scripts/bench_remote.py`` measures whole runs). The order a crash relies
+on holds: a marker is sent only once its chunks are written, and not if one failed.
+Memory stays flat: the bytes not yet written are bounded (:data:`LATER_BYTES`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+from relu_dask import objectstores
+from relu_dask.objectstores import Bucket
+
+__all__ = ["LATER_BYTES", "finish_writes", "write_later"]
+
+#: Bytes of the writes left to the pool that are not written yet, at most: a task that would
+#: go past waits for them, so memory stays flat however slow the store.
+LATER_BYTES = 32 * 2**20
+
+
+def write_later(
+    bucket: Bucket,
+    puts: Sequence[tuple[str, Any]] = (),
+    deletes: Sequence[str] = (),
+    *,
+    after: Future[None] | None = None,
+) -> Future[None]:
+    """Write ``puts`` and delete ``deletes`` from the pool while the caller goes on.
+
+    With ``after`` (an earlier call's future), they start once it is done, and not at all
+    if it failed: a task's done marker waits for its chunks. The future is done when all
+    are; :func:`finish_writes` waits for every future made here. Without ``after``, the
+    caller waits first while more than :data:`LATER_BYTES` are still to be written. The
+    bytes of ``puts`` must stay as they are until written (a copy, not a reused buffer).
+    """
+    size = 0 if after is not None else sum(memoryview(data).nbytes for _, data in puts)
+    _LATER.reserve(size)
+    done: Future[None] = Future()
+
+    def start(before: Future[None] | None = None) -> None:
+        failed = before.exception() if before is not None else None
+        if failed is not None:
+            _LATER.settle(done, failed, size)
+            return
+        parts = [objectstores.submit(objectstores.put, bucket, key, data) for key, data in puts]
+        if deletes:
+            parts.append(objectstores.submit(objectstores.delete_many, bucket, list(deletes)))
+        _when_all(parts, lambda error: _LATER.settle(done, error, size))
+
+    _LATER.track(done)
+    if after is None:
+        start()
+    else:
+        after.add_done_callback(start)
+    return done
+
+
+def _when_all(parts: list[Future[Any]], then: Callable[[BaseException | None], None]) -> None:
+    """Call ``then`` (with the first error, or None) once every one of ``parts`` is done."""
+    if not parts:
+        then(None)
+        return
+    left = [len(parts)]
+    lock = threading.Lock()
+
+    def one_done(_: Future[Any]) -> None:
+        with lock:
+            left[0] -= 1
+            if left[0]:
+                return
+        then(next((p.exception() for p in parts if p.exception() is not None), None))
+
+    for part in parts:
+        part.add_done_callback(one_done)
+
+
+class _Later:
+    """The writes left to the pool: their futures and the bytes not yet written."""
+
+    def __init__(self) -> None:
+        self.changed = threading.Condition()
+        self.bytes = 0
+        self.futures: list[Future[None]] = []
+
+    def reserve(self, size: int) -> None:
+        if not size:
+            return
+        with self.changed:
+            self.changed.wait_for(lambda: self.bytes == 0 or self.bytes + size <= LATER_BYTES)
+            self.bytes += size
+
+    def track(self, future: Future[None]) -> None:
+        with self.changed:
+            self.futures.append(future)
+
+    def settle(self, future: Future[None], error: BaseException | None, size: int) -> None:
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+        with self.changed:
+            self.bytes -= size
+            self.changed.notify_all()
+
+    def finish(self) -> list[BaseException]:
+        with self.changed:
+            futures, self.futures = self.futures, []
+        errors: list[BaseException] = []
+        for future in futures:
+            error = future.exception()  # waits for it
+            if error is not None and all(error is not e for e in errors):  # a marker fails with its chunk
+                errors.append(error)
+        return errors
+
+
+_LATER = _Later()
+
+
+def finish_writes() -> list[BaseException]:
+    """Wait for every write :func:`write_later` left to the pool; return the errors of those
+    that failed (each once, in the order they were asked for)."""
+    return _LATER.finish()

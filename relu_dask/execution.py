@@ -32,7 +32,7 @@ from relu_dask.computing import STOP_GRACE_S, compute
 from relu_dask.errors import NaNFoundError, ProcessingError, ReluDaskError, RunStopped
 from relu_dask.graph import MaskTasks, build_mask_tasks
 from relu_dask.locations import Location, at_once
-from relu_dask.lock import hold_lock
+from relu_dask.lock import hold_lock, hold_lock_after
 from relu_dask.mask_stats import mask_unit_ones
 from relu_dask.metrics import write_metrics
 from relu_dask.options import RunKeywords, RunOptions
@@ -133,8 +133,9 @@ def run_with(options: RunOptions) -> RunReport:
     """:func:`run` for options already built: open SOURCE, then under DEST's lock plan and
     execute; draw the plot and write the report the options ask for."""
     refuse_in_a_spawned_copy_of_main()
-    inputs = open_inputs(options)
-    with hold_lock(inputs.dest):
+    if options.dest_location.object_store is not None:  # its lock is taken while SOURCE opens: DEST checked first
+        outputs.prepare_dest(options.source_location, options.dest_location)
+    with hold_lock_after(options.dest_location, lambda: open_inputs(options)) as inputs:
         journal.reach_step("locked")
         report = execute(plan_run(options, inputs, under_lock=True))
     return deliver(report, options)
@@ -215,7 +216,7 @@ def _execute(plan: RunPlan) -> RunReport:
         check_workers_see(session, [inputs.source.url], [str(inputs.dest.path.parent)])
     report = plan.report()
     report.outcome = "done"
-    prepare_dest(plan)
+    documents = prepare_dest(plan)
     run = uuid.uuid4().hex  # this run's tasks, apart from any other run's in this process
     array_tasks = _array_tasks(plan, report, run)
     _log_start(plan, report)
@@ -223,7 +224,7 @@ def _execute(plan: RunPlan) -> RunReport:
     with _live_page(plan, array_tasks, tasks) as callbacks:
         results = _run_tasks(plan, [t for t in tasks if t is not None], run, report, callbacks)
     journal.reach_step("tasks-done")
-    record_job(plan, report, array_tasks, tasks, results)
+    record_job(plan, report, array_tasks, tasks, results, documents)
     return report
 
 

@@ -32,7 +32,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from relu_dask import writebehind
+from relu_dask import objectstores, writebehind
 from relu_dask.counts import BlockCounts, TaskRow
 from relu_dask.locations import Location
 from relu_dask.records import JobFingerprint
@@ -161,9 +161,18 @@ def is_being_replaced(dest: Location) -> bool:
     return journal_dir(dest).child("replacing").stat() is not None
 
 
-def remove_done_markers(dest: Location) -> None:
-    """Drop the per-task markers of a complete job (``job.json`` keeps its counts)."""
-    journal_dir(dest).child("done").remove_tree()
+def remove_done_markers(dest: Location, every: Sequence[Location] | None = None) -> None:
+    """Drop the per-task markers of a complete job (``job.json`` keeps its counts).
+
+    ``every``: all the markers there are, where the caller knows them (a fresh run's own):
+    on an object store they are deleted without listing them first (a round trip saved).
+    """
+    folder = journal_dir(dest).child("done")
+    direct = folder.object_store
+    if every is None or direct is None:
+        folder.remove_tree()
+        return
+    objectstores.delete_many(direct[0], [where[1] for m in every if (where := m.object_store) is not None])
 
 
 def remove_journal(dest: Location) -> None:

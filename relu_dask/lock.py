@@ -17,15 +17,17 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Any, TypeVar
 
 from relu_dask.errors import DestinationInUseError, NotWritableError, ProcessingError, ReluDaskError
 from relu_dask.journal import adopt_legacy_journal, journal_dir, legacy_files, legacy_journal_dir
 from relu_dask.locations import Location
 
-__all__ = ["HEARTBEAT_S", "STALE_AFTER_S", "adopt_if_idle", "hold_lock", "lock_holder"]
+T = TypeVar("T")
+
+__all__ = ["HEARTBEAT_S", "STALE_AFTER_S", "adopt_if_idle", "hold_lock", "hold_lock_after", "lock_holder"]
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +111,29 @@ def hold_lock(
         yield
     finally:
         _finish_even_if_stopped(_release, lock, me, made_dest, stop, beat, beaten, stale_after_s)
+
+
+@contextlib.contextmanager
+def hold_lock_after(dest: Location, first: Callable[[], T]) -> Iterator[T]:
+    """Run ``first``, then hold DEST's lock (:func:`hold_lock`) for the block; yield what
+    ``first`` returned. On an object store the lock is taken while ``first`` runs (a round
+    trip less one after another), and a failure of ``first`` is still said before a refused
+    lock, as if it had run first. ``first`` must not depend on the lock (it only reads).
+    """
+    if dest.object_store is None:
+        value = first()
+        with hold_lock(dest):
+            yield value
+        return
+    with contextlib.ExitStack() as held:
+        with ThreadPoolExecutor(1) as pool:
+            taking = pool.submit(held.enter_context, hold_lock(dest))
+            try:
+                value = first()
+            finally:
+                wait([taking])  # taken (and let go by ``held``) or refused, before anything goes on
+        taking.result()
+        yield value
 
 
 def _release(

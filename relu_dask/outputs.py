@@ -269,22 +269,28 @@ def copy_array(dest: Location, src: SourceArray) -> zarr.Array:
     return out
 
 
-def consolidate(dest: Location, nodes: Sequence[str] = ()) -> None:
+def consolidate(dest: Location, nodes: Sequence[str] = (), documents: dict[str, bytes] | None = None) -> None:
     """Write DEST's consolidated metadata (one read for ``xarray.open_zarr``): at the end of
     a complete run only.
 
     ``nodes``: the paths of DEST's arrays and groups, where the run knows them. On an object
     store their metadata documents are then read at once and consolidated by zarr in a local
     folder, and the group's document written back: two round trips, where zarr's own
-    consolidation lists DEST and reads node by node.
+    consolidation lists DEST and reads node by node. ``documents``: those documents by path
+    ("" for DEST's group) where the run made them (then none is read: one round trip).
     """
     if nodes and (direct := dest.object_store) is not None:
         bucket, key = direct
         paths = sorted({""} | {"/".join(p.split("/")[:i]) for p in nodes for i in range(1, p.count("/") + 2)})
-        documents = objectstores.get_many(bucket, [f"{key}/{p}/zarr.json" if p else f"{key}/zarr.json" for p in paths])
-        if all(d is not None for d in documents):
+        known = documents or {}
+        found = (
+            [known[p] for p in paths]
+            if all(p in known for p in paths)
+            else objectstores.get_many(bucket, [f"{key}/{p}/zarr.json" if p else f"{key}/zarr.json" for p in paths])
+        )
+        if all(d is not None for d in found):
             with tempfile.TemporaryDirectory(prefix="relu-dask-meta-") as folder:
-                for path, document in zip(paths, documents, strict=True):
+                for path, document in zip(paths, found, strict=True):
                     target = Path(folder, path, "zarr.json")
                     target.parent.mkdir(parents=True, exist_ok=True)
                     target.write_bytes(bytes(document))  # type: ignore[arg-type]

@@ -24,14 +24,19 @@ __all__ = ["prepare_dest"]
 log = logging.getLogger(__name__)
 
 
-def prepare_dest(plan: RunPlan) -> None:
+def prepare_dest(plan: RunPlan) -> dict[str, bytes]:
     """Make DEST ready for the plan's tasks, as its state says: replaced (``fresh``), grown
-    (``grow``), or resumed (what a kill left half-written removed)."""
+    (``grow``), or resumed (what a kill left half-written removed).
+
+    Returns the metadata documents of DEST's nodes by path ("" for DEST itself) where they
+    were made here (a fresh DEST on an object store, see :func:`_create_outputs`), else {}.
+    """
+    documents: dict[str, bytes] = {}
     if plan.forget_completion and plan.record is not None:  # DEST lost masks its journal said were done
         journal.remove_done_markers(plan.dest)
         journal.write_record(plan.dest, plan.record)
     if plan.state == "fresh":
-        _start_fresh(plan)
+        documents = _start_fresh(plan)
     elif plan.state == "grow":
         _start_growing(plan)
     else:
@@ -47,9 +52,10 @@ def prepare_dest(plan: RunPlan) -> None:
         )
         _create_outputs(plan)
     journal.reach_step("outputs-created")
+    return documents
 
 
-def _start_fresh(plan: RunPlan) -> None:
+def _start_fresh(plan: RunPlan) -> dict[str, bytes]:
     """Replace DEST (if any) and its journal, record the job, create the outputs.
 
     The journal goes first: a kill while DEST is being deleted then leaves no record that
@@ -63,7 +69,7 @@ def _start_fresh(plan: RunPlan) -> None:
     block_shapes = [list(a.chunks.block_shape) for a in plan.arrays]
     journal.write_record(plan.dest, journal.JobRecord(plan.inputs.fingerprint, block_shapes))
     journal.reach_step("job-recorded")
-    _create_outputs(plan, fresh=True)
+    return _create_outputs(plan, fresh=True)
 
 
 def _start_growing(plan: RunPlan) -> None:
@@ -121,7 +127,7 @@ def _provenance(plan: RunPlan, src: storage.SourceArray | None) -> dict[str, Any
     return {outputs.PROVENANCE_PREFIX + key: value for key, value in info.items()}
 
 
-def _create_outputs(plan: RunPlan, *, fresh: bool = False) -> None:
+def _create_outputs(plan: RunPlan, *, fresh: bool = False) -> dict[str, bytes]:
     """Create DEST's group (for a group SOURCE) and every mask array that is not there yet.
 
     On a fresh start (``fresh``: DEST and its done markers were just removed) that is all of
@@ -129,18 +135,23 @@ def _create_outputs(plan: RunPlan, *, fresh: bool = False) -> None:
     zarr and uploaded at once (one round trip, where zarr asks and writes node by node). On
     resume, those a kill stopped from being made, or that went missing since: an array made
     now holds no mask yet, so any done markers of its tasks are dropped first (they would
-    otherwise be trusted, and leave it empty).
+    otherwise be trusted, and leave it empty). Returns the uploaded nodes' metadata documents
+    by path (for the consolidation at the end: nothing to read back), else {}.
     """
     if fresh and (direct := plan.dest.object_store) is not None:
         with tempfile.TemporaryDirectory(prefix="relu-dask-dest-") as folder:
             staged = parse_location(folder)
             _make_outputs(plan, staged, fresh=True)
-            bucket, key = direct
-            objectstores.put_many(
-                bucket, [(f"{key}/{name}", staged.child(name).read_bytes()) for name in staged.files()]
-            )
-        return
+            files = {name: staged.child(name).read_bytes() for name in staged.files()}
+        bucket, key = direct
+        objectstores.put_many(bucket, [(f"{key}/{name}", data) for name, data in files.items()])
+        return {name.removesuffix("zarr.json").rstrip("/"): data for name, data in files.items() if _is_document(name)}
     _make_outputs(plan, plan.dest, fresh=fresh)
+    return {}
+
+
+def _is_document(name: str) -> bool:
+    return name == "zarr.json" or name.endswith("/zarr.json")
 
 
 def _make_outputs(plan: RunPlan, dest: Location, *, fresh: bool) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 from relu_dask import chunking, journal, outputs, storage
 from relu_dask.counts import BlockCounts, KeptCounts, TaskRow
 from relu_dask.graph import MaskTasks
-from relu_dask.locations import at_once
+from relu_dask.locations import Location, at_once
 from relu_dask.mask_stats import mask_unit_ones, unit_stats
 from relu_dask.planning import RunPlan
 from relu_dask.report import ArrayReport, RunReport
@@ -36,9 +36,11 @@ def record_job(
     array_tasks: list[ArrayTasks],
     tasks: list[MaskTasks | None],
     results: Sequence[Any],
+    documents: dict[str, bytes] | None = None,
 ) -> None:
     """The last step of a run: sum the counts into the report (:func:`record_counts`), record
-    the job complete in ``job.json``, drop the done markers, consolidate a group DEST."""
+    the job complete in ``job.json``, drop the done markers, consolidate a group DEST (from
+    ``documents``, its nodes' metadata documents by path, where the run made them all)."""
     dest = plan.dest
     if plan.session.client is not None and outputs.remove_partial_writes(dest):
         # a worker killed mid-write left its temporary file; its task ran again elsewhere
@@ -60,11 +62,20 @@ def record_job(
         measured = pool.submit(measure_stored, report, plan)
         journal.write_record(dest, record)
         journal.reach_step("complete")
-        dropped = pool.submit(journal.remove_done_markers, dest)
+        dropped = pool.submit(journal.remove_done_markers, dest, _own_markers(plan, array_tasks))
         if plan.inputs.is_group:
-            outputs.consolidate(dest, plan.dest_nodes)
+            outputs.consolidate(dest, plan.dest_nodes, documents)
         dropped.result()
         measured.result()
+
+
+def _own_markers(plan: RunPlan, array_tasks: list[ArrayTasks]) -> list[Location] | None:
+    """Every done marker in DEST where this run's tasks wrote them all (a fresh DEST), else None."""
+    if plan.state != "fresh":
+        return None
+    return [
+        t.done_dir.child(journal.marker_name(i)) for t in array_tasks if t.done_dir for i in t.plan.iter_block_indices()
+    ]
 
 
 def record_counts(

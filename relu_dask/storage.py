@@ -10,11 +10,12 @@ SOURCE and DEST are :class:`~relu_dask.locations.Location` s: local paths, or fs
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -153,29 +154,24 @@ def open_source(source: Location) -> SourceContents:
             raise InputError(f"SOURCE {source} does not exist")
         if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
             raise InputError(f"SOURCE {source} is not readable (permission denied)")
-        node = _open_node(source)
+        node, documents = _open_node(source), _Documents()
     else:
-        with ThreadPoolExecutor(1) as pool:  # asked meanwhile, for the message if it cannot be opened
-            exists = pool.submit(_exists, source)
-            try:
-                node = _open_node(source)
-            except Exception:  # "cannot reach" (from exists) before "does not exist", before what zarr said
-                if not exists.result():
-                    raise InputError(f"SOURCE {source} does not exist (or its storage cannot be reached)") from None
-                raise
-    if isinstance(node, zarr.Array):
-        src = _source_array("", node, source)
-        check_dtype(src.dtype, where=f"SOURCE {source}")
-        return SourceContents([src])
-    contents = SourceContents([], attributes=dict(node.attrs))
-    try:
-        with warnings.catch_warnings():  # a relu-dask DEST given as SOURCE: its journal is no Zarr node
-            warnings.filterwarnings("ignore", message=r"Object at \.relu-dask is not recognized")
-            members = sorted(node.members(max_depth=None), key=lambda m: m[0])
-    except (PermissionError, OSError) as exc:
-        raise InputError(f"SOURCE {source} could not be read: {exc}") from exc
-    arrays = [(name, member) for name, member in members if isinstance(member, zarr.Array)]
-    found = at_once(lambda item: _source_array(item[0], item[1], source), arrays)  # their documents at once
+        node, documents = _open_remote(source)
+    with documents:
+        if isinstance(node, zarr.Array):
+            src = _source_array("", node, source, documents.get(""))
+            check_dtype(src.dtype, where=f"SOURCE {source}")
+            return SourceContents([src])
+        contents = SourceContents([], attributes=dict(node.attrs))
+        documents.read_members(source)  # while zarr lists and opens them
+        try:
+            with warnings.catch_warnings():  # a relu-dask DEST given as SOURCE: its journal is no Zarr node
+                warnings.filterwarnings("ignore", message=r"Object at \.relu-dask is not recognized")
+                members = sorted(node.members(max_depth=None), key=lambda m: m[0])
+        except (PermissionError, OSError) as exc:
+            raise InputError(f"SOURCE {source} could not be read: {exc}") from exc
+        arrays = [(name, member) for name, member in members if isinstance(member, zarr.Array)]
+        found = at_once(lambda item: _source_array(item[0], item[1], source, documents.get(item[0])), arrays)
     contents.groups.update({name: dict(g.attrs) for name, g in members if isinstance(g, zarr.Group)})
     coordinates = conventions.coordinate_paths(found, {"": contents.attributes, **contents.groups})
     for src in found:
@@ -191,6 +187,56 @@ def open_source(source: Location) -> SourceContents:
             said += f"; coordinates {', '.join(c.path for c in contents.coordinates)}"
         raise InputError(f"SOURCE {source} is a Zarr group with nothing to process ({said.lstrip('; ')})")
     return contents
+
+
+class _Documents:
+    """The raw metadata documents of SOURCE's nodes, read beside zarr on an object store.
+
+    zarr parses the documents it reads and keeps no bytes, and relu-dask needs them (the
+    direct path, the fingerprint's digest): read after zarr, each is one more round trip
+    one after another. Here the root's document is read while zarr opens SOURCE, and those
+    of the names directly under it (listed meanwhile) while zarr lists and opens its members.
+    Locally, nothing is read ahead.
+    """
+
+    def __init__(self, pool: ThreadPoolExecutor | None = None, root: Any = None, names: Any = None) -> None:
+        self.pool, self.names = pool, names
+        self.read: dict[str, Future[tuple[dict[str, Any] | None, bytes | None]]] = {"": root} if root else {}
+
+    def read_members(self, source: Location) -> None:
+        if self.pool is None or self.names is None:
+            return
+        with contextlib.suppress(Exception):  # a listing that failed: zarr's own reads will say why
+            for name in self.names.result()[:64]:
+                self.read[name] = self.pool.submit(read_metadata_bytes, array_location(source, name))
+
+    def get(self, path: str) -> tuple[dict[str, Any] | None, bytes | None] | None:
+        """The document at ``path`` and its bytes, where read ahead and found (else None: read it now)."""
+        read = self.read.get(path)
+        found = read.result() if read is not None else None
+        return found if found is not None and found[1] is not None else None
+
+    def __enter__(self) -> _Documents:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _open_remote(source: Location) -> tuple[zarr.Array | zarr.Group, _Documents]:
+    """Open SOURCE on a remote store, asking meanwhile whether it exists (for the message if
+    it cannot be opened), what is directly under it, and its root document."""
+    pool = ThreadPoolExecutor(8, thread_name_prefix="relu-dask-source")
+    exists = pool.submit(_exists, source)
+    documents = _Documents(pool, pool.submit(read_metadata_bytes, source), pool.submit(source.list_names))
+    try:
+        return _open_node(source), documents
+    except Exception:  # "cannot reach" (from exists) before "does not exist", before what zarr said
+        with documents:
+            if not exists.result():
+                raise InputError(f"SOURCE {source} does not exist (or its storage cannot be reached)") from None
+            raise
 
 
 def _exists(location: Location) -> bool:
@@ -222,9 +268,12 @@ def _open_node(source: Location) -> zarr.Array | zarr.Group:
         raise InputError(f"SOURCE {source} could not be opened as Zarr: {exc}") from exc
 
 
-def _source_array(path: str, array: zarr.Array, root: Location) -> SourceArray:
+def _source_array(
+    path: str, array: zarr.Array, root: Location, read: tuple[dict[str, Any] | None, bytes | None] | None = None
+) -> SourceArray:
+    """The array zarr opened at ``path``, described from its own document (``read``: read already)."""
     location = array_location(root, path)
-    metadata, raw = read_metadata_bytes(location)
+    metadata, raw = read if read is not None else read_metadata_bytes(location)
     for _attempt in range(10):  # a writer growing the array now: its shape as zarr and the document say it
         if metadata is None or list(metadata.get("shape", [])) == list(array.shape):
             break

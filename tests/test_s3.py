@@ -66,15 +66,19 @@ def test_s3_round_trip_through_the_cli(s3: dict[str, str], tmp_path: Path) -> No
         "--stats",
         "--report",
         str(tmp_path / "r.json"),
+        "--chunks",
+        "32,16",
     )
     assert proc.returncode == 0, proc.stderr
+    # its 9 tasks' done markers (deleted by name: a fresh run wrote them all) and its lock are gone
+    assert sorted(_objects(s3, "run1/masks.zarr/.relu-dask")) == ["job.json"]
     masks = zarr.open_group(store=dest, mode="r", storage_options=s3)
     assert masks["layer1"].dtype == np.int8
     assert np.array_equal(masks["layer1"][...], oracle(x))
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["bytes_written"] > 0
     assert report["arrays"][0]["stats"]["unit_ones"] == oracle(x).sum(axis=0).tolist()
-    again = cli("run", f"s3://{BUCKET}/run1/acts.zarr", dest, "--storage-options", options)
+    again = cli("run", f"s3://{BUCKET}/run1/acts.zarr", dest, "--storage-options", options, "--chunks", "32,16")
     assert again.returncode == 0 and "already complete" in again.stdout
     status = cli("status", dest, "--storage-options", options, "--json")
     assert json.loads(status.stdout)["state"] == "complete"
@@ -504,3 +508,18 @@ def test_writes_left_to_the_pool_keep_their_order_bound_their_bytes_and_say_thei
     assert first.done()
     assert writebehind.finish_writes() == []
     assert _objects(s3, "later/big") == {"0": bytes(100), "1": bytes(100)}
+
+
+def test_a_run_on_s3_takes_its_lock_while_source_opens_and_leaves_nothing_when_refused(s3: dict[str, str]) -> None:
+    """DEST's lock is written while SOURCE opens; a SOURCE that cannot be opened is said as
+    before, and the lock taken meanwhile is gone again (DEST as the user left it: nothing)."""
+    options = json.dumps(s3)
+    dest = f"s3://{BUCKET}/nolock/masks.zarr"
+    proc = cli("run", f"s3://{BUCKET}/nolock/missing.zarr", dest, "--storage-options", options)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr, proc.stderr
+    assert _objects(s3, "nolock") == {}
+    inside = cli(
+        "run", f"s3://{BUCKET}/nolock/acts.zarr", f"s3://{BUCKET}/nolock/acts.zarr/masks", "--storage-options", options
+    )
+    assert inside.returncode == 2 and "inside SOURCE" in inside.stderr, inside.stderr
+    assert _objects(s3, "nolock") == {}

@@ -135,7 +135,7 @@ def run_with(options: RunOptions) -> RunReport:
     refuse_in_a_spawned_copy_of_main()
     if options.dest_location.object_store is not None:  # its lock is taken while SOURCE opens: DEST checked first
         outputs.prepare_dest(options.source_location, options.dest_location)
-    with hold_lock_after(options.dest_location, lambda: open_inputs(options)) as inputs:
+    with hold_lock_after(options.dest_location, lambda locked: open_inputs(options, locked)) as inputs:
         journal.reach_step("locked")
         report = execute(plan_run(options, inputs, under_lock=True))
     return deliver(report, options)

@@ -27,7 +27,7 @@ from relu_dask.locations import Location
 
 T = TypeVar("T")
 
-__all__ = ["HEARTBEAT_S", "STALE_AFTER_S", "adopt_if_idle", "hold_lock", "hold_lock_after", "lock_holder"]
+__all__ = ["HEARTBEAT_S", "STALE_AFTER_S", "adopt_if_idle", "hold_lock", "hold_lock_after", "lock_holder", "moved_in"]
 
 log = logging.getLogger(__name__)
 
@@ -114,22 +114,28 @@ def hold_lock(
 
 
 @contextlib.contextmanager
-def hold_lock_after(dest: Location, first: Callable[[], T]) -> Iterator[T]:
+def hold_lock_after(dest: Location, first: Callable[[Callable[[], None] | None], T]) -> Iterator[T]:
     """Run ``first``, then hold DEST's lock (:func:`hold_lock`) for the block; yield what
     ``first`` returned. On an object store the lock is taken while ``first`` runs (a round
     trip less one after another), and a failure of ``first`` is still said before a refused
-    lock, as if it had run first. ``first`` must not depend on the lock (it only reads).
+    lock, as if it had run first. ``first`` only reads; it is passed a function that waits
+    for the lock (None where it is taken after ``first``), for what it must read under it
+    (an older relu-dask's record, which the lock moves into DEST).
     """
     if dest.object_store is None:
-        value = first()
+        value = first(None)
         with hold_lock(dest):
             yield value
         return
     with contextlib.ExitStack() as held:
         with ThreadPoolExecutor(1) as pool:
             taking = pool.submit(held.enter_context, hold_lock(dest))
+
+            def locked() -> None:
+                taking.result()
+
             try:
-                value = first()
+                value = first(locked)
             finally:
                 wait([taking])  # taken (and let go by ``held``) or refused, before anything goes on
         taking.result()
@@ -288,6 +294,15 @@ def adopt_if_idle(dest: Location) -> bool:
     except OSError as exc:  # read-only, say: it is read where it is (or moved by the next run)
         log.debug("DEST %s: the older record beside it not moved: %s", dest, exc)
         return False
+
+
+def moved_in(dest: Location, locked: Callable[[], None] | None) -> bool:
+    """Whether an older relu-dask's record beside DEST is now inside it: moved by our lock
+    once ``locked`` (see :func:`hold_lock_after`) returns, or here if nobody holds DEST."""
+    if locked is None:
+        return adopt_if_idle(dest)
+    locked()
+    return True
 
 
 def _heartbeat(lock: Location, stop: threading.Event, every_s: float, beaten: list[float]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -25,7 +26,7 @@ from relu_dask.growth import kept_of_partial_run, num_kept, plan_growth, startin
 from relu_dask.kernel import choose_engine, rule_for
 from relu_dask.livewriter import settle
 from relu_dask.locations import Location, at_once
-from relu_dask.lock import adopt_if_idle
+from relu_dask.lock import moved_in
 from relu_dask.options import RunOptions, check_output_files
 from relu_dask.records import ArrayFingerprint, JobFingerprint
 from relu_dask.report import ArrayReport, RunReport, collect_versions, render_summary
@@ -72,8 +73,12 @@ class RunInputs:
         return [a.path for a in self.arrays]
 
 
-def open_inputs(options: RunOptions) -> RunInputs:
-    """Open SOURCE, locate DEST, check the unit axis against every array; touch nothing."""
+def open_inputs(options: RunOptions, locked: Callable[[], None] | None = None) -> RunInputs:
+    """Open SOURCE, locate DEST, check the unit axis against every array; touch nothing.
+
+    ``locked``: waits for DEST's lock, being taken meanwhile (:func:`relu_dask.lock.hold_lock_after`),
+    which moves an older relu-dask's record into DEST; without it, such a record is moved
+    here unless a run holds DEST."""
     check_output_files(
         report=options.report_path,
         plot=options.plot_path,
@@ -89,7 +94,7 @@ def open_inputs(options: RunOptions) -> RunInputs:
         _refuse_masks_as_source(source, contents)
         dest = outputs.prepare_dest(source, options.dest_location)
         held_before, record = held.result(), recorded_job.result()
-        if older.result() and adopt_if_idle(dest):  # moved into DEST: read again, from there
+        if older.result() and moved_in(dest, locked):  # read again, from DEST
             held_before = journal.read_held(dest)
             record = None if options.overwrite else journal.read_record(dest)
     recorded: dict[str, ArrayFingerprint] = {}

@@ -523,3 +523,26 @@ def test_a_run_on_s3_takes_its_lock_while_source_opens_and_leaves_nothing_when_r
     )
     assert inside.returncode == 2 and "inside SOURCE" in inside.stderr, inside.stderr
     assert _objects(s3, "nolock") == {}
+
+
+def test_an_older_record_beside_an_s3_dest_is_moved_in_by_the_lock_taken_while_source_opens(
+    s3: dict[str, str],
+) -> None:
+    """The run reads DEST's record while its lock is being taken; an older relu-dask's record
+    beside DEST is moved in by the lock, and the run reads it from there: nothing redone."""
+    import s3fs
+
+    x = activations((64, 32), "float32", seed=21)
+    _s3_source(s3, "older/acts.zarr", x, (16, 32))
+    source, dest = f"s3://{BUCKET}/older/acts.zarr", f"s3://{BUCKET}/older/masks.zarr"
+    first = cli("run", source, dest, "--storage-options", json.dumps(s3), "--chunks", "16,32")
+    assert first.returncode == 0, first.stderr
+    fs = s3fs.S3FileSystem(**s3, skip_instance_cache=True)
+    for key in fs.find(f"{BUCKET}/older/masks.zarr/.relu-dask"):  # where an older relu-dask kept it
+        fs.mv(key, key.replace("masks.zarr/.relu-dask/", ".masks.zarr.relu-dask/"))
+    assert sorted(_objects(s3, "older/.masks.zarr.relu-dask")) == ["job.json"]
+    again = cli("run", source, dest, "--storage-options", json.dumps(s3), "--chunks", "16,32")
+    assert again.returncode == 0 and "already complete" in again.stdout, again.stdout + again.stderr
+    assert sorted(_objects(s3, "older/masks.zarr/.relu-dask")) == ["job.json"]
+    assert _objects(s3, "older/.masks.zarr.relu-dask") == {}
+    assert np.array_equal(_s3_mask(s3, dest), oracle(x))

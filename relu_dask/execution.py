@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import math
 import os
@@ -41,7 +42,7 @@ from relu_dask.prepare import prepare_dest
 from relu_dask.repair import repair
 from relu_dask.report import RunReport, write_report
 from relu_dask.results import measure_stored, record_job, set_counts, set_stats
-from relu_dask.resume import remove_dest_and_journal
+from relu_dask.resume import list_dest, remove_dest_and_journal
 from relu_dask.schedulers import (
     Session,
     check_workers_see,
@@ -135,9 +136,10 @@ def run_with(options: RunOptions) -> RunReport:
     refuse_in_a_spawned_copy_of_main()
     if options.dest_location.object_store is not None:  # its lock is taken while SOURCE opens: DEST checked first
         outputs.prepare_dest(options.source_location, options.dest_location)
-    with hold_lock_after(options.dest_location, lambda locked: open_inputs(options, locked)) as inputs:
+    listing = None if options.overwrite else functools.partial(list_dest, options.dest_location)
+    with hold_lock_after(options.dest_location, lambda locked: open_inputs(options, locked), listing) as opened:
         journal.reach_step("locked")
-        report = execute(plan_run(options, inputs, under_lock=True))
+        report = execute(plan_run(options, opened[0], under_lock=True, listed=opened[1]))
     return deliver(report, options)
 
 

@@ -26,6 +26,7 @@ from relu_dask.journal import adopt_legacy_journal, journal_dir, legacy_files, l
 from relu_dask.locations import Location
 
 T = TypeVar("T")
+U = TypeVar("U")
 
 __all__ = ["HEARTBEAT_S", "STALE_AFTER_S", "adopt_if_idle", "hold_lock", "hold_lock_after", "lock_holder", "moved_in"]
 
@@ -114,22 +115,32 @@ def hold_lock(
 
 
 @contextlib.contextmanager
-def hold_lock_after(dest: Location, first: Callable[[Callable[[], None] | None], T]) -> Iterator[T]:
+def hold_lock_after(
+    dest: Location, first: Callable[[Callable[[], None] | None], T], then: Callable[[], U] | None = None
+) -> Iterator[tuple[T, U | None]]:
     """Run ``first``, then hold DEST's lock (:func:`hold_lock`) for the block; yield what
-    ``first`` returned. On an object store the lock is taken while ``first`` runs (a round
-    trip less one after another), and a failure of ``first`` is still said before a refused
-    lock, as if it had run first. ``first`` only reads; it is passed a function that waits
-    for the lock (None where it is taken after ``first``), for what it must read under it
-    (an older relu-dask's record, which the lock moves into DEST).
+    ``first`` returned, and what ``then`` did under the lock.
+
+    On an object store the lock is taken while ``first`` runs (a round trip less one after
+    another), then ``then`` runs at once (it reads DEST, say); a failure of ``first`` is
+    still said before a refused lock, as if it had run first. ``first`` only reads; it is
+    passed a function that waits for the lock (None where it is taken after ``first``), for
+    what it must read under it (an older relu-dask's record, which the lock moves into DEST).
+    Elsewhere ``then`` is not called (None: the caller reads DEST itself, under the lock).
     """
     if dest.object_store is None:
         value = first(None)
         with hold_lock(dest):
-            yield value
+            yield value, None
         return
     with contextlib.ExitStack() as held:
+
+        def take() -> U | None:
+            held.enter_context(hold_lock(dest))
+            return then() if then is not None else None
+
         with ThreadPoolExecutor(1) as pool:
-            taking = pool.submit(held.enter_context, hold_lock(dest))
+            taking = pool.submit(take)
 
             def locked() -> None:
                 taking.result()
@@ -138,8 +149,7 @@ def hold_lock_after(dest: Location, first: Callable[[Callable[[], None] | None],
                 value = first(locked)
             finally:
                 wait([taking])  # taken (and let go by ``held``) or refused, before anything goes on
-        taking.result()
-        yield value
+        yield value, taking.result()
 
 
 def _release(

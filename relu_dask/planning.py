@@ -30,7 +30,7 @@ from relu_dask.lock import moved_in
 from relu_dask.options import RunOptions, check_output_files
 from relu_dask.records import ArrayFingerprint, JobFingerprint
 from relu_dask.report import ArrayReport, RunReport, collect_versions, render_summary
-from relu_dask.resume import DestFound, DestState, dest_state
+from relu_dask.resume import DestFound, DestListing, DestState, dest_state
 from relu_dask.schedulers import Session, plan_session
 
 __all__ = ["ArrayPlan", "RunInputs", "RunPlan", "open_inputs", "plan_run"]
@@ -316,14 +316,16 @@ class RunPlan:
         return lines
 
 
-def plan_run(options: RunOptions, inputs: RunInputs | None = None, *, under_lock: bool = False) -> RunPlan:
+def plan_run(
+    options: RunOptions, inputs: RunInputs | None = None, *, under_lock: bool = False, listed: DestListing | None = None
+) -> RunPlan:
     """Plan a run: open SOURCE (unless ``inputs`` are given), read DEST's state, size the
     scheduler without starting it, plan every array.
 
     Raises the run's one-line errors (:class:`~relu_dask.errors.InputError`,
     :class:`~relu_dask.errors.DestinationExistsError`, a plan that cannot fit in memory)
     before anything is written. Reads only. ``under_lock``: the caller holds DEST's lock (else
-    :func:`relu_dask.execution.execute` plans again under it).
+    :func:`relu_dask.execution.execute` plans again under it); ``listed``: DEST listed under it.
     """
     inputs = inputs if inputs is not None else open_inputs(options)
     by_path = {a.path: a for a in inputs.arrays}
@@ -335,6 +337,7 @@ def plan_run(options: RunOptions, inputs: RunInputs | None = None, *, under_lock
         append_axis=options.append_axis,
         restat=lambda path, key: stat_chunk(by_path[path], key),
         rehash=lambda path, axis, rows: settled_sha256(by_path[path], axis, rows),
+        listed=listed,
     )
     return _plan(options, inputs, found, plan_session(options.scheduler), under_lock=under_lock)
 

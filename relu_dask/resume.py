@@ -25,10 +25,12 @@ from relu_dask.records import JobFingerprint
 
 __all__ = [
     "DestFound",
+    "DestListing",
     "DestState",
     "JobStatus",
     "dest_state",
     "job_status",
+    "list_dest",
     "remove_dest_and_journal",
 ]
 
@@ -56,6 +58,24 @@ class DestFound:
     ``held.json`` aside), so replacing it is nothing to do (on an object store, no request)."""
 
 
+@dataclass(frozen=True)
+class DestListing:
+    """What DEST holds at a glance (:func:`list_dest`): read under its lock, before a run writes."""
+
+    holds_data: bool
+    """Whether DEST holds anything but its record (:func:`relu_dask.outputs.holds_data`)."""
+    recorded: list[str]
+    """The files of its record (:func:`relu_dask.journal.journal_dir`), relative to it."""
+
+
+def list_dest(dest: Location) -> DestListing:
+    """DEST and its record listed (on an object store, both at once)."""
+    with ThreadPoolExecutor(1) as pool:
+        recorded = pool.submit(journal.journal_dir(dest).files)
+        holds_data = outputs.holds_data(dest)
+        return DestListing(holds_data, recorded.result())
+
+
 def dest_state(
     dest: Location,
     fingerprint: JobFingerprint,
@@ -65,6 +85,7 @@ def dest_state(
     append_axis: int | None = None,
     restat: Restat | None = None,
     rehash: Rehash | None = None,
+    listed: DestListing | None = None,
 ) -> DestFound:
     """Whether DEST is new (or to be replaced), a partial run of this job to resume, complete,
     or the job of a SOURCE that has grown since (``grow``).
@@ -73,7 +94,8 @@ def dest_state(
     ``overwrite``: growth along ``append_axis`` (None: no growth) is told from a change with
     ``restat`` and ``rehash`` (see :func:`relu_dask.growth.compare_jobs`). A record that says
     complete is believed only beside every mask array it names (see
-    :attr:`DestFound.forget_completion`). Reads only.
+    :attr:`DestFound.forget_completion`). Reads only. ``listed``: DEST listed already, under
+    the lock the caller holds (:func:`list_dest`).
     """
     if overwrite:
         if journal.is_being_replaced(dest):  # a run deleting DEST was killed: what it left
@@ -81,11 +103,9 @@ def dest_state(
         else:
             outputs.check_replaceable(dest)
         return DestFound("fresh")
-    with ThreadPoolExecutor(1) as pool:  # on an object store, both listings at once
-        recorded = pool.submit(journal.journal_dir(dest).files)
-        holds_data = outputs.holds_data(dest)
-    if not holds_data:  # nothing, or its record alone (a run stopped before it made DEST)
-        left = [name for name in recorded.result() if name != "held.json" and name.split(".", 1)[0] != "lock"]
+    listed = listed if listed is not None else list_dest(dest)
+    if not listed.holds_data:  # nothing, or its record alone (a run stopped before it made DEST)
+        left = [name for name in listed.recorded if name != "held.json" and name.split(".", 1)[0] != "lock"]
         return DestFound("fresh", clean=not left)
     record = journal.read_record(dest)
     if record is None and journal.is_being_replaced(dest):

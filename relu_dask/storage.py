@@ -207,7 +207,7 @@ class _Documents:
         if self.pool is None or self.names is None:
             return
         with contextlib.suppress(Exception):  # a listing that failed: zarr's own reads will say why
-            for name in self.names.result()[:64]:
+            for name in [n for n in self.names.result() if n not in _NOT_NODES][:64]:
                 self.read[name] = self.pool.submit(read_metadata_bytes, array_location(source, name))
 
     def get(self, path: str) -> tuple[dict[str, Any] | None, bytes | None] | None:
@@ -222,6 +222,10 @@ class _Documents:
     def __exit__(self, *exc: object) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+#: Names directly under a Zarr group that are not its members: its documents, a relu-dask record.
+_NOT_NODES = frozenset({"zarr.json", ".zgroup", ".zattrs", ".zarray", ".zmetadata", ".relu-dask"})
 
 
 def _open_remote(source: Location) -> tuple[zarr.Array | zarr.Group, _Documents]:

@@ -220,7 +220,7 @@ def _execute(plan: RunPlan) -> RunReport:
     report.outcome = "done"
     documents = prepare_dest(plan)
     run = uuid.uuid4().hex  # this run's tasks, apart from any other run's in this process
-    array_tasks = _array_tasks(plan, report, run)
+    array_tasks = _array_tasks(plan, report, run, documents)
     _log_start(plan, report)
     tasks = [build_mask_tasks(t) for t in array_tasks]
     with _live_page(plan, array_tasks, tasks) as callbacks:
@@ -292,6 +292,7 @@ def _run_tasks(
     start, start_cpu = time.perf_counter(), time.process_time()
     allow_tasks(run)
     # An incremental run keeps DEST on a NaN: its masks of the rows before are the user's.
+    computed = False
     with _processing_errors(plan.dest, keep=plan.incremental), _stopping(plan, run):
         try:
             results = compute(
@@ -302,6 +303,7 @@ def _run_tasks(
                 options.performance_report,
                 callbacks,
             )
+            computed = True
         except Exception:
             # A task failed (a NaN with --nan error, a disk full): the pool's other threads may
             # still run theirs. None starts now, and those running finish, before DEST is
@@ -310,7 +312,8 @@ def _run_tasks(
             raise
         finally:
             _release_buffers(session)
-            unwritten = writebehind.finish_writes()  # the chunks and done markers the tasks left to the pool
+            # the chunks and done markers the tasks left to the pool (all done: the job is recorded next)
+            unwritten = writebehind.finish_writes(drop_waiting=computed)
         if unwritten:
             raise unwritten[0]  # a write to DEST that failed
     report.wall_s, report.cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
@@ -393,11 +396,15 @@ def _describe_os_error(exc: OSError, dest: Location) -> str:
     return f"failed while reading SOURCE or writing DEST {dest}: {exc}; rerun the same command to finish the rest"
 
 
-def _array_tasks(plan: RunPlan, report: RunReport, run: str) -> list[ArrayTasks]:
-    """Each array's tasks, with the mask arrays opened as they are now in DEST."""
+def _array_tasks(plan: RunPlan, report: RunReport, run: str, documents: dict[str, bytes]) -> list[ArrayTasks]:
+    """Each array's tasks, with the mask arrays opened as they are now in DEST (from their
+    ``documents`` by path where the run just wrote them)."""
     out = []
     options, inputs = plan.options, plan.inputs
-    masks = at_once(lambda a: storage.open_mask_array(inputs.dest, a.source.path), plan.arrays)
+    masks = at_once(
+        lambda a: storage.open_mask_array(inputs.dest, a.source.path, document=documents.get(a.source.path)),
+        plan.arrays,
+    )
     for array, mask in zip(plan.arrays, masks, strict=True):
         src, chunk_plan = array.source, array.chunks
         assert src.stored is not None, "open_source describes every array"

@@ -58,15 +58,30 @@ def record_job(
         append_axis=plan.options.append_axis,
         edge_blocks=edges,
     )
-    with ThreadPoolExecutor(2) as pool:  # independent: on an object store, their round trips overlap
+    remote = dest.object_store is not None
+    with ThreadPoolExecutor(3) as pool:  # independent: on an object store, their round trips overlap
         measured = pool.submit(measure_stored, report, plan)
+        # On an object store the markers go and DEST is consolidated while the record is
+        # written: killed before it is, the next run redoes the tasks whose markers are gone.
+        after: list[Any] = []
+        if remote:
+            after = _finish_dest(pool, plan, array_tasks, documents)
         journal.write_record(dest, record)
         journal.reach_step("complete")
-        dropped = pool.submit(journal.remove_done_markers, dest, _own_markers(plan, array_tasks))
-        if plan.inputs.is_group:
-            outputs.consolidate(dest, plan.dest_nodes, documents)
-        dropped.result()
-        measured.result()
+        if not remote:
+            after = _finish_dest(pool, plan, array_tasks, documents)
+        for step in [*after, measured]:
+            step.result()
+
+
+def _finish_dest(
+    pool: ThreadPoolExecutor, plan: RunPlan, array_tasks: list[ArrayTasks], documents: dict[str, bytes] | None
+) -> list[Any]:
+    """Drop the done markers and consolidate a group DEST, from ``pool``; their futures."""
+    steps = [pool.submit(journal.remove_done_markers, plan.dest, _own_markers(plan, array_tasks))]
+    if plan.inputs.is_group:
+        steps.append(pool.submit(outputs.consolidate, plan.dest, plan.dest_nodes, documents))
+    return steps
 
 
 def _own_markers(plan: RunPlan, array_tasks: list[ArrayTasks]) -> list[Location] | None:

@@ -22,9 +22,11 @@ from typing import Any, Literal
 import numpy as np
 import zarr
 import zarr.errors
+import zarr.storage
 
 from relu_dask import conventions, objectstores
 from relu_dask.blocks import StoredArray, describe_stored, read_metadata, read_metadata_bytes
+from relu_dask.chunkfiles import parse_metadata
 from relu_dask.errors import InputError, UnsupportedDtypeError
 from relu_dask.kernel import check_dtype
 from relu_dask.locations import Location, at_once
@@ -340,14 +342,20 @@ def array_at(where: Location, path: str, *, mode: Literal["r", "r+"]) -> zarr.Ar
     return found
 
 
-def open_mask_array(dest: Location, path: str, *, writable: bool = True) -> StoredArray:
+def open_mask_array(dest: Location, path: str, *, writable: bool = True, document: bytes | None = None) -> StoredArray:
     """Open a mask array of DEST (for writing, unless not ``writable``), with how its chunks are written and read.
 
     DEST is Zarr v3 (relu-dask made it): zarr reads one document, and relu-dask reads it
     meanwhile for the direct path (on an object store, one round trip for both).
+    ``document``: its metadata document as the run just wrote it to an object store: zarr
+    opens the array from it (``zarr.Array.from_dict``), nothing is read.
     """
     location = array_location(dest, path)
     mode: Literal["r", "r+"] = "r+" if writable else "r"
+    if document is not None and (direct := location.object_store) is not None:
+        written = parse_metadata(document)
+        store = zarr.storage.StorePath(objectstores.zarr_store(*direct))
+        return describe_stored(zarr.Array.from_dict(store, written), location, written)
     with ThreadPoolExecutor(1) as pool:
         metadata = pool.submit(read_metadata, location)
         try:

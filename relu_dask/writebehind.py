@@ -50,8 +50,8 @@ def write_later(
 
     def start(before: Future[None] | None = None) -> None:
         failed = before.exception() if before is not None else None
-        if failed is not None:
-            _LATER.settle(done, failed, size)
+        if failed is not None or (before is not None and _LATER.dropping):
+            _LATER.settle(done, failed, size)  # dropped (see finish_writes): done, nothing written
             return
         parts = [objectstores.submit(objectstores.put, bucket, key, data) for key, data in puts]
         if deletes:
@@ -92,6 +92,7 @@ class _Later:
         self.changed = threading.Condition()
         self.bytes = 0
         self.futures: list[Future[None]] = []
+        self.dropping = False
 
     def reserve(self, size: int) -> None:
         if not size:
@@ -113,21 +114,30 @@ class _Later:
             self.bytes -= size
             self.changed.notify_all()
 
-    def finish(self) -> list[BaseException]:
+    def finish(self, *, drop_waiting: bool) -> list[BaseException]:
         with self.changed:
             futures, self.futures = self.futures, []
+            self.dropping = drop_waiting
         errors: list[BaseException] = []
         for future in futures:
             error = future.exception()  # waits for it
             if error is not None and all(error is not e for e in errors):  # a marker fails with its chunk
                 errors.append(error)
+        self.dropping = False
         return errors
 
 
 _LATER = _Later()
 
 
-def finish_writes() -> list[BaseException]:
+def finish_writes(*, drop_waiting: bool = False) -> list[BaseException]:
     """Wait for every write :func:`write_later` left to the pool; return the errors of those
-    that failed (each once, in the order they were asked for)."""
-    return _LATER.finish()
+    that failed (each once, in the order they were asked for).
+
+    ``drop_waiting``: writes still waiting for an earlier one (a done marker for its chunks)
+    are not made; those under way are waited for. For a run about to record its job
+    complete, which makes the markers moot: the last tasks' markers are a round trip after
+    their chunks, which the run need not wait for. Killed before the record, it redoes
+    those tasks.
+    """
+    return _LATER.finish(drop_waiting=drop_waiting)

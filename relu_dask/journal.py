@@ -32,7 +32,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from relu_dask import objectstores, writebehind
+from relu_dask import markerbatches, objectstores, writebehind
 from relu_dask.counts import BlockCounts, TaskRow
 from relu_dask.locations import Location
 from relu_dask.records import JobFingerprint
@@ -172,7 +172,11 @@ def remove_done_markers(dest: Location, every: Sequence[Location] | None = None)
     if every is None or direct is None:
         folder.remove_tree()
         return
-    objectstores.delete_many(direct[0], [where[1] for m in every if (where := m.object_store) is not None])
+    keys = [where[1] for m in every if (where := m.object_store) is not None]
+    for parent in {m.parent() for m in every}:  # and the batches this process wrote there
+        if (where := parent.object_store) is not None:
+            keys += writebehind.take_appended(*where)
+    objectstores.delete_many(direct[0], keys)
 
 
 def remove_journal(dest: Location) -> None:
@@ -313,32 +317,44 @@ def record_done(
     The marker keeps ``counts.recorded()``, the block's digest (``crc32:N``, where it has
     one) and the per-unit ones. ``what`` says what they are (for instance ``units=1``:
     per-unit ones along axis 1 follow the counts); :func:`read_done` gives them back only to
-    a task that expects the same. ``defer``, on an object store: the marker is written by the
-    store's pool while the task goes on, once ``after`` (the writes of the block's chunks
-    left to the pool, :func:`relu_dask.writebehind.write_later`) is done, and not if they
-    failed; :func:`relu_dask.writebehind.finish_writes` waits for all.
+    a task that expects the same. ``defer``, on an object store: the marker is a line of a
+    batch the store's pool writes (:mod:`relu_dask.markerbatches`) while the task goes on,
+    once ``after`` (its chunks' writes left to the pool) is done, and not if they failed.
     """
     if not what or any(c.isspace() for c in what):
         raise ValueError(f"a marker's description is one word, got {what!r}")
     digest = [f"crc32:{counts.digest}"] if counts.digest >= 0 else []
     values = [str(c) for c in TaskRow.encode_recorded(counts, per_unit)]
-    marker, text = folder.child(marker_name(block_index)), " ".join([what, *digest, *values])
-    direct = marker.object_store if defer else None
+    name, text = marker_name(block_index), " ".join([what, *digest, *values])
+    direct = folder.object_store if defer else None
     if direct is None:
         if after is not None:
             after.result()
-        marker.write_text(text)
+        folder.child(name).write_text(text)
         return
-    bucket, key = direct
-    writebehind.write_later(bucket, [(key, text.encode())], after=after)
+    if after is None:  # its chunks are written already
+        after = Future()
+        after.set_result(None)
+    writebehind.append_later(*direct, f"{name} {text}", after=after, name=markerbatches.batch_name)
 
 
-def read_done(folder: Location, block_index: Sequence[int], what: str) -> tuple[BlockCounts, list[int]] | None:
+def read_done(
+    folder: Location, block_index: Sequence[int], what: str, run: str = ""
+) -> tuple[BlockCounts, list[int]] | None:
     """The counts (``resumed`` set) and per-unit ones of a task marked done as ``what``, or
     None: not done, or done as something else (a marker of another run's options is redone,
-    never reused)."""
+    never reused).
+
+    On an object store a marker may be a line of a batch: the folder's are read once per
+    ``run`` and process (:func:`relu_dask.markerbatches.listed`), not one request each.
+    """
+    name = marker_name(block_index)
     try:
-        head, *values = folder.child(marker_name(block_index)).read_text().split()
+        listed = markerbatches.listed(folder, run) if run and folder.object_store is not None else None
+        text = folder.child(name).read_text() if listed is None or name in listed.singles else listed.lines.get(name)
+        if text is None:
+            return None
+        head, *values = text.split()
         digest = int(values.pop(0).removeprefix("crc32:")) if values and values[0].startswith("crc32:") else -1
         numbers = [int(v) for v in values]
     except (OSError, ValueError):
@@ -350,14 +366,21 @@ def read_done(folder: Location, block_index: Sequence[int], what: str) -> tuple[
 
 def remove_done_markers_from(dest: Location, array_index: int, axis: int, first_block: int) -> None:
     """Drop the done markers of array ``array_index`` whose block index along ``axis`` is
-    ``first_block`` or more (0: all of them)."""
+    ``first_block`` or more (0: all of them). A batch holding some of them is written again
+    without them first (a kill in between leaves a marker twice: the same one)."""
     folder = done_dir(dest, array_index)
     if first_block <= 0:
         folder.remove_tree()
         return
-    for name in folder.list_names():
+
+    def dropped(name: str) -> bool:
         parts = name.split(".")
-        if not name.startswith(".") and len(parts) > axis and parts[axis].isdigit() and int(parts[axis]) >= first_block:
+        return len(parts) > axis and parts[axis].isdigit() and int(parts[axis]) >= first_block
+
+    for name in folder.list_names():
+        if markerbatches.lines_in(name) is not None:
+            markerbatches.drop_lines(folder, name, dropped)
+        elif not name.startswith(".") and dropped(name):
             folder.child(name).remove()
 
 
@@ -419,8 +442,9 @@ def write_held(dest: Location, held: Held | None) -> None:
 
 
 def count_done(dest: Location, array_index: int) -> int:
-    """How many tasks of array ``array_index`` are marked done."""
-    return sum(1 for name in done_dir(dest, array_index).list_names() if not name.startswith("."))
+    """How many tasks of array ``array_index`` are marked done (markers of their own, and lines of batches)."""
+    names = done_dir(dest, array_index).list_names()
+    return sum(markerbatches.lines_in(n) or (0 if n.startswith(".") else 1) for n in names)
 
 
 # -- the lock ---------------------------------------------------------------------------

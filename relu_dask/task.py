@@ -165,7 +165,7 @@ def _process_block(tasks: ArrayTasks, block_id: tuple[int, ...]) -> np.ndarray:
     index = block_id[:ndim]
     width = tasks.row_width
     if tasks.done_dir is not None and tasks.may_be_done:
-        done = journal.read_done(tasks.done_dir, index, tasks.marker_kind)
+        done = journal.read_done(tasks.done_dir, index, tasks.marker_kind, tasks.run)
         if done is not None and TaskRow.width(len(done[1])) == width:
             return _row(*done, width, ndim)
     slices = tasks.plan.block_slices(index)

@@ -22,7 +22,7 @@ from typing import Any
 from relu_dask import objectstores
 from relu_dask.objectstores import Bucket
 
-__all__ = ["LATER_BYTES", "finish_writes", "write_later"]
+__all__ = ["LATER_BYTES", "append_later", "finish_writes", "take_appended", "write_later"]
 
 #: Bytes of the writes left to the pool that are not written yet, at most: a task that would
 #: go past waits for them, so memory stays flat however slow the store.
@@ -64,6 +64,79 @@ def write_later(
     else:
         after.add_done_callback(start)
     return done
+
+
+def append_later(
+    bucket: Bucket, folder: str, line: str, *, after: Future[None], name: Callable[[int], str]
+) -> Future[None]:
+    """Write ``line`` into a new object under ``folder`` once ``after`` is done (not if it
+    failed, nor once :func:`finish_writes` drops what waits): the lines ready together go into
+    one object, ``folder/<name(lines)>``, one line each, one PUT at a time per folder (the next
+    takes what came meanwhile). A task's done marker is one such line
+    (:mod:`relu_dask.markerbatches`). The future is done when its object is written.
+    """
+    done: Future[None] = Future()
+
+    def ready(before: Future[None]) -> None:
+        failed = before.exception()
+        if failed is not None or _LATER.dropping:
+            _LATER.settle(done, failed, 0)
+            return
+        _BATCHES.add(bucket, folder, line, done, name)
+
+    _LATER.track(done)
+    after.add_done_callback(ready)
+    return done
+
+
+def take_appended(bucket: Bucket, folder: str) -> list[str]:
+    """The keys of the objects :func:`append_later` wrote under ``folder`` in this process
+    since it was last asked (for deleting them without listing the folder)."""
+    return _BATCHES.take_written(bucket, folder)
+
+
+class _Batches:
+    """Per folder, the lines waiting for a PUT, and whether one is under way."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.waiting: dict[tuple[Bucket, str], list[tuple[str, Future[None]]]] = {}
+        self.sending: set[tuple[Bucket, str]] = set()
+        self.written: dict[tuple[Bucket, str], list[str]] = {}
+
+    def add(self, bucket: Bucket, folder: str, line: str, done: Future[None], name: Callable[[int], str]) -> None:
+        where = (bucket, folder)
+        with self.lock:
+            self.waiting.setdefault(where, []).append((line, done))
+            if where in self.sending:
+                return
+            self.sending.add(where)
+        self.send(where, name)
+
+    def send(self, where: tuple[Bucket, str], name: Callable[[int], str]) -> None:
+        with self.lock:
+            lines = self.waiting.pop(where, [])
+            if not lines:
+                self.sending.discard(where)
+                return
+            key = f"{where[1]}/{name(len(lines))}"
+            self.written.setdefault(where, []).append(key)
+        text = "".join(f"{line}\n" for line, _ in lines).encode()
+        sent = objectstores.submit(objectstores.put, where[0], key, text)
+
+        def landed(put: Future[None]) -> None:
+            for _, done in lines:
+                _LATER.settle(done, put.exception(), 0)
+            self.send(where, name)
+
+        sent.add_done_callback(landed)
+
+    def take_written(self, bucket: Bucket, folder: str) -> list[str]:
+        with self.lock:
+            return self.written.pop((bucket, folder), [])
+
+
+_BATCHES = _Batches()
 
 
 def _when_all(parts: list[Future[Any]], then: Callable[[BaseException | None], None]) -> None:

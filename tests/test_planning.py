@@ -224,7 +224,7 @@ LAYERS = [
     {"task", "fingerprint", "lock", "outputs", "metrics"},
     {"computing", "storage", "journal", "report"},
     {"schedulers", "blocks"},
-    {"chunkfiles", "livepage"},
+    {"chunkfiles", "livepage", "markerbatches"},
     {
         "chunkio",
         "kernel",

@@ -267,6 +267,14 @@ def _s3_source(s3: dict[str, str], prefix: str, x: np.ndarray, chunks: tuple[int
     return array
 
 
+def _markers(fs: Any, folder: str) -> int:
+    """How many tasks are marked done under ``folder``: markers of their own, and lines of batches."""
+    from relu_dask.markerbatches import lines_in
+
+    fs.invalidate_cache()
+    return sum(lines_in(key.rsplit("/", 1)[-1]) or 1 for key in fs.find(folder)) if fs.exists(folder) else 0
+
+
 def _s3_mask(s3: dict[str, str], dest: str) -> np.ndarray:
     array = zarr.open_array(store=dest, mode="r", storage_options=s3)
     assert array.dtype == np.int8
@@ -307,16 +315,14 @@ def test_a_run_on_s3_killed_mid_way_resumes_from_its_done_markers(s3: dict[str, 
         proc = start_cli(*args, "--scheduler", "synchronous")
         end = time.monotonic() + 60
         while proc.poll() is None and time.monotonic() < end:
-            fs.invalidate_cache()
-            if fs.exists(done) and len(fs.find(done)) >= 5:
+            if _markers(fs, done) >= 5:
                 break
             time.sleep(0.02)
         if proc.poll() is not None:
             continue  # finished before it could be killed: again, with a fresh DEST
         psutil.Process(proc.pid).send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
-        fs.invalidate_cache()
-        marked = len(fs.find(done))
+        marked = _markers(fs, done)
         assert 5 <= marked < 256
         status = json.loads(cli("status", dest, "--storage-options", options, "--json").stdout)
         assert status["state"] != "complete", status
@@ -465,8 +471,7 @@ def test_sigterm_on_s3_counts_exactly_the_markers_the_pool_wrote(s3: dict[str, s
     done_prefix = f"{BUCKET}/{prefix}/masks.zarr/.relu-dask/done"
 
     def markers() -> int:
-        fs.invalidate_cache()
-        return len(fs.find(done_prefix)) if fs.exists(done_prefix) else 0
+        return _markers(fs, done_prefix)
 
     end = time.monotonic() + 60
     while proc.poll() is None and markers() < 4 and time.monotonic() < end:
@@ -555,3 +560,42 @@ def test_an_older_record_beside_an_s3_dest_is_moved_in_by_the_lock_taken_while_s
     assert sorted(_objects(s3, "older/masks.zarr/.relu-dask")) == ["job.json"]
     assert _objects(s3, "older/.masks.zarr.relu-dask") == {}
     assert np.array_equal(_s3_mask(s3, dest), oracle(x))
+
+
+def test_done_markers_in_batches_are_read_counted_and_dropped_as_markers_of_their_own(s3: dict[str, str]) -> None:
+    """On S3 the pool writes the markers of the tasks ready together as one batch object; a
+    resumed run reads them with one listing, counts them from the names, and growth takes some
+    out of a batch (written again without them) as it drops markers of their own."""
+    from relu_dask import journal, writebehind
+    from relu_dask.counts import BlockCounts
+    from relu_dask.locations import parse_location
+
+    dest = parse_location(f"s3://{BUCKET}/batches/masks.zarr", s3)
+    folder = journal.done_dir(dest, 0)
+    counts = BlockCounts(elements=10, ones=4, nans=0, zeros=1, elements_read=10, digest=7)
+    chunks: Future[None] = Future()
+    for row in range(4):
+        journal.record_done(folder, (row, 0), counts, [], "units=-", defer=True, after=chunks)
+    failed: Future[None] = Future()
+    failed.set_exception(OSError("its chunks could not be written"))
+    journal.record_done(folder, (9, 9), counts, [], "units=-", defer=True, after=failed)
+    journal.record_done(folder, (4, 0), counts, [], "units=-")  # a marker of its own (a cluster's task)
+    assert folder.list_names() == ["4.0"]  # nothing before its chunks are written
+    chunks.set_result(None)
+    assert [str(e) for e in writebehind.finish_writes()] == ["its chunks could not be written"]
+    names = folder.list_names()
+    assert len(names) >= 2 and all(n == "4.0" or n.startswith("batch.") for n in names), names
+    assert journal.count_done(dest, 0) == 5
+    resumed = BlockCounts(elements=10, ones=4, nans=0, zeros=1, resumed=1, elements_read=0, digest=7)
+    for row in range(5):
+        assert journal.read_done(folder, (row, 0), "units=-", run="r1") == (resumed, [])
+    assert journal.read_done(folder, (9, 9), "units=-", run="r1") is None
+    journal.remove_done_markers_from(dest, 0, axis=0, first_block=2)
+    assert journal.count_done(dest, 0) == 2
+    assert [journal.read_done(folder, (row, 0), "units=-", run="r2") is not None for row in range(5)] == [
+        True,
+        True,
+        False,
+        False,
+        False,
+    ]

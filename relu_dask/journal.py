@@ -14,7 +14,8 @@ is moved in by the first command that meets it (:func:`adopt_legacy_journal`).
   run's counts;
 * ``done/<array>/<block index>`` -- one small file per finished task, written by the task
   itself right after its mask block was written (zarr >= 3.1.3 writes each chunk file
-  atomically, through a temporary file and a rename), holding the task's counts;
+  atomically, through a temporary file and a rename), holding the task's counts (on an
+  object store, lines of batches: :mod:`relu_dask.markerbatches`);
 * ``lock`` -- who runs the job now (:mod:`relu_dask.lock`).
 
 Completion is never inferred from chunk keys: zarr does not store chunks equal to the fill
@@ -366,8 +367,7 @@ def read_done(
 
 def remove_done_markers_from(dest: Location, array_index: int, axis: int, first_block: int) -> None:
     """Drop the done markers of array ``array_index`` whose block index along ``axis`` is
-    ``first_block`` or more (0: all of them). A batch holding some of them is written again
-    without them first (a kill in between leaves a marker twice: the same one)."""
+    ``first_block`` or more (0: all of them), out of batches too (:func:`markerbatches.drop_lines`)."""
     folder = done_dir(dest, array_index)
     if first_block <= 0:
         folder.remove_tree()

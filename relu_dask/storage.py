@@ -165,11 +165,11 @@ def open_source(source: Location) -> SourceContents:
             check_dtype(src.dtype, where=f"SOURCE {source}")
             return SourceContents([src])
         contents = SourceContents([], attributes=dict(node.attrs))
-        documents.read_members(source)  # while zarr lists and opens them
+        documents.read_members(source)
         try:
             with warnings.catch_warnings():  # a relu-dask DEST given as SOURCE: its journal is no Zarr node
                 warnings.filterwarnings("ignore", message=r"Object at \.relu-dask is not recognized")
-                members = sorted(node.members(max_depth=None), key=lambda m: m[0])
+                members = documents.arrays(node) or sorted(node.members(max_depth=None), key=lambda m: m[0])
         except (PermissionError, OSError) as exc:
             raise InputError(f"SOURCE {source} could not be read: {exc}") from exc
         arrays = [(name, member) for name, member in members if isinstance(member, zarr.Array)]
@@ -197,8 +197,8 @@ class _Documents:
     zarr parses the documents it reads and keeps no bytes, and relu-dask needs them (the
     direct path, the fingerprint's digest): read after zarr, each is one more round trip
     one after another. Here the root's document is read while zarr opens SOURCE, and those
-    of the names directly under it (listed meanwhile) while zarr lists and opens its members.
-    Locally, nothing is read ahead.
+    of the names directly under it (listed meanwhile) right after; where they are all v3
+    arrays, the members are opened from them (:meth:`arrays`). Locally, nothing is read ahead.
     """
 
     def __init__(self, pool: ThreadPoolExecutor | None = None, root: Any = None, names: Any = None) -> None:
@@ -211,6 +211,23 @@ class _Documents:
         with contextlib.suppress(Exception):  # a listing that failed: zarr's own reads will say why
             for name in [n for n in self.names.result() if n not in _NOT_NODES][:64]:
                 self.read[name] = self.pool.submit(read_metadata_bytes, array_location(source, name))
+
+    def arrays(self, group: zarr.Group) -> list[tuple[str, zarr.Array | zarr.Group]]:
+        """The group's members opened from the documents read ahead (``zarr.Array.from_dict``:
+        zarr's own listing and reads, a round trip, saved) where every name under it is a
+        Zarr v3 array whose document was read; else [] (zarr lists and opens them)."""
+        try:
+            names = [n for n in self.names.result() if n not in _NOT_NODES] if self.names is not None else []
+            found: list[tuple[str, zarr.Array | zarr.Group]] = []
+            for name in sorted(names) if 0 < len(names) <= 64 else []:
+                metadata = (self.get(name) or (None, None))[0]
+                if metadata is None or metadata.get("zarr_format") != 3 or metadata.get("node_type") != "array":
+                    return []  # a group, Zarr v2, or a document not read: zarr's way
+                where = zarr.storage.StorePath(group.store, f"{group.path}/{name}" if group.path else name)
+                found.append((name, zarr.Array.from_dict(where, metadata)))
+        except Exception:  # noqa: BLE001 - anything odd: zarr's way, and its own errors
+            return []
+        return found
 
     def get(self, path: str) -> tuple[dict[str, Any] | None, bytes | None] | None:
         """The document at ``path`` and its bytes, where read ahead and found (else None: read it now)."""

@@ -116,9 +116,14 @@ class _Batches:
     def send(self, where: tuple[Bucket, str], name: Callable[[int], str]) -> None:
         with self.lock:
             lines = self.waiting.pop(where, [])
-            if not lines:
+            dropped = _LATER.dropping  # the run records its job next: what waits is moot
+            if not lines or dropped:
                 self.sending.discard(where)
-                return
+        if not lines or dropped:
+            for _, done in lines:
+                _LATER.settle(done, None, 0)
+            return
+        with self.lock:
             key = f"{where[1]}/{name(len(lines))}"
             self.written.setdefault(where, []).append(key)
         text = "".join(f"{line}\n" for line, _ in lines).encode()

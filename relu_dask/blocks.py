@@ -258,7 +258,7 @@ def _damaged(stored: StoredArray, coords: tuple[int, ...], exc: Exception) -> Da
 
 
 def write_block(
-    stored: StoredArray, selection: tuple[slice, ...], block: np.ndarray, into: chunkio.Scratch, *, later: bool = False
+    stored: StoredArray, selection: tuple[slice, ...], block: np.ndarray, into: chunkio.Scratch, *, later: str = ""
 ) -> Future[None] | None:
     """Write ``block`` to ``array[selection]``, a selection of whole chunks (or up to the edge).
 
@@ -269,9 +269,9 @@ def write_block(
     written by zarr. As zarr does by default, a chunk equal to the fill value is not
     stored, and one stored before is removed.
 
-    ``later``, in a bucket: the chunks are written by the store's pool while the caller goes
-    on (:func:`relu_dask.writebehind.write_later`); the future says when they are written.
-    None where they are written already.
+    ``later``, in a bucket: the run (its id) whose chunks the store's pool writes while the
+    caller goes on (:func:`relu_dask.writebehind.write_later`); the future says when they are
+    written. None where they are written already.
     """
     files = stored.files
     if files is None or block.dtype != files.format.dtype.newbyteorder("="):
@@ -314,7 +314,7 @@ def write_block(
     if stored.bucket is None:
         return None
     if later:
-        return writebehind.write_later(stored.bucket, puts, deletes)
+        return writebehind.write_later(stored.bucket, puts, deletes, run=later)
     objectstores.put_many(stored.bucket, puts)  # all of the block's chunks at once
     objectstores.delete_many(stored.bucket, deletes)
     return None

@@ -313,7 +313,7 @@ def _run_tasks(
         finally:
             _release_buffers(session)
             # the chunks and done markers the tasks left to the pool (all done: the job is recorded next)
-            unwritten = writebehind.finish_writes(drop_waiting=computed)
+            unwritten = writebehind.finish_writes(run, drop_waiting=computed)
         if unwritten:
             raise unwritten[0]  # a write to DEST that failed
     report.wall_s, report.cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
@@ -348,7 +348,7 @@ def _stopping(plan: RunPlan, run: str) -> Iterator[None]:
     except KeyboardInterrupt as stop:
         signum = getattr(stop, "signum", signal.SIGINT)
         still = _stop_tasks(plan.session, run)
-        writebehind.finish_writes()  # those the tasks let go of meanwhile: not written is not done
+        writebehind.finish_writes(run)  # those the tasks let go of meanwhile: not written is not done
         done = sum(journal.count_done(plan.dest, i) for i in range(len(plan.inputs.arrays)))
         name = signal.Signals(signum).name
         left = f"; {still} task(s) still running were let go" if still else ""

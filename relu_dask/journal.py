@@ -310,7 +310,7 @@ def record_done(
     per_unit: Sequence[int],
     what: str,
     *,
-    defer: bool = False,
+    defer: str = "",
     after: Future[None] | None = None,
 ) -> None:
     """Mark one task done, with its counts (called by the task, after its write).
@@ -318,9 +318,9 @@ def record_done(
     The marker keeps ``counts.recorded()``, the block's digest (``crc32:N``, where it has
     one) and the per-unit ones. ``what`` says what they are (for instance ``units=1``:
     per-unit ones along axis 1 follow the counts); :func:`read_done` gives them back only to
-    a task that expects the same. ``defer``, on an object store: the marker is a line of a
-    batch the store's pool writes (:mod:`relu_dask.markerbatches`) while the task goes on,
-    once ``after`` (its chunks' writes left to the pool) is done, and not if they failed.
+    a task that expects the same. ``defer`` (a run's id), on an object store: the marker is a
+    line of a batch the store's pool writes for that run (:mod:`relu_dask.markerbatches`) while
+    the task goes on, once ``after`` (its chunks' writes left to the pool) is done, not if they failed.
     """
     if not what or any(c.isspace() for c in what):
         raise ValueError(f"a marker's description is one word, got {what!r}")
@@ -336,7 +336,7 @@ def record_done(
     if after is None:  # its chunks are written already
         after = Future()
         after.set_result(None)
-    writebehind.append_later(*direct, f"{name} {text}", after=after, name=markerbatches.batch_name)
+    writebehind.append_later(*direct, f"{name} {text}", run=defer, after=after, name=markerbatches.batch_name)
 
 
 def read_done(

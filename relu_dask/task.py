@@ -182,14 +182,21 @@ def _process_block(tasks: ArrayTasks, block_id: tuple[int, ...]) -> np.ndarray:
         counts = BlockCounts(
             block.size, int(np.count_nonzero(mask)), nans, zeros, elements_read=block.size, digest=mask_digest(mask)
         )
-        written = blocks.write_block(tasks.dest, slices, mask, into, later=tasks.defer_writes)
+        later = tasks.run if tasks.defer_writes else ""  # the run whose writes the store's pool makes
+        written = blocks.write_block(tasks.dest, slices, mask, into, later=later)
         per_unit: list[int] = []
         if tasks.unit_axis is not None:
             others = tuple(a for a in range(ndim) if a != tasks.unit_axis)
             per_unit = _sum_ones(mask, others).tolist()
     if tasks.done_dir is not None:
         journal.record_done(
-            tasks.done_dir, index, counts, per_unit, tasks.marker_kind, defer=tasks.defer_writes, after=written
+            tasks.done_dir,
+            index,
+            counts,
+            per_unit,
+            tasks.marker_kind,
+            defer=tasks.run if tasks.defer_writes else "",
+            after=written,
         )
     return _row(counts, per_unit, width, ndim)
 

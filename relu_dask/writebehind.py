@@ -34,13 +34,15 @@ def write_later(
     puts: Sequence[tuple[str, Any]] = (),
     deletes: Sequence[str] = (),
     *,
+    run: str,
     after: Future[None] | None = None,
 ) -> Future[None]:
     """Write ``puts`` and delete ``deletes`` from the pool while the caller goes on.
 
     With ``after`` (an earlier call's future), they start once it is done, and not at all
     if it failed: a task's done marker waits for its chunks. The future is done when all
-    are; :func:`finish_writes` waits for every future made here. Without ``after``, the
+    are; :func:`finish_writes` waits for every future made here for ``run`` (a run's id:
+    runs in one process apart, each waits for and hears of its own). Without ``after``, the
     caller waits first while more than :data:`LATER_BYTES` are still to be written. The
     bytes of ``puts`` must stay as they are until written (a copy, not a reused buffer).
     """
@@ -50,7 +52,7 @@ def write_later(
 
     def start(before: Future[None] | None = None) -> None:
         failed = before.exception() if before is not None else None
-        if failed is not None or (before is not None and _LATER.dropping):
+        if failed is not None or (before is not None and run in _LATER.dropping):
             _LATER.settle(done, failed, size)  # dropped (see finish_writes): done, nothing written
             return
         parts = [objectstores.submit(objectstores.put, bucket, key, data) for key, data in puts]
@@ -58,7 +60,7 @@ def write_later(
             parts.append(objectstores.submit(objectstores.delete_many, bucket, list(deletes)))
         _when_all(parts, lambda error: _LATER.settle(done, error, size))
 
-    _LATER.track(done)
+    _LATER.track(run, done)
     if after is None:
         start()
     else:
@@ -67,7 +69,7 @@ def write_later(
 
 
 def append_later(
-    bucket: Bucket, folder: str, line: str, *, after: Future[None], name: Callable[[int], str]
+    bucket: Bucket, folder: str, line: str, *, run: str, after: Future[None], name: Callable[[int], str]
 ) -> Future[None]:
     """Write ``line`` into a new object under ``folder`` once ``after`` is done (not if it
     failed, nor once :func:`finish_writes` drops what waits): the lines ready together go into
@@ -79,12 +81,12 @@ def append_later(
 
     def ready(before: Future[None]) -> None:
         failed = before.exception()
-        if failed is not None or _LATER.dropping:
+        if failed is not None or run in _LATER.dropping:
             _LATER.settle(done, failed, 0)
             return
-        _BATCHES.add(bucket, folder, line, done, name)
+        _BATCHES.add(bucket, folder, (line, done, run), name)
 
-    _LATER.track(done)
+    _LATER.track(run, done)
     after.add_done_callback(ready)
     return done
 
@@ -100,14 +102,14 @@ class _Batches:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.waiting: dict[tuple[Bucket, str], list[tuple[str, Future[None]]]] = {}
+        self.waiting: dict[tuple[Bucket, str], list[tuple[str, Future[None], str]]] = {}
         self.sending: set[tuple[Bucket, str]] = set()
         self.written: dict[tuple[Bucket, str], list[str]] = {}
 
-    def add(self, bucket: Bucket, folder: str, line: str, done: Future[None], name: Callable[[int], str]) -> None:
+    def add(self, bucket: Bucket, folder: str, item: tuple[str, Future[None], str], name: Callable[[int], str]) -> None:
         where = (bucket, folder)
         with self.lock:
-            self.waiting.setdefault(where, []).append((line, done))
+            self.waiting.setdefault(where, []).append(item)
             if where in self.sending:
                 return
             self.sending.add(where)
@@ -115,22 +117,22 @@ class _Batches:
 
     def send(self, where: tuple[Bucket, str], name: Callable[[int], str]) -> None:
         with self.lock:
-            lines = self.waiting.pop(where, [])
-            dropped = _LATER.dropping  # the run records its job next: what waits is moot
-            if not lines or dropped:
+            waiting = self.waiting.pop(where, [])
+            lines = [item for item in waiting if item[2] not in _LATER.dropping]
+            if not lines:
                 self.sending.discard(where)
-        if not lines or dropped:
-            for _, done in lines:
-                _LATER.settle(done, None, 0)
+        for _, done, _run in (item for item in waiting if item[2] in _LATER.dropping):
+            _LATER.settle(done, None, 0)  # its run records its job next: moot
+        if not lines:
             return
         with self.lock:
             key = f"{where[1]}/{name(len(lines))}"
             self.written.setdefault(where, []).append(key)
-        text = "".join(f"{line}\n" for line, _ in lines).encode()
+        text = "".join(f"{line}\n" for line, _, _ in lines).encode()
         sent = objectstores.submit(objectstores.put, where[0], key, text)
 
         def landed(put: Future[None]) -> None:
-            for _, done in lines:
+            for _, done, _run in lines:
                 _LATER.settle(done, put.exception(), 0)
             self.send(where, name)
 
@@ -169,8 +171,8 @@ class _Later:
     def __init__(self) -> None:
         self.changed = threading.Condition()
         self.bytes = 0
-        self.futures: list[Future[None]] = []
-        self.dropping = False
+        self.futures: dict[str, list[Future[None]]] = {}
+        self.dropping: set[str] = set()
 
     def reserve(self, size: int) -> None:
         if not size:
@@ -179,9 +181,9 @@ class _Later:
             self.changed.wait_for(lambda: self.bytes == 0 or self.bytes + size <= LATER_BYTES)
             self.bytes += size
 
-    def track(self, future: Future[None]) -> None:
+    def track(self, run: str, future: Future[None]) -> None:
         with self.changed:
-            self.futures.append(future)
+            self.futures.setdefault(run, []).append(future)
 
     def settle(self, future: Future[None], error: BaseException | None, size: int) -> None:
         if error is None:
@@ -192,25 +194,27 @@ class _Later:
             self.bytes -= size
             self.changed.notify_all()
 
-    def finish(self, *, drop_waiting: bool) -> list[BaseException]:
+    def finish(self, run: str, *, drop_waiting: bool) -> list[BaseException]:
         with self.changed:
-            futures, self.futures = self.futures, []
-            self.dropping = drop_waiting
+            futures = self.futures.pop(run, [])
+            if drop_waiting:
+                self.dropping.add(run)
         errors: list[BaseException] = []
         for future in futures:
             error = future.exception()  # waits for it
             if error is not None and all(error is not e for e in errors):  # a marker fails with its chunk
                 errors.append(error)
-        self.dropping = False
+        with self.changed:
+            self.dropping.discard(run)
         return errors
 
 
 _LATER = _Later()
 
 
-def finish_writes(*, drop_waiting: bool = False) -> list[BaseException]:
-    """Wait for every write :func:`write_later` left to the pool; return the errors of those
-    that failed (each once, in the order they were asked for).
+def finish_writes(run: str, *, drop_waiting: bool = False) -> list[BaseException]:
+    """Wait for every write :func:`write_later` and :func:`append_later` left to the pool for
+    ``run``; return the errors of those that failed (each once, in the order asked for).
 
     ``drop_waiting``: writes still waiting for an earlier one (a done marker for its chunks)
     are not made; those under way are waited for. For a run about to record its job
@@ -218,4 +222,4 @@ def finish_writes(*, drop_waiting: bool = False) -> list[BaseException]:
     their chunks, which the run need not wait for. Killed before the record, it redoes
     those tasks.
     """
-    return _LATER.finish(drop_waiting=drop_waiting)
+    return _LATER.finish(run, drop_waiting=drop_waiting)

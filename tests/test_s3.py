@@ -499,28 +499,34 @@ def test_writes_left_to_the_pool_keep_their_order_bound_their_bytes_and_say_thei
     found, missing = (objectstores.bucket_of(url, s3) for url in (f"s3://{BUCKET}/later", "s3://no-such-bucket/later"))
     assert isinstance(found, tuple) and isinstance(missing, tuple)
     (ok, key), (gone, _) = found, missing
-    chunks = writebehind.write_later(ok, [(f"{key}/c/0", b"chunk0"), (f"{key}/c/1", b"chunk1")], [f"{key}/c/2"])
-    writebehind.write_later(ok, [(f"{key}/done/0", b"marker")], after=chunks)
-    failed = writebehind.write_later(gone, [("later/c/0", b"chunk")])
-    writebehind.write_later(ok, [(f"{key}/done/1", b"marker")], after=failed)
-    errors = writebehind.finish_writes()
+    chunks = writebehind.write_later(
+        ok, [(f"{key}/c/0", b"chunk0"), (f"{key}/c/1", b"chunk1")], [f"{key}/c/2"], run="a"
+    )
+    writebehind.write_later(ok, [(f"{key}/done/0", b"marker")], run="a", after=chunks)
+    failed = writebehind.write_later(gone, [("later/c/0", b"chunk")], run="a")
+    writebehind.write_later(ok, [(f"{key}/done/1", b"marker")], run="a", after=failed)
+    assert writebehind.finish_writes("b") == []  # another run in this process hears nothing of run a's
+    errors = writebehind.finish_writes("a")
     assert len(errors) == 1 and isinstance(errors[0], FileNotFoundError), errors
     assert "no-such-bucket" in str(errors[0])
     assert _objects(s3, "later") == {"c/0": b"chunk0", "c/1": b"chunk1", "done/0": b"marker"}
-    assert writebehind.finish_writes() == []
+    assert writebehind.finish_writes("a") == []
 
     # a run about to record its job complete: a marker still waiting for its chunks is not made
+    # (another run's, waiting for the same, is)
     gate: Future[None] = Future()
-    writebehind.write_later(ok, [(f"{key}/done/2", b"marker")], after=gate)
+    writebehind.write_later(ok, [(f"{key}/done/2", b"marker")], run="a", after=gate)
+    writebehind.write_later(ok, [(f"{key}/done/3", b"marker")], run="b", after=gate)
     threading.Timer(1.0, gate.set_result, [None]).start()  # its chunks "written" once the run finishes
-    assert writebehind.finish_writes(drop_waiting=True) == []
-    assert "done/2" not in _objects(s3, "later")
+    assert writebehind.finish_writes("a", drop_waiting=True) == []
+    assert writebehind.finish_writes("b") == []
+    assert "done/2" not in _objects(s3, "later") and "done/3" in _objects(s3, "later")
 
     monkeypatch.setattr(writebehind, "LATER_BYTES", 10)
-    first = writebehind.write_later(ok, [(f"{key}/big/0", bytes(100))])
-    writebehind.write_later(ok, [(f"{key}/big/1", bytes(100))])  # waits: 100 bytes unwritten, 10 allowed
+    first = writebehind.write_later(ok, [(f"{key}/big/0", bytes(100))], run="a")
+    writebehind.write_later(ok, [(f"{key}/big/1", bytes(100))], run="a")  # waits: 100 bytes unwritten, 10 allowed
     assert first.done()
-    assert writebehind.finish_writes() == []
+    assert writebehind.finish_writes("a") == []
     assert _objects(s3, "later/big") == {"0": bytes(100), "1": bytes(100)}
 
 
@@ -575,14 +581,14 @@ def test_done_markers_in_batches_are_read_counted_and_dropped_as_markers_of_thei
     counts = BlockCounts(elements=10, ones=4, nans=0, zeros=1, elements_read=10, digest=7)
     chunks: Future[None] = Future()
     for row in range(4):
-        journal.record_done(folder, (row, 0), counts, [], "units=-", defer=True, after=chunks)
+        journal.record_done(folder, (row, 0), counts, [], "units=-", defer="r0", after=chunks)
     failed: Future[None] = Future()
     failed.set_exception(OSError("its chunks could not be written"))
-    journal.record_done(folder, (9, 9), counts, [], "units=-", defer=True, after=failed)
+    journal.record_done(folder, (9, 9), counts, [], "units=-", defer="r0", after=failed)
     journal.record_done(folder, (4, 0), counts, [], "units=-")  # a marker of its own (a cluster's task)
     assert folder.list_names() == ["4.0"]  # nothing before its chunks are written
     chunks.set_result(None)
-    assert [str(e) for e in writebehind.finish_writes()] == ["its chunks could not be written"]
+    assert [str(e) for e in writebehind.finish_writes("r0")] == ["its chunks could not be written"]
     names = folder.list_names()
     assert len(names) >= 2 and all(n == "4.0" or n.startswith("batch.") for n in names), names
     assert journal.count_done(dest, 0) == 5

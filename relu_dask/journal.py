@@ -165,19 +165,18 @@ def is_being_replaced(dest: Location) -> bool:
 def remove_done_markers(dest: Location, every: Sequence[Location] | None = None) -> None:
     """Drop the per-task markers of a complete job (``job.json`` keeps its counts).
 
-    ``every``: all the markers there are, where the caller knows them (a fresh run's own):
-    on an object store they are deleted without listing them first (a round trip saved).
+    ``every``: all the markers of their own there are, where the caller knows them (a fresh
+    run's): on an object store they and the batches this process wrote there are deleted
+    without listing them first (a round trip saved).
     """
     folder = journal_dir(dest).child("done")
     direct = folder.object_store
+    batches = writebehind.take_appended(direct[0], f"{direct[1]}/") if direct is not None else []
     if every is None or direct is None:
         folder.remove_tree()
         return
     keys = [where[1] for m in every if (where := m.object_store) is not None]
-    for parent in {m.parent() for m in every}:  # and the batches this process wrote there
-        if (where := parent.object_store) is not None:
-            keys += writebehind.take_appended(*where)
-    objectstores.delete_many(direct[0], keys)
+    objectstores.delete_many(direct[0], keys + batches)
 
 
 def remove_journal(dest: Location) -> None:

@@ -85,11 +85,16 @@ def _finish_dest(
 
 
 def _own_markers(plan: RunPlan, array_tasks: list[ArrayTasks]) -> list[Location] | None:
-    """Every done marker in DEST where this run's tasks wrote them all (a fresh DEST), else None."""
+    """Every done marker of its own in DEST where this run's tasks wrote them all (a fresh
+    DEST), else None. Tasks that left their markers to the pool wrote batches instead
+    (:func:`relu_dask.journal.remove_done_markers` deletes those): none of their own."""
     if plan.state != "fresh":
         return None
     return [
-        t.done_dir.child(journal.marker_name(i)) for t in array_tasks if t.done_dir for i in t.plan.iter_block_indices()
+        t.done_dir.child(journal.marker_name(i))
+        for t in array_tasks
+        if t.done_dir and not t.defer_writes
+        for i in t.plan.iter_block_indices()
     ]
 
 

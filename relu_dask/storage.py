@@ -204,12 +204,14 @@ class _Documents:
     def __init__(self, pool: ThreadPoolExecutor | None = None, root: Any = None, names: Any = None) -> None:
         self.pool, self.names = pool, names
         self.read: dict[str, Future[tuple[dict[str, Any] | None, bytes | None]]] = {"": root} if root else {}
+        self.members: list[str] = []  # the names under SOURCE that may be members (read_members)
 
     def read_members(self, source: Location) -> None:
         if self.pool is None or self.names is None:
             return
         with contextlib.suppress(Exception):  # a listing that failed: zarr's own reads will say why
-            for name in [n for n in self.names.result() if n not in _NOT_NODES][:64]:
+            self.members = sorted(n for n in self.names.result() if n not in _NOT_NODES)
+            for name in self.members[:64]:
                 self.read[name] = self.pool.submit(read_metadata_bytes, array_location(source, name))
 
     def arrays(self, group: zarr.Group) -> list[tuple[str, zarr.Array | zarr.Group]]:
@@ -217,9 +219,8 @@ class _Documents:
         zarr's own listing and reads, a round trip, saved) where every name under it is a
         Zarr v3 array whose document was read; else [] (zarr lists and opens them)."""
         try:
-            names = [n for n in self.names.result() if n not in _NOT_NODES] if self.names is not None else []
             found: list[tuple[str, zarr.Array | zarr.Group]] = []
-            for name in sorted(names) if 0 < len(names) <= 64 else []:
+            for name in self.members if len(self.members) <= 64 else []:
                 metadata = (self.get(name) or (None, None))[0]
                 if metadata is None or metadata.get("zarr_format") != 3 or metadata.get("node_type") != "array":
                     return []  # a group, Zarr v2, or a document not read: zarr's way

@@ -195,7 +195,7 @@ def _process_block(tasks: ArrayTasks, block_id: tuple[int, ...]) -> np.ndarray:
             counts,
             per_unit,
             tasks.marker_kind,
-            defer=tasks.run if tasks.defer_writes else "",
+            defer=later,
             after=written,
         )
     return _row(counts, per_unit, width, ndim)

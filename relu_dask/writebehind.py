@@ -91,10 +91,10 @@ def append_later(
     return done
 
 
-def take_appended(bucket: Bucket, folder: str) -> list[str]:
-    """The keys of the objects :func:`append_later` wrote under ``folder`` in this process
-    since it was last asked (for deleting them without listing the folder)."""
-    return _BATCHES.take_written(bucket, folder)
+def take_appended(bucket: Bucket, under: str) -> list[str]:
+    """The keys of the objects :func:`append_later` wrote in folders under the prefix
+    ``under`` in this process since it was last asked (for deleting them without listing)."""
+    return _BATCHES.take_written(bucket, under)
 
 
 class _Batches:
@@ -117,11 +117,13 @@ class _Batches:
 
     def send(self, where: tuple[Bucket, str], name: Callable[[int], str]) -> None:
         with self.lock:
-            waiting = self.waiting.pop(where, [])
-            lines = [item for item in waiting if item[2] not in _LATER.dropping]
+            lines: list[tuple[str, Future[None], str]] = []
+            dropped: list[tuple[str, Future[None], str]] = []
+            for item in self.waiting.pop(where, []):  # each line sent or dropped, never both
+                (dropped if item[2] in _LATER.dropping else lines).append(item)
             if not lines:
                 self.sending.discard(where)
-        for _, done, _run in (item for item in waiting if item[2] in _LATER.dropping):
+        for _, done, _run in dropped:
             _LATER.settle(done, None, 0)  # its run records its job next: moot
         if not lines:
             return
@@ -138,9 +140,10 @@ class _Batches:
 
         sent.add_done_callback(landed)
 
-    def take_written(self, bucket: Bucket, folder: str) -> list[str]:
+    def take_written(self, bucket: Bucket, under: str) -> list[str]:
         with self.lock:
-            return self.written.pop((bucket, folder), [])
+            taken = [where for where in self.written if where[0] == bucket and where[1].startswith(under)]
+            return [key for where in taken for key in self.written.pop(where)]
 
 
 _BATCHES = _Batches()

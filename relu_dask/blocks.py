@@ -275,12 +275,12 @@ def write_block(
     """
     files = stored.files
     if files is None or block.dtype != files.format.dtype.newbyteorder("="):
-        stored.array[selection] = block
+        _write_by_zarr(stored, selection, block, later)
         return None
     grid, shape = files.format.chunk_shape, files.shape
     whole = all(s.start % c == 0 and (s.stop % c == 0 or s.stop == n) for s, c, n in zip(selection, grid, shape))
     if not whole or files.format.dtype.byteorder == ">" or files.format.order != "C":
-        stored.array[selection] = block  # a cut chunk needs zarr's read-modify-write
+        _write_by_zarr(stored, selection, block, later)  # a cut chunk needs zarr's read-modify-write
         return None
     ranges = [range(s.start // c, -(-s.stop // c)) for s, c in zip(selection, grid)]
     puts: list[tuple[str, Any]] = []
@@ -318,6 +318,12 @@ def write_block(
     objectstores.put_many(stored.bucket, puts)  # all of the block's chunks at once
     objectstores.delete_many(stored.bucket, deletes)
     return None
+
+
+def _write_by_zarr(stored: StoredArray, selection: tuple[slice, ...], block: np.ndarray, later: str) -> None:
+    if later:  # not before DEST is ready (writebehind.before_writes)
+        writebehind.wait_before_writes(later)
+    stored.array[selection] = block
 
 
 def drop_stored_objects(stored: StoredArray, folder: Location, selection: tuple[slice, ...]) -> int:

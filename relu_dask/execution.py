@@ -218,13 +218,17 @@ def _execute(plan: RunPlan) -> RunReport:
         check_workers_see(session, [inputs.source.url], [str(inputs.dest.path.parent)])
     report = plan.report()
     report.outcome = "done"
-    documents = prepare_dest(plan)
     run = uuid.uuid4().hex  # this run's tasks, apart from any other run's in this process
-    array_tasks = _array_tasks(plan, report, run, documents)
-    _log_start(plan, report)
-    tasks = [build_mask_tasks(t) for t in array_tasks]
-    with _live_page(plan, array_tasks, tasks) as callbacks:
-        results = _run_tasks(plan, [t for t in tasks if t is not None], run, report, callbacks)
+    documents = prepare_dest(plan, run=run if _defers_writes(plan) else "")
+    try:
+        array_tasks = _array_tasks(plan, report, run, documents)
+        _log_start(plan, report)
+        tasks = [build_mask_tasks(t) for t in array_tasks]
+        with _live_page(plan, array_tasks, tasks) as callbacks:
+            results = _run_tasks(plan, [t for t in tasks if t is not None], run, report, callbacks)
+    except BaseException:
+        writebehind.finish_writes(run)  # DEST may still be being prepared: not left half-uploaded
+        raise
     journal.reach_step("tasks-done")
     record_job(plan, report, array_tasks, tasks, results, documents)
     return report
@@ -422,7 +426,7 @@ def _array_tasks(plan: RunPlan, report: RunReport, run: str, documents: dict[str
                 name=src.path,
                 done_dir=journal.done_dir(inputs.dest, array.index),
                 may_be_done=plan.state != "fresh",  # a fresh DEST's journal holds no marker
-                defer_writes=plan.session.client is None and plan.session.spec.name in ("threads", "synchronous"),
+                defer_writes=_defers_writes(plan),
                 unit_axis=array.unit_axis,
                 token=token,
                 live=plan.session.live_page is not None and plan.session.client is not None,
@@ -430,3 +434,10 @@ def _array_tasks(plan: RunPlan, report: RunReport, run: str, documents: dict[str
             )
         )
     return out
+
+
+def _defers_writes(plan: RunPlan) -> bool:
+    """Whether the tasks leave their writes to the store's pool (:mod:`relu_dask.writebehind`):
+    on the threads and synchronous schedulers, where the pool outlives each task (the store
+    decides whether it has one: a local DEST writes as before)."""
+    return plan.session.client is None and plan.session.spec.name in ("threads", "synchronous")

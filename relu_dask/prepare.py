@@ -13,7 +13,7 @@ import tempfile
 from datetime import UTC, datetime
 from typing import Any
 
-from relu_dask import conventions, journal, objectstores, outputs, storage
+from relu_dask import conventions, journal, objectstores, outputs, storage, writebehind
 from relu_dask.kernel import rule_for
 from relu_dask.locations import Location, parse_location
 from relu_dask.planning import RunPlan
@@ -24,20 +24,22 @@ __all__ = ["prepare_dest"]
 log = logging.getLogger(__name__)
 
 
-def prepare_dest(plan: RunPlan) -> dict[str, bytes]:
+def prepare_dest(plan: RunPlan, *, run: str = "") -> dict[str, bytes]:
     """Make DEST ready for the plan's tasks, as its state says: replaced (``fresh``), grown
     (``grow``), or resumed (what a kill left half-written removed).
 
     Returns the metadata documents of DEST's nodes by path ("" for DEST itself) where they
-    were made here (a fresh DEST on an object store, see :func:`_create_outputs`), else {}.
+    were made here (a fresh DEST on an object store, see :func:`_stage_outputs`), else {}.
+    ``run``: the id of a run whose writes the store's pool makes (:mod:`relu_dask.writebehind`):
+    a fresh DEST on an object store is then prepared in the background, its documents made
+    first (returned), and the run's writes wait for it (:func:`~relu_dask.writebehind.before_writes`).
     """
-    documents: dict[str, bytes] = {}
     if plan.forget_completion and plan.record is not None:  # DEST lost masks its journal said were done
         journal.remove_done_markers(plan.dest)
         journal.write_record(plan.dest, plan.record)
     if plan.state == "fresh":
-        documents = _start_fresh(plan)
-    elif plan.state == "grow":
+        return _start_fresh(plan, run)
+    if plan.state == "grow":
         _start_growing(plan)
     else:
         if outputs.unconsolidate(plan.dest):  # DEST is about to change: no longer a finished group
@@ -52,24 +54,36 @@ def prepare_dest(plan: RunPlan) -> dict[str, bytes]:
         )
         _create_outputs(plan)
     journal.reach_step("outputs-created")
-    return documents
+    return {}
 
 
-def _start_fresh(plan: RunPlan) -> dict[str, bytes]:
+def _start_fresh(plan: RunPlan, run: str) -> dict[str, bytes]:
     """Replace DEST (if any) and its journal, record the job, create the outputs.
 
     The journal goes first: a kill while DEST is being deleted then leaves no record that
     says "complete" beside a half-deleted DEST (see docs/design.md, "Crash consistency").
+    On an object store the outputs are made in a local folder first (:func:`_stage_outputs`);
+    with ``run``, all that follows goes on while the run's tasks read.
     """
-    if plan.dest_clean:  # nothing there to remove
-        journal.reach_step("journal-forgotten")
-        journal.reach_step("dest-removed")
+    staged = _stage_outputs(plan) if plan.dest.object_store is not None else None
+
+    def record_and_create() -> None:
+        if plan.dest_clean:  # nothing there to remove
+            journal.reach_step("journal-forgotten")
+            journal.reach_step("dest-removed")
+        else:
+            remove_dest_and_journal(plan.dest, "--overwrite")
+        block_shapes = [list(a.chunks.block_shape) for a in plan.arrays]
+        journal.write_record(plan.dest, journal.JobRecord(plan.inputs.fingerprint, block_shapes))
+        journal.reach_step("job-recorded")
+        _create_outputs(plan, fresh=True, staged=staged)
+        journal.reach_step("outputs-created")
+
+    if run and staged is not None:
+        writebehind.before_writes(run, record_and_create)
     else:
-        remove_dest_and_journal(plan.dest, "--overwrite")
-    block_shapes = [list(a.chunks.block_shape) for a in plan.arrays]
-    journal.write_record(plan.dest, journal.JobRecord(plan.inputs.fingerprint, block_shapes))
-    journal.reach_step("job-recorded")
-    return _create_outputs(plan, fresh=True)
+        record_and_create()
+    return {k.removesuffix("zarr.json").rstrip("/"): v for k, v in (staged or {}).items() if _is_document(k)}
 
 
 def _start_growing(plan: RunPlan) -> None:
@@ -127,27 +141,31 @@ def _provenance(plan: RunPlan, src: storage.SourceArray | None) -> dict[str, Any
     return {outputs.PROVENANCE_PREFIX + key: value for key, value in info.items()}
 
 
-def _create_outputs(plan: RunPlan, *, fresh: bool = False) -> dict[str, bytes]:
+def _create_outputs(plan: RunPlan, *, fresh: bool = False, staged: dict[str, bytes] | None = None) -> None:
     """Create DEST's group (for a group SOURCE) and every mask array that is not there yet.
 
     On a fresh start (``fresh``: DEST and its done markers were just removed) that is all of
-    them, and nothing is asked first; on an object store they are made in a local folder by
-    zarr and uploaded at once (one round trip, where zarr asks and writes node by node). On
-    resume, those a kill stopped from being made, or that went missing since: an array made
-    now holds no mask yet, so any done markers of its tasks are dropped first (they would
-    otherwise be trusted, and leave it empty). Returns the uploaded nodes' metadata documents
-    by path (for the consolidation at the end: nothing to read back), else {}.
+    them, and nothing is asked first; on an object store they were made in a local folder by
+    zarr (``staged``) and are uploaded at once (one round trip, where zarr asks and writes node
+    by node). On resume, those a kill stopped from being made, or that went missing since: an
+    array made now holds no mask yet, so any done markers of its tasks are dropped first (they
+    would otherwise be trusted, and leave it empty).
     """
-    if fresh and (direct := plan.dest.object_store) is not None:
-        with tempfile.TemporaryDirectory(prefix="relu-dask-dest-") as folder:
-            staged = parse_location(folder)
-            _make_outputs(plan, staged, fresh=True)
-            files = {name: staged.child(name).read_bytes() for name in staged.files()}
+    if staged is not None and (direct := plan.dest.object_store) is not None:
         bucket, key = direct
-        objectstores.put_many(bucket, [(f"{key}/{name}", data) for name, data in files.items()])
-        return {name.removesuffix("zarr.json").rstrip("/"): data for name, data in files.items() if _is_document(name)}
+        objectstores.put_many(bucket, [(f"{key}/{name}", data) for name, data in staged.items()])
+        return
     _make_outputs(plan, plan.dest, fresh=fresh)
-    return {}
+
+
+def _stage_outputs(plan: RunPlan) -> dict[str, bytes]:
+    """A fresh DEST's files, made by zarr (public API) in a local folder, by name: uploaded
+    by :func:`_create_outputs`; their documents open the mask arrays and consolidate DEST at
+    the end (nothing read back)."""
+    with tempfile.TemporaryDirectory(prefix="relu-dask-dest-") as folder:
+        staged = parse_location(folder)
+        _make_outputs(plan, staged, fresh=True)
+        return {name: staged.child(name).read_bytes() for name in staged.files()}
 
 
 def _is_document(name: str) -> bool:

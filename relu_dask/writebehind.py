@@ -2,7 +2,8 @@
 
 Use :func:`write_later` for a block's chunks (and, after them, its done marker), and
 :func:`finish_writes` where a run must know they are written: before it records the job,
-or, stopped, counts what is done.
+or, stopped, counts what is done. :func:`before_writes` prepares DEST in a thread of its own
+while the tasks read their first blocks: the run's writes wait for it.
 
 Why: at 100 ms per request, a task that waits for its PUTs spends as long writing as
 reading, and while it writes no chunk is fetched. Handed to the pool, the writes overlap
@@ -22,7 +23,15 @@ from typing import Any
 from relu_dask import objectstores
 from relu_dask.objectstores import Bucket
 
-__all__ = ["LATER_BYTES", "append_later", "finish_writes", "take_appended", "write_later"]
+__all__ = [
+    "LATER_BYTES",
+    "append_later",
+    "before_writes",
+    "finish_writes",
+    "take_appended",
+    "wait_before_writes",
+    "write_later",
+]
 
 #: Bytes of the writes left to the pool that are not written yet, at most: a task that would
 #: go past waits for them, so memory stays flat however slow the store.
@@ -46,6 +55,9 @@ def write_later(
     caller waits first while more than :data:`LATER_BYTES` are still to be written. The
     bytes of ``puts`` must stay as they are until written (a copy, not a reused buffer).
     """
+    gate = _LATER.gates.get(run)  # DEST being prepared (before_writes)
+    if gate is not None and gate.done() and gate.exception() is not None:
+        raise gate.exception()  # type: ignore[misc]  # DEST could not be prepared: no task goes on
     size = 0 if after is not None else sum(memoryview(data).nbytes for _, data in puts)
     _LATER.reserve(size)
     done: Future[None] = Future()
@@ -60,12 +72,53 @@ def write_later(
             parts.append(objectstores.submit(objectstores.delete_many, bucket, list(deletes)))
         _when_all(parts, lambda error: _LATER.settle(done, error, size))
 
+    def prepared(ready: Future[None]) -> None:  # never dropped: a chunk the record will count
+        failed = ready.exception()
+        if failed is not None:
+            _LATER.settle(done, failed, size)
+        else:
+            start()
+
     _LATER.track(run, done)
-    if after is None:
-        start()
-    else:
+    if after is not None:
         after.add_done_callback(start)
+    elif gate is not None:
+        gate.add_done_callback(prepared)
+    else:
+        start()
     return done
+
+
+def before_writes(run: str, prepare: Callable[[], None]) -> None:
+    """Call ``prepare`` (DEST's record and documents, a fresh DEST's) in a thread of its
+    own; the writes :func:`write_later` is asked for ``run`` meanwhile start once it is done
+    (and fail with its error if it failed; asked after that, they raise it). The run's
+    tasks read their first blocks meanwhile: at 100 ms per request, the record and the
+    upload of the documents were two round trips before the first read.
+    :func:`finish_writes` waits for it, and says its error.
+    """
+    ready: Future[None] = Future()
+
+    def work() -> None:
+        try:
+            prepare()
+        except BaseException as exc:  # noqa: BLE001 - said by finish_writes, and to each write
+            ready.set_exception(exc)
+        else:
+            ready.set_result(None)
+
+    _LATER.track(run, ready)
+    with _LATER.changed:
+        _LATER.gates[run] = ready
+    threading.Thread(target=work, name="relu-dask-prepare-dest").start()
+
+
+def wait_before_writes(run: str) -> None:
+    """Wait until what :func:`before_writes` prepares for ``run`` is done (raising its error):
+    for a write made otherwise than by :func:`write_later` (zarr's own)."""
+    gate = _LATER.gates.get(run)
+    if gate is not None:
+        gate.result()
 
 
 def append_later(
@@ -176,6 +229,7 @@ class _Later:
         self.bytes = 0
         self.futures: dict[str, list[Future[None]]] = {}
         self.dropping: set[str] = set()
+        self.gates: dict[str, Future[None]] = {}  # a run's DEST being prepared (before_writes)
 
     def reserve(self, size: int) -> None:
         if not size:
@@ -209,6 +263,7 @@ class _Later:
                 errors.append(error)
         with self.changed:
             self.dropping.discard(run)
+            self.gates.pop(run, None)
         return errors
 
 

@@ -297,6 +297,69 @@ def test_a_run_on_s3_killed_after_creating_its_outputs_resumes_exactly(s3: dict[
     assert entry["tasks_done_now"] == entry["num_tasks"] == 12
 
 
+@pytest.mark.parametrize(
+    "layout", [(), ("--chunks", "32,48", "--dest-chunks", "16,16", "--dest-shards", "32,48")], ids=["chunks", "shards"]
+)
+def test_an_s3_run_reads_while_dest_is_prepared_and_writes_nothing_before_it_is(
+    s3: dict[str, str], layout: tuple[str, ...]
+) -> None:
+    """On S3 the tasks read while DEST's record and documents are written (in the background:
+    writebehind.before_writes); their writes wait (the pool's, and zarr's where it writes the
+    masks). Stopped once its record is written (after an --overwrite removed the old DEST) or
+    once its documents are, a run has written no chunk; the same command then finishes it exactly."""
+    pytest.importorskip("obstore")
+    x = activations((64, 48), "float32", seed=43)
+    where = f"prepared/{len(layout)}"
+    _s3_source(s3, f"{where}/acts.zarr", x, (16, 16))
+    source, dest = f"s3://{BUCKET}/{where}/acts.zarr", f"s3://{BUCKET}/{where}/masks.zarr"
+    args = ("run", source, dest, "--storage-options", json.dumps(s3), "--chunks", "16,16", "--progress", "none")
+    args += layout
+    assert cli(*args).returncode == 0
+    assert any(k.startswith("c/") for k in _objects(s3, f"{where}/masks.zarr"))
+    kill_at_step("job-recorded", *args, "--overwrite")
+    left = sorted(k for k in _objects(s3, f"{where}/masks.zarr") if not k.startswith(".relu-dask/lock"))
+    assert left == [".relu-dask/job.json"], left
+    kill_at_step("outputs-created", *args)
+    left = sorted(k for k in _objects(s3, f"{where}/masks.zarr") if not k.startswith(".relu-dask/"))
+    assert left == ["zarr.json"], left
+    again = cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert np.array_equal(_s3_mask(s3, dest), oracle(x))
+
+
+def test_writes_left_to_the_pool_wait_for_dest_being_prepared_and_fail_with_it(s3: dict[str, str]) -> None:
+    """A run's writes start once what before_writes prepares is done; if it failed, they fail
+    with its error, a write asked for later raises it, and finish_writes says it once."""
+    from relu_dask import objectstores, writebehind
+
+    found = objectstores.bucket_of(f"s3://{BUCKET}/gated", s3)
+    assert isinstance(found, tuple)
+    bucket, key = found
+    release = threading.Event()
+
+    def prepare() -> None:
+        release.wait(30)
+
+    writebehind.before_writes("p", prepare)
+    waiting = writebehind.write_later(bucket, [(f"{key}/c/0", b"chunk")], run="p")
+    time.sleep(0.5)
+    assert not waiting.done() and _objects(s3, "gated") == {}
+    release.set()
+    assert writebehind.finish_writes("p") == []
+    assert _objects(s3, "gated") == {"c/0": b"chunk"}
+
+    def fail() -> None:
+        raise PermissionError("DEST could not be prepared")
+
+    writebehind.before_writes("q", fail)
+    with pytest.raises(PermissionError):
+        writebehind.wait_before_writes("q")
+    with pytest.raises(PermissionError):
+        writebehind.write_later(bucket, [(f"{key}/c/1", b"chunk")], run="q")
+    assert [str(e) for e in writebehind.finish_writes("q")] == ["DEST could not be prepared"]
+    assert _objects(s3, "gated") == {"c/0": b"chunk"}
+
+
 def test_a_run_on_s3_killed_mid_way_resumes_from_its_done_markers(s3: dict[str, str], tmp_path: Path) -> None:
     """A real SIGKILL once some tasks have written their done markers; the rerun skips those."""
     pytest.importorskip("obstore")

@@ -20,10 +20,34 @@ from typing import Any
 import numpy as np
 
 from relu_dask.chunkfiles import chunk_key_encoding, format_chunk_key
-from relu_dask.records import ArrayFingerprint
+from relu_dask.locations import Location, at_once
+from relu_dask.records import ArrayFingerprint, JobFingerprint
 from relu_dask.storage import SourceArray
 
-__all__ = ["STAT_CONCURRENCY", "fingerprint_array", "settled_sha256", "stat_chunk", "stat_chunks"]
+__all__ = ["STAT_CONCURRENCY", "fingerprint_array", "fingerprint_job", "settled_sha256", "stat_chunk", "stat_chunks"]
+
+
+def fingerprint_job(
+    source: Location,
+    arrays: Sequence[SourceArray],
+    coordinates: Sequence[SourceArray],
+    append_axes: Sequence[int | None],
+    recorded: dict[str, ArrayFingerprint],
+    settings: JobFingerprint,
+) -> JobFingerprint:
+    """What ``job.json`` keeps of a run's job: ``settings`` (SOURCE's URL, the options that
+    change the result) with SOURCE's arrays and coordinates (:func:`fingerprint_array`). An array held
+    back at the shape DEST recorded (``recorded``, by path) keeps DEST's fingerprint of it
+    (the array as DEST last saw it). On an object store the arrays are looked at together."""
+
+    def one(a: SourceArray, axis: int | None) -> ArrayFingerprint:
+        if a.held_shape is not None and a.path in recorded and list(a.held_shape) == recorded[a.path]["shape"]:
+            return recorded[a.path]
+        return fingerprint_array(a, append_axis=axis)
+
+    pairs = list(zip(arrays, append_axes))
+    found = [one(*pair) for pair in pairs] if source.is_local else at_once(lambda pair: one(*pair), pairs)
+    return {**settings, "arrays": found, "coordinates": [fingerprint_array(c) for c in coordinates]}
 
 
 def fingerprint_array(src: SourceArray, num_samples: int = 16, append_axis: int | None = None) -> ArrayFingerprint:

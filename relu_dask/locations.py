@@ -19,7 +19,7 @@ import os
 import shutil
 import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from relu_dask import objectstores
 from relu_dask.errors import InputError
 
-__all__ = ["Location", "at_once", "parse_location", "parse_storage_options"]
+__all__ = ["Location", "at_once", "in_background", "parse_location", "parse_storage_options"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -317,6 +317,22 @@ def at_once(function: Callable[[T], R], items: Iterable[T], limit: int = 8) -> l
         return [function(item) for item in items]
     with ThreadPoolExecutor(min(limit, len(items))) as pool:
         return list(pool.map(function, items))
+
+
+def in_background(function: Callable[[], R]) -> Future[R]:
+    """Call ``function`` in a thread of its own; its future (its result, or its error)."""
+    done: Future[R] = Future()
+
+    def work() -> None:
+        try:
+            result = function()
+        except BaseException as exc:  # noqa: BLE001 - the future's to say
+            done.set_exception(exc)
+        else:
+            done.set_result(result)
+
+    threading.Thread(target=work, name="relu-dask-background").start()
+    return done
 
 
 def _below(relative: str, name: str | None) -> bool:

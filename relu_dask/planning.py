@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Literal
@@ -21,11 +21,11 @@ from relu_dask import chunking, journal, outputs, storage
 from relu_dask.chunking import format_bytes
 from relu_dask.counts import KeptCounts
 from relu_dask.errors import InputError, ReluDaskError
-from relu_dask.fingerprint import fingerprint_array, settled_sha256, stat_chunk
+from relu_dask.fingerprint import fingerprint_job, settled_sha256, stat_chunk
 from relu_dask.growth import kept_of_partial_run, num_kept, plan_growth, starting_at
 from relu_dask.kernel import choose_engine, rule_for
 from relu_dask.livewriter import settle
-from relu_dask.locations import Location, at_once
+from relu_dask.locations import Location, in_background
 from relu_dask.lock import moved_in
 from relu_dask.options import RunOptions, check_output_files
 from relu_dask.records import ArrayFingerprint, JobFingerprint
@@ -56,12 +56,18 @@ class RunInputs:
     """Per array, the unit axis of the statistics (None: no statistics, or a scalar)."""
     append_axes: tuple[int | None, ...]
     """Per array, the axis it may grow along between runs (None: growth refused, or a scalar)."""
-    fingerprint: JobFingerprint
-    """Source identity and the options that change the result, as found at the start."""
+    fingerprinted: Future[JobFingerprint]
+    """Source identity and the options that change the result, as found at the start (on an
+    object store looked at in the background: a fresh DEST's record is written while the
+    tasks read; a rerun's plan waits for it): :attr:`fingerprint`."""
     held: journal.Held | None = None
     """What this run holds back of rows that look half-written (the run records it: see
     :class:`relu_dask.journal.Held`); empty: an earlier run's record is done with; None:
     nothing to record."""
+
+    @property
+    def fingerprint(self) -> JobFingerprint:
+        return self.fingerprinted.result()
 
     @property
     def is_group(self) -> bool:
@@ -104,16 +110,16 @@ def open_inputs(options: RunOptions, locked: Callable[[], None] | None = None) -
     taken = settle(source, contents, dest, options.append_axis, recorded, options.settle_s, held_before)
     contents, arrays, coordinates, append_axes = taken.contents, taken.arrays, taken.coordinates, taken.append_axes
     unit_axes = tuple(_unit_axis(options, src) for src in arrays)
-    fingerprint: JobFingerprint = {
+    settings: JobFingerprint = {
         "source": source.url,
-        "arrays": _fingerprints(source, arrays, append_axes, recorded),
-        "coordinates": [fingerprint_array(c) for c in coordinates],
+        "arrays": [],
         "rule": rule_for(options.at_zero),
         "nan": options.nan,
         "dest_chunks": _as_list(options.dest_chunks),
         "dest_shards": _as_list(options.dest_shards),
         "compressor": options.dest_compressor,
     }
+    job = partial(fingerprint_job, source, tuple(arrays), tuple(coordinates), append_axes, recorded, settings)
     return RunInputs(
         source,
         dest,
@@ -124,28 +130,15 @@ def open_inputs(options: RunOptions, locked: Callable[[], None] | None = None) -
         contents.groups,
         unit_axes,
         append_axes,
-        fingerprint,
+        in_background(job) if not source.is_local else _done(job()),
         taken.held,
     )
 
 
-def _fingerprints(
-    source: Location,
-    arrays: tuple[storage.SourceArray, ...],
-    append_axes: tuple[int | None, ...],
-    recorded: dict[str, ArrayFingerprint],
-) -> list[ArrayFingerprint]:
-    """Each array's fingerprint; one held back at the shape DEST recorded keeps DEST's (the
-    array as DEST last saw it). On an object store the arrays are looked at together."""
-
-    def one(a: storage.SourceArray, axis: int | None) -> ArrayFingerprint:
-        if a.held_shape is not None and a.path in recorded and list(a.held_shape) == recorded[a.path]["shape"]:
-            return recorded[a.path]
-        return fingerprint_array(a, append_axis=axis)
-
-    if source.is_local or len(arrays) < 2:
-        return [one(a, axis) for a, axis in zip(arrays, append_axes)]
-    return at_once(lambda pair: one(*pair), zip(arrays, append_axes))
+def _done(fingerprint: JobFingerprint) -> Future[JobFingerprint]:
+    done: Future[JobFingerprint] = Future()
+    done.set_result(fingerprint)
+    return done
 
 
 def _refuse_masks_as_source(source: Location, contents: storage.SourceContents) -> None:
@@ -331,7 +324,7 @@ def plan_run(
     by_path = {a.path: a for a in inputs.arrays}
     found = dest_state(
         inputs.dest,
-        inputs.fingerprint,
+        lambda: inputs.fingerprint,
         is_group=inputs.is_group,
         overwrite=options.overwrite,
         append_axis=options.append_axis,

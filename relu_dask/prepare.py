@@ -15,7 +15,7 @@ from typing import Any
 
 from relu_dask import conventions, journal, objectstores, outputs, storage, writebehind
 from relu_dask.kernel import rule_for
-from relu_dask.locations import Location, parse_location
+from relu_dask.locations import Location, in_background, parse_location
 from relu_dask.planning import RunPlan
 from relu_dask.resume import remove_dest_and_journal
 
@@ -80,7 +80,7 @@ def _start_fresh(plan: RunPlan, run: str) -> dict[str, bytes]:
         journal.reach_step("outputs-created")
 
     if run and staged is not None:
-        writebehind.before_writes(run, record_and_create)
+        writebehind.before_writes(run, in_background(record_and_create))
     else:
         record_and_create()
     return {k.removesuffix("zarr.json").rstrip("/"): v for k, v in (staged or {}).items() if _is_document(k)}

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -78,7 +79,7 @@ def list_dest(dest: Location) -> DestListing:
 
 def dest_state(
     dest: Location,
-    fingerprint: JobFingerprint,
+    fingerprint: Callable[[], JobFingerprint],
     *,
     is_group: bool,
     overwrite: bool,
@@ -88,7 +89,8 @@ def dest_state(
     listed: DestListing | None = None,
 ) -> DestFound:
     """Whether DEST is new (or to be replaced), a partial run of this job to resume, complete,
-    or the job of a SOURCE that has grown since (``grow``).
+    or the job of a SOURCE that has grown since (``grow``). ``fingerprint``: this run's job,
+    asked for only where DEST holds a record to compare it with.
 
     Refuses (:class:`DestinationExistsError`) a DEST that holds anything else, unless
     ``overwrite``: growth along ``append_axis`` (None: no growth) is told from a change with
@@ -120,7 +122,7 @@ def dest_state(
         raise DestinationExistsError(f"DEST {dest} already exists: pass --overwrite to replace it")
     change = compare_jobs(
         record.fingerprint,
-        fingerprint,
+        fingerprint(),
         append_axis=append_axis,
         restat=restat,
         rehash=rehash,

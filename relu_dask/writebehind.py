@@ -89,28 +89,17 @@ def write_later(
     return done
 
 
-def before_writes(run: str, prepare: Callable[[], None]) -> None:
-    """Call ``prepare`` (DEST's record and documents, a fresh DEST's) in a thread of its
-    own; the writes :func:`write_later` is asked for ``run`` meanwhile start once it is done
-    (and fail with its error if it failed; asked after that, they raise it). The run's
-    tasks read their first blocks meanwhile: at 100 ms per request, the record and the
-    upload of the documents were two round trips before the first read.
-    :func:`finish_writes` waits for it, and says its error.
+def before_writes(run: str, ready: Future[None]) -> None:
+    """The writes :func:`write_later` is asked for ``run`` start once ``ready`` is done (DEST
+    prepared: its record and documents, a fresh DEST's, written in the background), and fail
+    with its error if it failed (asked after that, they raise it). The run's tasks read their
+    first blocks meanwhile: at 100 ms per request, the record and the upload of the documents
+    were two round trips before the first read. :func:`finish_writes` waits for it, and says
+    its error.
     """
-    ready: Future[None] = Future()
-
-    def work() -> None:
-        try:
-            prepare()
-        except BaseException as exc:  # noqa: BLE001 - said by finish_writes, and to each write
-            ready.set_exception(exc)
-        else:
-            ready.set_result(None)
-
     _LATER.track(run, ready)
     with _LATER.changed:
         _LATER.gates[run] = ready
-    threading.Thread(target=work, name="relu-dask-prepare-dest").start()
 
 
 def wait_before_writes(run: str) -> None:

@@ -325,33 +325,32 @@ def test_an_s3_run_reads_while_dest_is_prepared_and_writes_nothing_before_it_is(
     again = cli(*args)
     assert again.returncode == 0, again.stderr
     assert np.array_equal(_s3_mask(s3, dest), oracle(x))
+    # SOURCE's fingerprint, looked at in the background meanwhile, is in the record whole
+    (array,) = json.loads(_objects(s3, f"{where}/masks.zarr")[".relu-dask/job.json"])["fingerprint"]["arrays"]
+    assert array["chunk_samples"] and all(size for _, size, _ in array["chunk_samples"]), array
+    assert cli(*args).stdout.count("already complete") == 1
 
 
 def test_writes_left_to_the_pool_wait_for_dest_being_prepared_and_fail_with_it(s3: dict[str, str]) -> None:
-    """A run's writes start once what before_writes prepares is done; if it failed, they fail
+    """A run's writes start once the future given to before_writes is done; if it failed, they fail
     with its error, a write asked for later raises it, and finish_writes says it once."""
     from relu_dask import objectstores, writebehind
 
     found = objectstores.bucket_of(f"s3://{BUCKET}/gated", s3)
     assert isinstance(found, tuple)
     bucket, key = found
-    release = threading.Event()
-
-    def prepare() -> None:
-        release.wait(30)
-
-    writebehind.before_writes("p", prepare)
+    release: Future[None] = Future()
+    writebehind.before_writes("p", release)
     waiting = writebehind.write_later(bucket, [(f"{key}/c/0", b"chunk")], run="p")
     time.sleep(0.5)
     assert not waiting.done() and _objects(s3, "gated") == {}
-    release.set()
+    release.set_result(None)
     assert writebehind.finish_writes("p") == []
     assert _objects(s3, "gated") == {"c/0": b"chunk"}
 
-    def fail() -> None:
-        raise PermissionError("DEST could not be prepared")
-
-    writebehind.before_writes("q", fail)
+    failed: Future[None] = Future()
+    failed.set_exception(PermissionError("DEST could not be prepared"))
+    writebehind.before_writes("q", failed)
     with pytest.raises(PermissionError):
         writebehind.wait_before_writes("q")
     with pytest.raises(PermissionError):

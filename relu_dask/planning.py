@@ -25,7 +25,7 @@ from relu_dask.fingerprint import fingerprint_job, settled_sha256, stat_chunk
 from relu_dask.growth import kept_of_partial_run, num_kept, plan_growth, starting_at
 from relu_dask.kernel import choose_engine, rule_for
 from relu_dask.livewriter import settle
-from relu_dask.locations import Location, in_background
+from relu_dask.locations import Location, at_once, in_background
 from relu_dask.lock import moved_in
 from relu_dask.options import RunOptions, check_output_files
 from relu_dask.records import ArrayFingerprint, JobFingerprint
@@ -366,9 +366,10 @@ def _plan(options: RunOptions, inputs: RunInputs, found: DestFound, session: Ses
             )
             for i, (src, base) in enumerate(zip(inputs.arrays, kept))
         ]
-        # markers beside a record made incomplete are dropped before any task runs
-        counted = record is not None and not found.forget_completion
-        done = [journal.count_done(inputs.dest, i) if counted else 0 for i in range(len(growth))]
+        # markers beside a record made incomplete are dropped before any task runs; a
+        # complete one's were deleted (on an object store, a listing each saved)
+        counted = record is not None and not found.forget_completion and state != "complete"
+        done = at_once(partial(journal.count_done, inputs.dest), range(len(growth))) if counted else [0] * len(growth)
     arrays = tuple(
         ArrayPlan(i, src, chunks, unit_axis, append_axis, n, kept, drop_from)
         for i, (src, unit_axis, append_axis, (chunks, kept, drop_from), n) in enumerate(

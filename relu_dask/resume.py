@@ -9,6 +9,7 @@ in the order that keeps a kill safe at every step (docs/design.md, "Crash consis
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -20,7 +21,7 @@ from typing import Any, Literal
 from relu_dask import journal, outputs, storage
 from relu_dask.errors import DestinationExistsError, ReluDaskError
 from relu_dask.growth import Rehash, Restat, compare_jobs
-from relu_dask.locations import Location, parse_location, parse_storage_options
+from relu_dask.locations import Location, at_once, parse_location, parse_storage_options
 from relu_dask.lock import adopt_if_idle, lock_holder
 from relu_dask.records import JobFingerprint
 
@@ -152,10 +153,30 @@ def dest_state(
 
 
 def outputs_present(dest: Location, array_paths: list[str], *, is_group: bool) -> bool:
-    """Whether DEST holds the group (for a group SOURCE) and every mask array of the job."""
+    """Whether DEST holds the group (for a group SOURCE) and every mask array of the job.
+
+    On an object store every node's own document is read at once (zarr opens a group, then
+    each array, trying Zarr v3 then v2: round trips one after another); relu-dask writes
+    DEST as Zarr v3."""
+    if dest.object_store is not None:
+        wanted = [("", "group")] * is_group + [(path, "array") for path in array_paths]
+        found = at_once(lambda node: _node_type(dest, node[0]), wanted, limit=16)
+        return all(kind == node[1] for kind, node in zip(found, wanted))
     if is_group and not outputs.is_group(dest):
         return False
     return not missing_arrays(dest, array_paths)
+
+
+def _node_type(dest: Location, path: str) -> str | None:
+    """``group`` or ``array``: the Zarr v3 node at ``path`` in DEST, by its own document (None: none)."""
+    try:
+        document = json.loads(storage.array_location(dest, path).child("zarr.json").read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(document, dict) or document.get("zarr_format") != 3:
+        return None
+    kind = document.get("node_type")
+    return kind if isinstance(kind, str) else None
 
 
 def missing_arrays(dest: Location, array_paths: list[str]) -> list[str]:

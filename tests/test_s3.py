@@ -331,6 +331,31 @@ def test_an_s3_run_reads_while_dest_is_prepared_and_writes_nothing_before_it_is(
     assert cli(*args).stdout.count("already complete") == 1
 
 
+@pytest.mark.parametrize("lost", ["b/zarr.json", "zarr.json"], ids=["an-array", "the-group"])
+def test_a_complete_s3_record_beside_a_dest_lacking_a_node_is_not_believed(s3: dict[str, str], lost: str) -> None:
+    """On S3 DEST's nodes are looked for by their own documents, read at once: a complete
+    record is believed beside all of them (rerun: nothing to do), not beside a DEST that lost
+    one (the masks are computed again, exactly)."""
+    import s3fs
+
+    x, y = activations((32, 16), "float32", seed=44), activations((16, 24), "float32", seed=45)
+    where = f"nodes/{lost.count('/')}"
+    group = zarr.open_group(store=f"s3://{BUCKET}/{where}/acts.zarr", mode="w", storage_options=s3)
+    for name, values in (("a", x), ("b", y)):
+        group.create_array(name, shape=values.shape, chunks=(8, 8), dtype=values.dtype)[...] = values
+    source, dest = f"s3://{BUCKET}/{where}/acts.zarr", f"s3://{BUCKET}/{where}/masks.zarr"
+    args = ("run", source, dest, "--storage-options", json.dumps(s3), "--progress", "none")
+    assert cli(*args).returncode == 0
+    again = cli(*args)
+    assert again.returncode == 0 and "already complete" in again.stdout, again.stdout + again.stderr
+    s3fs.S3FileSystem(**s3, skip_instance_cache=True).rm(f"{BUCKET}/{where}/masks.zarr/{lost}")
+    redone = cli(*args)
+    assert redone.returncode == 0 and "computing them again" in redone.stderr, redone.stderr
+    masks = zarr.open_group(store=dest, mode="r", storage_options=s3)
+    assert np.array_equal(masks["a"][...], oracle(x)) and np.array_equal(masks["b"][...], oracle(y))
+    assert "already complete" in cli(*args).stdout
+
+
 def test_writes_left_to_the_pool_wait_for_dest_being_prepared_and_fail_with_it(s3: dict[str, str]) -> None:
     """A run's writes start once the future given to before_writes is done; if it failed, they fail
     with its error, a write asked for later raises it, and finish_writes says it once."""

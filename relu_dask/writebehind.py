@@ -39,51 +39,37 @@ LATER_BYTES = 32 * 2**20
 
 
 def write_later(
-    bucket: Bucket,
-    puts: Sequence[tuple[str, Any]] = (),
-    deletes: Sequence[str] = (),
-    *,
-    run: str,
-    after: Future[None] | None = None,
+    bucket: Bucket, puts: Sequence[tuple[str, Any]] = (), deletes: Sequence[str] = (), *, run: str
 ) -> Future[None]:
     """Write ``puts`` and delete ``deletes`` from the pool while the caller goes on.
 
-    With ``after`` (an earlier call's future), they start once it is done, and not at all
-    if it failed: a task's done marker waits for its chunks. The future is done when all
-    are; :func:`finish_writes` waits for every future made here for ``run`` (a run's id:
-    runs in one process apart, each waits for and hears of its own). Without ``after``, the
-    caller waits first while more than :data:`LATER_BYTES` are still to be written. The
-    bytes of ``puts`` must stay as they are until written (a copy, not a reused buffer).
+    The future is done when all are (a task's done marker waits for it: :func:`append_later`);
+    :func:`finish_writes` waits for every future made here for ``run`` (a run's id: runs in
+    one process apart, each waits for and hears of its own). The caller waits first while
+    more than :data:`LATER_BYTES` are still to be written. Where DEST is being prepared for
+    ``run`` (:func:`before_writes`), they start once it is. The bytes of ``puts`` must stay
+    as they are until written (a copy, not a reused buffer).
     """
     gate = _LATER.gates.get(run)  # DEST being prepared (before_writes)
     if gate is not None and gate.done() and gate.exception() is not None:
         raise gate.exception()  # type: ignore[misc]  # DEST could not be prepared: no task goes on
-    size = 0 if after is not None else sum(memoryview(data).nbytes for _, data in puts)
+    size = sum(memoryview(data).nbytes for _, data in puts)
     _LATER.reserve(size)
     done: Future[None] = Future()
 
-    def start(before: Future[None] | None = None) -> None:
-        failed = before.exception() if before is not None else None
-        if failed is not None or (before is not None and run in _LATER.dropping):
-            _LATER.settle(done, failed, size)  # dropped (see finish_writes): done, nothing written
+    def start(ready: Future[None] | None = None) -> None:
+        failed = ready.exception() if ready is not None else None
+        if failed is not None:
+            _LATER.settle(done, failed, size)
             return
         parts = [objectstores.submit(objectstores.put, bucket, key, data) for key, data in puts]
         if deletes:
             parts.append(objectstores.submit(objectstores.delete_many, bucket, list(deletes)))
         _when_all(parts, lambda error: _LATER.settle(done, error, size))
 
-    def prepared(ready: Future[None]) -> None:  # never dropped: a chunk the record will count
-        failed = ready.exception()
-        if failed is not None:
-            _LATER.settle(done, failed, size)
-        else:
-            start()
-
     _LATER.track(run, done)
-    if after is not None:
-        after.add_done_callback(start)
-    elif gate is not None:
-        gate.add_done_callback(prepared)
+    if gate is not None:
+        gate.add_done_callback(start)
     else:
         start()
     return done

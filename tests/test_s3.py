@@ -589,25 +589,29 @@ def test_writes_left_to_the_pool_keep_their_order_bound_their_bytes_and_say_thei
     chunks = writebehind.write_later(
         ok, [(f"{key}/c/0", b"chunk0"), (f"{key}/c/1", b"chunk1")], [f"{key}/c/2"], run="a"
     )
-    writebehind.write_later(ok, [(f"{key}/done/0", b"marker")], run="a", after=chunks)
+
+    def marker(folder: str, line: str, run: str, after: Future[None]) -> None:
+        writebehind.append_later(ok, f"{key}/{folder}", line, run=run, after=after, name=lambda n: f"batch.{n}")
+
+    marker("done0", "0", "a", chunks)
     failed = writebehind.write_later(gone, [("later/c/0", b"chunk")], run="a")
-    writebehind.write_later(ok, [(f"{key}/done/1", b"marker")], run="a", after=failed)
+    marker("done1", "1", "a", failed)
     assert writebehind.finish_writes("b") == []  # another run in this process hears nothing of run a's
     errors = writebehind.finish_writes("a")
     assert len(errors) == 1 and isinstance(errors[0], FileNotFoundError), errors
     assert "no-such-bucket" in str(errors[0])
-    assert _objects(s3, "later") == {"c/0": b"chunk0", "c/1": b"chunk1", "done/0": b"marker"}
+    assert _objects(s3, "later") == {"c/0": b"chunk0", "c/1": b"chunk1", "done0/batch.1": b"0\n"}
     assert writebehind.finish_writes("a") == []
 
     # a run about to record its job complete: a marker still waiting for its chunks is not made
     # (another run's, waiting for the same, is)
     gate: Future[None] = Future()
-    writebehind.write_later(ok, [(f"{key}/done/2", b"marker")], run="a", after=gate)
-    writebehind.write_later(ok, [(f"{key}/done/3", b"marker")], run="b", after=gate)
+    marker("done2", "2", "a", gate)
+    marker("done3", "3", "b", gate)
     threading.Timer(1.0, gate.set_result, [None]).start()  # its chunks "written" once the run finishes
     assert writebehind.finish_writes("a", drop_waiting=True) == []
     assert writebehind.finish_writes("b") == []
-    assert "done/2" not in _objects(s3, "later") and "done/3" in _objects(s3, "later")
+    assert "done2/batch.1" not in _objects(s3, "later") and "done3/batch.1" in _objects(s3, "later")
 
     monkeypatch.setattr(writebehind, "LATER_BYTES", 10)
     first = writebehind.write_later(ok, [(f"{key}/big/0", bytes(100))], run="a")

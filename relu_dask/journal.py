@@ -28,6 +28,8 @@ import contextlib
 import json
 import logging
 import os
+import signal
+import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -80,14 +82,13 @@ def reach_step(step: str) -> None:
 
     For the tests of what a kill at each step leaves behind: with ``RELU_DASK_STOP_AT`` set
     to ``step``, the process stops itself there (SIGSTOP), so that a test can kill it at
-    exactly that point. Unset, this does nothing.
+    exactly that point (a SIGSTOP to this thread, which may not be the main one: the process
+    stops before it goes on). Unset, this does nothing.
     """
     assert step in STEPS, step
     if os.environ.get("RELU_DASK_STOP_AT") == step:
-        import signal
-
         log.warning("stopping at step %s (RELU_DASK_STOP_AT)", step)
-        os.kill(os.getpid(), signal.SIGSTOP)
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
 
 
 #: The name of the hidden folder inside DEST that records its job.

@@ -2,8 +2,8 @@
 
 Use :func:`write_later` for a block's chunks (and, after them, its done marker), and
 :func:`finish_writes` where a run must know they are written: before it records the job,
-or, stopped, counts what is done. :func:`before_writes` prepares DEST in a thread of its own
-while the tasks read their first blocks: the run's writes wait for it.
+or, stopped, counts what is done. With :func:`before_writes` the run's writes wait for DEST
+being prepared (in a thread of its own, while the tasks read their first blocks).
 
 Why: at 100 ms per request, a task that waits for its PUTs spends as long writing as
 reading, and while it writes no chunk is fetched. Handed to the pool, the writes overlap

@@ -319,8 +319,9 @@ def at_once(function: Callable[[T], R], items: Iterable[T], limit: int = 8) -> l
         return list(pool.map(function, items))
 
 
-def in_background(function: Callable[[], R]) -> Future[R]:
-    """Call ``function`` in a thread of its own; its future (its result, or its error)."""
+def in_background(function: Callable[[], R], *, daemon: bool = False) -> Future[R]:
+    """Call ``function`` in a thread of its own; its future (its result, or its error).
+    ``daemon``: the process may end without waiting for it (for reads only)."""
     done: Future[R] = Future()
 
     def work() -> None:
@@ -331,7 +332,7 @@ def in_background(function: Callable[[], R]) -> Future[R]:
         else:
             done.set_result(result)
 
-    threading.Thread(target=work, name="relu-dask-background").start()
+    threading.Thread(target=work, name="relu-dask-background", daemon=daemon).start()
     return done
 
 

@@ -130,7 +130,7 @@ def open_inputs(options: RunOptions, locked: Callable[[], None] | None = None) -
         contents.groups,
         unit_axes,
         append_axes,
-        in_background(job) if not source.is_local else _done(job()),
+        in_background(job, daemon=True) if not source.is_local else _done(job()),
         taken.held,
     )
 

@@ -68,13 +68,14 @@ def _start_fresh(plan: RunPlan, run: str) -> dict[str, bytes]:
     staged = _stage_outputs(plan) if plan.dest.object_store is not None else None
 
     def record_and_create() -> None:
+        fingerprint = plan.inputs.fingerprint  # SOURCE looked at (or failed to be) before an old DEST goes
         if plan.dest_clean:  # nothing there to remove
             journal.reach_step("journal-forgotten")
             journal.reach_step("dest-removed")
         else:
             remove_dest_and_journal(plan.dest, "--overwrite")
         block_shapes = [list(a.chunks.block_shape) for a in plan.arrays]
-        journal.write_record(plan.dest, journal.JobRecord(plan.inputs.fingerprint, block_shapes))
+        journal.write_record(plan.dest, journal.JobRecord(fingerprint, block_shapes))
         journal.reach_step("job-recorded")
         _create_outputs(plan, fresh=True, staged=staged)
         journal.reach_step("outputs-created")

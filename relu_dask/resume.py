@@ -171,7 +171,7 @@ def _node_type(dest: Location, path: str) -> str | None:
     """``group`` or ``array``: the Zarr v3 node at ``path`` in DEST, by its own document (None: none)."""
     try:
         document = json.loads(storage.array_location(dest, path).child("zarr.json").read_bytes())
-    except (OSError, ValueError):
+    except (FileNotFoundError, ValueError):  # a store that fails says so: not taken for a missing node
         return None
     if not isinstance(document, dict) or document.get("zarr_format") != 3:
         return None

@@ -62,9 +62,13 @@ def write_later(
         if failed is not None:
             _LATER.settle(done, failed, size)
             return
-        parts = [objectstores.submit(objectstores.put, bucket, key, data) for key, data in puts]
-        if deletes:
-            parts.append(objectstores.submit(objectstores.delete_many, bucket, list(deletes)))
+        try:
+            parts = [objectstores.submit(objectstores.put, bucket, key, data) for key, data in puts]
+            if deletes:
+                parts.append(objectstores.submit(objectstores.delete_many, bucket, list(deletes)))
+        except BaseException as exc:  # noqa: BLE001 - a callback's error would be lost, and finish_writes wait
+            _LATER.settle(done, exc, size)
+            return
         _when_all(parts, lambda error: _LATER.settle(done, error, size))
 
     _LATER.track(run, done)
@@ -238,7 +242,9 @@ class _Later:
                 errors.append(error)
         with self.changed:
             self.dropping.discard(run)
-            self.gates.pop(run, None)
+            gate = self.gates.get(run)
+            if gate is not None and gate.exception() is None:  # a failed one stays: a task let go
+                del self.gates[run]  # after a stop still raises it, and writes nothing
         return errors
 
 

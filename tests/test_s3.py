@@ -381,6 +381,15 @@ def test_writes_left_to_the_pool_wait_for_dest_being_prepared_and_fail_with_it(s
     with pytest.raises(PermissionError):
         writebehind.write_later(bucket, [(f"{key}/c/1", b"chunk")], run="q")
     assert [str(e) for e in writebehind.finish_writes("q")] == ["DEST could not be prepared"]
+    with pytest.raises(PermissionError):  # a task let go after a stop writes nothing either
+        writebehind.write_later(bucket, [(f"{key}/c/2", b"chunk")], run="q")
+    # a preparation that fails while writes wait for it: they fail with it, unwritten
+    pending: Future[None] = Future()
+    writebehind.before_writes("r", pending)
+    waiting = writebehind.write_later(bucket, [(f"{key}/c/3", b"chunk")], run="r")
+    pending.set_exception(OSError("the record could not be written"))
+    assert str(waiting.exception(timeout=10)) == "the record could not be written"
+    assert [str(e) for e in writebehind.finish_writes("r")] == ["the record could not be written"]
     assert _objects(s3, "gated") == {"c/0": b"chunk"}
 
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from relu_dask import blocks, chunkio, journal, livepage
 from relu_dask.chunking import ChunkPlan
+from relu_dask.computing import pool_task
 from relu_dask.counts import BlockCounts, TaskRow
 from relu_dask.errors import NaNFoundError, TaskNotStarted
 from relu_dask.kernel import Engine, relu_derivative, set_numexpr_threads
@@ -97,7 +98,7 @@ def process_block(tasks: ArrayTasks, block_id: tuple[int, ...] | None = None) ->
     counts of all blocks into one small array.
     """
     assert block_id is not None, "dask passes block_id"
-    with _running(tasks.run):
+    with _running(tasks.run), pool_task():
         row = _process_block(tasks, block_id)
     if tasks.live:
         livepage.announce(tasks.run, tasks.name, block_id[: len(tasks.plan.shape)], row.reshape(-1))

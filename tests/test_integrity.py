@@ -383,6 +383,34 @@ def test_sigterm_stops_a_run_cleanly_and_the_same_command_finishes_it(
     assert chunk_files(dest) == chunk_files(reference)
 
 
+def test_a_processes_pool_worker_killed_mid_run_ends_the_run_and_the_same_command_finishes_it(
+    big_source_for_stop: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A pool worker killed (as the group's SIGTERM kills one still starting): the pool is
+    broken and ends its other workers with SIGTERM, then waits for them. Ignored, that left
+    relu-dask waiting forever; now the run ends in one line, and the same command finishes it."""
+    import psutil
+
+    source, reference = big_source_for_stop
+    dest = tmp_path / "out.zarr"
+    args = ("run", str(source), str(dest), "--scheduler", "processes", "--chunks", "256,512", "--progress", "none")
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "relu_dask", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env()
+    )
+    assert wait_for(lambda: markers(dest) >= 4, proc), "the run ended before a worker could be killed"
+    workers = [c for c in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(c.cmdline())]
+    assert workers, "no pool worker found"
+    workers[0].kill()
+    _, err = proc.communicate(timeout=60)  # waited forever before
+    assert proc.returncode not in (0, None), err
+    (line,) = [x for x in err.splitlines() if x.startswith("relu-dask: error:")]
+    assert "rerun the same command" in line and "Traceback" not in err, err
+    assert not (journal_folder(dest) / "lock").exists()
+    again = cli(*args[:-2])
+    assert again.returncode == 0, again.stderr
+    assert chunk_files(dest) == chunk_files(reference)
+
+
 @pytest.fixture(scope="module")
 def big_source_for_stop(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("stop")

@@ -116,7 +116,7 @@ def die_with_parent(parent_pid: int | None, then: Any = None, owner: int | None 
 
 
 #: In a ``processes`` pool worker: the tasks running now, and whether the pool ended it meanwhile.
-_WORKER = {"running": 0, "ending": 0}
+_WORKER = {"running": 0, "ending": False}
 _WORKER_LOCK = threading.Lock()
 
 
@@ -127,14 +127,13 @@ def _end_when_the_pool_says(owner: int) -> None:
     once its running task is done (:func:`pool_task`). Ignored as well, that one left relu-dask
     waiting forever (2 stops in 80 under load, Python 3.13)."""
     while True:
-        info = signal.sigwaitinfo({signal.SIGTERM})
-        if info.si_pid != owner:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid != owner:
             continue
         with _WORKER_LOCK:
+            _WORKER["ending"] = True
             if _WORKER["running"]:
-                _WORKER["ending"] = signal.SIGTERM
                 continue
-        os.kill(os.getpid(), signal.SIGKILL)  # the pool has given up on it: nothing of its to keep
+        _end_worker()
 
 
 @contextlib.contextmanager
@@ -150,7 +149,11 @@ def pool_task() -> Iterator[None]:
             _WORKER["running"] -= 1
             ending = _WORKER["ending"] and not _WORKER["running"]
         if ending:
-            os.kill(os.getpid(), signal.SIGKILL)  # the pool has given up on it: nothing of its to keep
+            _end_worker()
+
+
+def _end_worker() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)  # the pool has given up on this worker: nothing of its to keep
 
 
 def _local_get(name: str) -> Any:

@@ -32,6 +32,7 @@ from relu_dask.mask_stats import stats_of_masks
 from relu_dask.options import RunOptions
 from relu_dask.planning import plan_run
 from relu_dask.report import RunReport, render_summary
+from relu_dask.results import planned_report
 from relu_dask.resume import job_status
 from relu_dask.schedulers import (
     parse_scheduler,
@@ -126,8 +127,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     )
     if args.command == "plan":
         plan = plan_run(options)
-        report = deliver(plan.report(), options, plot=False)
-        _print_summary(report, plan.describe())
+        report = deliver(planned_report(plan), options, plot=False)
+        _print_summary(report, plan.describe(report))
         return EXIT_OK
     if args.follow is not None:
         if args.verify:

@@ -41,7 +41,7 @@ from relu_dask.planning import RunPlan, open_inputs, plan_run
 from relu_dask.prepare import prepare_dest
 from relu_dask.repair import repair
 from relu_dask.report import RunReport, write_report
-from relu_dask.results import measure_stored, record_job, set_counts, set_stats
+from relu_dask.results import measure_stored, planned_report, record_job, set_counts, set_stats
 from relu_dask.resume import list_dest, remove_dest_and_journal
 from relu_dask.schedulers import (
     Session,
@@ -126,7 +126,7 @@ def run(
     """
     run_options = RunOptions.create(source, dest, **options)
     if dry_run:
-        return deliver(plan_run(run_options).report(), run_options, plot=False)
+        return deliver(planned_report(plan_run(run_options)), run_options, plot=False)
     return run_with(run_options)
 
 

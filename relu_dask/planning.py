@@ -298,9 +298,10 @@ class RunPlan:
                 )
         return report
 
-    def describe(self) -> list[str]:
-        """The plan in the lines ``relu-dask plan`` prints."""
-        report = self.report()
+    def describe(self, report: RunReport | None = None) -> list[str]:
+        """The plan in the lines ``relu-dask plan`` prints: of ``report`` where given (this
+        plan's, filled in: :func:`relu_dask.results.planned_report`), else of a new one."""
+        report = report if report is not None else self.report()
         lines = render_summary(report)
         if report.outcome == "planned":
             memory = format_bytes(max((a.memory_per_task_bytes for a in report.arrays), default=0))

@@ -25,7 +25,7 @@ from relu_dask.planning import RunPlan
 from relu_dask.report import ArrayReport, RunReport
 from relu_dask.task import ArrayTasks
 
-__all__ = ["measure_stored", "record_counts", "record_job", "set_counts", "set_stats"]
+__all__ = ["measure_stored", "planned_report", "record_counts", "record_job", "set_counts", "set_stats"]
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +232,23 @@ def set_counts(entry: ArrayReport, counts: BlockCounts) -> None:
     entry.num_ones = counts.ones
     entry.num_nans = counts.nans
     entry.num_zeros = counts.zeros
+
+
+def planned_report(plan: RunPlan) -> RunReport:
+    """The report of a dry run (``relu-dask plan``). Of a DEST already complete it gives what
+    its record holds (counts, per-unit ones where recorded) and the bytes DEST stores, as a
+    run would say: nothing is read from the masks and nothing is written."""
+    report = plan.report()
+    if plan.state != "complete" or plan.record is None:
+        return report
+    for entry, array in zip(report.arrays, plan.arrays, strict=True):
+        recorded = plan.record.array(array.index)
+        set_counts(entry, recorded.counts)
+        entry.tasks_skipped = entry.num_tasks
+        if recorded.unit_axis == array.unit_axis:
+            set_stats(entry, array.source, array.unit_axis, recorded.unit_ones, plan.inputs.coordinates)
+    measure_stored(report, plan)
+    return report
 
 
 def measure_stored(report: RunReport, plan: RunPlan) -> None:

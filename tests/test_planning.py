@@ -121,6 +121,27 @@ def test_a_plan_touches_nothing_and_says_what_plan_prints(tmp_path: Path) -> Non
     assert not dest.exists()
 
 
+def test_a_plan_of_a_complete_dest_says_what_it_holds_as_a_run_would(tmp_path: Path) -> None:
+    """Not "0.0% active, 0 B stored": the record's counts and DEST's bytes, and nothing written."""
+    source, dest = _source(tmp_path), tmp_path / "out.zarr"
+    args = (str(source), str(dest), "--chunks", "8,16", "--scheduler", "synchronous", "--stats")
+    assert cli("run", *args).returncode == 0
+    rerun = cli("run", *args)
+    before = snapshot(dest)
+    planned = cli("plan", *args)
+    assert planned.returncode == 0, planned.stderr
+    assert snapshot(dest) == before
+    x = activations((45, 37))
+    said = [line for line in rerun.stdout.splitlines() if "active" in line]  # the array, its units
+    assert len(said) == 3 and f"{(x >= 0).sum() / x.size:.1%} active" in said[0], rerun.stdout
+    assert " 0 B stored" not in said[0] and f"{np.isnan(x).sum()} NaN" in said[0]
+    assert set(said) <= set(planned.stdout.splitlines()), planned.stdout
+    assert "already holds every mask" in planned.stdout
+    report = relu_dask.run(source, dest, chunks="8,16", scheduler="synchronous", stats=True, dry_run=True)
+    assert report.outcome == "already complete" and report.arrays[0].num_ones == int((x >= 0).sum())
+    assert report.arrays[0].stats is not None and report.arrays[0].bytes_written > 0
+
+
 def test_planning_writes_nothing_even_where_the_journal_claims_more_than_dest_holds(tmp_path: Path) -> None:
     """A complete DEST group loses a mask array: the plan (under the lock, too) says it will
     redo it and writes nothing; the run's first step records the job incomplete, then redoes it."""

@@ -1,6 +1,6 @@
 """Object-store benchmark: relu-dask against naive dask and a zarr thread-pool loop, on S3.
 
-An S3 endpoint is started on 127.0.0.1 in a process of its own: moto's WSGI application
+An S3 endpoint is started on 127.0.0.1 in a process of its own: moto's S3 WSGI application
 (moto is a test dependency) served by werkzeug's threaded server behind a fixed delay per
 request (``--latency-ms``, a first-byte latency; each request sleeps in its own thread, so
 concurrent requests overlap as they would against a real store). The data: seeded float32
@@ -56,11 +56,21 @@ KEYS = {"key": "testing", "secret": "testing"}
 
 
 def _child_serve(port: str, latency_ms: str) -> None:
-    """The S3 endpoint: moto behind a delay per request, until killed."""
-    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    """The S3 endpoint: moto's S3 application behind a delay per request, until killed.
+
+    moto's S3 application itself, not its router of every AWS service
+    (``DomainDispatcherApplication``, which works out the service of each request under a
+    lock, looking at moto's modules on disk), and no log line per request: the server shares
+    the machine's cores with the run it serves, and its CPU per request is not what a real
+    store costs its client (about a third of its CPU went to both; docs/performance.md).
+    """
+    import logging
+
+    from moto.moto_server.werkzeug_app import MotoRequestHandler, create_backend_app
     from werkzeug.serving import make_server
 
-    app = DomainDispatcherApplication(create_backend_app)
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    app = create_backend_app("s3")
     delay_s = float(latency_ms) / 1000
 
     def delayed(environ: dict, start_response: object) -> object:

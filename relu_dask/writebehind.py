@@ -236,12 +236,23 @@ class _Later:
             if drop_waiting:
                 self.dropping.add(run)
         errors: list[BaseException] = []
-        for future in futures:
-            error = future.exception()  # waits for it
-            if error is not None and all(error is not e for e in errors):  # a marker fails with its chunk
-                errors.append(error)
+        waited = 0
+        try:
+            for future in futures:
+                error = future.exception()  # waits for it
+                if error is not None and all(error is not e for e in errors):  # a marker fails with its chunk
+                    errors.append(error)
+                waited += 1
+        except BaseException:
+            # A stop (SIGTERM, Ctrl-C) while this waits: the writes not waited for are the next
+            # finish's to wait for (the stop's, before it counts what is done), not forgotten.
+            with self.changed:
+                self.futures[run] = futures[waited:] + self.futures.get(run, [])
+            raise
+        finally:
+            with self.changed:
+                self.dropping.discard(run)
         with self.changed:
-            self.dropping.discard(run)
             gate = self.gates.get(run)
             if gate is not None and gate.exception() is None:  # a failed one stays: a task let go
                 del self.gates[run]  # after a stop still raises it, and writes nothing

@@ -393,6 +393,37 @@ def test_writes_left_to_the_pool_wait_for_dest_being_prepared_and_fail_with_it(s
     assert _objects(s3, "gated") == {"c/0": b"chunk"}
 
 
+def test_a_stop_while_the_writes_are_waited_for_leaves_them_to_the_next_wait(s3: dict[str, str]) -> None:
+    """SIGTERM landing while a run waits for its writes (its tasks all done): the writes not
+    yet waited for are the stop's to wait for before it counts what is done. They were
+    forgotten, and the stop said fewer tasks done than the markers written after it."""
+    from relu_dask import objectstores, writebehind
+    from relu_dask.errors import StopRequested
+
+    found = objectstores.bucket_of(f"s3://{BUCKET}/waited", s3)
+    assert isinstance(found, tuple)
+    bucket, key = found
+    release: Future[None] = Future()
+    writebehind.before_writes("s", release)
+    waiting = [writebehind.write_later(bucket, [(f"{key}/c/{i}", b"chunk")], run="s") for i in range(3)]
+
+    def stop(signum: int, frame: object) -> None:
+        raise StopRequested(signum)
+
+    previous = signal.signal(signal.SIGUSR1, stop)
+    try:
+        threading.Timer(0.3, signal.pthread_kill, (threading.main_thread().ident, signal.SIGUSR1)).start()
+        with pytest.raises(StopRequested):
+            writebehind.finish_writes("s", drop_waiting=True)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert not any(w.done() for w in waiting)
+    threading.Timer(0.3, release.set_result, (None,)).start()
+    assert writebehind.finish_writes("s") == []  # waits for all three, as a stop does
+    assert all(w.done() for w in waiting)
+    assert _objects(s3, "waited") == {f"c/{i}": b"chunk" for i in range(3)}
+
+
 def test_a_run_on_s3_killed_mid_way_resumes_from_its_done_markers(s3: dict[str, str], tmp_path: Path) -> None:
     """A real SIGKILL once some tasks have written their done markers; the rerun skips those."""
     pytest.importorskip("obstore")
@@ -550,11 +581,11 @@ def test_sigterm_on_s3_counts_exactly_the_markers_the_pool_wrote(s3: dict[str, s
     for those before it says how many tasks are done, and nothing is written after it."""
     import s3fs
 
-    x = activations((256 * 64, 1024), "float32", seed=14)  # 64 MiB in 256 chunks: long enough to stop
+    x = activations((512 * 32, 256), "float32", seed=14)  # 512 chunks: long enough to stop
     prefix = "stop"
-    _s3_source(s3, f"{prefix}/acts.zarr", x, (64, 1024))
+    _s3_source(s3, f"{prefix}/acts.zarr", x, (32, 256))
     source, dest = f"s3://{BUCKET}/{prefix}/acts.zarr", f"s3://{BUCKET}/{prefix}/masks.zarr"
-    args = ("run", source, dest, "--storage-options", json.dumps(s3), "--chunks", "64,1024", "--scheduler", "threads")
+    args = ("run", source, dest, "--storage-options", json.dumps(s3), "--chunks", "32,256", "--scheduler", "threads")
     proc = subprocess.Popen(
         [sys.executable, "-m", "relu_dask", *args, "--progress", "none"],
         stdout=subprocess.PIPE,
@@ -576,10 +607,10 @@ def test_sigterm_on_s3_counts_exactly_the_markers_the_pool_wrote(s3: dict[str, s
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
-    (line,) = [x for x in err.splitlines() if x.startswith("relu-dask: error:")]
+    (line,) = [x for x in err.splitlines() if x.startswith("relu-dask: error: stopped by SIGTERM: ")]
     done = int(line.split("stopped by SIGTERM: ")[1].split(" of ")[0])
     time.sleep(1.0)
-    assert markers() == done and 4 <= done < 256
+    assert markers() == done and 4 <= done <= 512  # 512: the signal came as the last writes went out
     again = cli(*args)
     assert again.returncode == 0, again.stderr
     assert np.array_equal(zarr.open_array(store=dest, mode="r", storage_options=s3)[...], oracle(x))

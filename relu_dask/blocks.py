@@ -35,6 +35,7 @@ __all__ = [
     "StoredArray",
     "describe_stored",
     "drop_stored_objects",
+    "fetch_block",
     "read_block",
     "read_metadata",
     "read_metadata_bytes",
@@ -148,7 +149,28 @@ def _agrees(files: ChunkFiles, array: zarr.Array) -> bool:
     )
 
 
-def read_block(stored: StoredArray, selection: tuple[slice, ...], into: chunkio.Scratch | None = None) -> np.ndarray:
+def fetch_block(stored: StoredArray, selection: tuple[slice, ...]) -> dict[tuple[int, ...], Any]:
+    """The stored bytes of the block's chunks, where they are in a bucket (else nothing): for
+    :func:`read_block`'s ``fetched``, taken before the task holds its decoding buffers."""
+    cells, _grid = _cells(stored, selection)
+    return _fetch(stored, cells) if cells else {}
+
+
+def _cells(stored: StoredArray, selection: tuple[slice, ...]) -> tuple[list[tuple[int, ...]], tuple[int, ...]]:
+    grid = stored.files.format.chunk_shape if stored.files is not None else stored.stored_unit
+    ranges = [
+        range(a // c, max(a // c, (b - 1) // c) + 1) for (a, b), c in zip(((s.start, s.stop) for s in selection), grid)
+    ]
+    shape = tuple(s.stop - s.start for s in selection)
+    return ([] if 0 in shape else list(itertools.product(*ranges))), grid
+
+
+def read_block(
+    stored: StoredArray,
+    selection: tuple[slice, ...],
+    into: chunkio.Scratch | None = None,
+    fetched: dict[tuple[int, ...], Any] | None = None,
+) -> np.ndarray:
     """Read ``array[selection]`` a stored object (chunk or shard) at a time.
 
     zarr's own read of a whole block fetches every chunk of the selection, decodes them
@@ -162,18 +184,16 @@ def read_block(stored: StoredArray, selection: tuple[slice, ...], into: chunkio.
     another size), is read with zarr's ``array[...]``. Either way the values are the same bits.
 
     With ``into``, the result may be a view of its buffers: valid until ``into`` reads again.
+    ``fetched``: what :func:`fetch_block` gave for this selection (taken out as it is decoded);
+    else the chunks in a bucket are fetched here.
     """
     into = into if into is not None else chunkio.Scratch()
-    grid = stored.files.format.chunk_shape if stored.files is not None else stored.stored_unit
     starts = tuple(s.start for s in selection)
     shape = tuple(s.stop - s.start for s in selection)
-    ranges = [
-        range(a // c, max(a // c, (b - 1) // c) + 1) for (a, b), c in zip(((s.start, s.stop) for s in selection), grid)
-    ]
-    cells = list(itertools.product(*ranges))
-    if not cells or 0 in shape:
+    cells, grid = _cells(stored, selection)
+    if not cells:
         return np.asarray(stored.array[selection])
-    fetched = _fetch(stored, cells)
+    fetched = fetched if fetched is not None else _fetch(stored, cells)
     out: np.ndarray | None = None
     for coords in cells:
         lo = tuple(i * c for i, c in zip(coords, grid))

@@ -252,7 +252,7 @@ def _axis(value: int | str) -> int:
 
 #: On an object store a task waits on the network more than it computes: the threads
 #: scheduler runs at least this many tasks at once (unless ``--workers`` says otherwise) ...
-REMOTE_THREADS = 20
+REMOTE_THREADS = 32
 #: ... on blocks of about this many bytes (for ``--chunks auto``), so that memory stays flat.
 REMOTE_BLOCK_BYTES = 4 * 2**20
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
 import time
 import zlib
@@ -27,6 +28,7 @@ from relu_dask.counts import BlockCounts, TaskRow
 from relu_dask.errors import NaNFoundError, TaskNotStarted
 from relu_dask.kernel import Engine, relu_derivative, set_numexpr_threads
 from relu_dask.locations import Location
+from relu_dask.schedulers import count_cores
 
 __all__ = [
     "ArrayTasks",
@@ -172,8 +174,9 @@ def _process_block(tasks: ArrayTasks, block_id: tuple[int, ...]) -> np.ndarray:
     slices = tasks.plan.block_slices(index)
     if tasks.engine != "numpy" and numexpr.get_num_threads() != tasks.numexpr_threads:
         set_numexpr_threads(tasks.numexpr_threads)
-    with chunkio.scratch() as into:  # buffers reused from block to block, one set per running task
-        block = blocks.read_block(tasks.source, slices, into)
+    fetched = blocks.fetch_block(tasks.source, slices)  # from a bucket: before the buffers are taken
+    with _decoding(bool(fetched)), chunkio.scratch() as into:  # buffers reused from block to block
+        block = blocks.read_block(tasks.source, slices, into, fetched)
         nans, zeros = _count_nans_and_zeros(block, into.take(chunkio.FLAGS, (min(block.size, _SLAB),), np.bool_))
         if nans and tasks.nan_policy == "error":
             raise NaNFoundError(_describe_nan(tasks, block, slices))
@@ -200,6 +203,27 @@ def _process_block(tasks: ArrayTasks, block_id: tuple[int, ...]) -> np.ndarray:
             after=written,
         )
     return _row(counts, per_unit, width, ndim)
+
+
+#: Tasks of a process that decode and compute fetched blocks at once, beyond its cores: the
+#: others wait with their bytes fetched, holding no decoding buffers (memory stays flat with
+#: many requests in flight), and the cores are not shared among more tasks than they can run.
+DECODING_BEYOND_CORES = 2
+
+
+@functools.cache
+def _decoders() -> threading.BoundedSemaphore:
+    return threading.BoundedSemaphore(count_cores() + DECODING_BEYOND_CORES)
+
+
+@contextlib.contextmanager
+def _decoding(fetched: bool) -> Iterator[None]:
+    """Wait for a turn to decode a block fetched from a bucket (a local one reads as it decodes)."""
+    if not fetched:
+        yield
+        return
+    with _decoders():
+        yield
 
 
 def mask_digest(mask: np.ndarray) -> int:

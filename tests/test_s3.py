@@ -544,6 +544,49 @@ def test_status_of_a_complete_s3_dest_and_plan_writes_nothing(s3: dict[str, str]
     assert _objects(s3, "plan") == before
 
 
+def test_verify_on_s3_finds_swapped_chunks_and_the_same_run_repairs_exactly_them(
+    s3: dict[str, str], tmp_path: Path
+) -> None:
+    """Two mask chunks swapped in the bucket (each decodes; their masks are another block's):
+    verify says which, by URL, exit 1; status says damaged; the same run recomputes those two
+    blocks and nothing else; then verify, and verify against SOURCE, pass."""
+    import s3fs
+
+    x = activations((32, 24), "float32", seed=46)
+    _s3_source(s3, "verify/acts.zarr", x, (8, 8))
+    options = json.dumps(s3)
+    source, dest = f"s3://{BUCKET}/verify/acts.zarr", f"s3://{BUCKET}/verify/masks.zarr"
+    args = ("run", source, dest, "--storage-options", options, "--chunks", "8,8")
+    assert cli(*args).returncode == 0
+    fs = s3fs.S3FileSystem(**s3, skip_instance_cache=True)
+    first, second = f"{BUCKET}/verify/masks.zarr/c/0/0", f"{BUCKET}/verify/masks.zarr/c/2/1"
+    a, b = fs.cat_file(first), fs.cat_file(second)
+    assert a != b
+    fs.pipe_file(first, b)
+    fs.pipe_file(second, a)
+    assert not np.array_equal(zarr.open_array(store=dest, mode="r", storage_options=s3)[...], oracle(x))
+
+    proc = cli("verify", dest, "--storage-options", options)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    problems = [line for line in proc.stderr.splitlines() if line.startswith("relu-dask: verify:")]
+    assert len(problems) == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert any("block (0, 0)" in p and f"{dest}/c/0/0" in p for p in problems), problems
+    assert any("block (2, 1)" in p and f"{dest}/c/2/1" in p for p in problems), problems
+    status = json.loads(cli("status", dest, "--storage-options", options, "--json").stdout)
+    assert status["damaged_blocks"] == 2, status
+
+    report = tmp_path / "repair.json"
+    again = cli(*args, "--report", str(report))
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith("repaired: ")
+    assert json.loads(report.read_text())["tasks_done_now"] == 2  # those blocks, nothing else
+    assert np.array_equal(zarr.open_array(store=dest, mode="r", storage_options=s3)[...], oracle(x))
+    assert cli("verify", dest, "--storage-options", options).returncode == 0
+    against = cli("verify", dest, "--storage-options", options, "--source")
+    assert against.returncode == 0 and "12 block(s) equal SOURCE's masks" in against.stdout, against.stdout
+    assert "verified" in cli("status", dest, "--storage-options", options).stdout
+
+
 def test_wrong_credentials_end_in_one_line_naming_the_url(tmp_path: Path) -> None:
     """A moto server that checks credentials (``INITIAL_NO_AUTH_ACTION_COUNT=0``: every request
     is authenticated against its IAM, where no key exists): 403, one line, exit 2, soon."""

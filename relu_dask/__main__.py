@@ -32,7 +32,7 @@ def main() -> int:
         from relu_dask.cli import main as cli_main
 
         signal.signal(signal.SIGTERM, _stop_requested)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, _interrupted)
         if pending:
             _stop_requested(pending[0], None)
         code = cli_main()
@@ -58,9 +58,17 @@ def _stop_requested(signum: int, frame: object) -> None:
     DEST's lock and exits 143 with one line. A second SIGTERM meanwhile is let through.
     """
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    from relu_dask.errors import StopRequested
+    from relu_dask.errors import ask_to_stop
 
-    raise StopRequested(signum)
+    ask_to_stop(signum)
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    """Ctrl-C: KeyboardInterrupt, as Python's own handler raises it, and remembered (a stop
+    dropped inside a weakref callback is raised again where relu_dask waits)."""
+    from relu_dask.errors import ask_to_stop
+
+    ask_to_stop(signum)
 
 
 def prepare_process() -> None:

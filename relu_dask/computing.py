@@ -24,7 +24,7 @@ from typing import Any, Literal
 import dask
 from dask.callbacks import Callback
 
-from relu_dask.errors import InputError
+from relu_dask.errors import InputError, heed_a_lost_stop
 from relu_dask.schedulers import Session
 
 __all__ = ["PROGRESS_INTERVAL_S", "STOP_GRACE_S", "Progress", "compute", "die_with_parent", "pool_task"]
@@ -63,6 +63,7 @@ def compute(
         return _compute_distributed(session, collections, mode, progress_interval_s)
     outputs = _output_keys(collections)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_HeedLostStop())
         for callback in callbacks:
             stack.enter_context(callback)
         if mode == "bar":
@@ -200,6 +201,14 @@ def _log_progress(done: int, total: int) -> None:
     )
 
 
+class _HeedLostStop(Callback):
+    """A stop dropped while dask computes (:func:`~relu_dask.errors.ask_to_stop`) raised once
+    the next task ends, in the scheduler's loop, as if it had come there."""
+
+    def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, id: Any) -> None:
+        heed_a_lost_stop()
+
+
 class _LogProgress(Callback):
     """Plain progress lines at a steady interval, for logs that are not a terminal."""
 
@@ -272,9 +281,15 @@ def _wait_with_progress(futures: list[Any], mode: str, interval_s: float) -> Non
                 _log_progress(len(futures), len(futures))
                 break
             except TimeoutError:
+                heed_a_lost_stop()
                 if time.monotonic() - last >= interval_s:
                     last = time.monotonic()
                     done = sum(f.done() for f in futures)
                     _log_progress(done, len(futures))
     else:
-        wait(futures)
+        while True:
+            try:
+                wait(futures, timeout=1.0)
+                break
+            except TimeoutError:
+                heed_a_lost_stop()

@@ -11,6 +11,8 @@ Exit codes (README, ``relu-dask --help``):
 
 from __future__ import annotations
 
+import signal
+
 __all__ = [
     "EXIT_FAILED",
     "EXIT_IN_USE",
@@ -28,6 +30,8 @@ __all__ = [
     "StopRequested",
     "TaskNotStarted",
     "UnsupportedDtypeError",
+    "ask_to_stop",
+    "heed_a_lost_stop",
 ]
 
 EXIT_OK = 0
@@ -95,6 +99,33 @@ class StopRequested(KeyboardInterrupt):
     def __init__(self, signum: int) -> None:
         super().__init__(f"signal {signum}")
         self.signum = signum
+
+
+#: The signals :func:`ask_to_stop` was called for, in this process.
+_STOPS_ASKED: list[int] = []
+
+
+def ask_to_stop(signum: int) -> None:
+    """Raise the stop for signal ``signum`` (from its handler, in the main thread): StopRequested
+    for SIGTERM, KeyboardInterrupt for Ctrl-C; and remember that it was asked for.
+
+    A signal handler runs between any two bytecodes of the main thread, also inside a weakref
+    callback or a ``__del__`` (dask and distributed drop many objects while they compute),
+    where Python prints an exception as "ignored" and drops it, and the stop with it:
+    :func:`heed_a_lost_stop` raises it again where relu_dask waits.
+    """
+    _STOPS_ASKED.append(signum)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise StopRequested(signum)
+
+
+def heed_a_lost_stop() -> None:
+    """Raise the stop :func:`ask_to_stop` was asked for, if there was one: called where a
+    stop raised and caught would not have come to (after it, the run or follow has ended),
+    so one that comes here was dropped on the way."""
+    if _STOPS_ASKED:
+        raise StopRequested(_STOPS_ASKED[-1])
 
 
 class RunStopped(KeyboardInterrupt):

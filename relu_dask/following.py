@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Unpack
 
 from relu_dask import journal, livepage, storage
-from relu_dask.errors import InputError, ReluDaskError, RunStopped
+from relu_dask.errors import InputError, ReluDaskError, RunStopped, heed_a_lost_stop
 from relu_dask.execution import deliver, execute
 from relu_dask.lock import hold_lock
 from relu_dask.metrics import write_metrics
@@ -109,7 +109,7 @@ def follow_with(
                     state.stopped_by = "idle"
                     log.info("follow: no growth for %g s: stopping (%s)", idle_s, state.describe())
                     return state
-                time.sleep(every_s)
+                _wait(every_s)
                 inputs = open_inputs(options)
                 state.rows_behind = max(0, _rows(inputs) - state.rows_done)
                 livepage.set_follow(state.rows_done, state.rows_behind, state.passes)
@@ -130,6 +130,20 @@ def follow_with(
         state.rows_done = max(state.rows_done, _rows_recorded(inputs))
         state.rows_behind = max(0, _source_rows(options, inputs) - state.rows_done)
     return state
+
+
+#: Seconds the wait between two checks of SOURCE sleeps at a time.
+_SLEEP_S = 0.5
+
+
+def _wait(seconds: float) -> None:
+    """Sleep until the next check of SOURCE; a stop asked for and dropped on the way (see
+    :func:`~relu_dask.errors.ask_to_stop`) ends the wait within :data:`_SLEEP_S`."""
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        heed_a_lost_stop()
+        time.sleep(min(left, _SLEEP_S))
+    heed_a_lost_stop()
 
 
 def _deliver_pass(report: RunReport, options: RunOptions, state: FollowState) -> None:

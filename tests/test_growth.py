@@ -349,6 +349,19 @@ def _stop(proc: subprocess.Popen[str], sig: signal.Signals) -> tuple[str, str]:
     return proc.communicate(timeout=60)
 
 
+def _started(*command: str) -> subprocess.Popen[str]:
+    """``command`` started, its output read when it ends (:func:`_stop`)."""
+    return subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[str]) -> None:
+    """Until ``path`` exists (up to 120 s), ``proc`` still running meanwhile."""
+    end = time.monotonic() + 120
+    while not path.exists():
+        assert proc.poll() is None and time.monotonic() < end, proc.communicate()
+        time.sleep(0.01)
+
+
 def _record(dest: Path) -> dict[str, Any]:
     try:
         return json.loads((journal_folder(dest) / "job.json").read_text())
@@ -383,13 +396,7 @@ def test_follow_masks_every_row_a_live_writer_appends_and_stops_cleanly(
         "--report",
         str(report),
     )
-    proc = subprocess.Popen(
-        [PYTHON, "-m", "relu_dask", "run", str(source), str(dest), "--follow", "0.3", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_env(),
-    )
+    proc = _started(PYTHON, "-m", "relu_dask", "run", str(source), str(dest), "--follow", "0.3", *args)
     try:
         assert writer.wait(timeout=120) == 0
         end = time.monotonic() + 120
@@ -408,7 +415,7 @@ def test_follow_masks_every_row_a_live_writer_appends_and_stops_cleanly(
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err
-    assert f"follow ended (stopped by {sig.name}): 333 rows done, 0 behind SOURCE" in out
+    assert f"follow ended (stopped by {sig.name}): 333 rows done, 0 behind SOURCE" in out, err
     assert "rows done" in err  # a progress line at each check
     assert not (journal_folder(dest) / "lock").exists()
     assert np.array_equal(read_mask(dest), oracle(full[:333]))
@@ -423,18 +430,9 @@ def test_a_follow_stopped_between_passes_says_the_rows_behind_as_they_are_then(
     tmp_path: Path, sig: signal.Signals
 ) -> None:
     source, dest, full, array = _grown_source(tmp_path)
-    proc = subprocess.Popen(
-        [PYTHON, "-m", "relu_dask", "run", str(source), str(dest), "--chunks", "32,32", "--follow", "600"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_env(),
-    )
+    proc = _started(PYTHON, "-m", "relu_dask", "run", str(source), str(dest), "--chunks", "32,32", "--follow", "600")
     try:
-        end = time.monotonic() + 120
-        while not (journal_folder(dest) / "lock").exists():  # SOURCE read (100 rows), the first pass begun
-            assert proc.poll() is None and time.monotonic() < end, proc.communicate()
-            time.sleep(0.02)
+        _wait_for(journal_folder(dest) / "lock", proc)  # SOURCE read (100 rows), the first pass begun
         _grow(array, full, 164)  # during that pass or the wait for the next check, 600 s away
         other = cli("run", str(source), str(dest), "--chunks", "32,32")  # another run meanwhile: told why
         assert other.returncode == 3
@@ -474,22 +472,11 @@ def test_a_follow_stopped_while_the_stop_is_dropped_on_the_way_still_stops(tmp_p
     source, dest, _, _ = _grown_source(tmp_path)
     arm, inside = tmp_path / "arm", tmp_path / "inside"
     args = ["run", str(source), str(dest), "--chunks", "32,32", "--follow", "0.2"]
-    proc = subprocess.Popen(
-        [PYTHON, "-c", SLOW_COLLECTION, str(arm), str(inside), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_env(),
-    )
+    proc = _started(PYTHON, "-c", SLOW_COLLECTION, str(arm), str(inside), *args)
     try:
-        end = time.monotonic() + 120
-        while not (journal_folder(dest) / "lock").exists():
-            assert proc.poll() is None and time.monotonic() < end, proc.communicate()
-            time.sleep(0.02)
+        _wait_for(journal_folder(dest) / "lock", proc)
         arm.touch()
-        while not inside.exists():  # the main thread collects garbage between two passes, or in one
-            assert proc.poll() is None and time.monotonic() < end, proc.communicate()
-            time.sleep(0.01)
+        _wait_for(inside, proc)  # the main thread collects garbage between two passes, or in one
         out, err = _stop(proc, signal.SIGTERM)
     finally:
         if proc.poll() is None:
@@ -508,18 +495,9 @@ def test_a_run_whose_stop_is_dropped_on_the_way_stops_at_the_next_task_and_resum
     write_zarr(source, x, (8, 32))
     inside = tmp_path / "inside"
     args = ["run", str(source), str(dest), "--chunks", "8,32", "--scheduler", "threads"]
-    proc = subprocess.Popen(
-        [PYTHON, "-c", SLOW_COLLECTION, str(journal_folder(dest) / "lock"), str(inside), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_env(),
-    )
+    proc = _started(PYTHON, "-c", SLOW_COLLECTION, str(journal_folder(dest) / "lock"), str(inside), *args)
     try:
-        end = time.monotonic() + 120
-        while not inside.exists():
-            assert proc.poll() is None and time.monotonic() < end, proc.communicate()
-            time.sleep(0.01)
+        _wait_for(inside, proc)
         out, err = _stop(proc, signal.SIGTERM)
     finally:
         if proc.poll() is None:

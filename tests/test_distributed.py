@@ -42,6 +42,19 @@ def markers(dest: Path) -> int:
     return len(list(folder.iterdir())) if folder.is_dir() else 0
 
 
+def _address_in(scheduler_file: Path) -> str:
+    """The scheduler's address, once its file is there and whole (it is written in place:
+    read too soon, it is empty or cut short)."""
+    end = time.monotonic() + 60
+    while True:
+        try:
+            return str(json.loads(scheduler_file.read_text())["address"])
+        except (OSError, ValueError, KeyError):
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.1)
+
+
 class Cluster:
     """`dask scheduler` and `dask worker` started as separate processes on 127.0.0.1."""
 
@@ -62,10 +75,7 @@ class Cluster:
                 "127.0.0.1:0",
             ]
         )
-        end = time.monotonic() + 60
-        while not self.file.exists() and time.monotonic() < end:
-            time.sleep(0.1)
-        self.address = json.loads(self.file.read_text())["address"]
+        self.address = _address_in(self.file)
         self.workers: list[subprocess.Popen[bytes]] = []
 
     def _start(self, argv: list[str]) -> subprocess.Popen[bytes]:

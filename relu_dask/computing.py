@@ -269,27 +269,22 @@ def _let_running_tasks_finish(client: Any, futures: list[Any]) -> None:
 
 
 def _wait_with_progress(futures: list[Any], mode: str, interval_s: float) -> None:
+    """Wait for ``futures``: a second at a time (a stop dropped meanwhile is raised again),
+    with a progress bar or log lines as ``mode`` says."""
     from distributed import progress, wait
 
     if mode == "bar":
         progress(futures, notebook=False)
-    elif mode == "log":
-        last = time.monotonic()
-        while True:
-            try:
-                wait(futures, timeout=1.0)
-                _log_progress(len(futures), len(futures))
-                break
-            except TimeoutError:
-                heed_a_lost_stop()
-                if time.monotonic() - last >= interval_s:
-                    last = time.monotonic()
-                    done = sum(f.done() for f in futures)
-                    _log_progress(done, len(futures))
-    else:
-        while True:
-            try:
-                wait(futures, timeout=1.0)
-                break
-            except TimeoutError:
-                heed_a_lost_stop()
+        return
+    last = time.monotonic()
+    while True:
+        try:
+            wait(futures, timeout=1.0)
+            break
+        except TimeoutError:
+            heed_a_lost_stop()
+            if mode == "log" and time.monotonic() - last >= interval_s:
+                last = time.monotonic()
+                _log_progress(sum(f.done() for f in futures), len(futures))
+    if mode == "log":
+        _log_progress(len(futures), len(futures))

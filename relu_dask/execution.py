@@ -37,11 +37,11 @@ from relu_dask.lock import hold_lock, hold_lock_after
 from relu_dask.mask_stats import mask_unit_ones
 from relu_dask.metrics import write_metrics
 from relu_dask.options import RunKeywords, RunOptions
-from relu_dask.planning import RunPlan, open_inputs, plan_run
+from relu_dask.planning import ArrayPlan, RunPlan, open_inputs, plan_run
 from relu_dask.prepare import prepare_dest
 from relu_dask.repair import repair
 from relu_dask.report import RunReport, write_report
-from relu_dask.results import measure_stored, planned_report, record_job, set_counts, set_stats
+from relu_dask.results import measure_stored, planned_report, record_job, recorded_report
 from relu_dask.resume import list_dest, remove_dest_and_journal
 from relu_dask.schedulers import (
     Session,
@@ -187,19 +187,16 @@ def _complete_report(plan: RunPlan, session: Session | None) -> RunReport:
     """The report of a DEST already complete: its recorded counts; per-unit ones first asked
     for now are read back from the masks, on ``session`` (opened for them if None)."""
     assert plan.record is not None, "a complete DEST has its record"
-    report = plan.report()
     record = plan.record
     with contextlib.ExitStack() as opened:
-        for entry, array in zip(report.arrays, plan.arrays, strict=True):
-            index, src = array.index, array.source
-            recorded = record.array(index)
-            set_counts(entry, recorded.counts)
-            entry.tasks_skipped = entry.num_tasks
-            axis, unit_ones = array.unit_axis, recorded.unit_ones
-            if axis is not None and (unit_ones is None or recorded.unit_axis != axis):  # no --stats the first time
-                session = session or opened.enter_context(open_session(plan.options.scheduler))
-                unit_ones = mask_unit_ones(plan.dest, src.path, axis, session)
-            set_stats(entry, src, axis, unit_ones, plan.inputs.coordinates)
+
+        def read_unit_ones(array: ArrayPlan) -> list[int]:
+            nonlocal session
+            session = session or opened.enter_context(open_session(plan.options.scheduler))
+            assert array.unit_axis is not None
+            return mask_unit_ones(plan.dest, array.source.path, array.unit_axis, session)
+
+        report = recorded_report(plan, read_unit_ones)
     with ThreadPoolExecutor(1) as pool:  # on an object store, at once
         measured = pool.submit(measure_stored, report, plan)
         if plan.inputs.is_group and not outputs.is_consolidated(plan.dest):  # a kill came between the two

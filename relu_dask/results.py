@@ -10,7 +10,7 @@ growth), and fills in the report's figures.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -21,11 +21,19 @@ from relu_dask.counts import BlockCounts, KeptCounts, TaskRow
 from relu_dask.graph import MaskTasks
 from relu_dask.locations import Location, at_once
 from relu_dask.mask_stats import mask_unit_ones, unit_stats
-from relu_dask.planning import RunPlan
+from relu_dask.planning import ArrayPlan, RunPlan
 from relu_dask.report import ArrayReport, RunReport
 from relu_dask.task import ArrayTasks
 
-__all__ = ["measure_stored", "planned_report", "record_counts", "record_job", "set_counts", "set_stats"]
+__all__ = [
+    "measure_stored",
+    "planned_report",
+    "record_counts",
+    "record_job",
+    "recorded_report",
+    "set_counts",
+    "set_stats",
+]
 
 log = logging.getLogger(__name__)
 
@@ -238,16 +246,28 @@ def planned_report(plan: RunPlan) -> RunReport:
     """The report of a dry run (``relu-dask plan``). Of a DEST already complete it gives what
     its record holds (counts, per-unit ones where recorded) and the bytes DEST stores, as a
     run would say: nothing is read from the masks and nothing is written."""
-    report = plan.report()
     if plan.state != "complete" or plan.record is None:
-        return report
+        return plan.report()
+    report = recorded_report(plan)
+    measure_stored(report, plan)
+    return report
+
+
+def recorded_report(plan: RunPlan, read_unit_ones: Callable[[ArrayPlan], list[int]] | None = None) -> RunReport:
+    """The report of a plan whose DEST is complete, from DEST's record: its counts, every task
+    skipped, per-unit statistics. Per-unit ones the record lacks (no ``--stats`` the first
+    time, or another unit axis) come from ``read_unit_ones`` (the masks read back), else are
+    left out."""
+    assert plan.record is not None, "a complete DEST has its record"
+    report = plan.report()
     for entry, array in zip(report.arrays, plan.arrays, strict=True):
         recorded = plan.record.array(array.index)
         set_counts(entry, recorded.counts)
         entry.tasks_skipped = entry.num_tasks
-        if recorded.unit_axis == array.unit_axis:
-            set_stats(entry, array.source, array.unit_axis, recorded.unit_ones, plan.inputs.coordinates)
-    measure_stored(report, plan)
+        axis, unit_ones = array.unit_axis, recorded.unit_ones
+        if axis is not None and (unit_ones is None or recorded.unit_axis != axis):
+            unit_ones = read_unit_ones(array) if read_unit_ones is not None else None
+        set_stats(entry, array.source, axis, unit_ones, plan.inputs.coordinates)
     return report
 
 

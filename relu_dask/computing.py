@@ -104,6 +104,7 @@ def die_with_parent(parent_pid: int | None, then: Any = None, owner: int | None 
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
     if parent_pid is not None and os.getppid() != parent_pid:
         os.kill(os.getpid(), signal.SIGKILL)
+    _locks_that_die_with_the_worker()
     # SIGTERM and Ctrl-C reach every process of the group (Slurm, systemd, a terminal): the
     # parent decides, and lets the running task finish; the worker is not cut short.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -114,6 +115,24 @@ def die_with_parent(parent_pid: int | None, then: Any = None, owner: int | None 
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if then is not None:
         then()
+
+
+def _locks_that_die_with_the_worker() -> None:
+    """In a pool worker, ``multiprocessing.Lock()`` makes locks of the fork context, which
+    are nobody's business but this process's (as in relu-dask's own process on Linux).
+
+    numcodecs' Blosc takes such a lock the first time it compresses. Made in the spawn
+    context (a spawned worker's default), a lock is registered with the resource tracker the
+    worker shares with relu-dask; a worker that dies by SIGKILL (killed, ended by a broken
+    pool, its parent gone) leaves it registered, and when relu-dask ends the tracker prints
+    "resource_tracker: There appear to be 1 leaked semaphore objects to clean up at
+    shutdown" on its stderr, a line that is not relu-dask's. The worker starts no processes
+    of its own, so nothing else changes. Where there is no fork (Windows), nothing is done.
+    """
+    import multiprocessing
+
+    if "fork" in multiprocessing.get_all_start_methods():
+        multiprocessing.set_start_method("fork", force=True)
 
 
 #: In a ``processes`` pool worker: the tasks running now, and whether the pool ended it meanwhile.

@@ -19,15 +19,23 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any, Literal
-
-import dask
-from dask.callbacks import Callback
+from typing import TYPE_CHECKING, Any, Literal
 
 from relu_dask.errors import InputError, heed_a_lost_stop
 from relu_dask.schedulers import Session
 
-__all__ = ["PROGRESS_INTERVAL_S", "STOP_GRACE_S", "Progress", "compute", "die_with_parent", "pool_task"]
+if TYPE_CHECKING:
+    from dask.callbacks import Callback
+
+__all__ = [
+    "PROGRESS_INTERVAL_S",
+    "STOP_GRACE_S",
+    "Progress",
+    "compute",
+    "die_with_parent",
+    "import_dask_meanwhile",
+    "pool_task",
+]
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +69,12 @@ def compute(
             with saved(filename=performance_report):
                 return _compute_distributed(session, collections, mode, progress_interval_s)
         return _compute_distributed(session, collections, mode, progress_interval_s)
+    import dask
+    from dask.callbacks import Callback
+
     outputs = _output_keys(collections)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_HeedLostStop())
+        stack.enter_context(Callback(posttask=_heed_lost_stop))
         for callback in callbacks:
             stack.enter_context(callback)
         if mode == "bar":
@@ -71,7 +82,7 @@ def compute(
 
             stack.enter_context(ProgressBar(out=sys.stderr))
         elif mode == "log":
-            stack.enter_context(_LogProgress(outputs, progress_interval_s))
+            stack.enter_context(Callback(posttask=_LogProgress(outputs, progress_interval_s).posttask))
         kwargs: dict[str, Any] = {"scheduler": _local_get(session.spec.name)}
         if session.spec.name != "synchronous":
             kwargs["num_workers"] = session.num_threads
@@ -83,6 +94,26 @@ def compute(
                 os.getpid(),
             )
         return list(dask.compute(*collections, **kwargs))
+
+
+def import_dask_meanwhile() -> None:
+    """Start importing what computing needs and planning does not, in a thread of its own:
+    dask (some 100 modules, about 0.1 s on a quiet 2-core machine, several times that where
+    files open slowly) and relu_dask's version (DEST's provenance names it). For a run on an
+    object store, called before its first round trips (SOURCE's metadata, DEST's lock), so
+    that the imports go on while it waits for them; :func:`compute` imports dask when it
+    needs it, waiting for this import if it is still under way. Not a daemon thread: an
+    early exit waits for the import instead of ending the process in the middle of it."""
+
+    def load() -> None:
+        with contextlib.suppress(Exception):  # the import is done again, and said, where needed
+            import dask  # noqa: F401
+
+            import relu_dask
+
+            relu_dask.__version__  # noqa: B018 - looked up (importlib.metadata) and kept
+
+    threading.Thread(target=load, name="relu-dask-imports").start()
 
 
 def die_with_parent(parent_pid: int | None, then: Any = None, owner: int | None = None) -> None:
@@ -220,26 +251,25 @@ def _log_progress(done: int, total: int) -> None:
     )
 
 
-class _HeedLostStop(Callback):
-    """A stop dropped while dask computes (:func:`~relu_dask.errors.ask_to_stop`) raised once
-    the next task ends, in the scheduler's loop, as if it had come there."""
+def _heed_lost_stop(key: Any, result: Any, dsk: Any, state: Any, id: Any) -> None:
+    """A dask callback's ``posttask``: a stop dropped while dask computes
+    (:func:`~relu_dask.errors.ask_to_stop`) raised once the next task ends, in the
+    scheduler's loop, as if it had come there."""
+    heed_a_lost_stop()
 
-    def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, id: Any) -> None:
-        heed_a_lost_stop()
 
-
-class _LogProgress(Callback):
-    """Plain progress lines at a steady interval, for logs that are not a terminal."""
+class _LogProgress:
+    """Plain progress lines at a steady interval, for logs that are not a terminal (a dask
+    callback's ``posttask``)."""
 
     def __init__(self, outputs: set[Any], interval_s: float = PROGRESS_INTERVAL_S) -> None:
-        super().__init__()
         self.outputs = outputs
         self.num_tasks = len(outputs)
         self.interval_s = interval_s
         self.done = 0
         self.last = time.monotonic()
 
-    def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, id: Any) -> None:
+    def posttask(self, key: Any, result: Any, dsk: Any, state: Any, id: Any) -> None:
         if key not in self.outputs:
             return  # dask's own bookkeeping tasks (finalize, concatenate) are not blocks
         self.done += 1

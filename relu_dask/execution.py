@@ -26,10 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Unpack
 
-from dask.base import tokenize
-
 from relu_dask import chunkio, conventions, journal, livepage, outputs, storage, writebehind
-from relu_dask.computing import STOP_GRACE_S, compute
+from relu_dask.computing import STOP_GRACE_S, compute, import_dask_meanwhile
 from relu_dask.errors import NaNFoundError, ProcessingError, ReluDaskError, RunStopped
 from relu_dask.graph import MaskTasks, build_mask_tasks
 from relu_dask.locations import Location, at_once
@@ -134,6 +132,8 @@ def run_with(options: RunOptions) -> RunReport:
     """:func:`run` for options already built: open SOURCE, then under DEST's lock plan and
     execute; draw the plot and write the report the options ask for."""
     refuse_in_a_spawned_copy_of_main()
+    if not (options.source_location.is_local and options.dest_location.is_local):
+        import_dask_meanwhile()  # while the store's round trips are waited for
     if options.dest_location.object_store is not None:  # its lock is taken while SOURCE opens: DEST checked first
         outputs.prepare_dest(options.source_location, options.dest_location)
     listing = None if options.overwrite else functools.partial(list_dest, options.dest_location)
@@ -279,7 +279,7 @@ def _live_page(plan: RunPlan, array_tasks: list[ArrayTasks], tasks: list[MaskTas
     if session.client is not None:
         session.client.subscribe_topic(livepage.TOPIC, livepage.on_event)  # events of a run not this one: dropped
     try:
-        yield [] if session.client is not None else [livepage.BlockWatcher()]
+        yield [] if session.client is not None else [livepage.block_watcher()]
     finally:
         livepage.finish()
 
@@ -400,6 +400,8 @@ def _describe_os_error(exc: OSError, dest: Location) -> str:
 def _array_tasks(plan: RunPlan, report: RunReport, run: str, documents: dict[str, bytes]) -> list[ArrayTasks]:
     """Each array's tasks, with the mask arrays opened as they are now in DEST (from their
     ``documents`` by path where the run just wrote them)."""
+    from dask.base import tokenize
+
     out = []
     options, inputs = plan.options, plan.inputs
     masks = at_once(

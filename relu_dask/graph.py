@@ -22,7 +22,6 @@ import re
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from dask.base import tokenize
 
 from relu_dask.chunking import ChunkPlan
 from relu_dask.errors import NaNFoundError
@@ -63,6 +62,7 @@ def derivative_mask(darr: da.Array, *, at_zero: int = 1, engine: Engine = "numpy
     array([0, 1, 1], dtype=int8)
     """
     import dask.array as da
+    from dask.base import tokenize
 
     check_dtype(darr.dtype, where="the dask array")
     rule, policy = parse_at_zero(at_zero), parse_nan_policy(nan)
@@ -146,6 +146,8 @@ def build_mask_tasks(tasks: ArrayTasks) -> MaskTasks | None:
     """
     if tasks.plan.num_tasks == 0:
         return None
+    from dask.base import tokenize
+
     token = tasks.token or tokenize(tasks.plan, tasks.at_zero, tasks.engine)
     return MaskTasks(tasks, f"{task_prefix(tasks.name)}-{token}")
 
@@ -167,6 +169,7 @@ def task_prefix(path: str) -> str:
 def unit_ones_of_mask(mask: Any, plan: ChunkPlan, axis: int) -> da.Array:
     """Lazily, the ones of each unit along ``axis`` of an int8 mask array (zarr), as int64."""
     import dask.array as da
+    from dask.base import tokenize
 
     name = f"read-mask-{tokenize(str(mask.store_path), plan)}"
     darr = da.from_array(mask, chunks=plan.chunks, lock=False, asarray=True, name=name)

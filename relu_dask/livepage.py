@@ -9,7 +9,7 @@ activity and the dead and always-on units so far by label; in follow mode, how f
 behind SOURCE and when the last pass ran.
 
 How rows arrive: on dask's local schedulers through a dask callback in relu-dask's process
-(:class:`BlockWatcher`, dask's public ``Callback`` with ``_posttask``); on a distributed
+(:func:`block_watcher`, dask's public ``Callback`` with a ``posttask``); on a distributed
 cluster each task logs its row as an event on its worker (:func:`announce`: distributed's
 ``Worker.log_event``), and relu-dask's client subscribes to the topic
 (``Client.subscribe_topic``).
@@ -41,7 +41,6 @@ from importlib import resources
 from typing import Any
 
 import numpy as np
-from dask.callbacks import Callback
 
 from relu_dask.counts import BlockCounts, TaskRow
 from relu_dask.errors import InputError
@@ -50,10 +49,10 @@ __all__ = [
     "PAGE",
     "TOPIC",
     "ArrayLive",
-    "BlockWatcher",
     "add",
     "announce",
     "begin",
+    "block_watcher",
     "finish",
     "on_event",
     "page_url",
@@ -169,15 +168,20 @@ def _key_block(key: Any) -> tuple[str, tuple[int, ...]] | None:
     return None
 
 
-class BlockWatcher(Callback):
-    """Adds each finished task's row on dask's local schedulers (in relu-dask's process)."""
+def block_watcher() -> Any:
+    """A dask ``Callback`` that adds each finished task's row on dask's local schedulers (in
+    relu-dask's process)."""
+    from dask.callbacks import Callback
 
-    def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, id: Any) -> None:
-        found = _key_block(key)
-        run = _RUN[0]
-        if found is None or run is None or found[0] not in run.names:
-            return
-        add(run.names[found[0]], found[1], np.asarray(result).reshape(-1))
+    return Callback(posttask=_add_finished)
+
+
+def _add_finished(key: Any, result: Any, dsk: Any, state: Any, id: Any) -> None:
+    found = _key_block(key)
+    run = _RUN[0]
+    if found is None or run is None or found[0] not in run.names:
+        return
+    add(run.names[found[0]], found[1], np.asarray(result).reshape(-1))
 
 
 def announce(run: str, path: str, index: Sequence[int], row: np.ndarray) -> None:

@@ -25,7 +25,7 @@ from relu_dask.kernel import ENGINES, Engine, parse_at_zero, parse_nan_policy
 from relu_dask.livewriter import SETTLE_S
 from relu_dask.locations import Location, parse_location, parse_storage_options
 from relu_dask.outputs import DEFAULT_COMPRESSOR, parse_compressor
-from relu_dask.schedulers import SchedulerSpec, count_cores, parse_scheduler
+from relu_dask.schedulers import SchedulerSpec, cores_at_most, count_cores, parse_scheduler
 from relu_dask.stats import UNIT_DIMS, UnitChoice, parse_unit_dims
 
 __all__ = [
@@ -264,8 +264,9 @@ def _for_the_store(
     they were left to relu-dask, more tasks in flight on smaller blocks (latency hidden)."""
     if not remote:
         return chunks, spec
-    if spec.name == "threads" and spec.num_workers is None:
-        spec = dataclasses.replace(spec, num_workers=max(REMOTE_THREADS, count_cores()))
+    if spec.name == "threads" and spec.num_workers is None:  # (count_cores imports dask: only where it may matter)
+        threads = REMOTE_THREADS if cores_at_most() <= REMOTE_THREADS else max(REMOTE_THREADS, count_cores())
+        spec = dataclasses.replace(spec, num_workers=threads)
     return (REMOTE_BLOCK_BYTES if chunks == "auto" else chunks), spec
 
 

@@ -27,8 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import dask
-
 from relu_dask import chunking, livepage
 from relu_dask.errors import InputError
 from relu_dask.kernel import numexpr_threads_for
@@ -41,6 +39,7 @@ __all__ = [
     "SchedulerSpec",
     "Session",
     "check_workers_see",
+    "cores_at_most",
     "count_cores",
     "memory_limit_bytes",
     "open_session",
@@ -227,6 +226,13 @@ def count_cores() -> int:
     return max(1, int(cpu_count()))
 
 
+def cores_at_most() -> int:
+    """At least :func:`count_cores`, without importing dask: the CPUs this process may run on
+    (dask's count is these, or fewer under a cgroup quota)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+
+
 #: Memory limits a process may be under, as ``distributed.system.memory_limit`` reads them:
 #: cgroup v1 hard and soft limits, cgroup v2 ``max``, ``high`` and ``low``.
 _CGROUP_MEMORY_FILES = (
@@ -283,6 +289,7 @@ def open_session(spec: SchedulerSpec) -> Iterator[Session]:
 
 @contextlib.contextmanager
 def _local_cluster(spec: SchedulerSpec, session: Session) -> Iterator[Session]:
+    import dask
     from distributed import Client, LocalCluster
 
     workers, threads = _local_sizes(spec, count_cores())

@@ -283,6 +283,24 @@ def test_the_command_starts_numpy_without_openblas_threads_and_import_relu_dask_
         assert threads["plain"] > 1, threads  # the control: OpenBLAS's own pool, one thread per core
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="pins itself to one core (Linux)")
+def test_the_command_line_loads_dask_only_to_compute() -> None:
+    """dask (some 100 modules) is imported when a run computes, not with the command line: a
+    run on an object store imports it while its first round trips are under way."""
+    code = (
+        "import os, sys\n"
+        "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # dask counts cores past 32 only\n"
+        "import relu_dask.cli, relu_dask.options\n"
+        "options = relu_dask.options.RunOptions.create(sys.argv[1], sys.argv[2], storage_options={'anon': True})\n"
+        "assert options.scheduler.num_workers == 32, options.scheduler\n"
+        "print(sorted(m for m in sys.modules if m == 'dask' or m.startswith('dask.')))\n"
+    )
+    argv = [PYTHON, "-c", code, "s3://bucket/acts.zarr", "s3://bucket/masks.zarr"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=cli_env())
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
 def test_every_public_name_resolves_to_its_module_object() -> None:
     import importlib
 

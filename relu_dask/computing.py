@@ -103,7 +103,10 @@ def import_dask_meanwhile() -> None:
     object store, called before its first round trips (SOURCE's metadata, DEST's lock), so
     that the imports go on while it waits for them; :func:`compute` imports dask when it
     needs it, waiting for this import if it is still under way. Not a daemon thread: an
-    early exit waits for the import instead of ending the process in the middle of it."""
+    early exit waits for the import instead of ending the process in the middle of it.
+    Nothing is started where dask is loaded already (another run in this process)."""
+    if "dask" in sys.modules:
+        return
 
     def load() -> None:
         with contextlib.suppress(Exception):  # the import is done again, and said, where needed

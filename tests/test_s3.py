@@ -293,20 +293,13 @@ def _markers(fs: Any, folder: str) -> int:
 
 
 def _s3_mask(s3: dict[str, str], dest: str) -> np.ndarray:
-    """The int8 masks at ``dest``, read by zarr over obstore (over s3fs it takes twice as long)."""
-    from obstore.store import S3Store
+    """The int8 masks at ``dest``, read and decoded by zarr over obstore (over s3fs it takes
+    twice as long)."""
+    from relu_dask import objectstores
 
-    bucket, _, prefix = dest.removeprefix("s3://").partition("/")
-    client = S3Store(
-        bucket,
-        prefix=prefix,
-        endpoint=s3["endpoint_url"],
-        access_key_id=s3["key"],
-        secret_access_key=s3["secret"],
-        region="us-east-1",
-        client_options={"allow_http": True},
-    )
-    array = zarr.open_array(store=zarr.storage.ObjectStore(client, read_only=True), mode="r")
+    found = objectstores.bucket_of(dest, s3)
+    assert isinstance(found, tuple), found
+    array = zarr.open_array(store=objectstores.zarr_store(*found), mode="r")
     assert array.dtype == np.int8
     return np.asarray(array[...])
 

@@ -19,21 +19,26 @@ output deleted before each start:
 * **zarr loop** -- zarr's public API, 32 threads, one chunk each (read, mask, write), over
   ``zarr.storage.ObjectStore`` with obstore where obstore is installed, else over s3fs;
 * **tensorstore** -- its ``s3`` kvstore and ``zarr3`` driver, slabs of 1024 rows read, masked
-  and written with 8 slabs in flight (where tensorstore is installed).
+  and written with 8 slabs in flight (where tensorstore is installed);
+* **store floor** -- not a contender: only the requests any tool must make, all at once
+  (every source chunk read, an object of one bit per value written for each), no zarr, no
+  decoding, no masks; on this endpoint no tool finishes sooner. Its output is not checked.
 
-Every output is compared with numpy's masks of the source, value for value. Printed: the
+Every contender's output is compared with numpy's masks of the source, value for value. Printed: the
 machine, then per latency a table of medians (wall, GB/s, peak RSS) with each contender's
 ratio to relu-dask. Usage::
 
     python scripts/bench_remote.py --latency-ms 0,30,100 --rounds 3
     python scripts/bench_remote.py --quick     # 32 MiB, 1 round: a smoke test
     python scripts/bench_remote.py --size-mib 4096 --latency-ms 30 --rounds 1 --contenders relu-dask
+    python scripts/bench_remote.py --contenders "zarr loop" --relu-dask-args "--workers 64"
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import socket
 import subprocess
 import sys
@@ -50,6 +55,7 @@ CHUNKS = (1024, 1024)
 LOOP_THREADS = 32
 CHILD_TIMEOUT_S = 3600.0
 KEYS = {"key": "testing", "secret": "testing"}
+FLOOR = "store floor"
 
 
 # --------------------------------------------------------------------------- children
@@ -197,6 +203,44 @@ def _child_loop(endpoint: str, dst: str) -> dict[str, float]:
     return {}
 
 
+def _child_floor(endpoint: str, dst: str) -> dict[str, float]:
+    """The store's floor, not a contender: the requests any tool must make, and nothing else.
+
+    obstore alone (no zarr, numpy or codecs): the source's ``zarr.json`` read, then every
+    source chunk object read and an object of one bit per value (a mask of random signs
+    cannot be stored in fewer bytes) written, all at once, each write after its read. What
+    it writes is not a mask; no tool that writes real masks can finish before it.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import obstore
+    from obstore.store import S3Store
+
+    store = S3Store(
+        BUCKET,
+        endpoint=endpoint,
+        access_key_id=KEYS["key"],
+        secret_access_key=KEYS["secret"],
+        region="us-east-1",
+        virtual_hosted_style_request=False,
+        client_options={"allow_http": True},
+    )
+    out = dst.removeprefix(f"s3://{BUCKET}/") + "/acts"
+    payload = bytes(CHUNKS[0] * CHUNKS[1] // 8)
+
+    def one(key: str) -> None:
+        obstore.get(store, f"src.zarr/acts/{key}").bytes()
+        obstore.put(store, f"{out}/{key}", payload)
+
+    meta = obstore.get(store, "src.zarr/acts/zarr.json").bytes()
+    shape = json.loads(bytes(meta))["shape"]
+    keys = [f"c/{i}/{j}" for i in range(-(-shape[0] // CHUNKS[0])) for j in range(-(-shape[1] // CHUNKS[1]))]
+    with ThreadPoolExecutor(len(keys) + 1) as pool:  # obstore's calls release the GIL
+        list(pool.map(one, keys))
+        obstore.put(store, f"{out}/zarr.json", meta)
+    return {}
+
+
 def _child_check(endpoint: str, dst: str) -> dict[str, float]:
     """Whether ``dst`` holds numpy's masks of the source, value for value."""
     import numpy as np
@@ -227,10 +271,11 @@ _CHILDREN = {
     "xarray": _child_xarray,
     "zarr loop": _child_loop,
     "tensorstore": _child_tensorstore,
+    FLOOR: _child_floor,
     "check": _child_check,
     "remove": _child_remove,
 }
-CONTENDERS = ("relu-dask", "naive dask", "xarray", "zarr loop", "tensorstore")
+CONTENDERS = ("relu-dask", "naive dask", "xarray", "zarr loop", "tensorstore", FLOOR)
 
 
 # --------------------------------------------------------------------------- driver
@@ -240,12 +285,13 @@ def _child(*params: str) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "--child", *params]
 
 
-def _contender(name: str, endpoint: str, dst: str) -> list[str]:
+def _contender(name: str, endpoint: str, dst: str, extra: Sequence[str] = ()) -> list[str]:
     """The command of a contender: relu-dask as a user runs it (``python -m relu_dask``, which
-    sets up its process and exits quickly after), the others as this script's children."""
+    sets up its process and exits quickly after; ``extra``: more of its options), the others
+    as this script's children."""
     if name != "relu-dask":
         return _child(name, endpoint, dst)
-    options = ["--storage-options", json.dumps(_options(endpoint)), "--quiet"]
+    options = ["--storage-options", json.dumps(_options(endpoint)), "--quiet", *extra]
     return [sys.executable, "-m", "relu_dask", "run", f"s3://{BUCKET}/src.zarr", dst, *options]
 
 
@@ -278,7 +324,9 @@ def contenders() -> tuple[str, ...]:
     return CONTENDERS
 
 
-def run_latency(latency_ms: float, rows: int, rounds: int, only: Sequence[str] = ()) -> list[list[object]]:
+def run_latency(
+    latency_ms: float, rows: int, rounds: int, only: Sequence[str] = (), extra: Sequence[str] = ()
+) -> list[list[object]]:
     names = tuple(name for name in contenders() if not only or name in only)
     server, endpoint = start_endpoint(latency_ms)
     try:
@@ -289,14 +337,18 @@ def run_latency(latency_ms: float, rows: int, rounds: int, only: Sequence[str] =
             for name in order:
                 dst = _dst(name)
                 run_child(_child("remove", endpoint, dst), timeout_s=CHILD_TIMEOUT_S)
-                result = run_child(_contender(name, endpoint, dst), timeout_s=CHILD_TIMEOUT_S)
+                result = run_child(_contender(name, endpoint, dst, extra), timeout_s=CHILD_TIMEOUT_S)
                 results[name].append(result)
                 print(f"  {latency_ms:g} ms, round {r + 1}: {name:12s} {result.wall_s:6.2f} s", flush=True)
             # relu-dask again on the complete DEST it left, and the start-up it cannot go below
-            rerun = _contender("relu-dask", endpoint, _dst("relu-dask"))
+            rerun = _contender("relu-dask", endpoint, _dst("relu-dask"), extra)
             results[RERUN].append(run_child(rerun, timeout_s=CHILD_TIMEOUT_S))
             results[STARTUP].append(run_child([sys.executable, "-m", "relu_dask", "--help"]))
-        checks = {name: json.loads(run_child(_child("check", endpoint, _dst(name))).stdout)["equal"] for name in names}
+        checks = {
+            name: json.loads(run_child(_child("check", endpoint, _dst(name))).stdout)["equal"]
+            for name in names
+            if name != FLOOR
+        }
     finally:
         server.kill()
         server.wait()
@@ -342,6 +394,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         default="",
         help=f"a comma-separated subset of {', '.join(CONTENDERS)} (default all; relu-dask always runs)",
     )
+    parser.add_argument("--relu-dask-args", default="", help="more options for relu-dask's runs, e.g. '--workers 64'")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -360,14 +413,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         loop = "zarr.storage.ObjectStore over obstore"
     except ImportError:
         loop = "zarr's FsspecStore over s3fs (obstore is not installed)"
-    print_facts(extra=[("zarr loop", f"{LOOP_THREADS} threads, {loop}")])
+    print_facts(
+        extra=[
+            ("zarr loop", f"{LOOP_THREADS} threads, {loop}"),
+            ("relu-dask options", args.relu_dask_args or "defaults"),
+        ]
+    )
     print(f"\nsource: {rows} x {UNITS} float32 ({args.size_mib} MiB), chunks {CHUNKS[0]} x {CHUNKS[1]}")
     table: list[list[object]] = []
     only = {"relu-dask", *(n.strip() for n in args.contenders.split(",") if n.strip())} if args.contenders else set()
     if unknown := only - set(CONTENDERS):
         parser.error(f"--contenders: unknown {', '.join(sorted(unknown))}")
     for latency in (float(v) for v in args.latency_ms.split(",")):
-        table.extend(run_latency(latency, rows, args.rounds, tuple(only)))
+        table.extend(run_latency(latency, rows, args.rounds, tuple(only), shlex.split(args.relu_dask_args)))
     print()
     headers = ["latency ms", "contender", "wall s", "GB/s", "wall / relu-dask wall", "peak RSS MiB", "exact"]
     print(markdown_table(headers, table))

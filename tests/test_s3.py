@@ -27,14 +27,27 @@ pytest.importorskip("moto")
 BUCKET = "activations"
 
 
+#: moto's S3 application served by werkzeug's threaded server, no log line per request (as
+#: scripts/bench_remote.py serves it): moto's own ``moto_server`` routes every request through
+#: its dispatcher of all AWS services and logs it, about a third of its CPU on this suite's runs.
+_SERVE_S3 = """
+import logging, sys
+from moto.moto_server.werkzeug_app import MotoRequestHandler, create_backend_app
+from werkzeug.serving import make_server
+logging.getLogger("werkzeug").setLevel(logging.ERROR)
+app = create_backend_app("s3")
+make_server("127.0.0.1", int(sys.argv[1]), app, threaded=True, request_handler=MotoRequestHandler).serve_forever()
+"""
+
+
 def _moto_server(**env: str) -> tuple[subprocess.Popen[bytes], str]:
-    """moto's server on a free port of 127.0.0.1 (``env`` added to its environment), once it
+    """moto's S3 server on a free port of 127.0.0.1 (``env`` added to its environment), once it
     answers; its endpoint. Any HTTP answer counts: one that checks credentials says 403."""
     import os
 
     port = free_port()
     server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, "-c", _SERVE_S3, str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**os.environ, **env},

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any
@@ -37,6 +38,7 @@ __all__ = [
     "chunk_key_encoding",
     "describe_chunk_files",
     "format_chunk_key",
+    "listing_cuts",
     "parse_metadata",
 ]
 
@@ -202,6 +204,34 @@ def format_chunk_key(coords: tuple[int, ...], prefix: str, separator: str) -> st
     parts = [prefix] if prefix else []
     parts.extend(str(i) for i in coords)
     return separator.join(parts) if parts else "0"  # a 0-d array's only chunk, in v2 spelling
+
+
+def listing_cuts(shape: Sequence[int], object_shape: Sequence[int], per_range: int = 900) -> list[str]:
+    """Keys that cut the listing of an array's objects (chunks or shards, Zarr v3's default
+    key encoding) into ranges of whole rows of its grid, about ``per_range`` objects each, in
+    the order a bucket lists them (:func:`relu_dask.objectstores.list_prefix`; none where one
+    page holds them all). Any cuts list every object; these make the ranges even, and short
+    enough that the page of a range (S3 lists 1000 keys a page) holds the next range's first
+    key too: each range is one request.
+
+    Examples
+    --------
+    >>> listing_cuts((30, 8), (1, 4), per_range=20)  # rows in the order a bucket lists them
+    ['c/18/', 'c/27/']
+    """
+    if not shape:
+        return []
+    rows = -(-shape[0] // object_shape[0])
+    per_row = math.prod(-(-n // c) for n, c in zip(shape[1:], object_shape[1:], strict=True))
+    if rows * per_row <= per_range:
+        return []
+    step = max(1, per_range // max(per_row, 1), rows // 4096)  # at most some 4096 ranges
+    # a row's objects are listed after "c/12/" (1-d: from "c/12" itself) and before the next
+    separator = "/" if len(shape) > 1 else ""
+    stride = max(1, rows // 100_000)  # past 100,000 rows: cut among some of them
+    heads = sorted(f"c/{row}{separator}" for row in range(0, rows, stride))
+    every = max(1, step // stride)
+    return heads[every::every]
 
 
 def _files(

@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,8 +165,10 @@ class Location:
         except FileNotFoundError:
             return []
 
-    def disk_bytes(self, *, skip: str | None = None) -> int:
-        """Bytes stored under this location (but under its child named ``skip``)."""
+    def disk_bytes(self, *, skip: str | None = None, cuts: Sequence[str] = ()) -> int:
+        """Bytes stored under this location (but under its child named ``skip``). In a bucket,
+        ``cuts`` (paths under this location) cut its listing into ranges listed at once
+        (:func:`relu_dask.objectstores.list_prefix`)."""
         if self.is_local:
             total = 0
             for root, dirs, files in os.walk(self.path):
@@ -179,7 +181,8 @@ class Location:
         if (direct := self.object_store) is not None:
             bucket, key = direct
             under = f"{key}/" if key else ""
-            return sum(size for k, size in objectstores.list_prefix(bucket, under) if not _below(k[len(under) :], skip))
+            listed = objectstores.list_prefix(bucket, under, cuts=[under + cut for cut in cuts])
+            return sum(size for k, size in listed if not _below(k[len(under) :], skip))
         fs, path = self._fs()
         try:
             sizes = fs.du(path, total=False)

@@ -24,6 +24,7 @@ The translation of s3fs's options (https://s3fs.readthedocs.io/en/latest/api.htm
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -319,21 +320,48 @@ def delete_tree(bucket: Bucket, key: str) -> None:
     alone.result()
 
 
-def list_prefix(bucket: Bucket, prefix: str, *, limit: int | None = None) -> list[tuple[str, int]]:
-    """Keys and sizes of the objects under ``prefix`` (all levels; at most ``limit``)."""
-    import obstore
+def list_prefix(
+    bucket: Bucket, prefix: str, *, limit: int | None = None, cuts: Sequence[str] = ()
+) -> list[tuple[str, int]]:
+    """Keys and sizes of the objects under ``prefix`` (all levels; at most ``limit``), in
+    S3's order.
 
-    found: list[tuple[str, int]] = []
+    ``cuts``: keys that cut the listing into ranges listed at once, each from just after
+    one cut up to the next (any keys: the ranges cover every key whatever they are). S3
+    lists 1000 keys a round trip, one page after another; cut where each range holds about
+    that many, a listing takes one round trip however many objects there are (up to
+    :data:`IN_FLIGHT` ranges at once).
+    """
+    bounds: list[str | None] = [None, *sorted(set(cuts)), None] if limit is None else [None, None]
+    ranges = list(itertools.pairwise(bounds))
     try:
-        for batch in obstore.list(_client(bucket), prefix, chunk_size=limit or 1000):
-            found.extend((str(m["path"]), int(m["size"])) for m in batch)
-            if limit is not None and len(found) >= limit:
-                return found[:limit]
+        if len(ranges) == 1:
+            return _list_range(bucket, prefix, None, None, limit)
+        with ThreadPoolExecutor(min(len(ranges), IN_FLIGHT), thread_name_prefix="relu-dask-listing") as pool:
+            parts = list(pool.map(lambda r: _list_range(bucket, prefix, *r), ranges))
     except Exception as exc:  # noqa: BLE001
         error = _failed(bucket, prefix, exc)
         if isinstance(error, FileNotFoundError):
             return []  # no bucket: nothing under the prefix
         raise error from None
+    return [item for part in parts for item in part]
+
+
+def _list_range(
+    bucket: Bucket, prefix: str, after: str | None, upto: str | None, limit: int | None = None
+) -> list[tuple[str, int]]:
+    """Keys and sizes under ``prefix`` greater than ``after`` and at most ``upto`` (None: no bound)."""
+    import obstore
+
+    found: list[tuple[str, int]] = []
+    for batch in obstore.list(_client(bucket), prefix, offset=after, chunk_size=limit or 1000):
+        for meta in batch:
+            key = str(meta["path"])
+            if upto is not None and key > upto:
+                return found
+            found.append((key, int(meta["size"])))
+        if limit is not None and len(found) >= limit:
+            return found[:limit]
     return found
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from relu_dask import chunking, journal, outputs, storage
+from relu_dask.chunkfiles import listing_cuts
 from relu_dask.counts import BlockCounts, KeptCounts, TaskRow
 from relu_dask.graph import MaskTasks
 from relu_dask.locations import Location, at_once
@@ -272,13 +273,16 @@ def recorded_report(plan: RunPlan, read_unit_ones: Callable[[ArrayPlan], list[in
 
 
 def measure_stored(report: RunReport, plan: RunPlan) -> None:
-    """Each array's bytes in DEST (``bytes_written``): its files listed, all arrays at once."""
+    """Each array's bytes in DEST (``bytes_written``): its files listed, all arrays at once
+    (in a bucket, each array's listing cut into ranges listed at once: a round trip or so
+    however many chunks it has)."""
     dest = plan.dest
 
-    def stored(path: str) -> int:
-        return storage.array_location(dest, path).disk_bytes(skip=journal.JOURNAL_NAME)
+    def stored(array: ArrayPlan) -> int:
+        cuts = listing_cuts(array.chunks.shape, array.chunks.write_unit)
+        return storage.array_location(dest, array.path).disk_bytes(skip=journal.JOURNAL_NAME, cuts=cuts)
 
-    sizes = at_once(stored, [a.source.path for a in plan.arrays])
+    sizes = at_once(stored, plan.arrays)
     for entry, size in zip(report.arrays, sizes, strict=True):
         entry.bytes_written = size
 

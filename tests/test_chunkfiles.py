@@ -21,7 +21,14 @@ from _support import PYTHON, activations, cli_env, oracle, read_mask, write_zarr
 
 import relu_dask
 from relu_dask import blocks, chunkio, storage
-from relu_dask.chunkfiles import ChunkFiles, NotDirect, chunk_key_encoding, describe_chunk_files, format_chunk_key
+from relu_dask.chunkfiles import (
+    ChunkFiles,
+    NotDirect,
+    chunk_key_encoding,
+    describe_chunk_files,
+    format_chunk_key,
+    listing_cuts,
+)
 from relu_dask.locations import parse_location
 
 
@@ -407,3 +414,29 @@ def test_xarray_consolidated_v2_and_tensorstore_sharded_v3_give_numpys_masks(tmp
     ts.open(spec, create=True).result().write(acts).result()
     relu_dask.run(tmp_path / "ts.zarr", tmp_path / "ts-masks.zarr")
     assert np.array_equal(read_mask(tmp_path / "ts-masks.zarr"), oracle(acts))
+
+
+@pytest.mark.parametrize(
+    ("shape", "objects"), [((300, 5), (1, 1)), ((2500,), (2,)), ((64, 64, 3), (1, 4, 3)), ((5, 5), (1, 1))]
+)
+def test_listing_cuts_split_a_grid_into_even_ranges_of_whole_rows(
+    shape: tuple[int, ...], objects: tuple[int, ...]
+) -> None:
+    """Each range between two cuts holds whole rows of the grid, at most about ``per_range``
+    objects, in the order a bucket lists keys; a grid one page lists is not cut."""
+    import bisect
+    import itertools
+
+    grid = [range(-(-n // c)) for n, c in zip(shape, objects)]
+    keys = sorted(format_chunk_key(coords, "c", "/") for coords in itertools.product(*grid))
+    cuts = listing_cuts(shape, objects, per_range=50)
+    if len(keys) <= 50:
+        assert cuts == []
+        return
+    assert cuts == sorted(cuts) and len(cuts) >= len(keys) // 50 - 1
+    ranges = [bisect.bisect_left(cuts, key) for key in keys]  # the range of each key: after cut i-1, up to cut i
+    sizes = [ranges.count(r) for r in range(len(cuts) + 1)]
+    per_row = len(keys) // len(grid[0])
+    assert all(0 < size <= 50 + per_row for size in sizes), sizes
+    rows = {key.split("/")[1]: ranges[i] for i, key in enumerate(keys)}
+    assert all(ranges[i] == rows[key.split("/")[1]] for i, key in enumerate(keys))  # no row split

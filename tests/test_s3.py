@@ -105,12 +105,41 @@ def test_s3_round_trip_through_the_cli(s3: dict[str, str], tmp_path: Path) -> No
     assert masks["layer1"].dtype == np.int8
     assert np.array_equal(masks["layer1"][...], oracle(x))
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["bytes_written"] > 0
+    stored = _objects(s3, "run1/masks.zarr/layer1")
+    assert report["bytes_written"] == sum(map(len, stored.values())) > 0 and len(stored) > 5
     assert report["arrays"][0]["stats"]["unit_ones"] == oracle(x).sum(axis=0).tolist()
     again = cli("run", f"s3://{BUCKET}/run1/acts.zarr", dest, "--storage-options", options, "--chunks", "32,16")
     assert again.returncode == 0 and "already complete" in again.stdout
     status = cli("status", dest, "--storage-options", options, "--json")
     assert json.loads(status.stdout)["state"] == "complete"
+
+
+def test_a_listing_cut_into_ranges_lists_every_object_once(s3: dict[str, str]) -> None:
+    """Ranges listed at once (from just after one cut up to the next) give what one listing
+    gives, in its order, whatever the cuts: keys or not, under the prefix or not, repeated."""
+    pytest.importorskip("obstore")
+    from relu_dask import objectstores
+    from relu_dask.chunkfiles import listing_cuts
+
+    found = objectstores.bucket_of(f"s3://{BUCKET}/cuts", s3)
+    assert isinstance(found, tuple)
+    bucket, _ = found
+    keys = [f"cuts/a/c/{i}/{j}" for i in range(12) for j in range(3)] + ["cuts/a/c/3", "cuts/a/zarr.json", "cuts/b"]
+    objectstores.put_many(bucket, [(key, key.encode() * 2) for key in keys])
+    whole = objectstores.list_prefix(bucket, "cuts/a/")
+    assert [k for k, _ in whole] == sorted(k for k in keys if k.startswith("cuts/a/"))
+    assert all(size == 2 * len(key) for key, size in whole)
+    chunk_cuts = ["cuts/a/" + cut for cut in listing_cuts((12, 3), (1, 1), per_range=6)]
+    assert len(chunk_cuts) > 3
+    for cuts in (
+        chunk_cuts,
+        ["cuts/a/c/3", "cuts/a/c/3/", "cuts/a/c/3"],  # a key, a key's prefix, repeated
+        ["cuts/", "cuts/a/c/11/2", "cuts/a/zzz", "dogs/"],  # before, at and after the prefix's keys
+        ["cuts/a/zarr.json", "cuts/a/c/1"],  # not in order
+    ):
+        assert objectstores.list_prefix(bucket, "cuts/a/", cuts=cuts) == whole, cuts
+    assert objectstores.list_prefix(bucket, "cuts/a/", limit=2, cuts=chunk_cuts) == whole[:2]
+    assert objectstores.list_prefix(bucket, "cuts/none/", cuts=chunk_cuts) == []
 
 
 def test_local_source_to_s3_dest_and_refusals(s3: dict[str, str], tmp_path: Path) -> None:

@@ -16,12 +16,13 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 from relu_dask import journal, outputs, storage
 from relu_dask.errors import DestinationExistsError, ReluDaskError
 from relu_dask.growth import Rehash, Restat, compare_jobs
-from relu_dask.locations import Location, at_once, parse_location, parse_storage_options
+from relu_dask.locations import Location, at_once, in_background, parse_location, parse_storage_options
 from relu_dask.lock import adopt_if_idle, lock_holder
 from relu_dask.records import JobFingerprint
 
@@ -68,14 +69,17 @@ class DestListing:
     """Whether DEST holds anything but its record (:func:`relu_dask.outputs.holds_data`)."""
     recorded: list[str]
     """The files of its record (:func:`relu_dask.journal.journal_dir`), relative to it."""
+    record: journal.JobRecord | None = None
+    """Its ``job.json``, read beside the listings (:func:`relu_dask.journal.read_record`)."""
 
 
 def list_dest(dest: Location) -> DestListing:
-    """DEST and its record listed (on an object store, both at once)."""
-    with ThreadPoolExecutor(1) as pool:
+    """DEST and its record listed, and ``job.json`` read (on an object store, all at once)."""
+    with ThreadPoolExecutor(2) as pool:
         recorded = pool.submit(journal.journal_dir(dest).files)
+        record = pool.submit(journal.read_record, dest)
         holds_data = outputs.holds_data(dest)
-        return DestListing(holds_data, recorded.result())
+        return DestListing(holds_data, recorded.result(), record.result())
 
 
 def dest_state(
@@ -110,7 +114,7 @@ def dest_state(
     if not listed.holds_data:  # nothing, or its record alone (a run stopped before it made DEST)
         left = [name for name in listed.recorded if name != "held.json" and name.split(".", 1)[0] != "lock"]
         return DestFound("fresh", clean=not left)
-    record = journal.read_record(dest)
+    record = listed.record
     if record is None and journal.is_being_replaced(dest):
         raise DestinationExistsError(
             f"DEST {dest} was being replaced when a run was stopped: pass --overwrite to finish replacing it"
@@ -121,6 +125,14 @@ def dest_state(
         )
     if record is None:
         raise DestinationExistsError(f"DEST {dest} already exists: pass --overwrite to replace it")
+    old_paths = [a["path"] for a in record.fingerprint.get("arrays", [])]
+    # where complete, whether its masks are there is looked at while SOURCE's fingerprint is
+    # waited for (on an object store: the same round trip)
+    present = (
+        in_background(partial(outputs_present, dest, old_paths, is_group=is_group), daemon=True)
+        if record.complete
+        else None
+    )
     change = compare_jobs(
         record.fingerprint,
         fingerprint(),
@@ -133,8 +145,7 @@ def dest_state(
         raise DestinationExistsError(
             f"DEST {dest} holds another job ({'; '.join(change.said)}): pass --overwrite to replace it"
         )
-    old_paths = [a["path"] for a in record.fingerprint.get("arrays", [])]
-    forget = record.complete and not outputs_present(dest, old_paths, is_group=is_group)
+    forget = present is not None and not present.result()
     if forget:
         log.warning("DEST %s lacks masks its journal says are complete: computing them again", dest)
         record = dataclasses.replace(

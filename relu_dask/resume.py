@@ -69,7 +69,7 @@ class DestListing:
     """Whether DEST holds anything but its record (:func:`relu_dask.outputs.holds_data`)."""
     recorded: list[str]
     """The files of its record (:func:`relu_dask.journal.journal_dir`), relative to it."""
-    record: journal.JobRecord | None = None
+    record: journal.JobRecord | None
     """Its ``job.json``, read beside the listings (:func:`relu_dask.journal.read_record`)."""
 
 

@@ -161,10 +161,17 @@ def _loop_store(endpoint: str, prefix: str) -> object:
     import zarr
 
     try:
-        from obstore.store import S3Store
+        import obstore  # noqa: F401
     except ImportError:
         return zarr.storage.FsspecStore.from_url(f"s3://{BUCKET}/{prefix}", storage_options=_options(endpoint))
-    store = S3Store(
+    return zarr.storage.ObjectStore(_s3_store(endpoint, prefix))
+
+
+def _s3_store(endpoint: str, prefix: str | None = None) -> object:
+    """obstore's S3 store of the bucket (under ``prefix``) at the endpoint."""
+    from obstore.store import S3Store
+
+    return S3Store(
         BUCKET,
         prefix=prefix,
         endpoint=endpoint,
@@ -174,7 +181,6 @@ def _loop_store(endpoint: str, prefix: str) -> object:
         virtual_hosted_style_request=False,
         client_options={"allow_http": True},
     )
-    return zarr.storage.ObjectStore(store)
 
 
 def _child_loop(endpoint: str, dst: str) -> dict[str, float]:
@@ -214,17 +220,8 @@ def _child_floor(endpoint: str, dst: str) -> dict[str, float]:
     from concurrent.futures import ThreadPoolExecutor
 
     import obstore
-    from obstore.store import S3Store
 
-    store = S3Store(
-        BUCKET,
-        endpoint=endpoint,
-        access_key_id=KEYS["key"],
-        secret_access_key=KEYS["secret"],
-        region="us-east-1",
-        virtual_hosted_style_request=False,
-        client_options={"allow_http": True},
-    )
+    store = _s3_store(endpoint)
     out = dst.removeprefix(f"s3://{BUCKET}/") + "/acts"
     payload = bytes(CHUNKS[0] * CHUNKS[1] // 8)
 

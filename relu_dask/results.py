@@ -279,7 +279,7 @@ def measure_stored(report: RunReport, plan: RunPlan) -> None:
     dest = plan.dest
 
     def stored(array: ArrayPlan) -> int:
-        cuts = listing_cuts(array.chunks.shape, array.chunks.write_unit)
+        cuts = listing_cuts(array.chunks.shape, array.chunks.write_unit) if dest.object_store is not None else []
         return storage.array_location(dest, array.path).disk_bytes(skip=journal.JOURNAL_NAME, cuts=cuts)
 
     sizes = at_once(stored, plan.arrays)

@@ -171,6 +171,12 @@ def kill_at_step(step: str, *args: str) -> None:
     proc.wait(timeout=60)
 
 
+def files_under(path: Path) -> list[Path]:
+    """Every file under ``path`` ([] if none), safe to call while a run deletes folders there
+    (``os.walk`` passes over one gone meanwhile, where ``Path.rglob`` raises)."""
+    return [Path(root, name) for root, _, names in os.walk(path) for name in names]
+
+
 def journal_folder(dest: Path) -> Path:
     """The hidden folder inside DEST where relu-dask keeps the job's record."""
     return dest / ".relu-dask"

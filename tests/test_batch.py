@@ -16,6 +16,7 @@ from _support import (
     activations,
     chunk_files,
     cli,
+    files_under,
     journal_folder,
     oracle,
     read_mask,
@@ -52,7 +53,8 @@ def markers(dest: Path) -> int:
 
 
 def partial_files(dest: Path) -> list[Path]:
-    return list(dest.rglob("*.partial")) if dest.exists() else []
+    """The half-written chunk files in DEST, looked for while a run may be deleting its folders."""
+    return [p for p in files_under(dest) if p.name.endswith(".partial")]
 
 
 def wait_until_stopped(pid: int) -> None:

@@ -24,9 +24,10 @@ output deleted before each start:
   (every source chunk read, an object of one bit per value written for each), no zarr, no
   decoding, no masks; on this endpoint no tool finishes sooner. Its output is not checked.
 
-Every contender's output is compared with numpy's masks of the source, value for value. Printed: the
-machine, then per latency a table of medians (wall, GB/s, peak RSS) with each contender's
-ratio to relu-dask. Usage::
+Every contender's output is compared with numpy's masks of the source, value for value.
+Printed: the machine, then per latency a table of medians (wall, GB/s, peak RSS, CPU seconds
+of the contender and of the server meanwhile: where both share a few cores, what they ask of
+them) with each contender's ratio to relu-dask. Usage::
 
     python scripts/bench_remote.py --latency-ms 0,30,100 --rounds 3
     python scripts/bench_remote.py --quick     # 32 MiB, 1 round: a smoke test
@@ -324,23 +325,33 @@ def contenders() -> tuple[str, ...]:
 def run_latency(
     latency_ms: float, rows: int, rounds: int, only: Sequence[str] = (), extra: Sequence[str] = ()
 ) -> list[list[object]]:
+    import psutil  # distributed's dependency
+
     names = tuple(name for name in contenders() if not only or name in only)
     server, endpoint = start_endpoint(latency_ms)
     try:
         run_child(_child("generate", endpoint, str(rows)), timeout_s=CHILD_TIMEOUT_S)
         results: dict[str, list[ChildResult]] = {name: [] for name in (*names, RERUN, STARTUP)}
+        served: dict[str, list[float]] = {name: [] for name in results}  # the server's CPU s meanwhile
+
+        def measure(name: str, argv: list[str]) -> ChildResult:
+            before = psutil.Process(server.pid).cpu_times()
+            result = run_child(argv, timeout_s=CHILD_TIMEOUT_S)
+            after = psutil.Process(server.pid).cpu_times()
+            results[name].append(result)
+            served[name].append(after.user + after.system - before.user - before.system)
+            return result
+
         for r in range(rounds):
             order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
                 dst = _dst(name)
                 run_child(_child("remove", endpoint, dst), timeout_s=CHILD_TIMEOUT_S)
-                result = run_child(_contender(name, endpoint, dst, extra), timeout_s=CHILD_TIMEOUT_S)
-                results[name].append(result)
+                result = measure(name, _contender(name, endpoint, dst, extra))
                 print(f"  {latency_ms:g} ms, round {r + 1}: {name:12s} {result.wall_s:6.2f} s", flush=True)
             # relu-dask again on the complete DEST it left, and the start-up it cannot go below
-            rerun = _contender("relu-dask", endpoint, _dst("relu-dask"), extra)
-            results[RERUN].append(run_child(rerun, timeout_s=CHILD_TIMEOUT_S))
-            results[STARTUP].append(run_child([sys.executable, "-m", "relu_dask", "--help"]))
+            measure(RERUN, _contender("relu-dask", endpoint, _dst("relu-dask"), extra))
+            measure(STARTUP, [sys.executable, "-m", "relu_dask", "--help"])
         checks = {
             name: json.loads(run_child(_child("check", endpoint, _dst(name))).stdout)["equal"]
             for name in names
@@ -355,6 +366,7 @@ def run_latency(
     for name in (*names, RERUN, STARTUP):
         wall = median([r.wall_s for r in results[name]])
         rss = median([r.peak_rss_bytes for r in results[name]]) / MIB
+        cpu = median([r.user_s + r.sys_s for r in results[name]])
         moved = name not in (RERUN, STARTUP)
         exact = checks.get(name if moved else "relu-dask" if name == RERUN else "", "-")
         exact = {1.0: "yes", 0.0: "**NO**"}.get(exact, exact)
@@ -366,6 +378,8 @@ def run_latency(
                 f"{size / wall / 1e9:.3f}" if moved else "-",
                 f"{wall / relu_wall:.2f}",
                 f"{rss:.0f}",
+                f"{cpu:.2f}",
+                f"{median(served[name]):.2f}",
                 exact,
             ]
         )
@@ -424,7 +438,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     for latency in (float(v) for v in args.latency_ms.split(",")):
         table.extend(run_latency(latency, rows, args.rounds, tuple(only), shlex.split(args.relu_dask_args)))
     print()
-    headers = ["latency ms", "contender", "wall s", "GB/s", "wall / relu-dask wall", "peak RSS MiB", "exact"]
+    headers = [
+        "latency ms",
+        "contender",
+        "wall s",
+        "GB/s",
+        "wall / relu-dask wall",
+        "peak RSS MiB",
+        "CPU s",
+        "server CPU s",
+        "exact",
+    ]
     print(markdown_table(headers, table))
 
 

@@ -27,26 +27,33 @@ output deleted before each start:
 Every contender's output is compared with numpy's masks of the source, value for value.
 Printed: the machine, then per latency a table of medians (wall, GB/s, peak RSS, CPU seconds
 of the contender and of the server meanwhile: where both share a few cores, what they ask of
-them) with each contender's ratio to relu-dask. Usage::
+them) with each contender's ratio to relu-dask. With ``--trace`` the server logs every
+request, and a second table says, per contender, how many requests it made and when (after
+its process was started) the first came, the first source chunk was asked for, the last was
+read back, the last chunk was written and the last request answered: where a run's time goes
+between start-up, round trips and chunks. Usage::
 
     python scripts/bench_remote.py --latency-ms 0,30,100 --rounds 3
     python scripts/bench_remote.py --quick     # 32 MiB, 1 round: a smoke test
     python scripts/bench_remote.py --size-mib 4096 --latency-ms 30 --rounds 1 --contenders relu-dask
     python scripts/bench_remote.py --contenders "zarr loop" --relu-dask-args "--workers 64"
+    python scripts/bench_remote.py --latency-ms 100 --contenders "zarr loop,store floor" --trace
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from _bench_util import MIB, ChildResult, markdown_table, median, print_facts, run_child
 
@@ -62,7 +69,7 @@ FLOOR = "store floor"
 # --------------------------------------------------------------------------- children
 
 
-def _child_serve(port: str, latency_ms: str) -> None:
+def _child_serve(port: str, latency_ms: str, trace: str = "") -> None:
     """The S3 endpoint: moto's S3 application behind a delay per request, until killed.
 
     moto's S3 application itself, not its router of every AWS service
@@ -70,8 +77,10 @@ def _child_serve(port: str, latency_ms: str) -> None:
     lock, looking at moto's modules on disk), and no log line per request: the server shares
     the machine's cores with the run it serves, and its CPU per request is not what a real
     store costs its client (about a third of its CPU went to both; docs/performance.md).
+    ``trace``: a file that gets a line per request once its response is sent (``--trace``).
     """
     import logging
+    import threading
 
     from moto.moto_server.werkzeug_app import MotoRequestHandler, create_backend_app
     from werkzeug.serving import make_server
@@ -79,12 +88,30 @@ def _child_serve(port: str, latency_ms: str) -> None:
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     app = create_backend_app("s3")
     delay_s = float(latency_ms) / 1000
+    log = open(trace, "a", buffering=1) if trace else None  # noqa: SIM115 - open until killed
+    lock = threading.Lock()
 
     def delayed(environ: dict, start_response: object) -> object:
+        began = time.time()
         time.sleep(delay_s)
-        return app(environ, start_response)  # type: ignore[arg-type]
+        body = app(environ, start_response)  # type: ignore[arg-type]
+        return body if log is None else _sent(body, began, environ, log, lock)
 
     make_server("127.0.0.1", int(port), delayed, threaded=True, request_handler=MotoRequestHandler).serve_forever()
+
+
+def _sent(body: Any, began: float, environ: dict, log: Any, lock: Any) -> Iterator[bytes]:
+    """``body`` as sent, then a line in ``log``: when the request came, when its response was
+    sent (``time.time()``), its method and path (``?`` and the query's first key: ``list-type``,
+    ``delete``)."""
+    try:
+        yield from body
+    finally:
+        if hasattr(body, "close"):
+            body.close()
+        query = environ.get("QUERY_STRING", "").split("=", 1)[0].split("&", 1)[0]
+        with lock:
+            log.write(f"{began:.6f} {time.time():.6f} {environ['REQUEST_METHOD']} {environ['PATH_INFO']}?{query}\n")
 
 
 def _options(endpoint: str) -> dict[str, str]:
@@ -299,9 +326,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_endpoint(latency_ms: float) -> tuple[subprocess.Popen[bytes], str]:
+def start_endpoint(latency_ms: float, trace: str = "") -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
-    server = subprocess.Popen(_child("serve", str(port), str(latency_ms)), stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(_child("serve", str(port), str(latency_ms), trace), stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
     for _ in range(400):
         try:
@@ -323,23 +350,36 @@ def contenders() -> tuple[str, ...]:
 
 
 def run_latency(
-    latency_ms: float, rows: int, rounds: int, only: Sequence[str] = (), extra: Sequence[str] = ()
+    latency_ms: float,
+    rows: int,
+    rounds: int,
+    only: Sequence[str] = (),
+    extra: Sequence[str] = (),
+    timelines: list[list[object]] | None = None,
 ) -> list[list[object]]:
+    """The table's rows for one latency; ``timelines``: where to add the rows of the requests'
+    timeline table (``--trace``), else the server logs no request."""
     import psutil  # distributed's dependency
 
     names = tuple(name for name in contenders() if not only or name in only)
-    server, endpoint = start_endpoint(latency_ms)
+    trace = Path(f"/tmp/.bench-remote-{os.getpid()}.trace")
+    trace.unlink(missing_ok=True)
+    server, endpoint = start_endpoint(latency_ms, str(trace) if timelines is not None else "")
     try:
         run_child(_child("generate", endpoint, str(rows)), timeout_s=CHILD_TIMEOUT_S)
         results: dict[str, list[ChildResult]] = {name: [] for name in (*names, RERUN, STARTUP)}
         served: dict[str, list[float]] = {name: [] for name in results}  # the server's CPU s meanwhile
+        traced: dict[str, list[dict[str, float]]] = {name: [] for name in results}
 
         def measure(name: str, argv: list[str]) -> ChildResult:
             before = psutil.Process(server.pid).cpu_times()
+            spawned, seen = time.time(), trace.stat().st_size if trace.exists() else 0
             result = run_child(argv, timeout_s=CHILD_TIMEOUT_S)
             after = psutil.Process(server.pid).cpu_times()
             results[name].append(result)
             served[name].append(after.user + after.system - before.user - before.system)
+            if timelines is not None:
+                traced[name].append(_timeline(trace, seen, spawned, result.wall_s))
             return result
 
         for r in range(rounds):
@@ -360,6 +400,9 @@ def run_latency(
     finally:
         server.kill()
         server.wait()
+        trace.unlink(missing_ok=True)
+    if timelines is not None:
+        timelines.extend(_timeline_rows(latency_ms, traced))
     size = rows * UNITS * 4
     relu_wall = median([r.wall_s for r in results["relu-dask"]])
     rows_out: list[list[object]] = []
@@ -386,6 +429,53 @@ def run_latency(
     return rows_out
 
 
+#: The columns of the timeline table (``--trace``): seconds after the process was started.
+TIMELINE = {
+    "requests": "requests",
+    "first": "first request s",
+    "first_read": "first chunk read sent s",
+    "last_read": "last chunk read back s",
+    "last_write": "last chunk written s",
+    "last": "last request answered s",
+    "wall": "exit s",
+}
+
+
+def _timeline(trace: Path, offset: int, spawned: float, wall_s: float) -> dict[str, float]:
+    """One run's requests, from the server's log (what it logged past ``offset``, of requests
+    that came after ``spawned``): how many, and when (seconds after ``spawned``) the first
+    came, the first source chunk was asked for, the last was sent back, the last chunk of a
+    DEST was written, the last request was answered."""
+    with trace.open() as log:
+        log.seek(offset)
+        lines = [line.split() for line in log.read().splitlines()]
+    requests = [(float(a) - spawned, float(b) - spawned, method, path) for a, b, method, path in lines]
+    requests = [r for r in requests if r[0] >= 0]
+    reads = [r for r in requests if r[2] == "GET" and "/src.zarr/acts/c/" in r[3]]
+    writes = [r for r in requests if r[2] == "PUT" and "/c/" in r[3]]
+    nan = float("nan")
+    return {
+        "requests": len(requests),
+        "first": min((r[0] for r in requests), default=nan),
+        "first_read": min((r[0] for r in reads), default=nan),
+        "last_read": max((r[1] for r in reads), default=nan),
+        "last_write": max((r[1] for r in writes), default=nan),
+        "last": max((r[1] for r in requests), default=nan),
+        "wall": wall_s,
+    }
+
+
+def _timeline_rows(latency_ms: float, traced: dict[str, list[dict[str, float]]]) -> list[list[object]]:
+    rows: list[list[object]] = []
+    for name, runs in traced.items():
+        cells: list[object] = [f"{latency_ms:g}", name]
+        for key in TIMELINE:
+            value = median([run[key] for run in runs])
+            cells.append("-" if value != value else f"{value:.0f}" if key == "requests" else f"{value:.2f}")
+        rows.append(cells)
+    return rows
+
+
 RERUN = "relu-dask rerun (DEST complete)"
 STARTUP = "relu-dask --help (start-up)"
 
@@ -406,6 +496,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         help=f"a comma-separated subset of {', '.join(CONTENDERS)} (default all; relu-dask always runs)",
     )
     parser.add_argument("--relu-dask-args", default="", help="more options for relu-dask's runs, e.g. '--workers 64'")
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="the server logs every request; print when each run's requests came (a second table)",
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -435,8 +530,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     only = {"relu-dask", *(n.strip() for n in args.contenders.split(",") if n.strip())} if args.contenders else set()
     if unknown := only - set(CONTENDERS):
         parser.error(f"--contenders: unknown {', '.join(sorted(unknown))}")
+    timelines: list[list[object]] | None = [] if args.trace else None
     for latency in (float(v) for v in args.latency_ms.split(",")):
-        table.extend(run_latency(latency, rows, args.rounds, tuple(only), shlex.split(args.relu_dask_args)))
+        table.extend(run_latency(latency, rows, args.rounds, tuple(only), shlex.split(args.relu_dask_args), timelines))
     print()
     headers = [
         "latency ms",
@@ -450,6 +546,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "exact",
     ]
     print(markdown_table(headers, table))
+    if timelines is not None:
+        print("\nRequests as the server saw them (medians; seconds after the process was started):\n")
+        print(markdown_table(["latency ms", "contender", *TIMELINE.values()], timelines))
 
 
 if __name__ == "__main__":

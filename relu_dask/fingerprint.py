@@ -68,9 +68,12 @@ def fingerprint_array(src: SourceArray, num_samples: int = 16, append_axis: int 
     if total and keys is not None:
         linears = sorted({round(i * (total - 1) / max(1, num_samples - 1)) for i in range(num_samples)})
         names = [format_chunk_key(tuple(int(c) for c in np.unravel_index(i, grid)), *keys) for i in linears]
-    # the samples and the edge chunks looked at together: on an object store, requests that go out at once
+    # the samples and the edge chunks looked at together (each once: on a small grid the samples
+    # are among the edge's): on an object store, requests that go out at once
     edge = _edge_keys(src, append_axis) if append_axis is not None and not src.held_shape else None
-    stats = stat_chunks(src, [*names, *(edge or [])])
+    wanted = [*names, *(edge or [])]
+    found = {stat[0]: stat for stat in stat_chunks(src, list(dict.fromkeys(wanted)))}
+    stats = [list(found[key]) for key in wanted]
     samples = stats[: len(names)]
     layout = {k: v for k, v in (src.metadata or {}).items() if k != "shape"}
     fingerprint: ArrayFingerprint = {

@@ -306,3 +306,31 @@ def test_opening_an_array_where_there_is_a_group_or_nothing(tmp_path: Path) -> N
         with pytest.raises(KeyError):
             open_one(single, "fc1")  # an array has no members
     assert isinstance(outputs.create_dest_group(parse_location(tmp_path / "d.zarr"), {"k": 1}), zarr.Group)
+
+
+def test_a_fingerprint_looks_at_each_chunk_object_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a small grid the evenly spread samples are among the last row's chunks (the edge
+    that tells a growth): each object is looked at once (on an object store, a HEAD each),
+    and both lists say what is stored."""
+    from relu_dask import fingerprint
+
+    path = tmp_path / "acts.zarr"
+    z = zarr.create_array(path, shape=(16, 32), chunks=(8, 8), dtype="float32")  # a 2 x 4 grid
+    z[...] = activations((16, 32), "float32", seed=5)
+    (src,) = storage.open_source(parse_location(path)).arrays
+    asked: list[str] = []
+    stat_chunks = fingerprint.stat_chunks
+
+    def counted(src: storage.SourceArray, keys: list[str]) -> list[list[object]]:
+        asked.extend(keys)
+        return stat_chunks(src, keys)
+
+    monkeypatch.setattr(fingerprint, "stat_chunks", counted)
+    found = fingerprint.fingerprint_array(src, append_axis=0)
+    assert sorted(asked) == sorted(set(asked)) == [f"c/{i}/{j}" for i in range(2) for j in range(4)], asked
+    samples, edge = found["chunk_samples"], found.get("edge_samples")
+    assert [key for key, *_ in edge or []] == ["c/1/0", "c/1/1", "c/1/2", "c/1/3"]
+    assert len(samples) == 8
+    for key, size, mtime in [*samples, *(edge or [])]:
+        st = (path / key).stat()
+        assert (size, mtime) == (st.st_size, st.st_mtime), key

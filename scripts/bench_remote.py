@@ -379,6 +379,7 @@ def run_latency(
             results[name].append(result)
             served[name].append(after.user + after.system - before.user - before.system)
             if timelines is not None:
+                time.sleep(0.05)  # the server logs a request once its response is sent: the last one too
                 traced[name].append(_timeline(trace, seen, spawned, result.wall_s))
             return result
 

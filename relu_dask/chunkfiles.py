@@ -223,9 +223,9 @@ def listing_cuts(shape: Sequence[int], object_shape: Sequence[int], per_range: i
         return []
     rows = -(-shape[0] // object_shape[0])
     per_row = math.prod(-(-n // c) for n, c in zip(shape[1:], object_shape[1:], strict=True))
-    if rows * per_row <= per_range:
+    if rows * per_row <= per_range:  # (an empty grid too: per_row is at least 1 past here)
         return []
-    step = max(1, per_range // max(per_row, 1), rows // 4096)  # at most some 4096 ranges
+    step = max(1, per_range // per_row, rows // 4096)  # at most some 4096 ranges
     # a row's objects are listed after "c/12/" (1-d: from "c/12" itself) and before the next
     separator = "/" if len(shape) > 1 else ""
     stride = max(1, rows // 100_000)  # past 100,000 rows: cut among some of them

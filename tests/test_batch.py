@@ -58,15 +58,26 @@ def partial_files(dest: Path) -> list[Path]:
 
 
 def wait_until_stopped(pid: int) -> None:
-    """A signal is delivered asynchronously: wait until the process is really stopped."""
-    import psutil
-
-    process = psutil.Process(pid)
+    """A signal is delivered asynchronously: wait until the process is really stopped, every
+    thread of it (the main thread shows stopped while a worker thread may still be finishing
+    a chunk write, and rename its temporary file away after it was seen)."""
     for _ in range(10_000):
-        if process.status() == psutil.STATUS_STOPPED:
+        if all(state in "tT" for state in _thread_states(pid)):
             return
         time.sleep(0.0005)
     raise AssertionError(f"process {pid} did not stop")
+
+
+def _thread_states(pid: int) -> list[str]:
+    """The state letter of each thread of ``pid`` (Linux: ``/proc/PID/task/TID/stat``)."""
+    states = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
+        states.append(stat.rsplit(")", 1)[1].split()[0])
+    return states
 
 
 def wait_for(condition, proc: subprocess.Popen[str], timeout: float = 120) -> bool:  # type: ignore[no-untyped-def]

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -356,8 +357,13 @@ def _started(*command: str) -> subprocess.Popen[str]:
 
 def _wait_for(path: Path, proc: subprocess.Popen[str]) -> None:
     """Until ``path`` exists (up to 120 s), ``proc`` still running meanwhile."""
+    _wait_until(path.exists, proc)
+
+
+def _wait_until(condition: Callable[[], object], proc: subprocess.Popen[str]) -> None:
+    """Until ``condition()`` is true (up to 120 s), ``proc`` still running meanwhile."""
     end = time.monotonic() + 120
-    while not path.exists():
+    while not condition():
         assert proc.poll() is None and time.monotonic() < end, proc.communicate()
         time.sleep(0.01)
 
@@ -437,6 +443,7 @@ def test_a_follow_stopped_between_passes_says_the_rows_behind_as_they_are_then(
         other = cli("run", str(source), str(dest), "--chunks", "32,32")  # another run meanwhile: told why
         assert other.returncode == 3
         assert "is kept up to date by a relu-dask follow" in other.stderr and "stop it (SIGTERM" in other.stderr
+        _wait_until(lambda: _record(dest).get("complete"), proc)  # between passes: the first one recorded
         out, err = _stop(proc, sig)
     finally:
         if proc.poll() is None:
